@@ -1,0 +1,29 @@
+"""Shared test setup: W&B offline in a temporary directory, small thread count, fixed seeds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests never reach the network; set before anything imports wandb.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _wandb_dir(tmp_path_factory, monkeypatch):
+    """Every test writes W&B runs under its own temporary directory."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path_factory.mktemp("wandb")))
+
+
+@pytest.fixture
+def sample_photos() -> torch.Tensor:
+    """sklearn's two sample photographs as a (2, 3, 427, 640) float tensor in [0, 1]."""
+    from sklearn.datasets import load_sample_images
+
+    images = load_sample_images().images
+    return torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255.0 for im in images])
