@@ -26,4 +26,7 @@ def sample_photos() -> torch.Tensor:
     from sklearn.datasets import load_sample_images
 
     images = load_sample_images().images
-    return torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255.0 for im in images])
+    # copy(): sklearn's arrays are read-only, torch wants writable memory
+    return torch.stack(
+        [torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255.0 for im in images]
+    )

@@ -1,0 +1,64 @@
+"""Helpers shared by the data modules: seeds, class-count checks, class-major probe sets."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "val")
+
+
+class HasClasses(Protocol):
+    num_classes: int
+    class_names: list[str]
+
+
+def sub_seed(seed: int, *keys: int) -> int:
+    """A well-mixed 63-bit seed for the stream ``(seed, *keys)`` (e.g. one per split)."""
+    state = np.random.SeedSequence([int(seed), *keys]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def check_split(split: str) -> int:
+    """Index of ``split`` in ``SPLITS``; ValueError for anything else."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return SPLITS.index(split)
+
+
+def check_num_classes(model_num_classes: int, datamodule: HasClasses) -> None:
+    """Raise ValueError when a model's output classes differ from the data's classes.
+
+    ``datamodule`` is anything with ``num_classes`` (and ideally ``class_names``), e.g.
+    ``PlantedFactorDataModule`` or ``ImageFolderDataModule``.
+    """
+    data_classes = int(datamodule.num_classes)
+    if int(model_num_classes) != data_classes:
+        names = getattr(datamodule, "class_names", None)
+        shown = f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
+        raise ValueError(
+            f"the model predicts {model_num_classes} classes but the data "
+            f"{type(datamodule).__name__} has {data_classes}{shown}; set the model's "
+            f"num_classes to {data_classes} or use data with {model_num_classes} classes"
+        )
+
+
+def first_per_class(labels: torch.Tensor, num_classes: int, n: int, what: str) -> torch.Tensor:
+    """Indices of the first ``n`` items of each class, class-major: LongTensor (num_classes * n,).
+
+    ``labels``: (N,) int64. ValueError naming the class when one has fewer than ``n`` items.
+    """
+    if n < 1:
+        raise ValueError(f"images_per_class must be >= 1, got {n}")
+    picked = []
+    for c in range(num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        if idx.numel() < n:
+            raise ValueError(
+                f"{what}: class {c} has only {idx.numel()} images, {n} requested; "
+                "ask for fewer images_per_class or give the split more images"
+            )
+        picked.append(idx[:n])
+    return torch.cat(picked)

@@ -1,0 +1,334 @@
+"""Procedural planted-factor images: the class is defined by one known factor (hue or shape).
+
+Each image is one object (disc, square, triangle, cross, ring) on a grey-ish, low-contrast
+textured background. Every other property (position, size, rotation, background, luminance) is
+drawn independently of the class, so the planted factor is the only class signal:
+
+- ``colour``: the class is the object's hue (well separated, saturated). Shapes are random and the
+  object's luminance (ITU-R 601 luma, the grayscale torchvision computes) is drawn independently of
+  the class, so grayscale removes every class cue and the class is invisible to a hue-blind model.
+  (The saturation that fits the RGB gamut at a given luma depends on the hue, so saturation is
+  part of the colour cue.)
+- ``shape``: the class is the shape; hue and luminance are random. All shapes have the same area
+  for a given size, so the pixel count carries no class information either.
+- ``mixed``: the class is a (shape, hue) pair on a grid of shapes x hues.
+
+Generation is vectorised in torch and deterministic from the seed (CPU generator).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from data.common import check_split, first_per_class, sub_seed
+
+SHAPES = ("disc", "square", "triangle", "cross", "ring")
+# Hue palette in degrees; ordered so that the first k hues are as far apart as possible (>= 60).
+HUES = {"red": 0.0, "green": 120.0, "blue": 240.0, "yellow": 60.0, "cyan": 180.0, "magenta": 300.0}
+FACTORS = ("colour", "shape", "mixed")
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
+
+HUE_JITTER = 8.0  # degrees either side of the class hue; leaves >= 44 degrees between classes
+OBJECT_LUMA = (0.35, 0.65)
+BACKGROUND_GREY = (0.25, 0.75)
+SIZE = (0.12, 0.20)  # equal-area radius as a fraction of the image side
+# Every shape extends at most 1.56 equal-area radii from its centre (the triangle's circumradius);
+# one margin for all shapes keeps the position distribution independent of the class.
+MARGIN = 1.6
+MIN_IMAGE_SIZE = 16
+
+
+@dataclass
+class PlantedImages:
+    """Images and the latent factors that made them.
+
+    images: (N, 3, S, S) float32 in [0, 1]; labels: (N,) int64; shapes: (N,) int64 index into
+    ``SHAPES``; hues: (N,) float32 degrees in [0, 360); masks: (N, S, S) float32 object coverage
+    in [0, 1] (anti-aliased); luma: (N,) float32 object luma in [0, 1].
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    shapes: torch.Tensor
+    hues: torch.Tensor
+    masks: torch.Tensor
+    luma: torch.Tensor
+
+
+def factor_grid(factor: str, num_classes: int) -> tuple[int, int]:
+    """(number of shapes, number of hues) that ``factor`` uses for ``num_classes`` classes.
+
+    ValueError when the factor cannot make that many classes.
+    """
+    if factor not in FACTORS:
+        raise ValueError(f"factor must be one of {FACTORS}, got {factor!r}")
+    if factor == "colour":
+        if not 2 <= num_classes <= len(HUES):
+            raise ValueError(
+                f"factor 'colour' supports 2..{len(HUES)} classes (hues {list(HUES)}), "
+                f"got num_classes={num_classes}"
+            )
+        return 1, num_classes
+    if factor == "shape":
+        if not 2 <= num_classes <= len(SHAPES):
+            raise ValueError(
+                f"factor 'shape' supports 2..{len(SHAPES)} classes (shapes {list(SHAPES)}), "
+                f"got num_classes={num_classes}"
+            )
+        return num_classes, 1
+    # Most square grid with both factors varying, so a model needs both to classify.
+    for n_shapes in range(math.isqrt(num_classes), 1, -1):
+        n_hues = num_classes // n_shapes
+        if n_shapes * n_hues == num_classes and n_shapes <= len(SHAPES) and n_hues <= len(HUES):
+            return n_shapes, n_hues
+    valid = sorted({s * h for s in range(2, len(SHAPES) + 1) for h in range(s, len(HUES) + 1)})
+    raise ValueError(
+        f"factor 'mixed' needs num_classes = shapes x hues with 2..{len(SHAPES)} shapes and "
+        f"2..{len(HUES)} hues; got {num_classes}, use one of {valid}"
+    )
+
+
+def class_names(factor: str, num_classes: int) -> list[str]:
+    """Readable class names: hue names, shape names, or "hue shape" pairs (shape-major)."""
+    n_shapes, n_hues = factor_grid(factor, num_classes)
+    hue_names = list(HUES)[:n_hues]
+    if factor == "colour":
+        return hue_names
+    if factor == "shape":
+        return list(SHAPES[:n_shapes])
+    return [f"{h} {s}" for s in SHAPES[:n_shapes] for h in hue_names]
+
+
+def hue_to_rgb(hue: torch.Tensor) -> torch.Tensor:
+    """Fully saturated, full-value RGB of ``hue`` (N,) in degrees -> (N, 3) in [0, 1]."""
+    h = (hue % 360.0) / 60.0
+    k = (torch.tensor([5.0, 3.0, 1.0]) + h[:, None]) % 6.0
+    return 1.0 - torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def isoluminant_colour(hue: torch.Tensor, luma: torch.Tensor, chroma: torch.Tensor) -> torch.Tensor:
+    """RGB (N, 3) of exactly ``hue`` (degrees) and ``luma``, with ``chroma`` in (0, 1] of the gamut.
+
+    colour = luma + s * (p - luma(p)), p the pure hue: adding grey and scaling keep the hue, and
+    the direction has zero luma, so the luma is ``luma`` whatever the hue. ``chroma`` = 1 takes
+    the largest s that stays inside [0, 1]^3.
+    """
+    pure = hue_to_rgb(hue)
+    direction = pure - (pure @ torch.tensor(LUMA))[:, None]
+    y = luma[:, None]
+    room = torch.where(direction > 0, (1.0 - y) / direction.clamp_min(1e-12), torch.inf)
+    room = torch.where(direction < 0, y / (-direction).clamp_min(1e-12), room)
+    s_max = room.min(dim=1, keepdim=True).values
+    return (y + chroma[:, None] * s_max * direction).clamp(0.0, 1.0)
+
+
+def _shape_sdf(shape: str, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Signed distance (pixels, < 0 inside) of an equal-area shape; u, v (n, S, S), r (n, 1, 1).
+
+    Every shape has area pi * r^2, so the object's pixel count does not reveal the shape.
+    """
+    if shape == "disc":
+        return torch.sqrt(u * u + v * v) - r
+    if shape == "square":
+        return torch.maximum(u.abs(), v.abs()) - (math.sqrt(math.pi) / 2) * r
+    if shape == "triangle":
+        inradius = math.sqrt(math.pi / (3 * math.sqrt(3))) * r
+        normals = [math.pi / 2 + 2 * math.pi * k / 3 for k in range(3)]
+        edges = torch.stack([u * math.cos(a) + v * math.sin(a) for a in normals])
+        return edges.max(dim=0).values - inradius
+    if shape == "cross":
+        arm = math.sqrt(9 * math.pi / 20) * r  # two 2L x 2L/3 bars: area 20 L^2 / 9
+        half_width = arm / 3
+        bar_u = torch.maximum(u.abs() - arm, v.abs() - half_width)
+        bar_v = torch.maximum(u.abs() - half_width, v.abs() - arm)
+        return torch.minimum(bar_u, bar_v)
+    if shape == "ring":
+        outer = r / math.sqrt(1 - 0.55**2)
+        inner = 0.55 * outer
+        return (torch.sqrt(u * u + v * v) - (outer + inner) / 2).abs() - (outer - inner) / 2
+    raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+
+
+def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=gen)
+
+
+def _backgrounds(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Grey-ish low-contrast textures (n, 3, S, S): grey level, faint tint, blobs, stripes."""
+    grey = _uniform(n, *BACKGROUND_GREY, gen)[:, None, None, None]
+    tint = 0.03 * (2 * torch.rand(n, 3, 1, 1, generator=gen) - 1)
+    blobs = torch.nn.functional.interpolate(
+        0.06 * torch.randn(n, 1, 6, 6, generator=gen),
+        size=(size, size),
+        mode="bicubic",
+        align_corners=False,
+    )
+    angle = _uniform(n, 0.0, math.pi, gen)[:, None, None]
+    period = _uniform(n, 4.0, 16.0, gen)[:, None, None] * size / 64
+    phase = _uniform(n, 0.0, 2 * math.pi, gen)[:, None, None]
+    amplitude = _uniform(n, 0.0, 0.05, gen)[:, None, None]
+    yy, xx = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    along = xx * torch.cos(angle) + yy * torch.sin(angle)
+    stripes = amplitude * torch.sin(2 * math.pi * along / period + phase)
+    return grey + tint + blobs + stripes[:, None]
+
+
+def generate(
+    factor: str, num_classes: int, per_class: int, image_size: int = 64, seed: int = 0
+) -> PlantedImages:
+    """Generate ``num_classes * per_class`` planted-factor images, class-major, from ``seed``.
+
+    The same arguments always give the same tensors. Returns ``PlantedImages`` (see there).
+    """
+    n_hues = factor_grid(factor, num_classes)[1]
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE} px, got {image_size}")
+    if per_class < 1:
+        raise ValueError(f"images per class must be >= 1, got {per_class}")
+    gen = torch.Generator().manual_seed(seed)
+    n, s = num_classes * per_class, image_size
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+
+    class_hues = torch.tensor(list(HUES.values())[:n_hues])
+    jitter = _uniform(n, -HUE_JITTER, HUE_JITTER, gen)
+    random_hue = _uniform(n, 0.0, 360.0, gen)
+    random_shape = torch.randint(len(SHAPES), (n,), generator=gen)
+    if factor == "colour":
+        shapes, hues = random_shape, class_hues[labels] + jitter
+    elif factor == "shape":
+        shapes, hues = labels, random_hue
+    else:  # class = shape * n_hues + hue
+        shapes, hues = labels // n_hues, class_hues[labels % n_hues] + jitter
+    hues = hues % 360.0
+    luma = _uniform(n, *OBJECT_LUMA, gen)
+    colours = isoluminant_colour(hues, luma, _uniform(n, 0.85, 1.0, gen))
+
+    radius = _uniform(n, *SIZE, gen) * s
+    margin = MARGIN * radius + 1.0
+    cy = margin + (s - 1 - 2 * margin) * torch.rand(n, generator=gen)
+    cx = margin + (s - 1 - 2 * margin) * torch.rand(n, generator=gen)
+    angle = _uniform(n, 0.0, 2 * math.pi, gen)
+    background = _backgrounds(n, s, gen)
+    grain = 0.015 * torch.randn(n, 1, s, s, generator=gen)
+
+    coords = torch.arange(float(s))
+    dy = coords[None, :, None] - cy[:, None, None]
+    dx = coords[None, None, :] - cx[:, None, None]
+    cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    u, v = cos * dx + sin * dy, cos * dy - sin * dx
+    masks = torch.empty(n, s, s)
+    for k, name in enumerate(SHAPES):
+        idx = torch.nonzero(shapes == k).flatten()
+        if idx.numel():
+            sdf = _shape_sdf(name, u[idx], v[idx], radius[idx, None, None])
+            masks[idx] = (0.5 - sdf).clamp(0.0, 1.0)  # one-pixel anti-aliased edge
+    m = masks[:, None]
+    images = (background * (1 - m) + colours[:, :, None, None] * m + grain).clamp(0.0, 1.0)
+    return PlantedImages(
+        images=images.float().contiguous(),
+        labels=labels.long(),
+        shapes=shapes.long(),
+        hues=hues.float(),
+        masks=masks,
+        luma=luma.float(),
+    )
+
+
+class PlantedFactorDataModule(pl.LightningDataModule):
+    """Synthetic images whose class is one planted factor (``colour``, ``shape`` or ``mixed``).
+
+    Generated in memory from ``seed`` (train and val from different sub-seeds); no files. Batches
+    are ``(images (B, 3, S, S) float32 in [0, 1], labels (B,) int64)``; no normalisation (the
+    model normalises). ``colour`` supports 2..6 classes (red, green, blue, yellow, cyan,
+    magenta), ``shape`` 2..5 (disc, square, triangle, cross, ring), ``mixed`` a shapes x hues grid
+    (4, 6, 8, 9, 10, 12, 15, 16, 18, 20, 24, 25 or 30 classes).
+    """
+
+    def __init__(
+        self,
+        factor: str = "colour",
+        num_classes: int = 4,
+        image_size: int = 64,
+        train_per_class: int = 256,
+        val_per_class: int = 64,
+        seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.class_names = class_names(factor, num_classes)  # validates factor and num_classes
+        if image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE} px, got {image_size}")
+        for name, value in (
+            ("train_per_class", train_per_class),
+            ("val_per_class", val_per_class),
+            ("batch_size", batch_size),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.factor = factor
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.per_class = {"train": train_per_class, "val": val_per_class}
+        self.seed = seed
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.datasets: dict[str, TensorDataset] = {}
+
+    def split_data(self, split: str) -> PlantedImages:
+        """Generate one split with its latent factors (deterministic; not cached)."""
+        split_id = check_split(split)
+        return generate(
+            self.factor,
+            self.num_classes,
+            self.per_class[split],
+            self.image_size,
+            sub_seed(self.seed, split_id),
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Generate both splits once (every rank generates the same tensors)."""
+        for split in ("train", "val"):
+            if split not in self.datasets:
+                data = self.split_data(split)
+                self.datasets[split] = TensorDataset(data.images, data.labels)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        generator = torch.Generator().manual_seed(sub_seed(self.seed, 2)) if shuffle else None
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def probe_set(
+        self, images_per_class: int, split: str = "val"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``images_per_class`` images of each class of ``split``, class-major.
+
+        Returns (images (C*n, 3, S, S) float32 in [0, 1], labels (C*n,) int64); class c owns
+        rows c*n ... (c+1)*n - 1. Deterministic from the seed.
+        """
+        check_split(split)
+        self.setup()
+        images, labels = self.datasets[split].tensors
+        idx = first_per_class(labels, self.num_classes, images_per_class, f"{split} split")
+        return images[idx], labels[idx]

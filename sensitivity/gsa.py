@@ -1,0 +1,319 @@
+"""Model-agnostic global sensitivity analysis: Sobol' indices and Shapley effects of any function.
+
+The public API of ARCHITECTURE.md. A ``Problem`` names variables with bounds and optional groups
+(SALib's problem dict); the ``*_from_outputs`` functions analyse outputs of SALib's designs (or of
+ours, which share their layouts), the ``*_analyze`` functions sample our designs
+(``sensitivity.designs``), evaluate ``func`` and analyse. Both run the streaming accumulators of
+``sensitivity.estimators``, so there is one implementation of each estimator. Outputs may be one
+value per row, Y (rows,), or many, Y (rows, U) (e.g. activation units), analysed all at once;
+results are numpy float64 arrays (G,) or (G, U).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from sensitivity.designs import PermutationDesign, ShapleyDesign, SobolDesign
+from sensitivity.estimators import (
+    PermutationShapleyAccumulator,
+    ShapleyAccumulator,
+    ShapleyResult,
+    SobolAccumulator,
+    SobolResult,
+)
+
+__all__ = [
+    "Problem",
+    "shapley_analyze",
+    "shapley_from_outputs",
+    "sobol_analyze",
+    "sobol_from_outputs",
+]
+
+# Outputs are fed to the accumulators in chunks of about this many values, which bounds their
+# temporary memory (a few times this in float64) whatever the size of Y.
+_CHUNK_VALUES = 1 << 21
+
+
+class Problem:
+    """Input variables of a model: names, bounds (low < high, uniform) and optional groups.
+
+    groups: None (every variable its own group) or one group name per variable, as in SALib;
+    groups are ordered by first appearance. ``group_columns[j]`` lists the variables of group j.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        bounds: Sequence[Sequence[float]],
+        groups: Sequence[str] | None = None,
+    ) -> None:
+        names = [str(name) for name in names]
+        if not names:
+            raise ValueError("a problem needs at least one variable name")
+        if len(set(names)) != len(names):
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"variable names must be unique, {duplicates} repeat")
+        if len(bounds) != len(names):
+            raise ValueError(f"got {len(bounds)} bounds for {len(names)} variables; give one each")
+        parsed = []
+        for name, bound in zip(names, bounds, strict=True):
+            if len(bound) != 2:
+                raise ValueError(f"bounds of {name!r} must be (low, high), got {bound!r}")
+            low, high = float(bound[0]), float(bound[1])
+            if not (math.isfinite(low) and math.isfinite(high)) or not low < high:
+                raise ValueError(
+                    f"bounds of {name!r} must be finite with low < high, got ({low}, {high}); "
+                    f"reversed bounds? write them as (low, high)"
+                )
+            parsed.append((low, high))
+        if groups is not None:
+            groups = [str(group) for group in groups]
+            if len(groups) != len(names):
+                raise ValueError(
+                    f"groups must give one group name per variable: {len(groups)} for "
+                    f"{len(names)} variables"
+                )
+        self.names = names
+        self.bounds = parsed
+        self.groups = groups
+        labels = groups if groups is not None else names
+        self.group_names = list(dict.fromkeys(labels))
+        self.group_columns = [
+            [c for c, label in enumerate(labels) if label == group] for group in self.group_names
+        ]
+
+    @property
+    def d(self) -> int:
+        return len(self.names)
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.group_names)
+
+    @classmethod
+    def from_salib(cls, problem: Mapping[str, Any]) -> Problem:
+        """From SALib's dict {"num_vars", "names", "bounds", optional "groups"}."""
+        for key in ("names", "bounds"):
+            if key not in problem:
+                raise ValueError(f"SALib problem dict lacks {key!r}; it needs names and bounds")
+        if "num_vars" in problem and problem["num_vars"] != len(problem["names"]):
+            raise ValueError(
+                f"num_vars = {problem['num_vars']} but {len(problem['names'])} names are given"
+            )
+        return cls(problem["names"], problem["bounds"], problem.get("groups") or None)
+
+    def to_salib(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "num_vars": self.d,
+            "names": list(self.names),
+            "bounds": [list(b) for b in self.bounds],
+        }
+        if self.groups is not None:
+            out["groups"] = list(self.groups)
+        return out
+
+    def scale(self, unit_rows: np.ndarray) -> np.ndarray:
+        """Rows in [0, 1)^d (m, d) -> rows within the bounds (m, d) float64."""
+        unit_rows = np.asarray(unit_rows, dtype=np.float64)
+        low, high = np.asarray(self.bounds).T
+        return low + unit_rows * (high - low)
+
+    def __repr__(self) -> str:
+        return f"Problem(names={self.names}, bounds={self.bounds}, groups={self.groups})"
+
+
+def _outputs(Y: Any, what: str) -> np.ndarray:
+    """Y as float64 (rows, *unit_shape); raise naming the first non-finite row and unit."""
+    if isinstance(Y, torch.Tensor):
+        Y = Y.detach().cpu().to(torch.float64).numpy()
+    Y = np.asarray(Y, dtype=np.float64)
+    if Y.ndim < 1 or Y.shape[0] == 0:
+        raise ValueError(f"{what} must be an array (rows,) or (rows, U), got shape {Y.shape}")
+    bad = ~np.isfinite(Y)
+    if bad.any():
+        index = np.argwhere(bad)[0]
+        unit = f", unit {tuple(int(i) for i in index[1:])}" if Y.ndim > 1 else ""
+        raise ValueError(
+            f"{what} holds a non-finite value {Y[tuple(index)]} at row {int(index[0])}{unit}; "
+            f"the estimators need finite outputs"
+        )
+    return Y
+
+
+def _blocks(Y: np.ndarray, block_size: int) -> tuple[torch.Tensor, int]:
+    """Y (rows, *unit) -> tensor (n_blocks, block_size, *unit) and a chunk length in blocks."""
+    blocks = torch.from_numpy(Y.reshape(Y.shape[0] // block_size, block_size, *Y.shape[1:]))
+    chunk = max(1, _CHUNK_VALUES // (block_size * max(1, math.prod(Y.shape[1:]))))
+    return blocks, chunk
+
+
+def _evaluate(func: Callable[[np.ndarray], Any], X: np.ndarray) -> np.ndarray:
+    Y = _outputs(func(X), "func(X)")
+    if Y.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"func returned {Y.shape[0]} rows for {X.shape[0]} input rows; it must map X (m, d) "
+            f"to (m,) or (m, U)"
+        )
+    return Y
+
+
+def sobol_from_outputs(
+    problem: Problem, Y: Any, second_order: bool = False, conf_level: float = 0.95
+) -> SobolResult:
+    """Sobol' indices from outputs of a Saltelli design in SALib's interleaved layout.
+
+    Y: (N * (G + 2),) or (N * (G + 2), U) outputs (N * (2G + 2) rows with ``second_order``).
+    Returns S1, ST, S1_conf, ST_conf (G,) or (G, U), S2/S2_conf (G, G[, U]) with second order;
+    the indices equal ``SALib.analyze.sobol.analyze`` column by column (the intervals are ours:
+    delta method, see ``sensitivity.estimators``).
+    """
+    Y = _outputs(Y, "Y")
+    g = problem.n_groups
+    block_size = 2 * g + 2 if second_order else g + 2
+    rows = Y.shape[0]
+    if rows % block_size:
+        other = g + 2 if second_order else 2 * g + 2
+        hint = (
+            f"; it fits second_order={not second_order} ({rows // other} base points)"
+            if rows % other == 0
+            else ""
+        )
+        raise ValueError(
+            f"Y has {rows} rows, not a multiple of {block_size} rows per base point "
+            f"({g} groups, second_order={second_order}){hint}"
+        )
+    blocks, chunk = _blocks(Y, block_size)
+    acc = SobolAccumulator(g, Y.shape[1:], second_order=second_order, conf_level=conf_level)
+    for start in range(0, blocks.shape[0], chunk):
+        acc.update(blocks[start : start + chunk])
+    result = acc.compute()
+    result.names = list(problem.group_names)
+    return result
+
+
+def sobol_analyze(
+    problem: Problem,
+    func: Callable[[np.ndarray], Any],
+    n: int,
+    seed: int = 0,
+    second_order: bool = False,
+    conf_level: float = 0.95,
+) -> SobolResult:
+    """Sample a Saltelli design of ``n`` base points (a power of two), evaluate, analyse.
+
+    func: X (m, d) float64 within the bounds -> (m,) or (m, U).
+    """
+    design = SobolDesign(
+        problem.d, n, seed=seed, groups=problem.group_columns, second_order=second_order
+    )
+    X = problem.scale(design.rows())
+    return sobol_from_outputs(problem, _evaluate(func, X), second_order, conf_level)
+
+
+def _trajectory_permutations(problem: Problem, X: np.ndarray, n: int) -> np.ndarray:
+    """Group changed at each step of each trajectory, recovered from X as SALib does: (n, G)."""
+    g, d = problem.n_groups, problem.d
+    steps = X.reshape(n, g + 1, d)
+    changed = steps[:, 1:] != steps[:, :-1]  # (n, G steps, d)
+    membership = np.zeros((d, g), dtype=np.int64)
+    for j, columns in enumerate(problem.group_columns):
+        membership[columns, j] = 1
+    groups_changed = (changed.astype(np.int64) @ membership) > 0  # (n, G steps, G groups)
+    count = groups_changed.sum(axis=2)
+    if np.any(count != 1):
+        t, s = (int(i) for i in np.argwhere(count != 1)[0])
+        raise ValueError(
+            f"each trajectory step must change the variables of exactly one group; trajectory "
+            f"{t}, step {s + 1} changed {int(count[t, s])} groups - is X from a Shapley design "
+            f"(SALib.sample.shapley or ShapleyDesign with these groups)?"
+        )
+    perms = groups_changed.argmax(axis=2)
+    incomplete = np.any(np.sort(perms, axis=1) != np.arange(g), axis=1)
+    if incomplete.any():
+        raise ValueError(
+            f"each trajectory must change every group exactly once; trajectory "
+            f"{int(np.argmax(incomplete))} does not"
+        )
+    return perms
+
+
+def shapley_from_outputs(
+    problem: Problem, X: Any, Y: Any, conf_level: float = 0.95
+) -> ShapleyResult:
+    """Goda's Shapley effects from trajectories in ``SALib.sample.shapley``'s layout.
+
+    X: (N * (G + 1), d) inputs (the changed group of each step is read from it); Y: (N * (G + 1),)
+    or (N * (G + 1), U). Returns shapley (variance units), shapley_normalized and their
+    half-widths, (G,) or (G, U); ungrouped they equal ``SALib.analyze.shapley.analyze``.
+    """
+    g = problem.n_groups
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != problem.d:
+        raise ValueError(f"X must have shape (N * {g + 1}, {problem.d}), got {X.shape}")
+    if not np.isfinite(X).all():
+        row = int(np.argwhere(~np.isfinite(X))[0, 0])
+        raise ValueError(f"X holds a non-finite value at row {row}; inputs must be finite")
+    Y = _outputs(Y, "Y")
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"X has {X.shape[0]} rows but Y has {Y.shape[0]}; they must match")
+    if Y.shape[0] % (g + 1):
+        raise ValueError(
+            f"Y has {Y.shape[0]} rows, not a multiple of {g + 1} rows per trajectory ({g} groups)"
+        )
+    n = Y.shape[0] // (g + 1)
+    perms = torch.from_numpy(_trajectory_permutations(problem, X, n))
+    return _goda(problem, Y, perms, conf_level)
+
+
+def _goda(problem: Problem, Y: np.ndarray, perms: torch.Tensor, conf_level: float) -> ShapleyResult:
+    g = problem.n_groups
+    blocks, chunk = _blocks(Y, g + 1)
+    acc = ShapleyAccumulator(g, Y.shape[1:], conf_level=conf_level)
+    for start in range(0, blocks.shape[0], chunk):
+        acc.update(blocks[start : start + chunk], perms[start : start + chunk])
+    result = acc.compute()
+    result.names = list(problem.group_names)
+    return result
+
+
+def shapley_analyze(
+    problem: Problem,
+    func: Callable[[np.ndarray], Any],
+    n: int,
+    seed: int = 0,
+    method: str = "goda",
+    n_outer: int = 1,
+    n_inner: int = 3,
+    conf_level: float = 0.95,
+) -> ShapleyResult:
+    """Shapley effects of the problem's groups: sample, evaluate ``func``, analyse.
+
+    method "goda": ``n`` trajectories, n (G + 1) evaluations. method "permutation": Song, Nelson
+    and Staum with ``n`` permutations, ``n_outer`` x ``n_inner`` rows per position,
+    n G n_outer n_inner evaluations (the reference's estimator).
+    """
+    g = problem.n_groups
+    if method == "goda":
+        design = ShapleyDesign(problem.d, n, seed=seed, groups=problem.group_columns)
+        Y = _evaluate(func, problem.scale(design.rows()))
+        return _goda(problem, Y, torch.from_numpy(design.permutations()), conf_level)
+    if method != "permutation":
+        raise ValueError(f"method must be 'goda' or 'permutation', got {method!r}")
+    design = PermutationDesign(
+        problem.d, n, n_outer, n_inner, seed=seed, groups=problem.group_columns
+    )
+    Y = _evaluate(func, problem.scale(design.rows()))
+    blocks, chunk = _blocks(Y, design.block_size)
+    perms = torch.from_numpy(design.permutations())
+    acc = PermutationShapleyAccumulator(g, n_outer, n_inner, Y.shape[1:], conf_level=conf_level)
+    for start in range(0, blocks.shape[0], chunk):
+        acc.update(blocks[start : start + chunk], perms[start : start + chunk])
+    result = acc.compute()
+    result.names = list(problem.group_names)
+    return result

@@ -1,0 +1,494 @@
+"""Augmentation problems: input variables, groups and the decoding of design rows (METHOD.md s. 3).
+
+A problem is an ordered list of groups (the players of the analysis), each owning columns of a
+design row x in [0, 1)^d:
+
+- one group per augmentation: a switch column (applied iff u < p_on; dropped when p_on == 1)
+  followed by its parameter columns, u mapped linearly to the bounds at the image size (integer
+  parameters rounded to the nearest integer);
+- ``order``: floor(u * K!) -> the permutation of the K augmentations with that Lehmer code
+  (lexicographic rank); switched-on augmentations are applied in that order;
+- ``class``: floor(u * n_classes); ``image``: floor(u * images_per_class) within that class;
+- ``partition``: floor(2u), the data split, when two splits are analysed together.
+
+Without an ``order`` auxiliary augmentations apply in problem order; without ``class``/``image``
+the class/image index is 0 (which is why n_classes > 1 needs ``class`` and images_per_class > 1
+needs ``image``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sensitivity import augmentations as augs
+from sensitivity.augmentations import AUGMENTATION_SETS, AUGMENTATIONS, ParamSpec
+
+AUXILIARIES = ("order", "class", "image", "partition")
+POSTPROCESSES = ("minmax",)
+PAPER_METHODS = ("sobol", "shapley")
+DEFAULT_P_ON = 0.5
+
+
+@dataclass(frozen=True)
+class Group:
+    """A player of the analysis: ``kind`` is augmentation|order|class|image|partition."""
+
+    name: str
+    kind: str
+    columns: list[int]
+
+
+@dataclass
+class DecodedRows:
+    """Design rows decoded at one image size; R rows, K augmentations (problem order).
+
+    image_index: (R,) int64 index into the probe set (class-major: class c owns images
+        c * images_per_class ... (c + 1) * images_per_class - 1); within ``partition`` if any.
+    class_index: (R,) int64.  partition: (R,) int64 in {0, 1}, or None.
+    order: (R, K) int64 augmentation indices in application order (a permutation per row).
+    active: (R, K) bool, active[r, a] iff augmentation a is switched on in row r.
+    params: {augmentation: {parameter: (R,) tensor}} in natural units at the decoded size;
+        float32, or int64 for integer parameters. Values of switched-off augmentations are
+        decoded too but never used.
+    """
+
+    image_index: Tensor
+    class_index: Tensor
+    partition: Tensor | None
+    order: Tensor
+    active: Tensor
+    params: dict[str, dict[str, Tensor]]
+
+    def __len__(self) -> int:
+        return int(self.image_index.shape[0])
+
+    def to(self, device: torch.device | str) -> DecodedRows:
+        """A copy with every tensor on ``device``."""
+        return DecodedRows(
+            image_index=self.image_index.to(device),
+            class_index=self.class_index.to(device),
+            partition=None if self.partition is None else self.partition.to(device),
+            order=self.order.to(device),
+            active=self.active.to(device),
+            params={
+                a: {p: t.to(device) for p, t in ps.items()} for a, ps in self.params.items()
+            },
+        )
+
+
+def lehmer_permutations(codes: np.ndarray, k: int) -> np.ndarray:
+    """Permutations of range(k) with lexicographic ranks ``codes`` (R,) int -> (R, k) int64."""
+    codes = np.asarray(codes, dtype=np.int64).copy()
+    remaining = np.tile(np.arange(k, dtype=np.int64), (codes.shape[0], 1))
+    out = np.empty((codes.shape[0], k), dtype=np.int64)
+    rows = np.arange(codes.shape[0])
+    for position in range(k):
+        radix = math.factorial(k - 1 - position)
+        digit, codes = np.divmod(codes, radix)
+        out[:, position] = remaining[rows, digit]
+        keep = remaining != out[:, position : position + 1]
+        remaining = remaining[keep].reshape(codes.shape[0], k - 1 - position)
+    return out
+
+
+def _cell(u: np.ndarray, n: int) -> np.ndarray:
+    """floor(u * n) as int64, kept below n against rounding at u -> 1."""
+    return np.minimum(np.floor(u * n).astype(np.int64), n - 1)
+
+
+def _resolve_augmentations(augmentations: int | str | Sequence[str]) -> list[str]:
+    if isinstance(augmentations, bool):
+        raise ValueError(f"augmentations must be a set number or names, got {augmentations!r}")
+    if isinstance(augmentations, int | np.integer):
+        if int(augmentations) not in AUGMENTATION_SETS:
+            raise ValueError(
+                f"unknown augmentation set {augmentations!r}; valid sets: "
+                f"{sorted(AUGMENTATION_SETS)}"
+            )
+        return list(AUGMENTATION_SETS[int(augmentations)])
+    names = [augmentations] if isinstance(augmentations, str) else list(augmentations)
+    if not names:
+        raise ValueError("augmentations is empty; give a set number (1, 2) or at least one name")
+    unknown = [n for n in names if n not in AUGMENTATIONS]
+    if unknown:
+        raise ValueError(f"unknown augmentation(s) {unknown}; valid names: {list(AUGMENTATIONS)}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"augmentation(s) {duplicates} listed more than once; list each once")
+    return names
+
+
+def _check_probability(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise ValueError(f"p_on for {name} must be a number in (0, 1], got {value!r}")
+    p = float(value)
+    if not (math.isfinite(p) and 0.0 < p <= 1.0):
+        raise ValueError(
+            f"p_on for {name} must be in (0, 1] (probability that it is applied), got {p}"
+        )
+    return p
+
+
+def _resolve_p_on(p_on: float | Mapping[str, float], names: list[str]) -> dict[str, float]:
+    if isinstance(p_on, Mapping):
+        unknown = [n for n in p_on if n not in names]
+        if unknown:
+            raise ValueError(f"p_on given for {unknown}, which are not in this problem {names}")
+        return {n: _check_probability(n, p_on.get(n, DEFAULT_P_ON)) for n in names}
+    return {n: _check_probability(n, p_on) for n in names}
+
+
+def _resolve_params(
+    names: list[str], bounds: Mapping[str, Mapping[str, Sequence[float]]] | None
+) -> dict[str, tuple[ParamSpec, ...]]:
+    """Parameter specs per augmentation, narrowed by custom ``bounds`` (stated at 224 px)."""
+    params = {n: AUGMENTATIONS[n].params for n in names}
+    for name, overrides in (bounds or {}).items():
+        if name not in params:
+            raise ValueError(f"bounds given for {name!r}, which is not in this problem {names}")
+        specs = {p.name: p for p in params[name]}
+        for pname, value in overrides.items():
+            if pname not in specs:
+                raise ValueError(
+                    f"{name} has no parameter {pname!r}; its parameters: {list(specs)}"
+                )
+            spec = specs[pname]
+            low, high = (float(v) for v in value)
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(
+                    f"bounds of {name}.{pname} must be finite with low < high, got {value!r}"
+                )
+            if low < spec.low or high > spec.high:
+                raise ValueError(
+                    f"bounds of {name}.{pname} {[low, high]} leave the published range "
+                    f"[{spec.low}, {spec.high}] (at 224 px); narrow them"
+                )
+            specs[pname] = dataclasses.replace(spec, low=low, high=high)
+        params[name] = tuple(specs[p.name] for p in params[name])
+    return params
+
+
+class AugmentationProblem:
+    """Groups and columns of an augmentation-sensitivity problem, and row decoding.
+
+    augmentations: a set number (1 or 2) or augmentation names, in problem order.
+    p_on: probability each augmentation is applied, one number or {name: p} (missing: 0.5);
+        p_on == 1 drops the switch column (always on).
+    auxiliaries: any of "order", "class", "image", "partition", as extra groups in that order.
+    n_classes, images_per_class: probe-set size, class-major.
+    postprocess: None or "minmax" (per-image, per-channel min-max after augmenting, as the
+        reference did; it cancels most of brightness and contrast).
+    bounds: optional {augmentation: {parameter: (low, high)}} at 224 px, inside the published
+        ranges, to narrow a parameter.
+    """
+
+    def __init__(
+        self,
+        augmentations: int | Sequence[str],
+        p_on: float | Mapping[str, float] = DEFAULT_P_ON,
+        auxiliaries: Sequence[str] = ("order", "class", "image"),
+        n_classes: int = 1,
+        images_per_class: int = 1,
+        postprocess: str | None = None,
+        bounds: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    ) -> None:
+        self.augmentations = _resolve_augmentations(augmentations)
+        self.p_on = _resolve_p_on(p_on, self.augmentations)
+        self.auxiliaries = self._resolve_auxiliaries(auxiliaries)
+        for label, value in (("n_classes", n_classes), ("images_per_class", images_per_class)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+        self.n_classes = int(n_classes)
+        self.images_per_class = int(images_per_class)
+        if self.n_classes > 1 and "class" not in self.auxiliaries:
+            raise ValueError(
+                f"n_classes={n_classes} but no 'class' auxiliary: every row would use class 0; "
+                f"add 'class' to auxiliaries or set n_classes=1"
+            )
+        if self.images_per_class > 1 and "image" not in self.auxiliaries:
+            raise ValueError(
+                f"images_per_class={images_per_class} but no 'image' auxiliary: every row would "
+                f"use the first image of its class; add 'image' or set images_per_class=1"
+            )
+        if postprocess is not None and postprocess not in POSTPROCESSES:
+            raise ValueError(f"unknown postprocess {postprocess!r}; use None or 'minmax'")
+        self.postprocess = postprocess
+        self.params = _resolve_params(self.augmentations, bounds)
+        self._custom_bounds = {a: dict(b) for a, b in (bounds or {}).items()}
+        self._build_groups()
+
+    @staticmethod
+    def _resolve_auxiliaries(auxiliaries: Sequence[str]) -> tuple[str, ...]:
+        names = [auxiliaries] if isinstance(auxiliaries, str) else list(auxiliaries)
+        unknown = [a for a in names if a not in AUXILIARIES]
+        if unknown:
+            raise ValueError(f"unknown auxiliary variable(s) {unknown}; valid: {list(AUXILIARIES)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"auxiliaries {names} repeat a name; list each once")
+        return tuple(names)
+
+    def _build_groups(self) -> None:
+        self.groups: list[Group] = []
+        self.column_names: list[str] = []
+        self.switch_columns: dict[str, int | None] = {}
+        self.param_columns: dict[str, list[int]] = {}
+        for name in self.augmentations:
+            start = len(self.column_names)
+            if self.p_on[name] < 1.0:
+                self.switch_columns[name] = start
+                self.column_names.append(f"{name}.switch")
+            else:
+                self.switch_columns[name] = None
+            first = len(self.column_names)
+            self.column_names += [f"{name}.{p.name}" for p in self.params[name]]
+            self.param_columns[name] = list(range(first, len(self.column_names)))
+            if len(self.column_names) > start:
+                self.groups.append(
+                    Group(name, "augmentation", list(range(start, len(self.column_names))))
+                )
+            # A parameterless augmentation with p_on = 1 is applied to every row: it is part of
+            # the model, not an input variable, so it owns no group.
+        for aux in self.auxiliaries:
+            self.groups.append(Group(aux, aux, [len(self.column_names)]))
+            self.column_names.append(aux)
+        if not self.groups:
+            raise ValueError(
+                "the problem has no input variable: every augmentation is parameterless with "
+                "p_on = 1 and there are no auxiliaries; lower p_on or add auxiliaries"
+            )
+
+    @property
+    def group_names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    @property
+    def group_columns(self) -> list[list[int]]:
+        return [list(g.columns) for g in self.groups]
+
+    @property
+    def d(self) -> int:
+        return len(self.column_names)
+
+    @property
+    def n_images(self) -> int:
+        """Probe images per split: n_classes * images_per_class."""
+        return self.n_classes * self.images_per_class
+
+    def group_index(self, name: str) -> int:
+        """Index of the group called ``name`` (an augmentation or an auxiliary)."""
+        if name not in self.group_names:
+            raise ValueError(f"no group {name!r}; groups: {self.group_names}")
+        return self.group_names.index(name)
+
+    # ----------------------------------------------------------------------------- constructors
+    @classmethod
+    def paper(
+        cls,
+        augmentations: int | Sequence[str],
+        method: str = "sobol",
+        auxiliaries: Sequence[str] = ("order", "class", "image"),
+        n_classes: int = 1,
+        images_per_class: int = 1,
+    ) -> AugmentationProblem:
+        """The published switch semantics (Kharyuk et al.), for reproducing the paper.
+
+        method "sobol": p_on = 1 for augmentations with parameters (always applied, no switch)
+        and 0.5 for parameterless ones (sharpness, grayscale, hflip); method "shapley": p_on = 0.5
+        for all. Both min-max rescale every augmented image (postprocess "minmax"). The two
+        methods thus describe different input distributions, as in the reference code.
+        """
+        if method not in PAPER_METHODS:
+            raise ValueError(f"unknown paper method {method!r}; valid: {list(PAPER_METHODS)}")
+        names = _resolve_augmentations(augmentations)
+        if method == "sobol":
+            p_on = {n: 1.0 if AUGMENTATIONS[n].params else 0.5 for n in names}
+        else:
+            p_on = {n: 0.5 for n in names}
+        return cls(
+            names,
+            p_on=p_on,
+            auxiliaries=auxiliaries,
+            n_classes=n_classes,
+            images_per_class=images_per_class,
+            postprocess="minmax",
+        )
+
+    _CONFIG_KEYS = (
+        "augmentations", "p_on", "auxiliaries", "n_classes", "images_per_class", "postprocess",
+        "bounds",
+    )
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> AugmentationProblem:
+        """Build from a mapping with the constructor's keys (``overrides`` win).
+
+        ``{"preset": "paper", "method": "sobol"|"shapley", ...}`` builds ``paper(...)`` instead;
+        then only augmentations, auxiliaries, n_classes and images_per_class may be given.
+        """
+        merged = {**dict(config), **overrides}
+        preset = merged.pop("preset", None)
+        if preset is not None:
+            if preset != "paper":
+                raise ValueError(f"unknown problem preset {preset!r}; valid: ['paper']")
+            allowed = ("augmentations", "method", "auxiliaries", "n_classes", "images_per_class")
+            extra = sorted(set(merged) - set(allowed))
+            if extra:
+                raise ValueError(f"keys {extra} are not allowed with preset 'paper'; "
+                                 f"allowed: {list(allowed)}")
+            if "augmentations" not in merged:
+                raise ValueError("problem config needs 'augmentations' (a set number or names)")
+            return cls.paper(**merged)
+        unknown = sorted(set(merged) - set(cls._CONFIG_KEYS))
+        if unknown:
+            raise ValueError(
+                f"unknown problem config key(s) {unknown}; valid: {[*cls._CONFIG_KEYS, 'preset']}"
+            )
+        if "augmentations" not in merged:
+            raise ValueError("problem config needs 'augmentations' (a set number or names)")
+        return cls(**merged)
+
+    def to_config(self) -> dict[str, Any]:
+        """A plain mapping that ``from_config`` turns back into an equal problem."""
+        return {
+            "augmentations": list(self.augmentations),
+            "p_on": dict(self.p_on),
+            "auxiliaries": list(self.auxiliaries),
+            "n_classes": self.n_classes,
+            "images_per_class": self.images_per_class,
+            "postprocess": self.postprocess,
+            "bounds": {
+                a: {p: list(v) for p, v in b.items()} for a, b in self._custom_bounds.items()
+            },
+        }
+
+    def with_p_on(self, p_on: float | Mapping[str, float]) -> AugmentationProblem:
+        """The same problem with other switch probabilities."""
+        return type(self).from_config(self.to_config(), p_on=p_on)
+
+    def to_salib(self) -> dict[str, Any]:
+        """SALib problem dict over the unit hypercube, one group name per column."""
+        return {
+            "num_vars": self.d,
+            "names": list(self.column_names),
+            "bounds": [[0.0, 1.0] for _ in range(self.d)],
+            "groups": [g.name for g in self.groups for _ in g.columns],
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"AugmentationProblem(augmentations={self.augmentations}, p_on={self.p_on}, "
+            f"auxiliaries={list(self.auxiliaries)}, n_classes={self.n_classes}, "
+            f"images_per_class={self.images_per_class}, postprocess={self.postprocess!r})"
+        )
+
+    # ---------------------------------------------------------------------------------- decoding
+    def _check_rows(self, x: np.ndarray | Tensor) -> np.ndarray:
+        if isinstance(x, Tensor):
+            x = x.detach().to("cpu", torch.float64).numpy()
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.d:
+            raise ValueError(
+                f"rows must have shape (R, {self.d}) for this problem's columns "
+                f"{self.column_names}, got {x.shape}"
+            )
+        if not np.all(np.isfinite(x)):
+            raise ValueError("rows contain NaN or infinite values; design rows lie in [0, 1)")
+        if x.size and (x.min() < 0.0 or x.max() >= 1.0):
+            raise ValueError(
+                f"rows must lie in [0, 1), got values in [{x.min()}, {x.max()}]; pass unit-cube "
+                f"design rows, not values scaled to parameter bounds"
+            )
+        return x
+
+    def decode(self, x: np.ndarray | Tensor, height: int, width: int) -> DecodedRows:
+        """Decode design rows (R, d) in [0, 1) for images of ``height x width`` pixels."""
+        for label, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        x = self._check_rows(x)
+        r, k = x.shape[0], len(self.augmentations)
+        active = np.ones((r, k), dtype=bool)
+        params: dict[str, dict[str, Tensor]] = {}
+        for a, name in enumerate(self.augmentations):
+            switch = self.switch_columns[name]
+            if switch is not None:
+                active[:, a] = x[:, switch] < self.p_on[name]
+            params[name] = {}
+            for spec, column in zip(self.params[name], self.param_columns[name], strict=True):
+                low, high = spec.bounds(height, width)
+                value = low + x[:, column] * (high - low)
+                params[name][spec.name] = (
+                    torch.from_numpy(np.rint(value).astype(np.int64))
+                    if spec.integer
+                    else torch.from_numpy(value.astype(np.float32))
+                )
+        columns = {g.kind: g.columns[0] for g in self.groups if g.kind != "augmentation"}
+        if "order" in columns:
+            codes = _cell(x[:, columns["order"]], math.factorial(k))
+            order = lehmer_permutations(codes, k)
+        else:
+            order = np.tile(np.arange(k, dtype=np.int64), (r, 1))
+        zeros = np.zeros(r, dtype=np.int64)
+        klass = _cell(x[:, columns["class"]], self.n_classes) if "class" in columns else zeros
+        image = (
+            _cell(x[:, columns["image"]], self.images_per_class) if "image" in columns else zeros
+        )
+        partition = (
+            torch.from_numpy(_cell(x[:, columns["partition"]], 2)) if "partition" in columns
+            else None
+        )
+        return DecodedRows(
+            image_index=torch.from_numpy(klass * self.images_per_class + image),
+            class_index=torch.from_numpy(klass.copy()),
+            partition=partition,
+            order=torch.from_numpy(order),
+            active=torch.from_numpy(active),
+            params=params,
+        )
+
+    # ------------------------------------------------------------------------------ augmenting
+    def augment(self, images: Tensor, decoded: DecodedRows) -> Tensor:
+        """Apply each row's switched-on augmentations in that row's order, batched.
+
+        images: (R, 3, H, W) float in [0, 1], row r showing the image ``decoded`` names for row r
+        (decoded at this H, W). Returns (R, 3, H, W); ``images`` is not modified. For each
+        position in the order and each augmentation, the rows with that augmentation at that
+        position (and switched on) are augmented together: at most K^2 batched calls.
+        """
+        k = len(self.augmentations)
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images)
+            raise ValueError(f"images must be a (R, 3, H, W) tensor, got {shape}")
+        if images.shape[0] != len(decoded) or tuple(decoded.order.shape) != (len(decoded), k):
+            raise ValueError(
+                f"{images.shape[0]} images but decoded rows for {len(decoded)} rows and "
+                f"{decoded.order.shape[1]} augmentations (this problem has {k}); decode the "
+                f"same rows with this problem"
+            )
+        device = images.device
+        on_device = decoded.to(device)
+        order, active = on_device.order, on_device.active
+        out = images.clone()
+        for position in range(k):
+            at_position = order[:, position]
+            for a, name in enumerate(self.augmentations):
+                selected = active[:, a] & (at_position == a)
+                params = on_device.params[name]
+                if bool(selected.all()):
+                    out = augs.apply(name, out, params)
+                elif bool(selected.any()):
+                    index = selected.nonzero().squeeze(1)
+                    out[index] = augs.apply(
+                        name, out[index], {p: t[index] for p, t in params.items()}
+                    )
+        if self.postprocess == "minmax":
+            out = augs.minmax_rescale(out)
+        return out

@@ -1,0 +1,200 @@
+"""PNG figures of analysis results: heatmaps (layers x variables) and index-over-epochs lines.
+
+Figures are built on ``matplotlib.figure.Figure`` and rendered by the Agg canvas, never through
+pyplot: no global backend switch, no GUI, no figure registry to leak from long training runs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from sensitivity.results import PER_VARIABLE_KEYS, AnalysisResult
+
+# Keys whose values are shares of variance, drawn on a fixed [0, 1] colour scale.
+_SHARE_KEYS = ("S1", "ST", "shapley_normalized")
+# Keys whose sign matters: a diverging colour map centred on 0.
+_SIGNED_KEYS = ("effect_size", "mean_diff")
+_LABELS = {
+    "S1": "first-order Sobol index S1",
+    "ST": "total Sobol index ST",
+    "shapley_normalized": "normalised Shapley effect",
+    "shapley": "Shapley effect (variance units)",
+    "effect_size": "paired effect size (mean diff / sd)",
+    "mean_diff": "mean difference (augmented - original)",
+}
+DPI = 120
+
+
+def _label(key: str) -> str:
+    return _LABELS.get(key, key)
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _file_part(text: str) -> str:
+    """``text`` as a safe file-name part (module names keep their dots)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
+
+
+def _check_key(key: str) -> None:
+    if key not in PER_VARIABLE_KEYS:
+        raise ValueError(
+            f"figures need a per-variable key, one of {list(PER_VARIABLE_KEYS)}; got {key!r}"
+        )
+
+
+def heatmap_figure(result: AnalysisResult, key: str) -> Figure:
+    """Heatmap of ``result.mean_index(key)``: rows = layers (checkpoint order), columns =
+    variables, each cell the mean over the layer's units, annotated with its value."""
+    _check_key(key)
+    values = result.mean_index(key)  # (L, G)
+    n_layers, n_vars = values.shape
+    figure = _new_figure(max(5.0, 1.0 + 0.75 * n_vars), max(3.0, 1.6 + 0.45 * n_layers))
+    ax = figure.add_subplot()
+    finite = values[np.isfinite(values)]
+    if key in _SHARE_KEYS:
+        low = min(0.0, float(finite.min())) if finite.size else 0.0
+        high = max(1.0, float(finite.max())) if finite.size else 1.0
+        cmap = "viridis"
+    elif key in _SIGNED_KEYS:
+        high = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
+        low, cmap = -high, "RdBu_r"
+    else:
+        low = float(finite.min()) if finite.size else 0.0
+        high = float(finite.max()) if finite.size else 1.0
+        high = high if high > low else low + 1.0
+        cmap = "viridis"
+    image = ax.imshow(values, cmap=cmap, vmin=low, vmax=high, aspect="auto")
+    colourmap = image.get_cmap()
+    for i in range(n_layers):
+        for j in range(n_vars):
+            value = values[i, j]
+            shade = colourmap(image.norm(value)) if np.isfinite(value) else (1, 1, 1, 1)
+            # Light text on dark cells: relative luminance of the cell colour.
+            luminance = 0.2126 * shade[0] + 0.7152 * shade[1] + 0.0722 * shade[2]
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                    color="black" if luminance > 0.5 else "white")
+    ax.set_xticks(range(n_vars), result.group_names, rotation=45, ha="right")
+    ax.set_yticks(range(n_layers), result.layer_names)
+    ax.set_xlabel("variable")
+    ax.set_ylabel("layer (checkpoint)")
+    when = f", epoch {result.epoch}" if result.epoch is not None else ""
+    ax.set_title(f"{result.method}: {_label(key)}, mean over units{when} (n = {result.n})")
+    figure.colorbar(image, ax=ax, label=_label(key))
+    return figure
+
+
+def save_heatmaps(
+    result: AnalysisResult, out_dir: str | Path, name: str | None = None
+) -> list[Path]:
+    """One heatmap PNG per value key of ``result`` (``result.value_keys``), written as
+    ``<out_dir>/<name>_<key>.png`` (name defaults to the method); returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = _file_part(name or result.method)
+    paths = []
+    for key in result.value_keys:
+        path = out / f"{stem}_{key}.png"
+        heatmap_figure(result, key).savefig(path)
+        paths.append(path)
+    return paths
+
+
+def _positions(results: Sequence[AnalysisResult]) -> tuple[list[int], str]:
+    if all(r.epoch is not None for r in results):
+        return [int(r.epoch) for r in results], "epoch"
+    if all(r.global_step is not None for r in results):
+        return [int(r.global_step) for r in results], "global step"
+    raise ValueError(
+        "a history needs every result to carry an epoch (or every result a global_step); "
+        "set them when the analyses are made during training"
+    )
+
+
+def _check_history(results: Sequence[AnalysisResult]) -> None:
+    if not results:
+        raise ValueError("a history needs at least one AnalysisResult")
+    first = results[0]
+    for other in results[1:]:
+        if other.method != first.method or other.group_names != first.group_names:
+            raise ValueError(
+                "history results must share method and variables; got "
+                f"{first.method} {first.group_names} and {other.method} {other.group_names}"
+            )
+
+
+def history_figure(
+    results: Sequence[AnalysisResult], key: str, layer: str | None = None
+) -> Figure:
+    """Each variable's mean ``key`` over units against the epoch (or global step).
+
+    One panel per layer of the first result, or only ``layer``; results are sorted by epoch.
+    """
+    _check_key(key)
+    _check_history(results)
+    x, x_label = _positions(results)
+    order = np.argsort(x, kind="stable")
+    x = [x[i] for i in order]
+    results = [results[i] for i in order]
+    layers = results[0].layer_names if layer is None else [layer]
+    for r in results:
+        missing = [name for name in layers if name not in r.layers]
+        if missing:
+            raise ValueError(
+                f"layer(s) {missing} missing from a result (epoch {r.epoch}); it has "
+                f"{r.layer_names}"
+            )
+    columns = min(3, len(layers))
+    rows = -(-len(layers) // columns)
+    figure = _new_figure(4.2 * columns + 1.8, 3.0 * rows + 0.6)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    names = results[0].group_names
+    tables = [dict(zip(r.layer_names, r.mean_index(key), strict=True)) for r in results]
+    for index, name in enumerate(layers):
+        ax = axes[index // columns][index % columns]
+        means = np.stack([table[name] for table in tables])  # (epochs, G)
+        for g, variable in enumerate(names):
+            ax.plot(x, means[:, g], marker="o", markersize=3, label=variable)
+        ax.set_title(name)
+        ax.set_xlabel(x_label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(_label(key))
+        ax.grid(alpha=0.3)
+    for index in range(len(layers), rows * columns):
+        axes[index // columns][index % columns].set_visible(False)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right upper", title="variable")
+    figure.suptitle(f"{results[0].method}: {_label(key)} over training (mean over units)")
+    return figure
+
+
+def save_history(
+    results: Sequence[AnalysisResult],
+    out_dir: str | Path,
+    layer: str | None = None,
+    name: str = "history",
+) -> list[Path]:
+    """One history PNG per value key of the results (``<out_dir>/<name>_<key>.png``, or
+    ``<name>_<key>_<layer>.png`` for one layer); returns the paths."""
+    _check_history(results)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = [k for k in results[0].value_keys if all(k in r.value_keys for r in results)]
+    suffix = f"_{_file_part(layer)}" if layer is not None else ""
+    paths = []
+    for key in keys:
+        path = out / f"{_file_part(name)}_{key}{suffix}.png"
+        history_figure(results, key, layer).savefig(path)
+        paths.append(path)
+    return paths

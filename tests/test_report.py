@@ -1,0 +1,86 @@
+"""Report figures: heatmaps and histories written as real, readable PNGs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from sensitivity.report import heatmap_figure, history_figure, save_heatmaps, save_history
+from sensitivity.results import AnalysisResult
+
+GROUPS = ["erasing", "sharpness", "rolling", "order"]
+UNITS = {"layer1": (8, 4, 4), "layer4": (16, 2, 2), "fc": (4,)}
+
+
+def sobol(epoch: int | None, seed: int = 0) -> AnalysisResult:
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for i, (layer, unit) in enumerate(UNITS.items()):
+        s1 = rng.uniform(0, 0.2, (len(GROUPS), *unit))
+        s1[i] = 0.6  # variable i dominates layer i: a visible diagonal
+        layers[layer] = {"S1": s1, "ST": np.clip(s1 + 0.1, 0, 1)}
+    return AnalysisResult("sobol", GROUPS, layers, n=16, evaluations=96, epoch=epoch)
+
+
+def shapley() -> AnalysisResult:
+    rng = np.random.default_rng(1)
+    layers = {}
+    for layer, unit in UNITS.items():
+        share = rng.dirichlet(np.ones(len(GROUPS)), size=int(np.prod(unit))).T
+        layers[layer] = {"shapley_normalized": share.reshape(len(GROUPS), *unit),
+                         "shapley": 2.0 * share.reshape(len(GROUPS), *unit)}
+    return AnalysisResult("shapley", GROUPS, layers, n=32, evaluations=160)
+
+
+def assert_png(path, min_kb: float = 10) -> None:
+    assert path.is_file() and path.stat().st_size > min_kb * 1024
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 250 and image.shape[1] > 400
+    assert image[..., :3].std() > 0.05  # drawn, not a blank canvas
+
+
+def test_heatmap_cells_are_layer_variable_means():
+    figure = heatmap_figure(sobol(epoch=2), "S1")
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(UNITS)
+    assert [t.get_text() for t in ax.get_xticklabels()] == GROUPS
+    assert "epoch 2" in ax.get_title() and ax.get_xlabel() == "variable"
+    labels = [t.get_text() for t in ax.texts]
+    assert len(labels) == len(UNITS) * len(GROUPS)
+    assert [labels[i * len(GROUPS) + i] for i in range(len(UNITS))] == ["0.60"] * 3
+    assert len(figure.axes) == 2  # the colour bar
+    with pytest.raises(ValueError, match="per-variable key"):
+        heatmap_figure(sobol(epoch=2), "mean")
+
+
+def test_save_heatmaps_one_png_per_value_key(tmp_path):
+    paths = save_heatmaps(sobol(epoch=None), tmp_path / "figs", name="final")
+    assert [p.name for p in paths] == ["final_S1.png", "final_ST.png"]
+    paths += save_heatmaps(shapley(), tmp_path / "figs")
+    assert [p.name for p in paths[2:]] == ["shapley_shapley_normalized.png",
+                                           "shapley_shapley.png"]
+    for path in paths:
+        assert_png(path)
+
+
+def test_history_over_epochs(tmp_path):
+    results = [sobol(epoch=e, seed=e) for e in (2, 0, 1)]  # order is restored by epoch
+    figure = history_figure(results, "ST")
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == list(UNITS)
+    line = panels[0].lines[0]
+    np.testing.assert_array_equal(line.get_xdata(), [0, 1, 2])
+    np.testing.assert_allclose(line.get_ydata()[0], sobol(0, seed=0).mean_index("ST")[0, 0])
+    paths = save_history(results, tmp_path)
+    assert [p.name for p in paths] == ["history_S1.png", "history_ST.png"]
+    paths += save_history(results, tmp_path, layer="fc", name="fc")
+    assert paths[-1].name == "fc_ST_fc.png"
+    for path in paths:
+        assert_png(path)
+    with pytest.raises(ValueError, match="epoch"):
+        history_figure([sobol(epoch=None)], "S1")
+    with pytest.raises(ValueError, match="missing"):
+        history_figure(results, "S1", layer="layer9")
+    with pytest.raises(ValueError, match="share method"):
+        save_history([results[0], shapley()], tmp_path)
