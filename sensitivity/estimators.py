@@ -31,7 +31,9 @@ hand only when their ``shift`` states are equal. The Shapley and contrast sums a
 differences of outputs and need no shift.
 
 Degenerate outputs: a unit whose output variance is zero (a dead ReLU) gets index 0 with a 0
-half-width and is flagged in ``result.constant`` and counted in ``result.n_constant``. A
+half-width and is flagged in ``result.constant`` and counted in ``result.n_constant``; so does a
+Sobol' unit whose [A; B] variance is zero while some AB rows differ (a sparse map), where every
+index would be a division by zero. A
 non-finite output raises ``ValueError`` naming the unit and the row; it is never propagated.
 """
 
@@ -55,6 +57,11 @@ Exponents = tuple[int, ...]
 # A unit is constant when its standard deviation is below this fraction of |mean| (or zero): far
 # below float32 resolution (6e-8), so only truly constant outputs (up to float64 round-off) qualify.
 _CONSTANT_RTOL = 1e-12
+# A Sobol' unit is also degenerate when the variance of [A; B] is below this fraction of its
+# largest mean squared cross-sample change (AB_j - A): its indices would exceed 1e11, and a true
+# V of 0 (a sparse map that is 0 on every A and B row) re-expanded about another shift (merges,
+# distributed sync) leaves float64 round-off of ~1e-16 x shift^2 that must not count as variance.
+_DEGENERATE_RATIO = 1e-12
 
 
 def _z_score(conf_level: float) -> float:
@@ -434,8 +441,10 @@ class SobolAccumulator(_ShiftedPowerSums):
         c1, cD, cD2 = C["one"], C["D"], C["D2"]
         V = (c1[(2, 0)] + c1[(0, 2)]) / (2.0 * n)  # per-block v = (a^2 + b^2) / 2
         vv = (c1[(4, 0)] + 2.0 * c1[(2, 2)] + c1[(0, 4)]) / (4.0 * n)
-        scale = torch.abs(self.shift + mu)
-        constant = V <= (_CONSTANT_RTOL * scale) ** 2
+        largest_change = self.table("D2")[(0, 0)].amax(0) / n
+        constant = (V <= (_CONSTANT_RTOL * torch.abs(self.shift + mu)) ** 2) | (
+            V <= _DEGENERATE_RATIO * largest_change
+        )
         V = torch.where(constant, torch.zeros_like(V), V)
         # First order: x = (b + e) D_j.
         x1 = (cD[(0, 1)] + e * cD[(0, 0)]) / n

@@ -222,6 +222,28 @@ def test_constant_units_give_zero_and_are_counted():
     assert m.n_constant == 2 and m.var[1, 2] == 0 and m.cv[0, 1] == 0
 
 
+def test_flat_base_rows_stay_degenerate_after_merging_different_shifts():
+    """A unit that is 0 on every A and B row but not on a few AB rows (a sparse ReLU map) has
+    V = 0: merging accumulators whose shifts differ must not turn that 0, through re-expansion
+    round-off, into a tiny positive V that blows the indices up to ~1e16."""
+    n, units = 256, 40
+    gen = torch.Generator().manual_seed(0)
+    y = torch.zeros(n, G + 2, units, dtype=torch.float64)
+    for u in range(units):
+        rows = torch.randint(0, n, (5,), generator=gen)
+        columns = 1 + torch.randint(0, G, (5,), generator=gen)
+        y[rows, columns, u] = 3 * torch.rand(5, generator=gen, dtype=torch.float64)
+    parts = [SobolAccumulator(G, (units,)) for _ in range(4)]
+    for acc, chunk in zip(parts, y.split(n // 4), strict=True):
+        acc.update(chunk)  # each part takes its own shift from its first batch
+    for acc in parts[1:]:
+        parts[0].merge_state(acc)
+    r = parts[0].compute()
+    assert r.n_constant == units
+    for name in ("S1", "ST", "S1_conf", "ST_conf"):
+        assert (getattr(r, name) == 0).all(), name
+
+
 def test_non_finite_output_names_unit_and_row():
     acc = SobolAccumulator(G, UNITS)
     y = _outputs(8, G + 2)
