@@ -1,0 +1,94 @@
+"""torchvision classification networks by name, with small-input variants for 32-64 px images.
+
+The variants replace only the stem, in place, so every module keeps the name torchvision gives it
+(hooks such as "maxpool", "layer1", "features.2" or "classifier.6" exist in both variants):
+
+- ResNet family (resnet*, resnext*, wide_resnet*): ``conv1`` becomes a 3x3 stride-1 convolution
+  (same output channels, no bias, He init as torchvision) and ``maxpool`` becomes ``nn.Identity``.
+  The stock stem divides the side by 4 before ``layer1``, leaving 2x2 maps in ``layer4`` at 64 px;
+  the variant divides by 8 overall (``layer4`` 8x8 at 64 px, 4x4 at 32 px). Costs about 16x the
+  stock network's compute at the same size.
+- AlexNet: ``features.0`` (11x11 stride 4) becomes a 3x3 stride-1 convolution. The stock network
+  needs >= 63 px (three 3x3 stride-2 max pools after the stride-4 stem) and keeps 1x1 maps at
+  64 px; the variant works from 16 px up (7x7 maps before ``avgpool`` at 64 px). ``avgpool`` is
+  adaptive (6x6), so the classifier is unchanged.
+- VGG (vgg*): nothing changes. Its stem is already 3x3 stride 1, its five 2x2 pools leave 1x1
+  (32 px) or 2x2 (64 px) maps and its adaptive ``avgpool`` (7x7) keeps the classifier's input size.
+
+Other architectures have no small-input variant; they are built as torchvision defines them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torchvision
+from torch import nn
+
+# Below this size the stock stems throw most of the image away (see the module docstring).
+SMALL_INPUT_MAX_SIZE = 64
+# Stock AlexNet fails below this size (the last max pool gets an empty map).
+ALEXNET_MIN_SIZE = 63
+
+
+def available_architectures() -> list[str]:
+    """Names of torchvision's image classification models (``torchvision.models`` namespace)."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _resnet_stem(net: nn.Module) -> list[str]:
+    conv = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    net.conv1 = conv
+    net.maxpool = nn.Identity()
+    return ["conv1", "maxpool"]
+
+
+def _alexnet_stem(net: nn.Module) -> list[str]:
+    net.features[0] = nn.Conv2d(3, net.features[0].out_channels, kernel_size=3, stride=1, padding=1)
+    return ["features.0"]
+
+
+def _vgg_stem(net: nn.Module) -> list[str]:
+    return []
+
+
+# Keyed by torchvision class so that every depth/width of a family shares its variant.
+_SMALL_INPUT_VARIANTS: dict[type, Callable[[nn.Module], list[str]]] = {
+    torchvision.models.ResNet: _resnet_stem,
+    torchvision.models.AlexNet: _alexnet_stem,
+    torchvision.models.VGG: _vgg_stem,
+}
+
+
+def has_small_input_variant(net: nn.Module) -> bool:
+    """Whether ``net``'s family (ResNet, AlexNet, VGG) has a small-input variant."""
+    return type(net) in _SMALL_INPUT_VARIANTS
+
+
+def build_network(arch: str, num_classes: int) -> nn.Module:
+    """Randomly initialised torchvision model ``arch`` with a ``num_classes``-way head.
+
+    ValueError for names that are not torchvision classification models.
+    """
+    known = available_architectures()
+    if arch not in known:
+        raise ValueError(
+            f"unknown architecture {arch!r}: expected a torchvision classification model name, "
+            f"e.g. resnet18, alexnet, vgg11 (all: {', '.join(known)})"
+        )
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def make_small_input(net: nn.Module, arch: str) -> list[str]:
+    """Turn ``net`` into its small-input variant in place; returns the replaced module names.
+
+    ValueError when the family has no variant.
+    """
+    variant = _SMALL_INPUT_VARIANTS.get(type(net))
+    if variant is None:
+        raise ValueError(
+            f"{arch!r} has no small-input variant (only the ResNet, AlexNet and VGG families "
+            "have one); use small_input=False"
+        )
+    return variant(net)

@@ -1,0 +1,154 @@
+"""Initial weights for torchvision networks: a state-dict file or a weights enum name, offline only.
+
+Nothing here downloads: enum weights are read from the torch hub cache, where torchvision itself
+stores them (``<torch.hub.get_dir()>/checkpoints/<file name of the weights URL>``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+
+# Suffixes that mark a weights argument as a file path rather than an enum name.
+_FILE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".safetensors"}
+
+
+def hub_cache_file(url: str) -> Path:
+    """Where torchvision keeps the file downloaded from ``url``: the torch hub checkpoint cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def resolve_enum(arch: str, name: str) -> torchvision.models.WeightsEnum:
+    """The torchvision weights enum member ``name`` of ``arch``.
+
+    ``name`` is a member name ("IMAGENET1K_V1", "DEFAULT") or a qualified one
+    ("ResNet18_Weights.IMAGENET1K_V1"). ValueError for unknown names or another architecture's
+    weights.
+    """
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"torchvision has no weights enum for {arch!r}") from err
+    choices = [*enum.__members__]
+    if "." in name:
+        try:
+            member = torchvision.models.get_weight(name)
+        except (ValueError, KeyError, AttributeError) as err:
+            raise ValueError(
+                f"unknown weights {name!r}: not a file and not a torchvision weights name; "
+                f"{arch} has {', '.join(choices)}"
+            ) from err
+        if not isinstance(member, enum):
+            raise ValueError(
+                f"weights {name!r} belong to another architecture, not {arch!r}; use one of "
+                f"{', '.join(choices)}"
+            )
+        return member
+    if name not in enum.__members__:
+        raise ValueError(
+            f"unknown weights {name!r}: not an existing file and not a weights name of {arch} "
+            f"({', '.join(choices)})"
+        )
+    return enum[name]
+
+
+def read_weights(arch: str, weights: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """Read a plain torchvision state dict from a file or from the hub cache of an enum name.
+
+    Returns (state dict, description of the source). Files are read with
+    ``torch.load(weights_only=True)``. FileNotFoundError when the file (or the cached enum file)
+    is missing: the enum message says where to put the file, since nothing is downloaded.
+    """
+    path = Path(weights)
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True), f"weights file {path}"
+    text = str(weights)
+    if path.suffix in _FILE_SUFFIXES or os.sep in text:
+        raise FileNotFoundError(f"weights file {text!r} does not exist")
+    member = resolve_enum(arch, text)
+    cached = hub_cache_file(member.url)
+    if not cached.is_file():
+        raise FileNotFoundError(
+            f"torchvision weights {type(member).__name__}.{member.name} are not in the local torch "
+            f"hub cache ({cached}) and this program never downloads (machines may be offline). "
+            f"Copy the file from {member.url} to {cached} (or set TORCH_HOME to a directory whose "
+            "checkpoints/ folder holds it), or pass weights=<path to a state-dict file>"
+        )
+    return (
+        torch.load(cached, map_location="cpu", weights_only=True),
+        f"{type(member).__name__}.{member.name} ({cached})",
+    )
+
+
+def _is_head(own: torch.Size, theirs: torch.Size, num_classes: int) -> bool:
+    """A classifier tensor that differs only in its class count (first dimension)."""
+    return own[:1] == (num_classes,) and theirs[:1] != (num_classes,) and own[1:] == theirs[1:]
+
+
+def load_network_state(
+    net: nn.Module,
+    state: object,
+    *,
+    arch: str,
+    num_classes: int,
+    replaced: list[str],
+    source: str,
+) -> list[str]:
+    """Load a plain torchvision state dict into ``net``; returns the keys left at their init.
+
+    Every key must exist on both sides (else ValueError: another architecture). Tensors whose
+    shapes differ are skipped with a warning when they are the classification head and the class
+    count differs, or belong to a module in ``replaced`` (the small-input stem); any other shape
+    difference is a ValueError.
+    """
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        hint = (
+            " It looks like a Lightning checkpoint: use ImageClassifier.load_from_checkpoint."
+            if isinstance(state, Mapping) and "state_dict" in state
+            else ""
+        )
+        raise ValueError(f"{source} is not a plain torchvision state dict (name -> tensor).{hint}")
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        hint = (
+            " Its keys start with 'net.': it is an ImageClassifier state dict; save "
+            "model.net.state_dict() or use ImageClassifier.load_from_checkpoint."
+            if unexpected and all(k.startswith("net.") for k in unexpected)
+            else " Was it saved from another architecture?"
+        )
+        raise ValueError(
+            f"{source} does not match architecture {arch!r}: {len(missing)} missing keys "
+            f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}.{hint}"
+        )
+    skipped = []
+    for key, value in state.items():
+        if value.shape == own[key].shape:
+            continue
+        in_stem = any(key.startswith(f"{name}.") for name in replaced)
+        if not (in_stem or _is_head(own[key].shape, value.shape, num_classes)):
+            raise ValueError(
+                f"{source} does not match architecture {arch!r}: {key} has shape "
+                f"{tuple(value.shape)}, the model expects {tuple(own[key].shape)}. "
+                "Was it saved from another architecture or width?"
+            )
+        skipped.append(key)
+    if skipped:
+        warnings.warn(
+            f"{source}: kept the initialisation of {skipped} (class count or small-input stem "
+            "differs from the file); all other weights were loaded",
+            UserWarning,
+            stacklevel=3,
+        )
+    net.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+    return skipped

@@ -1,0 +1,241 @@
+"""analyze.py end to end: results file, 2-process DDP, SIGKILL + resume, bad input.
+
+Multi-process runs go through ``python analyze.py --devices 2 --strategy ddp`` on CPU (Lightning
+launches the second process, gloo); everything else calls ``analyze.main`` in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+import analyze
+from lightning_modules import ImageClassifier
+from sensitivity.designs import SobolDesign
+from sensitivity.problem import AugmentationProblem
+from sensitivity.store import ResultsStore
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = ["layer1", "layer3", "fc"]
+# 32 px stock ResNet18 (cheap), 4 planted classes x 2 probe images, channel means of the
+# convolutional stages and the softmax head.
+COMMON = [
+    "--data.image_size", "32", "--images-per-class", "2", "--small_input", "false",
+    "--layers", json.dumps(LAYERS), "--reduction", "{layer1: channel_mean, layer3: channel_mean}",
+    "--accelerator", "cpu", "--no_progress",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A Lightning checkpoint of a (randomly initialised) 4-class ResNet18, as train.py saves."""
+    torch.manual_seed(0)
+    model = ImageClassifier("resnet18", num_classes=4, small_input=False, image_size=32)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    path = tmp_path_factory.mktemp("ckpt") / "resnet18.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """Same intra-op thread count as the OMP_NUM_THREADS=1 subprocesses: bitwise equal rows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cli(*args: str) -> int:
+    return analyze.main([str(a) for a in args])
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def assert_same_indices(a, b, rtol: float = 1e-6) -> None:
+    assert a.layer_names == b.layer_names and a.group_names == b.group_names
+    for layer, values in a.layers.items():
+        for key, value in values.items():
+            np.testing.assert_allclose(b.layers[layer][key], value, rtol=rtol, atol=1e-7,
+                                       err_msg=f"{layer}/{key}")
+
+
+def test_results_file_follows_the_documented_format(checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli("sobol", "--checkpoint", checkpoint, "--output", out, "--n", "8", *COMMON) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "results.h5") in printed and "sobol_S1.png" in printed
+    problem = AugmentationProblem(1, n_classes=4, images_per_class=2)
+    g = len(problem.groups)
+    with h5py.File(out / "results.h5", "r") as f:
+        assert f.attrs["format"] == "augsens-results" and f.attrs["format_version"] == 1
+        assert f.attrs["model"] == "resnet18" and "checkpoint" in f.attrs["weights"]
+        assert f.attrs["dataset"] == "planted:colour" and list(f.attrs["image_size"]) == [32, 32]
+        assert f.attrs["seed"] == 0 and "method: sobol" in f.attrs["config"]
+        assert list(f["problem"].attrs["group_names"]) == problem.group_names
+        assert f["problem"].attrs["set"] == 1
+        a = f["analyses/sobol"]
+        assert a.attrs["status"] == "complete" and a.attrs["method"] == "sobol"
+        assert a.attrs["n"] == 8 and a.attrs["evaluations"] == 8 * (g + 2)
+        assert a.attrs["epoch"] == -1 and list(a.attrs["layers"]) == LAYERS
+        assert list(a.attrs["group_names"]) == problem.group_names
+        shapes = {"layer1": (64,), "layer3": (256,), "fc": (4,)}
+        for layer, shape in shapes.items():
+            lg = a[layer]
+            assert tuple(lg.attrs["unit_shape"]) == shape
+            for key in ("S1", "ST", "S1_conf", "ST_conf"):
+                assert lg[key].dtype == np.float32 and lg[key].shape == (g, *shape)
+            for key in ("mean", "var", "std", "cv"):
+                assert lg[key].shape == shape
+        # the head is analysed after softmax: probabilities
+        assert abs(float(a["fc"]["mean"][()].sum()) - 1.0) < 1e-5
+    assert (out / "figures" / "sobol_ST.png").stat().st_size > 0
+    assert (out / "config.yaml").exists()
+    assert not list(out.glob("*.resume*"))
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_store_every_row_once(checkpoint, tmp_path, one_thread):
+    # 16 base points of 10 rows, 4 per batch: rank 0 takes blocks 0-7, rank 1 blocks 8-15, so
+    # both runs forward the same batches and differ only in float64 summation order.
+    args = ["sobol", "--checkpoint", checkpoint, "--n", "16", "--batch_rows", "40", *COMMON]
+    assert cli(*args, "--output", tmp_path / "one") == 0
+    ddp = tmp_path / "ddp"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "analyze.py"), *map(str, args), "--output", str(ddp),
+         "--devices", "2", "--strategy", "ddp", "--store-activations"],
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in done.stderr + done.stdout  # really two processes
+    one = ResultsStore(tmp_path / "one" / "results.h5").read_analysis("sobol")
+    two = ResultsStore(ddp / "results.h5").read_analysis("sobol")
+    assert_same_indices(one, two)
+    assert two.evaluations == one.evaluations == 160
+    problem = AugmentationProblem(1, n_classes=4, images_per_class=2)
+    design = SobolDesign(problem.d, 16, seed=0, groups=problem.group_columns)
+    with h5py.File(ddp / "results.h5", "r") as f:  # follows the external link
+        rows = f["activations/sobol"]
+        np.testing.assert_array_equal(rows["row_index"][()], np.arange(160))
+        np.testing.assert_array_equal(rows["design"][()], design.rows())
+        assert rows["layer3"].shape == (160, 256) and rows["fc"].shape == (160, 4)
+        np.testing.assert_array_equal(rows["row_kind"][()], np.arange(160) % 10)
+    assert not list(ddp.glob("*rank*"))  # shards merged and removed
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_result(checkpoint, tmp_path, one_thread, caplog):
+    # One block per batch and a checkpoint after every block: the run lasts long enough to be
+    # killed after its first checkpoints.
+    args = ["shapley", "--checkpoint", checkpoint, "--n", "64", "--batch_rows", "9", *COMMON]
+    assert cli(*args, "--output", tmp_path / "reference") == 0
+    out = tmp_path / "resumed"
+    state = out / "shapley.resume.pt"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "analyze.py"), *map(str, args), "--output", str(out),
+         "--checkpoint_every", "1"],
+        cwd=tmp_path, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 240
+    while not state.exists():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no resume state was written"
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    # Nothing half-written is visible: no results file, or one without the analysis.
+    store = ResultsStore(out / "results.h5")
+    assert store.analyses() == []
+    saved = torch.load(state, weights_only=True)
+    assert 1 <= saved["next_block"] < 64
+    with caplog.at_level(logging.INFO, logger="sensitivity.engine"):
+        assert cli(*args, "--output", out, "--checkpoint_every", "1") == 0
+    assert f"blocks [0, {saved['next_block']}) of this shard already done" in caplog.text
+    assert not state.exists()
+    reference = ResultsStore(tmp_path / "reference" / "results.h5").read_analysis("shapley")
+    assert_same_indices(reference, store.read_analysis("shapley"))
+
+
+@pytest.mark.parametrize("method, key", [("variance", "var"), ("contrast", "effect_size")])
+def test_other_methods_run_from_the_cli(checkpoint, tmp_path, method, key):
+    out = tmp_path / method
+    assert cli(method, "--checkpoint", checkpoint, "--output", out, "--n", "4", *COMMON) == 0
+    result = ResultsStore(out / "results.h5").read_analysis(method)
+    assert result.method == method and key in result.layers["fc"]
+
+
+def test_bad_input_exits_non_zero_without_results(checkpoint, tmp_path, capsys):
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    wrong_weights = tmp_path / "resnet18_state.pth"
+    torch.save(ImageClassifier("resnet18", num_classes=4).net.state_dict(), wrong_weights)
+    cases = {
+        "layer": (["--layers", "[layer9]"], r"unknown layer name\(s\) \['layer9'\].*layer1"),
+        "n": (["--n", "12"], "n must be a power of two"),
+        "architecture": (["--arch", "alexnet"], "holds a resnet18, not a alexnet"),
+        "folder": (["--data.root", empty], "has no class subfolders"),
+    }
+    for label, (extra, message) in cases.items():
+        out = tmp_path / label
+        code = cli("sobol", "--checkpoint", checkpoint, "--output", out, *COMMON, *extra)
+        err = capsys.readouterr().err
+        assert code == 2, label
+        assert "analyze.py: error:" in err and re.search(message, err), err
+        assert not (out / "results.h5").exists(), label
+    out = tmp_path / "weights"
+    assert cli("sobol", "--arch", "resnet34", "--weights", wrong_weights, "--output", out,
+               *COMMON) == 2
+    assert "does not match architecture 'resnet34'" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli("masking") == 2
+    assert "not yet implemented" in capsys.readouterr().err
+
+
+def test_image_folder_probe_is_loaded_lazily_in_workers(checkpoint, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (tmp_path / "folder" / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "folder" / f"class{c}" / f"{i}.png")
+    out = tmp_path / "run"
+    assert cli("variance", "--checkpoint", checkpoint, "--output", out, "--n", "16",
+               "--data.root", tmp_path / "folder", "--num_workers", "1", *COMMON) == 0
+    meta = ResultsStore(out / "results.h5").read_metadata()
+    assert meta["dataset"] == str(tmp_path / "folder") and meta["image_size"] == [32, 32]
+    assert meta["class_names"] == [f"class{c}" for c in range(4)]
+
+
+def test_presets_parse_and_ask_for_the_image_folder(capsys):
+    presets = sorted(p.stem for p in analyze.PRESETS.glob("imagenet_*.yaml"))
+    assert len(presets) == 6
+    for name in presets:
+        assert cli("--config", name, "--no_progress") == 2
+        assert "pass --data.root" in capsys.readouterr().err
+    parser = analyze.build_parser()
+    cfg = parser.parse_args(analyze.normalise_args(["--config", "imagenet_alexnet_sobol"]))
+    assert (cfg.method, cfg.n, cfg.second_order, cfg.arch) == ("sobol", 2**17, True, "alexnet")
+    assert (cfg.data.image_size, cfg.reduction, cfg.problem.preset) == (224, "none", "paper")
+    cfg = parser.parse_args(analyze.normalise_args(["--config", "imagenet_vgg11_shapley"]))
+    assert (cfg.shapley_method, cfg.n, cfg.n_outer, cfg.n_inner) == ("permutation", 256, 64, 16)

@@ -1,0 +1,312 @@
+"""The analysis engine on an analytic network: its units are known functions of the augmented
+image (mean chroma, mean intensity), so the engine's loop can be checked against the same rows
+evaluated directly and against what the augmentations must do."""
+
+from __future__ import annotations
+
+import logging
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from sensitivity import gsa
+from sensitivity.designs import SobolDesign
+from sensitivity.engine import (
+    EngineConfig,
+    VarianceDesign,
+    build_design,
+    layer_shapes,
+    run_analysis,
+    shard_range,
+)
+from sensitivity.estimators import (
+    ContrastAccumulator,
+    PermutationShapleyAccumulator,
+)
+from sensitivity.problem import AugmentationProblem
+from sensitivity.store import ActivationWriter
+
+SIZE = 16
+AUGS = ["saturation", "grayscale", "brightness", "rolling"]
+
+
+class ColourStats(nn.Module):
+    """(B, 3, H, W) -> (B, 2): mean chroma (max - min over channels) and mean intensity."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chroma = (x.amax(1) - x.amin(1)).mean((1, 2))
+        return torch.stack([chroma, x.mean((1, 2, 3))], dim=1)
+
+
+class AnalyticNet(nn.Module):
+    """Analytic units ("stats") followed by a small head; float64 unless told otherwise.
+
+    fail_after: raise RuntimeError on that many-th batch forward (a crash mid-analysis).
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float64, fail_after: int | None = None):
+        super().__init__()
+        self.stats = ColourStats()
+        self.head = nn.Linear(2, 3, dtype=dtype)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]))
+            self.head.bias.zero_()
+        self.fail_after = fail_after
+        self.batches = 0
+        self.modes: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:  # not the one-image dry forward
+            self.batches += 1
+            self.modes.append(self.training)
+            if self.fail_after is not None and self.batches > self.fail_after:
+                raise RuntimeError("simulated crash")
+        return self.head(self.stats(x))
+
+
+@pytest.fixture(scope="module")
+def probe() -> torch.Tensor:
+    """2 classes x 2 images, colourful 16 px images in [0, 1] (class-major)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(4, 3, 1, 1, generator=g)
+    return (0.6 * base + 0.4 * torch.rand(4, 3, SIZE, SIZE, generator=g)).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def problem() -> AugmentationProblem:
+    return AugmentationProblem(AUGS, n_classes=2, images_per_class=2)
+
+
+def direct_outputs(problem, probe, rows: np.ndarray) -> np.ndarray:
+    """The "stats" units of every row evaluated in one batch, float32 as the hooks store them."""
+    decoded = problem.decode(rows, SIZE, SIZE)
+    images = problem.augment(probe[decoded.image_index].double(), decoded)
+    with torch.no_grad():
+        return ColourStats()(images).float().double().numpy()
+
+
+def gsa_problem(problem: AugmentationProblem) -> gsa.Problem:
+    labels = [g.name for g in problem.groups for _ in g.columns]
+    return gsa.Problem(problem.column_names, [(0.0, 1.0)] * problem.d, labels)
+
+
+def run(problem, probe, model=None, **settings) -> tuple:
+    settings = {"layers": ["stats"], "progress": False, **settings}
+    config = EngineConfig(**settings)
+    return run_analysis(model or AnalyticNet(), problem, probe, config), config
+
+
+def test_sobol_equals_gsa_on_the_same_rows_and_ranks_the_augmentations(problem, probe):
+    result, _ = run(problem, probe, method="sobol", n=64, seed=3, batch_rows=50)
+    design = SobolDesign(problem.d, 64, seed=3, groups=problem.group_columns)
+    Y = direct_outputs(problem, probe, design.rows())
+    expected = gsa.sobol_from_outputs(gsa_problem(problem), Y)
+    stats = result.layers["stats"]
+    for key in ("S1", "ST", "S1_conf", "ST_conf"):
+        np.testing.assert_allclose(stats[key], getattr(expected, key), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(stats["mean"], Y.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(stats["var"], Y.var(0), rtol=1e-9)
+    assert result.evaluations == design.n_rows == 64 * (len(problem.groups) + 2)
+    assert result.group_names == problem.group_names and result.n == 64
+    names = problem.group_names
+    chroma_top = {names[i] for i in np.argsort(stats["ST"][:, 0])[-2:]}
+    assert chroma_top == {"saturation", "grayscale"}  # grayscale removes chroma entirely
+    assert names[int(np.argmax(stats["ST"][:, 1]))] == "brightness"
+    # A circular shift keeps every pixel: neither unit can depend on rolling.
+    assert np.all(np.abs(stats["ST"][names.index("rolling")]) < 1e-10)
+
+
+def test_shapley_matches_gsa_and_puts_saturation_and_grayscale_on_top(problem, probe):
+    result, _ = run(problem, probe, method="shapley", n=48, seed=1, batch_rows=40)
+    design = build_design(problem, EngineConfig(method="shapley", n=48, seed=1))
+    X = design.rows()
+    expected = gsa.shapley_from_outputs(gsa_problem(problem), X, direct_outputs(problem, probe, X))
+    stats = result.layers["stats"]
+    for key in ("shapley", "shapley_normalized", "shapley_conf"):
+        np.testing.assert_allclose(stats[key], getattr(expected, key), rtol=1e-10, atol=1e-12)
+    names = problem.group_names
+    top = {names[i] for i in np.argsort(stats["shapley_normalized"][:, 0])[-2:]}
+    assert top == {"saturation", "grayscale"}
+    np.testing.assert_allclose(stats["shapley_normalized"].sum(0), 1.0, rtol=1e-10)
+
+
+def test_permutation_shapley_contrast_and_variance_equal_direct_accumulation(problem, probe):
+    g, a = len(problem.groups), len(problem.augmentations)
+    cases = {
+        "permutation": ({"method": "shapley", "shapley_method": "permutation", "n": 3,
+                         "n_outer": 2, "n_inner": 3, "batch_rows": 20}, "shapley"),
+        "contrast": ({"method": "contrast", "n": 4, "contrast_k": 3, "batch_rows": 20},
+                     "effect_size"),
+        "variance": ({"method": "variance", "n": 50, "batch_rows": 16}, "var"),
+    }
+    for label, (settings, key) in cases.items():
+        result, config = run(problem, probe, seed=2, **settings)
+        design = build_design(problem, config)
+        Y = direct_outputs(problem, probe, design.rows())
+        blocks = torch.from_numpy(Y).reshape(design.n_blocks, design.block_size, 2)
+        if label == "permutation":
+            acc = PermutationShapleyAccumulator(g, 2, 3, (2,))
+            acc.update(blocks, torch.from_numpy(design.permutations()))
+            expected = acc.compute().shapley
+        elif label == "contrast":
+            acc = ContrastAccumulator(a, 3, (2,))
+            acc.update(blocks)
+            expected = acc.compute().effect_size
+            assert result.group_names == AUGS
+        else:
+            expected = Y.var(0)
+        np.testing.assert_allclose(result.layers["stats"][key], expected, rtol=1e-9, atol=1e-12,
+                                   err_msg=label)
+        assert result.evaluations == design.n_rows
+
+
+def test_variance_design_regenerates_any_slice():
+    design = VarianceDesign(d=9, n=100, seed=5)
+    whole = design.rows()
+    assert whole.shape == (100, 9) and 0.0 <= whole.min() and whole.max() < 1.0
+    np.testing.assert_array_equal(design.rows(37, 81), whole[37:81])
+
+
+def test_partition_selects_the_second_half_of_the_probe(probe):
+    problem = AugmentationProblem(AUGS, auxiliaries=("class", "image", "partition"),
+                                  n_classes=2, images_per_class=2)
+    both_splits = torch.cat([probe, 1.0 - probe])  # split 0, then split 1
+    result, config = run(problem, both_splits, method="variance", n=64, batch_rows=16)
+    rows = build_design(problem, config).rows()
+    decoded = problem.decode(rows, SIZE, SIZE)
+    index = decoded.image_index + 4 * decoded.partition
+    assert set(index.tolist()) == set(range(8))
+    with torch.no_grad():
+        Y = ColourStats()(problem.augment(both_splits[index].double(), decoded)).float().double()
+    np.testing.assert_allclose(result.layers["stats"]["mean"], Y.numpy().mean(0), rtol=1e-10)
+    with pytest.raises(ValueError, match=r"expects 8 .* x 2 partitions"):
+        run(problem, probe, method="variance", n=4)
+
+
+class CountingProbe(Dataset):
+    """The probe images as a Dataset of (image, label) that records every image it loads."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images, self.loads = images, []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        self.loads.append(index)
+        return self.images[index], index // 2
+
+
+def test_each_unique_image_is_loaded_once_per_batch(problem, probe):
+    config = {"method": "sobol", "n": 32, "batch_rows": 45}  # 5 blocks of 9 rows per batch
+    from_tensor, _ = run(problem, probe, **config)
+    counting = CountingProbe(probe)
+    from_dataset, cfg = run(problem, counting, **config)
+    design = build_design(problem, cfg)
+    expected = []
+    for start in range(0, design.n_blocks, 5):
+        index = problem.decode(design.rows(start, min(start + 5, 32)), SIZE, SIZE).image_index
+        expected += sorted(set(index.tolist()))
+    assert counting.loads[1:] == expected  # loads[0]: the engine reads item 0 for the image size
+    assert len(expected) < design.n_rows / 4
+    for key, value in from_tensor.layers["stats"].items():
+        np.testing.assert_array_equal(value, from_dataset.layers["stats"][key])
+
+
+def test_dataloader_workers_give_the_same_result(problem, probe):
+    inline, _ = run(problem, probe, method="sobol", n=16, batch_rows=18)
+    workers, _ = run(problem, CountingProbe(probe), method="sobol", n=16, batch_rows=18,
+                     num_workers=2)
+    for key, value in inline.layers["stats"].items():
+        np.testing.assert_array_equal(value, workers.layers["stats"][key])
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(problem, probe, tmp_path, caplog):
+    settings = {"method": "sobol", "n": 64, "batch_rows": 36, "checkpoint_every": 4}
+    reference, _ = run(problem, probe, **settings)
+    state = tmp_path / "state.pt"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_analysis(AnalyticNet(fail_after=5), problem, probe,
+                     EngineConfig(layers=["stats"], progress=False, **settings), state_path=state)
+    assert state.exists()
+    saved = torch.load(state, weights_only=True)
+    assert saved["next_block"] == 20  # 5 batches of 4 blocks done before the crash
+    with pytest.raises(ValueError, match=r"different analysis \(differs in: config\)"):
+        run_analysis(AnalyticNet(), problem, probe,
+                     EngineConfig(layers=["stats"], progress=False, **{**settings, "seed": 1}),
+                     state_path=state)
+    resumed_model = AnalyticNet()
+    with caplog.at_level(logging.INFO, logger="sensitivity.engine"):
+        resumed = run_analysis(resumed_model, problem, probe,
+                               EngineConfig(layers=["stats"], progress=False, **settings),
+                               state_path=state)
+    assert "resuming sobol" in caplog.text
+    assert resumed_model.batches == 16 - 5  # only the 11 batches after block 20
+    assert not state.exists()  # removed once the analysis is complete
+    for key, value in reference.layers["stats"].items():
+        np.testing.assert_allclose(resumed.layers["stats"][key], value, rtol=1e-12, atol=1e-15)
+
+
+def test_activation_writer_gets_every_row_with_its_outputs(problem, probe, tmp_path):
+    config = EngineConfig(method="sobol", n=8, layers=["stats", "head"], progress=False,
+                          batch_rows=27)
+    model = AnalyticNet()
+    design = build_design(problem, config)
+    shapes = layer_shapes(model, (SIZE, SIZE), config)
+    assert shapes == {"stats": (2,), "head": (3,)}
+    path = tmp_path / "act.h5"
+    with ActivationWriter(path, "t", shapes, problem.d, design.row_kinds(),
+                          n_rows=design.n_rows) as writer:
+        run_analysis(model, problem, probe, config, activation_writer=writer)
+    with h5py.File(path, "r") as f:
+        g = f["activations/t"]
+        np.testing.assert_array_equal(g["row_index"][()], np.arange(design.n_rows))
+        np.testing.assert_array_equal(g["design"][()], design.rows())
+        np.testing.assert_allclose(g["stats"][()], direct_outputs(problem, probe, design.rows()))
+        np.testing.assert_allclose(g["head"][()].sum(1), 1.0, rtol=1e-6)  # softmax of the head
+    with pytest.raises(ValueError, match="activation storage cannot be resumed"):
+        run_analysis(model, problem, probe,
+                     EngineConfig(n=8, layers=["stats", "head"], checkpoint_every=1),
+                     state_path=tmp_path / "s.pt", activation_writer=writer)
+
+
+def test_eval_mode_during_the_run_and_train_mode_restored(problem, probe):
+    model = AnalyticNet()
+    model.train()
+    run(problem, probe, model=model, method="variance", n=8, batch_rows=4)
+    assert model.modes and not any(model.modes)
+    assert model.training and model.head.training
+
+
+def test_bf16_autocast_changes_only_the_forward_precision(problem, probe):
+    settings = {"method": "variance", "n": 32, "layers": ["head"], "batch_rows": 32}
+    full, _ = run(problem, probe, model=AnalyticNet(torch.float32), **settings)
+    half, _ = run(problem, probe, model=AnalyticNet(torch.float32), precision="bf16", **settings)
+    difference = np.abs(full.layers["head"]["mean"] - half.layers["head"]["mean"])
+    assert 0 < difference.max() < 1e-2  # bfloat16 has 8 mantissa bits
+
+
+def test_bad_inputs_are_clear_value_errors(problem, probe):
+    with pytest.raises(ValueError, match=r"unknown layer name\(s\) \['conv9'\].*stats, head"):
+        run(problem, probe, layers=["conv9"], n=4)
+    with pytest.raises(ValueError, match=r"n must be a power of two.*use 8 or 16"):
+        EngineConfig(method="sobol", n=12)
+    with pytest.raises(ValueError, match="probe holds 3 images but the problem expects 4"):
+        run(problem, probe[:3], n=4)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        run(problem, probe * 255, n=4)
+    with pytest.raises(ValueError, match=r"torch\.distributed is not initialised"):
+        run_analysis(AnalyticNet(), problem, probe, EngineConfig(n=4, layers=["stats"]),
+                     rank=0, world_size=2)
+    with pytest.raises(ValueError, match="unknown method"):
+        EngineConfig(method="sobel")
+
+
+def test_shards_cover_every_block_once():
+    for n_blocks, world in [(64, 2), (10, 3), (2, 4)]:
+        covered = [b for r in range(world) for b in range(*shard_range(n_blocks, r, world))]
+        assert covered == list(range(n_blocks))

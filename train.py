@@ -1,0 +1,170 @@
+"""Train an ImageClassifier with LightningCLI; ``python train.py`` alone runs the CPU demo.
+
+configs/demo.yaml is the embedded default config: a small-input ResNet18 learns the planted
+colour factor (4 classes, 64 px). Any option can be overridden (``--trainer.max_epochs 5``,
+``--config my.yaml``); ``python train.py fit --help`` lists them all. Without a subcommand,
+``fit`` runs.
+
+Outputs go to ``<runs_dir>/<run_name>/version_<n>/``: config.yaml, checkpoints/ (best-*.ckpt
+by val/acc1, last.ckpt the final state) and wandb/ (the W&B run: offline, for ``wandb sync``,
+unless WANDB_MODE=online or --wandb_project is given).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from lightning_modules import ImageClassifier
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DEFAULT_WANDB_PROJECT = "augsens"
+
+
+def next_version_dir(parent: Path) -> Path:
+    """``parent/version_<n>`` with the smallest n not yet used (not created here)."""
+    used = {
+        int(p.name.removeprefix("version_"))
+        for p in parent.glob("version_*")
+        if p.name.removeprefix("version_").isdigit()
+    }
+    return parent / f"version_{next(n for n in range(len(used) + 1) if n not in used)}"
+
+
+def wandb_offline(project: str | None) -> bool:
+    """Offline unless the user asked for a W&B project or set WANDB_MODE (online, disabled...)."""
+    return project is None and os.environ.get("WANDB_MODE", "offline") == "offline"
+
+
+class TrainCLI(LightningCLI):
+    """LightningCLI with run directories, a W&B logger and best/last ModelCheckpoints by default.
+
+    A logger or ModelCheckpoint given in the config replaces the defaults.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run_name", type=str, default="demo", help="outputs go to <runs_dir>/<run_name>/"
+        )
+        parser.add_argument("--runs_dir", type=str, default="runs", help="root of all runs")
+        parser.add_argument(
+            "--wandb_project",
+            type=str | None,
+            default=None,
+            help="W&B project; setting it logs online (default: offline run under the run dir)",
+        )
+        # The small-input choice and the head size follow the data.
+        parser.link_arguments("data.init_args.image_size", "model.image_size")
+        parser.link_arguments(
+            "data",
+            "model.num_classes",
+            compute_fn=lambda dm: dm.num_classes,
+            apply_on="instantiate",
+        )
+
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        config = self.config.get(str(self.subcommand), self.config)
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        self.run_dir = next_version_dir(Path(config.runs_dir).resolve() / config.run_name)
+        kwargs.setdefault("default_root_dir", str(self.run_dir))
+        if trainer_config.get("logger") in (None, True):
+            project = config.wandb_project
+            kwargs.setdefault(
+                "logger",
+                WandbLogger(
+                    name=f"{config.run_name}/{self.run_dir.name}",
+                    save_dir=str(self.run_dir),
+                    project=project or DEFAULT_WANDB_PROJECT,
+                    offline=wandb_offline(project),
+                    log_model=False,
+                ),
+            )
+        callbacks = list(trainer_config.get("callbacks") or [])
+        if trainer_config.get("enable_checkpointing") is not False and not any(
+            isinstance(c, ModelCheckpoint) for c in callbacks
+        ):
+            # Lightning's save_last only refreshes last.ckpt when a best checkpoint is written,
+            # so the final state gets its own unmonitored callback.
+            directory = self.run_dir / "checkpoints"
+            best = ModelCheckpoint(
+                dirpath=directory,
+                filename="best-epoch={epoch}-val_acc1={val/acc1:.4f}",
+                auto_insert_metric_name=False,
+                monitor="val/acc1",
+                mode="max",
+            )
+            last = ModelCheckpoint(dirpath=directory, filename="last", enable_version_counter=False)
+            kwargs.setdefault("callbacks", [*callbacks, best, last])
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        self.report_outputs()
+
+    @rank_zero_only
+    def report_outputs(self) -> None:
+        """Finish the W&B run (flushes offline files) and print where everything went."""
+        trainer = self.trainer
+        lines = [f"run directory    {self.run_dir}"]
+        val_acc1 = trainer.callback_metrics.get("val/acc1")
+        if val_acc1 is not None:
+            lines.append(f"final val/acc1   {float(val_acc1):.4f}")
+        for checkpoint in trainer.checkpoint_callbacks:
+            if checkpoint.best_model_path:
+                kind = "best" if checkpoint.monitor else "last"
+                lines.append(f"{kind} checkpoint  {checkpoint.best_model_path}")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                run = logger.experiment
+                wandb_dir = Path(run.dir).parent  # run.dir is <run>/files
+                offline = run.settings.mode in ("offline", "dryrun")
+                run.finish()
+                if offline:
+                    lines.append(f"W&B offline run  {wandb_dir}")
+                    lines.append(f"upload with      wandb sync {wandb_dir}")
+                else:
+                    lines.append(f"W&B run          {run.url or wandb_dir}")
+        print("\n".join(["", "Outputs:", *(f"  {line}" for line in lines)]))
+
+
+def with_subcommand(args: Sequence[str]) -> list[str]:
+    """``args`` with ``fit`` in front unless they start with a subcommand or ask for help."""
+    args = list(args)
+    return args if args and args[0] in (*SUBCOMMANDS, "-h", "--help") else ["fit", *args]
+
+
+def main(args: Sequence[str] | None = None) -> TrainCLI:
+    """Run the CLI on ``args`` (default: the command line), ``fit`` if no subcommand is given."""
+    if args is None:
+        # LightningCLI reads sys.argv itself (and warns when given both), so edit it in place.
+        sys.argv[1:] = with_subcommand(sys.argv[1:])
+    else:
+        args = with_subcommand(args)
+    defaults = {"default_config_files": [str(DEMO_CONFIG)]}
+    return TrainCLI(
+        ImageClassifier,
+        pl.LightningDataModule,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={
+            "description": (
+                "Train an image classifier. Without a subcommand runs `fit` with "
+                "configs/demo.yaml (the CPU demo); `python train.py fit --help` lists all options."
+            ),
+            **{name: defaults for name in SUBCOMMANDS},
+        },
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()
