@@ -1,5 +1,13 @@
 """Analyse a network's activations: ``python analyze.py sobol|shapley|variance|contrast [options]``.
 
+Statistics of a stored analysis: ``python analyze.py contrast-stats|correlation|lda|report
+--results RUN/results.h5 --analysis NAME`` (Wilcoxon tests, Spearman correlations, LDA, the HTML
+report; written into the same results file / RUN/report).
+
+Guided masking and the single-class analysis of a stored analysis: ``python analyze.py
+masking|single-class --results RUN/results.h5 --analysis NAME`` with the model and data options
+of the analysis (they run the network; results go into the same file).
+
 Per layer and unit, how much of each activation's variance each augmentation (and the order,
 class and image variables) explains: Sobol indices, Shapley effects, per-unit moments, or paired
 treatment-control contrasts (METHOD.md). ``python analyze.py sobol`` alone runs the embedded
@@ -19,6 +27,7 @@ reported on stderr with exit status 2 before any output is created.
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -43,6 +52,8 @@ from lightning_modules.analysis import (
 )
 from lightning_modules.architectures import build_network
 from lightning_modules.weights import read_weights
+from sensitivity import html_report, masking, single_class, stats
+from sensitivity.augmentations import AUGMENTATIONS
 from sensitivity.capture import classification_layer
 from sensitivity.engine import METHODS, EngineConfig, build_design, check_inputs
 from sensitivity.problem import AugmentationProblem
@@ -51,7 +62,7 @@ from sensitivity.store import ResultsStore, check_name
 ROOT = Path(__file__).resolve().parent
 PRESETS = ROOT / "configs" / "analyze"
 DEMO_CONFIG = PRESETS / "demo.yaml"
-PLANNED = ("masking", "single-class", "correlation", "lda", "report")
+MASKING_METHODS = ("masking", "single-class")
 INPUT_ERRORS = (ValueError, FileNotFoundError, MisconfigurationException)
 
 
@@ -71,6 +82,7 @@ def build_parser() -> ArgumentParser:
         description=(
             "Decompose the variance of every activation unit over simultaneous image "
             "augmentations. Usage: analyze.py sobol|shapley|variance|contrast [options]; "
+            "analyze.py masking|single-class --results RUN/results.h5 --analysis NAME; "
             "without options runs the CPU demo (configs/analyze/demo.yaml)."
         ),
         default_config_files=[str(DEMO_CONFIG)],
@@ -143,7 +155,34 @@ def build_parser() -> ArgumentParser:
     _add(p, "devices", type=int | str, default=1, help="processes per node (auto: all devices)")
     _add(p, "strategy", type=str, default="auto", help="Lightning strategy: auto|ddp|ddp_spawn")
     _add(p, "num_nodes", type=int, default=1, help="nodes (under SLURM/torchrun)")
+    _add_masking_options(p)
     return p
+
+
+def _add_masking_options(p: ArgumentParser) -> None:
+    """Options of masking and single-class (they read maps from a stored analysis)."""
+    _add(p, "results", type=str | None, default=None,
+         help="masking, single-class: the results file holding the analysis (results.h5)")
+    _add(p, "analysis", type=str | None, default=None,
+         help="masking, single-class: analysis name in --results (default: its only one)")
+    _add(p, "masking.value", type=str | None, default=None,
+         help="map value: S1 | ST | shapley_normalized (default: ST, else shapley_normalized)")
+    _add(p, "masking.layers", type=list[str] | None, default=None,
+         help="masked layers (default: the analysed layers whose output is (C, H, W))")
+    _add(p, "masking.variables", type=list[str] | None, default=None,
+         help="mask variables (default: every variable of the analysis)")
+    _add(p, "masking.augmentations", type=list[str] | None, default=None,
+         help="input augmentations, each alone (default: the analysis's augmentations)")
+    _add(p, "masking.k", type=int, default=4, help="parameter draws per image and augmentation")
+    _add(p, "masking.ties", type=str, default="strict",
+         help="strict: a quantile at the layer's minimum masks only larger values; inclusive")
+    _add(p, "masking.batch_images", type=int, default=16, help="probe images per batch")
+    _add(p, "masking.reuse_prefix", type=bool, default=True,
+         help="compute the network up to the first masked layer once per batch")
+    _add(p, "single_class.n", type=int, default=5,
+         help="candidate classes (and top-n predictions) per variable")
+    _add(p, "single_class.trials", type=int, default=100_000,
+         help="simulated experiments of the chance threshold")
 
 
 def normalise_args(args: Sequence[str]) -> list[str]:
@@ -348,6 +387,240 @@ def print_outputs(written: dict[str, Any], name: str) -> None:
     print("\n".join(["", "Outputs:", *(f"  {line}" for line in lines)]), flush=True)
 
 
+# ------------------------------------------------------------- statistics on a results file
+STATISTICS = ("contrast-stats", "correlation", "lda", "report")
+
+
+def build_statistics_parser(method: str) -> ArgumentParser:
+    """Parser of a method that reads an analysis from a results file (docs/CLI.md)."""
+    p = ArgumentParser(
+        prog=f"analyze.py {method}",
+        description=f"analyze.py {method} --results RUN/results.h5 --analysis NAME: "
+                    "statistics of a stored analysis, written into the same file.",
+    )
+    p.add_argument("--method", type=str, default=method, help="the method (given first)")
+    _add(p, "results", type=str, required=True, help="results file of a run (results.h5)")
+    _add(p, "analysis", type=str | None, default=None,
+         help="analysis name in the results file" + (" (default: all)" if method == "report"
+                                                     else " (required)"))
+    if method == "report":
+        _add(p, "output", type=str | None, default=None,
+             help="report directory (default: <run directory>/report)")
+        return p
+    _add(p, "overwrite", action=ActionYesNo, default=False,
+         help="replace statistics of the same analysis already in the file")
+    if method == "contrast-stats":
+        _add(p, "alpha", type=float, default=0.05,
+             help="false discovery rate of the Benjamini-Yekutieli correction")
+    else:
+        _add(p, "value_types", type=list[str] | None, default=None,
+             help="value types, e.g. '[S1, ST]' (default: those of S1, ST, "
+                  "shapley_normalized the analysis has)")
+    if method == "lda":
+        _add(p, "folds", type=int, default=5, help="cross-validation folds")
+        _add(p, "repeats", type=int, default=3, help="cross-validation repeats")
+        _add(p, "seed", type=int, default=0, help="seed of the fold assignment")
+    return p
+
+
+def _statistics(method: str, cfg: Namespace) -> list[str]:
+    """Run one statistics method; returns the lines to print."""
+    if method == "report":
+        names = None if cfg.analysis is None else [cfg.analysis]
+        index = html_report.write_report(cfg.results, cfg.output, names)
+        return [f"report          {index}  (PNGs next to it)"]
+    if cfg.analysis is None:
+        raise ValueError(f"analyze.py {method} needs --analysis NAME (an analysis in "
+                         f"{cfg.results})")
+    where = f"results file    {Path(cfg.results)}"
+    if method == "contrast-stats":
+        out = stats.contrast_statistics(cfg.results, cfg.analysis, alpha=cfg.alpha,
+                                        overwrite=cfg.overwrite)
+        lines = [f"{where}  ({out['group']}: {out['n_pairs']} image pairs)",
+                 f"units with BY q < {cfg.alpha} per layer:"]
+        lines += [f"  {layer:<14} " + ", ".join(f"{a} {c}" for a, c in counts.items())
+                  for layer, counts in out["significant"].items()]
+        return lines
+    if method == "correlation":
+        out = stats.correlation_statistics(cfg.results, cfg.analysis, values=cfg.value_types,
+                                           overwrite=cfg.overwrite)
+        return [f"{where}  ({out['group']}: {', '.join(out['values'])} x "
+                f"{len(out['layers'])} layers)"]
+    out = stats.lda_statistics(cfg.results, cfg.analysis, values=cfg.value_types,
+                               n_folds=cfg.folds, n_repeats=cfg.repeats, seed=cfg.seed,
+                               overwrite=cfg.overwrite)
+    lines = [f"{where}  ({out['group']})", f"LDA accuracy (chance {out['chance']:.3f}):"]
+    for layer, values in out["accuracy"].items():
+        lines += [f"  {layer:<14} {key} {mean:.3f} +- {sd:.3f}"
+                  for key, (mean, sd) in values.items()]
+    if out["skipped"]:
+        lines.append(f"skipped (no spatial maps): {', '.join(out['skipped'])}")
+    return lines
+
+
+def run_statistics(method: str, args: Sequence[str]) -> int:
+    """``analyze.py contrast-stats|correlation|lda|report``: exit status 0, or 2 for bad input
+    (missing file or analysis, wrong method...), with nothing written."""
+    try:
+        cfg = build_statistics_parser(method).parse_args(list(args))
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        lines = _statistics(method, cfg)
+    except (ValueError, OSError) as error:
+        print(f"analyze.py {method}: error: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(["", "Outputs:", *(f"  {line}" for line in lines)]), flush=True)
+    return 0
+
+
+# ------------------------------------------------ masking and single-class (METHOD.md 8-9)
+def _masking_device(accelerator: str) -> torch.device:
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--accelerator {accelerator} but no CUDA device is available")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    if accelerator not in ("auto", "cpu"):
+        raise ValueError(f"masking runs on one device: --accelerator auto|cpu|gpu, not "
+                         f"{accelerator!r}")
+    return torch.device("cpu")
+
+
+def _masking_inputs(cfg: Namespace) -> dict[str, Any]:
+    """Everything masking and single-class need, checked before anything is written: the
+    stored analysis and its maps, the model, the probe. ValueError/FileNotFoundError."""
+    method = cfg.method
+    if cfg.results is None:
+        raise ValueError(f"{method} reads sensitivity maps from a stored analysis: pass "
+                         f"--results RUN/results.h5 --analysis NAME")
+    store = ResultsStore(Path(cfg.results).expanduser())
+    if not store.path.is_file():
+        raise FileNotFoundError(f"no results file at {store.path}")
+    name = cfg.analysis
+    if name is None:
+        available = store.analyses()
+        if len(available) != 1:
+            raise ValueError(f"{store.path} holds the analyses {available}; choose one with "
+                             f"--analysis NAME")
+        name = available[0]
+    result = store.read_analysis(name)
+    meta = store.read_metadata()
+    output = check_name("output", cfg.name or name)
+    group = f"{'masking' if method == 'masking' else 'single_class'}/{output}"
+    if store.has_group(group) and not cfg.overwrite:
+        raise ValueError(f"{store.path} already holds /{group}; pass --overwrite or --name")
+    probe, n_classes, class_names, _ = build_probe(cfg, partition=False)
+    image = probe[0][0] if isinstance(probe, Dataset) else probe[0]
+    size = (int(image.shape[-2]), int(image.shape[-1]))
+    stored = tuple(meta.get("image_size", size))
+    if stored != size:
+        raise ValueError(f"analysis {name!r} was computed on {stored[0]}x{stored[1]} images but "
+                         f"the probe images are {size[0]}x{size[1]}; pass --data.image_size "
+                         f"{stored[0]} (and the data the analysis used)")
+    torch.manual_seed(cfg.seed)
+    model, _, _ = build_model(cfg, n_classes)
+    model.to(_masking_device(cfg.accelerator))
+    problem = None
+    if "problem" in meta:
+        problem = AugmentationProblem.from_config(json.loads(meta["problem"]["config"]))
+    options = cfg.masking
+    value = options.value or masking.default_value(result)
+    shapes = masking.layer_output_shapes(model, result.layer_names, size)
+    layers = options.layers or masking.convolutional_layers(shapes)
+    if not layers:
+        raise ValueError(f"analysis {name!r} has no layer with (C, H, W) outputs to mask; "
+                         f"name layers with --masking.layers")
+    augmentations = options.augmentations
+    if augmentations is None:
+        augmentations = [v for v in result.group_names if v in AUGMENTATIONS]
+    return {
+        "store": store, "name": name, "output": output, "result": result, "model": model,
+        "probe": probe, "class_names": class_names, "problem": problem, "value": value,
+        "maps": masking.sensitivity_maps(result, value, layers),
+        "labels": torch.arange(n_classes).repeat_interleave(cfg.data.images_per_class),
+        "augmentations": augmentations,
+    }
+
+
+def _run_masking(cfg: Namespace, inputs: dict[str, Any]) -> list[str]:
+    options, result = cfg.masking, inputs["result"]
+    out = masking.evaluate_masking(
+        inputs["model"], inputs["maps"], result.group_names, inputs["probe"], inputs["labels"],
+        inputs["augmentations"], value=inputs["value"], analysis=inputs["name"],
+        mask_variables=options.variables, k=options.k, seed=cfg.seed,
+        problem=inputs["problem"], ties=options.ties, batch_images=options.batch_images,
+        reuse_prefix=options.reuse_prefix,
+    )
+    store = inputs["store"]
+    group = masking.write_masking(store, inputs["output"], out, overwrite=cfg.overwrite)
+    figure = masking.save_specificity(out, store.path.parent / "figures", inputs["output"])
+    lines = [
+        f"results file    {store.path}  (/{group}: {len(out.variables)} mask variables x "
+        f"{len(out.configurations)} configurations, {out.n_images} images x {out.k} draws, "
+        f"{out.value} maps of {', '.join(out.layers)})",
+        f"heatmap         {figure}",
+        f"prefix reuse    {out.prefix_reuse}",
+        f"ties            {out.tied_layers} (variable, q, layer) quantiles at the layer minimum "
+        f"(rule {out.ties}); fully masked layers: {out.fully_masked_layers}",
+        "unmasked top-1  " + ", ".join(
+            f"{n} {a:.3f}" for n, a in zip(out.inputs, out.unmasked_acc1, strict=True)),
+    ]
+    if len(out.inputs) > 1:
+        lines.append("specificity (Spearman of top-1 profiles vs original; rows: input):")
+        lines.append(" " * 16 + " ".join(f"{v[:8]:>8}" for v in out.variables))
+        for name, row in zip(out.inputs[1:], out.specificity, strict=True):
+            lines.append(f"  {name:<14}" + " ".join(f"{x:8.2f}" for x in row))
+    return lines
+
+
+def _run_single_class(cfg: Namespace, inputs: dict[str, Any]) -> list[str]:
+    result, model = inputs["result"], inputs["model"]
+    head = classification_layer(model.net)
+    if head not in result.layers:
+        raise ValueError(f"analysis {inputs['name']!r} has no maps of the classification layer "
+                         f"{head!r} (layers: {result.layer_names}); analyse it too")
+    head_maps = masking.sensitivity_maps(result, inputs["value"], [head])[head]
+    out = single_class.evaluate_single_class(
+        model, inputs["maps"], result.group_names, head_maps, inputs["probe"],
+        inputs["labels"], n=cfg.single_class.n, augmentations=cfg.masking.variables,
+        class_names=inputs["class_names"], k=cfg.masking.k, seed=cfg.seed,
+        problem=inputs["problem"], ties=cfg.masking.ties, trials=cfg.single_class.trials,
+        batch_images=cfg.masking.batch_images, reuse_prefix=cfg.masking.reuse_prefix,
+        value=inputs["value"], analysis=inputs["name"], layer=head,
+    )
+    store = inputs["store"]
+    group = single_class.write_single_class(store, inputs["output"], out,
+                                            overwrite=cfg.overwrite)
+    t = out.threshold
+    lines = [
+        f"results file    {store.path}  (/{group}: {len(out.variables)} variables x "
+        f"{len(out.configurations)} configurations, {out.n_images} images x {out.k} draws)",
+        f"chance level    mean J {t.mean:.5f}, threshold {t.threshold:.5f} (Q3 + 1.5 IQR; C = "
+        f"{t.n_classes}, s = {t.samples_per_class}, n = {t.n})",
+        "self-masking    variable: max mean J [configuration] -> candidates",
+    ]
+    for entry in out.matches():
+        status = (f"matched in {len(entry['matched_configurations'])} configurations"
+                  if entry["matched_configurations"] else "not matched")
+        lines.append(f"  {entry['variable']:<14} {entry['max_jaccard']:.4f} "
+                     f"[{entry['configuration']}] {status}: {', '.join(entry['candidates'])}")
+    return lines
+
+
+def run_masking(cfg: Namespace) -> int:
+    """``analyze.py masking|single-class``: exit status 0, or 2 for bad input (no results file
+    or analysis, maps that do not fit the model...), with nothing written."""
+    try:
+        inputs = _masking_inputs(cfg)
+        run = _run_masking if cfg.method == "masking" else _run_single_class
+        lines = run(cfg, inputs)
+    except INPUT_ERRORS as error:
+        print(f"analyze.py {cfg.method}: error: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(["", "Outputs:", *(f"  {line}" for line in lines)]), flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default: the command line); returns the exit status.
 
@@ -356,18 +629,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = normalise_args(sys.argv[1:] if argv is None else argv)
     method = requested_method(args)
-    if method in PLANNED:
-        print(f"analyze.py {method}: not yet implemented (implemented: {', '.join(METHODS)})",
-              file=sys.stderr)
-        return 2
+    if method in STATISTICS:
+        return run_statistics(method, args)
     parser = build_parser()
     try:
         cfg = parser.parse_args(args)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    if cfg.method in PLANNED:
-        print(f"analyze.py {cfg.method}: not yet implemented", file=sys.stderr)
-        return 2
+    if cfg.method in MASKING_METHODS:
+        return run_masking(cfg)
     if cfg.method not in METHODS:
         print(f"analyze.py: error: unknown method {cfg.method!r}; valid: {list(METHODS)}",
               file=sys.stderr)

@@ -7,7 +7,9 @@ colour factor (4 classes, 64 px). Any option can be overridden (``--trainer.max_
 
 Outputs go to ``<runs_dir>/<run_name>/version_<n>/``: config.yaml, checkpoints/ (best-*.ckpt
 by val/acc1, last.ckpt the final state) and wandb/ (the W&B run: offline, for ``wandb sync``,
-unless WANDB_MODE=online or --wandb_project is given).
+unless WANDB_MODE=online or --wandb_project is given). The demo config also analyses the
+network after every epoch with ``callbacks.SensitivityCallback``: sensitivity.h5 (one
+/analyses/epoch_XXXX per epoch), sensitivity_activations/ and sensitivity/*.png.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from callbacks import SensitivityCallback
 from lightning_modules import ImageClassifier
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -121,6 +124,9 @@ class TrainCLI(LightningCLI):
             if checkpoint.best_model_path:
                 kind = "best" if checkpoint.monitor else "last"
                 lines.append(f"{kind} checkpoint  {checkpoint.best_model_path}")
+        for callback in trainer.callbacks:
+            if isinstance(callback, SensitivityCallback):
+                lines += sensitivity_lines(callback)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 run = logger.experiment
@@ -133,6 +139,28 @@ class TrainCLI(LightningCLI):
                 else:
                     lines.append(f"W&B run          {run.url or wandb_dir}")
         print("\n".join(["", "Outputs:", *(f"  {line}" for line in lines)]))
+
+
+def sensitivity_lines(callback: SensitivityCallback) -> list[str]:
+    """Where a SensitivityCallback wrote, and the largest mean index at its last layer."""
+    if callback.run_dir is None or not callback.results_path.is_file():
+        return []
+    epochs = callback.epochs
+    lines = [
+        f"sensitivity      {callback.results_path}  ({callback.method}, analyses "
+        f"epoch_{epochs[0]:04d} .. epoch_{epochs[-1]:04d})",
+        f"sensitivity PNGs {callback.figures_path}",
+    ]
+    summary = callback.history[-1]["summary"]
+    if summary:
+        key = next(iter(summary))
+        layer, values = list(summary[key].items())[-1]
+        top = sorted(values, key=values.__getitem__, reverse=True)[:4]
+        lines.append(
+            f"  {key} at {layer}, epoch {epochs[-1]}: "
+            + ", ".join(f"{name} {values[name]:.2f}" for name in top)
+        )
+    return lines
 
 
 def with_subcommand(args: Sequence[str]) -> list[str]:

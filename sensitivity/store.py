@@ -407,6 +407,93 @@ class ResultsStore:
                 n_constant=n_constant,
             )
 
+    # ------------------------------------------------------------------------- derived groups
+    _RESERVED_GROUPS = ("analyses", "activations", "problem")
+
+    def _group_path(self, path: str) -> str:
+        parts = path.split("/")
+        if len(parts) != 2 or parts[0] in self._RESERVED_GROUPS:
+            raise ValueError(
+                f"invalid group path {path!r}: use '<kind>/<name>' (e.g. 'masking/final') with "
+                f"a kind other than {list(self._RESERVED_GROUPS)}"
+            )
+        check_name("group kind", parts[0])
+        check_name("group", parts[1])
+        return path
+
+    def write_group(
+        self,
+        path: str,
+        arrays: Mapping[str, Any],
+        attrs: Mapping[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> None:
+        """Store derived results (masking, single-class, ...) as the group ``path`` =
+        "<kind>/<name>", atomically (copy-on-write, like ``write_analysis``).
+
+        arrays: {dataset name: array}; a name with "/" ("layer1/S1/variables") creates the
+        intermediate groups; numbers keep their dtype, strings become UTF-8 string datasets.
+        attrs: group attributes (str, numbers, lists). The group gets
+        ``status = "complete"`` and ``created`` as its last step. An existing group is a
+        ValueError unless ``overwrite``.
+        """
+        self._group_path(path)
+        clash = sorted({"status", "created"} & set(attrs or {}))
+        if clash:
+            raise ValueError(f"attrs {clash} would overwrite standard attributes; rename them")
+        with self._transaction() as f:
+            kind, name = path.split("/")
+            parent = f[kind] if kind in f else f.create_group(kind, track_order=True)
+            if name in parent:
+                if not overwrite:
+                    raise ValueError(
+                        f"{path!r} already exists in {self.path}; pass overwrite=True or choose "
+                        "another name"
+                    )
+                del parent[name]
+            g = parent.create_group(name, track_order=True)
+            g.attrs["status"] = WRITING
+            for key, value in (attrs or {}).items():
+                g.attrs[key] = _attr(value)
+            for key, value in arrays.items():
+                array = np.asarray(value)
+                if array.dtype.kind in "US" or array.dtype == object:
+                    array = np.asarray(array, dtype=object).astype(_STR)
+                g.create_dataset(key, data=array)
+            g.attrs["created"] = _utc_now()
+            g.attrs["status"] = COMPLETE
+
+    def has_group(self, path: str) -> bool:
+        """Whether a complete group ``path`` ("<kind>/<name>") exists."""
+        self._group_path(path)
+        if not self.path.exists():
+            return False
+        with self._read() as f:
+            g = f.get(path)
+            return g is not None and _python(g.attrs.get("status")) == COMPLETE
+
+    def read_group(self, path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(arrays, attrs) of the complete group ``path``: its top-level datasets (strings
+        as str arrays) and attributes as plain Python values."""
+        self._group_path(path)
+        with self._read() as f:
+            g = f.get(path)
+            if g is None or _python(g.attrs.get("status")) != COMPLETE:
+                kind = path.split("/")[0]
+                available = [n for n, h in f.get(kind, {}).items()
+                             if _python(h.attrs.get("status")) == COMPLETE]
+                raise ValueError(f"no complete group {path!r} in {self.path}; {kind}: {available}")
+            arrays = {}
+            for key, dataset in g.items():
+                if not isinstance(dataset, h5py.Dataset):
+                    continue  # nested groups: sensitivity.stats.read_tree reads those
+                value = dataset[()]
+                if dataset.dtype.kind == "O":
+                    value = dataset.asstr()[()].astype(str)
+                arrays[key] = value
+            return arrays, {k: _python(v) for k, v in g.attrs.items()}
+
     # ------------------------------------------------------------------------- activations
     def add_activations(
         self, name: str, activation_path: str | os.PathLike[str], *, overwrite: bool = False

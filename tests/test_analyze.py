@@ -207,7 +207,7 @@ def test_bad_input_exits_non_zero_without_results(checkpoint, tmp_path, capsys):
     assert "does not match architecture 'resnet34'" in capsys.readouterr().err
     assert not out.exists()
     assert cli("masking") == 2
-    assert "not yet implemented" in capsys.readouterr().err
+    assert "pass --results" in capsys.readouterr().err
 
 
 def test_image_folder_probe_is_loaded_lazily_in_workers(checkpoint, tmp_path):

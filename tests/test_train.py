@@ -77,6 +77,8 @@ def run(tmp_path_factory):
                 "--data.val_per_class=32",
                 "--data.batch_size=16",
                 "--trainer.max_epochs=3",
+                # the demo's SensitivityCallback is tested in test_callback.py
+                "--trainer.callbacks=[]",
                 "--trainer.enable_progress_bar=false",
                 "--trainer.enable_model_summary=false",
             ]

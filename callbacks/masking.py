@@ -1,0 +1,243 @@
+"""MaskingCallback: guided-masking accuracy of a model while it trains (METHOD.md section 8).
+
+At the end of every ``every_n_epochs``-th training epoch (and of the last one) the callback reads
+the sensitivity maps of an analysis from the run's results file - by default the analysis a
+``SensitivityCallback`` wrote for the same epoch (``epoch_XXXX``; list MaskingCallback after it,
+callbacks run in list order) - and runs ``sensitivity.masking.evaluate_masking`` on a probe set
+from the datamodule (``probe_set(images_per_class, split)``): top-1/top-5 accuracy on original
+and singly-augmented inputs under the 17 mask configurations of every mask variable.
+
+Outputs (rank zero), in the run directory (``output_dir``, default
+``trainer.default_root_dir``): /masking/<analysis> in the results file (docs/RESULTS_FORMAT.md),
+``<figures_dir>/<analysis>_masking_specificity.png``, and on W&B (``masking_record``): the
+accuracy table, the unmasked accuracies, the specificity matrix and its heatmap against
+``analysis/epoch``.
+
+Distributed (DDP): rank zero reads the maps and broadcasts them (and its buffers, such as the
+BatchNorm statistics); every rank evaluates its shard of the probe images and the accuracy sums
+are reduced through the process group, so every rank must reach the hook (Lightning guarantees
+it). An epoch whose analysis is missing from the
+results file (e.g. the SensitivityCallback runs less often) is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from callbacks.sensitivity import _broadcast_buffers, analysis_name
+from callbacks.wandb_logging import STEP_METRIC, wandb_run
+from sensitivity import masking
+from sensitivity.augmentations import AUGMENTATIONS
+from sensitivity.problem import AugmentationProblem
+from sensitivity.results import AnalysisResult
+from sensitivity.store import ResultsStore
+
+PREFIX = "masking"
+TABLE_COLUMNS = ["epoch", "input", "variable", "configuration", "acc1", "acc5"]
+SPLITS = ("train", "val")
+
+
+def masking_record(result: masking.MaskingResult, heatmap: str | Path) -> dict[str, Any]:
+    """What ``run.log`` receives for one masking evaluation:
+    ``masking/unmasked/<input>/acc1`` and ``.../acc5``, ``masking/specificity/<input>/<variable>``
+    (Spearman, top-1), ``masking/table`` (every accuracy) and ``masking/specificity_heatmap``."""
+    import wandb
+
+    epoch = -1 if result.epoch is None else int(result.epoch)
+    record: dict[str, Any] = {STEP_METRIC: epoch}
+    for i, name in enumerate(result.inputs):
+        record[f"{PREFIX}/unmasked/{name}/acc1"] = float(result.unmasked_acc1[i])
+        record[f"{PREFIX}/unmasked/{name}/acc5"] = float(result.unmasked_acc5[i])
+    for i, name in enumerate(result.inputs[1:]):
+        for v, variable in enumerate(result.variables):
+            record[f"{PREFIX}/specificity/{name}/{variable}"] = float(result.specificity[i, v])
+    record[f"{PREFIX}/table"] = wandb.Table(
+        columns=TABLE_COLUMNS, data=[[epoch, *row] for row in result.table()]
+    )
+    record[f"{PREFIX}/specificity_heatmap"] = wandb.Image(
+        str(heatmap), caption=f"masking specificity, epoch {epoch}"
+    )
+    return record
+
+
+class MaskingCallback(pl.Callback):
+    """Track guided-masking accuracies during ``fit``.
+
+    Args:
+        every_n_epochs: evaluate after epochs k-1, 2k-1, ... (0-based) and after the last.
+        analysis: the analysis whose maps are used; None: ``epoch_XXXX`` of the current epoch
+            (what SensitivityCallback writes).
+        results_file: results file, relative to the run directory (SensitivityCallback's).
+        value: "S1" | "ST" | "shapley_normalized"; None: ST, else shapley_normalized.
+        layers: masked layers; None: the analysed layers whose output is (C, H, W).
+        variables: mask variables; None: every variable of the analysis.
+        augmentations: input augmentations; None: the analysis's augmentations.
+        k: parameter draws per probe image and input augmentation.
+        images_per_class, split: the probe set (``datamodule.probe_set``).
+        ties: "strict" | "inclusive" (``sensitivity.masking.quantile_mask``).
+        batch_images, reuse_prefix, seed: as ``evaluate_masking``.
+        figures_dir: PNG folder, relative to the run directory.
+        output_dir: the run directory; None: ``trainer.default_root_dir``.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        analysis: str | None = None,
+        results_file: str = "sensitivity.h5",
+        value: str | None = None,
+        layers: list[str] | None = None,
+        variables: list[str] | None = None,
+        augmentations: list[str] | None = None,
+        k: int = 2,
+        images_per_class: int = 4,
+        split: str = "val",
+        ties: str = "strict",
+        batch_images: int = 16,
+        reuse_prefix: bool = True,
+        seed: int = 0,
+        figures_dir: str = "sensitivity",
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        for label, number in (("every_n_epochs", every_n_epochs), ("k", k),
+                              ("images_per_class", images_per_class),
+                              ("batch_images", batch_images)):
+            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                raise ValueError(f"{label} must be an integer >= 1, got {number!r}")
+        if value is not None and value not in masking.VALUE_KEYS:
+            raise ValueError(f"value must be one of {list(masking.VALUE_KEYS)}, got {value!r}")
+        if ties not in masking.TIES:
+            raise ValueError(f"ties must be one of {list(masking.TIES)}, got {ties!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        unknown = [a for a in augmentations or [] if a not in AUGMENTATIONS]
+        if unknown:
+            raise ValueError(f"unknown augmentations {unknown}; valid: {list(AUGMENTATIONS)}")
+        self.every_n_epochs = every_n_epochs
+        self.analysis = analysis
+        self.results_file = results_file
+        self.value = value
+        self.layers = layers
+        self.variables = variables
+        self.augmentations = augmentations
+        self.k = k
+        self.images_per_class = images_per_class
+        self.split = split
+        self.ties = ties
+        self.batch_images = batch_images
+        self.reuse_prefix = reuse_prefix
+        self.seed = seed
+        self.figures_dir = figures_dir
+        self.output_dir = output_dir
+        self.results: list[masking.MaskingResult] = []
+        self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._run_dir: Path | None = None
+        self._wandb_ready = False
+
+    @property
+    def results_path(self) -> Path:
+        if self._run_dir is None:
+            raise ValueError("the run directory is known once fit has started (setup)")
+        return self._run_dir / self.results_file
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "probe_set"):
+            raise ValueError(
+                "MaskingCallback needs a datamodule with probe_set(images_per_class, split) "
+                f"(PlantedFactorDataModule, ImageFolderDataModule); got "
+                f"{type(datamodule).__name__}: pass datamodule= to trainer.fit"
+            )
+        self._probe = datamodule.probe_set(self.images_per_class, split=self.split)
+        root = Path(self.output_dir or trainer.default_root_dir).expanduser().resolve()
+        self._run_dir = Path(trainer.strategy.broadcast(str(root), src=0))
+        self._wandb_ready = False
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        last = (
+            trainer.should_stop
+            or (trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs)
+            or 0 <= trainer.max_steps <= trainer.global_step
+        )
+        if (epoch + 1) % self.every_n_epochs == 0 or last:
+            self.evaluate(trainer, pl_module)
+
+    def _read(self, name: str) -> tuple[AnalysisResult, AugmentationProblem | None] | None:
+        """Rank zero: the analysis and its problem, or None when the file lacks it."""
+        store = ResultsStore(self.results_path)
+        if not store.path.is_file() or not store.has_analysis(name):
+            return None
+        meta = store.read_metadata()
+        problem = None
+        if "problem" in meta:
+            problem = AugmentationProblem.from_config(json.loads(meta["problem"]["config"]))
+        return store.read_analysis(name), problem
+
+    def evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> masking.MaskingResult | None:
+        """Evaluate the current weights; every rank calls it and gets the global result (None
+        when the analysis is missing); rank zero stores and logs it."""
+        if self._probe is None:
+            raise ValueError("MaskingCallback.evaluate runs during fit, after setup")
+        epoch = trainer.current_epoch
+        name = self.analysis or analysis_name(epoch)
+        found = trainer.strategy.broadcast(
+            self._read(name) if trainer.is_global_zero else None, src=0
+        )
+        if found is None:
+            rank_zero_warn(f"MaskingCallback: no analysis {name!r} in {self.results_path} at "
+                           f"epoch {epoch}; skipped")
+            return None
+        analysis, problem = found
+        # Every shard must see rank zero's BatchNorm statistics (DDP leaves each rank its own).
+        _broadcast_buffers(pl_module, trainer.world_size)
+        value = self.value or masking.default_value(analysis)
+        images, labels = self._probe
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        layers = self.layers or masking.convolutional_layers(
+            masking.layer_output_shapes(pl_module, analysis.layer_names, size)
+        )
+        augmentations = self.augmentations
+        if augmentations is None:
+            augmentations = [v for v in analysis.group_names if v in AUGMENTATIONS]
+        result = masking.evaluate_masking(
+            pl_module, masking.sensitivity_maps(analysis, value, layers), analysis.group_names,
+            images, labels, augmentations, value=value, analysis=name,
+            mask_variables=self.variables, k=self.k, seed=self.seed, problem=problem,
+            ties=self.ties, batch_images=self.batch_images, reuse_prefix=self.reuse_prefix,
+            rank=trainer.global_rank, world_size=trainer.world_size,
+        )
+        result.epoch = epoch
+        self.results.append(result)
+        if trainer.is_global_zero:
+            self._write(trainer, name, result)
+        return result
+
+    def _write(self, trainer: pl.Trainer, name: str, result: masking.MaskingResult) -> None:
+        store = ResultsStore(self.results_path)
+        group = masking.write_masking(store, name, result, overwrite=True)
+        heatmap = masking.save_specificity(
+            result, self.results_path.parent / self.figures_dir, name
+        )
+        rank_zero_info(
+            f"MaskingCallback: epoch {result.epoch}, unmasked top-1 "
+            f"{result.unmasked_acc1[0]:.3f} -> {store.path} [/{group}]"
+        )
+        run = wandb_run(trainer)
+        if run is not None:
+            if not self._wandb_ready:
+                run.define_metric(STEP_METRIC)
+                run.define_metric(f"{PREFIX}/*", step_metric=STEP_METRIC)
+                self._wandb_ready = True
+            run.log(masking_record(result, heatmap))

@@ -1,0 +1,450 @@
+"""SensitivityCallback: the augmentation-sensitivity decomposition of a model while it trains.
+
+At the end of every ``every_n_epochs``-th training epoch (and of the last one) the callback runs
+``sensitivity.engine.run_analysis`` on the current weights, over a probe set from the trainer's
+datamodule (``datamodule.probe_set(images_per_class, split)``). It never runs in the sanity check
+(``on_train_epoch_end`` is not called there). The engine switches the model to eval mode, runs
+under inference mode and restores the train/eval flags, so training continues unaffected.
+
+Outputs (rank zero), in the run directory (``output_dir``, default ``trainer.default_root_dir``,
+which train.py sets to ``runs/<run_name>/version_<n>``):
+
+- ``sensitivity.h5`` (``results_file``): /analyses/epoch_XXXX per analysis (docs/RESULTS_FORMAT.md;
+  attributes epoch and global_step), the root metadata and /problem;
+- ``sensitivity_activations/epoch_XXXX.h5`` with ``store_activations``: every design row's
+  captured outputs, linked from the results file as /activations/epoch_XXXX;
+- ``sensitivity/`` (``figures_dir``): ``epoch_XXXX_<key>.png`` heatmaps (layers x variables)
+  per analysis and ``history_<key>.png``, each variable's index over the epochs analysed so far;
+- W&B (``callbacks.wandb_logging``): scalars, heatmap images and a summary table per analysis.
+
+Distributed (DDP): every rank analyses its shard of the design (the engine shards by rank and
+sums the accumulators through the process group), so every rank must reach the hook, which
+Lightning guarantees. Rank zero's buffers (BatchNorm statistics) are broadcast first so that every
+shard sees the weights the checkpoint stores. Only rank zero writes files and logs.
+
+Checkpoints: ``state_dict`` holds the history (epoch, global step and per-layer mean indices of
+every analysis), so a fit resumed with ``ckpt_path=`` keeps numbering epochs where it stopped and
+its history figures include the earlier epochs. The history is in a checkpoint saved at or after
+the train-epoch end (Lightning's default when validation runs every epoch).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor
+
+from callbacks.wandb_logging import (
+    analysis_record,
+    define_metrics,
+    log_results_artifact,
+    wandb_run,
+)
+from sensitivity.engine import EngineConfig, build_design, check_inputs, run_analysis
+from sensitivity.problem import PAPER_METHODS, AugmentationProblem
+from sensitivity.report import save_heatmaps, save_history
+from sensitivity.results import AnalysisResult
+from sensitivity.store import ActivationWriter, ResultsStore, check_name, merge_shards
+
+STATE_VERSION = 1
+SPLITS = ("train", "val")
+DEFAULT_PROBLEM: dict[str, Any] = {"augmentations": 1}
+# Set from the datamodule, never by the user.
+_DATA_KEYS = ("n_classes", "images_per_class")
+
+
+def analysis_name(epoch: int) -> str:
+    """The results-file name of the analysis after training epoch ``epoch``: epoch_0003."""
+    return f"epoch_{epoch:04d}"
+
+
+class SensitivityCallback(pl.Callback):
+    """Track Sobol indices / Shapley effects of a model's activations during ``fit``.
+
+    Args:
+        every_n_epochs: analyse after epochs k-1, 2k-1, ... (0-based) and after the last epoch.
+        method: "sobol" | "shapley" | "variance" | "contrast" (EngineConfig.method).
+        n: Sobol base points (a power of two), Shapley trajectories, variance rows or contrast
+            images.
+        problem: the AugmentationProblem as a mapping of its constructor's keys:
+            ``augmentations`` (1, 2 or a list of names), ``p_on``, ``auxiliaries``,
+            ``postprocess``, ``bounds``, or ``preset: paper``. None: augmentation set 1 with
+            order, class and image. The class count and images per class come from the data.
+        images_per_class: probe images per class, from ``split``; with a ``partition``
+            auxiliary that many from train followed by that many from val.
+        split: "val" or "train".
+        layers: checkpoint module names of the network (None: its default checkpoints).
+        reduction: "channel_mean" (one unit per channel) | "none" (every element), or
+            {layer: reduction}.
+        seed: design seed: every analysis of a fit uses the same design rows, so the epochs
+            differ only by the weights.
+        second_order, shapley_method, n_outer, n_inner, contrast_k, batch_rows, precision,
+            num_workers, conf_level, progress: as EngineConfig.
+        store_activations: also store every design row's captured outputs (one file per
+            analysis; keep n small).
+        results_file: results file name, relative to the run directory.
+        figures_dir: PNG folder, relative to the run directory.
+        output_dir: the run directory; None: ``trainer.default_root_dir``.
+
+    Every argument is a plain value so that LightningCLI can build the callback from YAML
+    (``trainer.callbacks: [{class_path: callbacks.SensitivityCallback, init_args: {...}}]``).
+    Bad settings are a ValueError here, or at the start of ``fit`` for those that need the
+    model and data (layer names, probe size): before any training step.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        method: str = "sobol",
+        n: int = 16,
+        problem: dict[str, Any] | None = None,
+        images_per_class: int = 4,
+        split: str = "val",
+        layers: list[str] | None = None,
+        reduction: str | dict[str, str] = "channel_mean",
+        seed: int = 0,
+        second_order: bool = False,
+        shapley_method: str = "goda",
+        n_outer: int = 1,
+        n_inner: int = 3,
+        contrast_k: int = 4,
+        batch_rows: int = 256,
+        precision: str | int = "32",
+        num_workers: int = 0,
+        conf_level: float = 0.95,
+        progress: bool = False,
+        store_activations: bool = False,
+        results_file: str = "sensitivity.h5",
+        figures_dir: str = "sensitivity",
+        output_dir: str | None = None,
+    ) -> None:
+        # Recorded in the results file: the arguments exactly as given.
+        self.settings = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        super().__init__()
+        for label, value in (("every_n_epochs", every_n_epochs),
+                             ("images_per_class", images_per_class)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        if not results_file.endswith((".h5", ".hdf5")):
+            raise ValueError(f"results_file must end in .h5 or .hdf5, got {results_file!r}")
+        self.every_n_epochs = every_n_epochs
+        self.images_per_class = images_per_class
+        self.split = split
+        self.store_activations = store_activations
+        self.results_file = results_file
+        self.figures_dir = figures_dir
+        self.output_dir = output_dir
+        self.config = EngineConfig(
+            method=method, n=n, seed=seed, second_order=second_order,
+            shapley_method=shapley_method, n_outer=n_outer, n_inner=n_inner,
+            contrast_k=contrast_k, layers=None if layers is None else list(layers),
+            reduction=reduction if isinstance(reduction, str) else dict(reduction),
+            batch_rows=batch_rows, precision=str(precision), num_workers=num_workers,
+            progress=progress, conf_level=conf_level,
+        )
+        self.problem_config = self._problem_config(problem, method)
+        # Fail now on a bad problem; the real one needs the data's class count.
+        AugmentationProblem.from_config(self.problem_config, n_classes=1, images_per_class=1)
+        self._history: list[dict[str, Any]] = []
+        self.problem: AugmentationProblem | None = None
+        self.probe: Tensor | None = None
+        self.run_dir: Path | None = None
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._config_file: Path | None = None
+        self._metadata_written = False
+        self._wandb_ready = False
+
+    @staticmethod
+    def _problem_config(problem: Mapping[str, Any] | None, method: str) -> dict[str, Any]:
+        config = dict(DEFAULT_PROBLEM if problem is None else problem)
+        given = sorted(set(config) & set(_DATA_KEYS))
+        if given:
+            raise ValueError(
+                f"problem keys {given} come from the datamodule (its class count) and "
+                f"images_per_class; remove them from the problem"
+            )
+        if config.get("preset") == "paper" and "method" not in config and method in PAPER_METHODS:
+            config["method"] = method
+        return config
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def state_key(self) -> str:
+        # Several instances (e.g. one per method) keep separate histories in a checkpoint.
+        return self._generate_state_key(method=self.method, results_file=self.results_file)
+
+    @property
+    def results_path(self) -> Path:
+        """The results file (known once fit has started)."""
+        return self._require_run_dir() / self.results_file
+
+    @property
+    def figures_path(self) -> Path:
+        """The PNG folder (known once fit has started)."""
+        return self._require_run_dir() / self.figures_dir
+
+    @property
+    def activations_path(self) -> Path:
+        """The folder of raw-activation files (with ``store_activations``)."""
+        return self._require_run_dir() / f"{Path(self.results_file).stem}_activations"
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every analysis so far, resumed ones first: {"epoch", "global_step", "method",
+        "group_names", "n", "evaluations", "seconds", "summary"}, where summary is
+        ``AnalysisResult.summary()``: {key: {layer: {variable: mean over units}}}."""
+        return copy.deepcopy(self._history)
+
+    @property
+    def epochs(self) -> list[int]:
+        """The training epochs analysed so far (including those of a resumed fit)."""
+        return [entry["epoch"] for entry in self._history]
+
+    def _require_run_dir(self) -> Path:
+        if self.run_dir is None:
+            raise ValueError("the run directory is known once fit has started (setup)")
+        return self.run_dir
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "history": copy.deepcopy(self._history)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"checkpoint holds SensitivityCallback state version {state_dict.get('version')}"
+                f"; this software reads version {STATE_VERSION}"
+            )
+        self._history = copy.deepcopy(list(state_dict["history"]))
+
+    # ------------------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Build the problem and the probe from the datamodule and check them against the
+        model (before the first training step); agree on rank zero's run directory."""
+        if stage != "fit":
+            return
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "probe_set") or not hasattr(datamodule, "num_classes"):
+            raise ValueError(
+                "SensitivityCallback needs a datamodule with num_classes and "
+                "probe_set(images_per_class, split) (PlantedFactorDataModule, "
+                f"ImageFolderDataModule); got {type(datamodule).__name__}: pass datamodule= "
+                "to trainer.fit"
+            )
+        self.problem = AugmentationProblem.from_config(
+            self.problem_config,
+            n_classes=int(datamodule.num_classes),
+            images_per_class=self.images_per_class,
+        )
+        splits = SPLITS if "partition" in self.problem.auxiliaries else (self.split,)
+        self.probe = torch.cat(
+            [datamodule.probe_set(self.images_per_class, split=s)[0] for s in splits]
+        )
+        self._shapes = check_inputs(pl_module, self.problem, self.probe, self.config)
+        for layer in self._shapes:
+            check_name("layer", layer)
+        root = Path(self.output_dir or trainer.default_root_dir).expanduser().resolve()
+        # Every rank writes its activation shard where rank zero merges it.
+        self.run_dir = Path(trainer.strategy.broadcast(str(root), src=0))
+        # LightningCLI saves the run's config in the log directory (a collective: every rank).
+        self._config_file = Path(trainer.log_dir or self.run_dir) / "config.yaml"
+        self._metadata_written = False
+        self._wandb_ready = False
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        last = (
+            trainer.should_stop
+            or (trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs)
+            or 0 <= trainer.max_steps <= trainer.global_step
+        )
+        if (epoch + 1) % self.every_n_epochs == 0 or last:
+            self.analyse(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run = wandb_run(trainer)
+        if run is not None and self.run_dir is not None:
+            log_results_artifact(run, self.results_path)
+
+    # ------------------------------------------------------------------------------ analysis
+    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> AnalysisResult:
+        """Analyse the current weights as epoch ``trainer.current_epoch``; every rank calls it
+        and gets the global result; rank zero stores and logs it."""
+        if self.problem is None or self.probe is None:
+            raise ValueError("SensitivityCallback.analyse runs during fit, after setup")
+        epoch = trainer.current_epoch
+        name = analysis_name(epoch)
+        world_size = trainer.world_size
+        _broadcast_buffers(pl_module, world_size)
+        writer = self._activation_writer(name, trainer.global_rank, world_size, epoch)
+        try:
+            result = run_analysis(
+                pl_module, self.problem, self.probe, self.config,
+                device=pl_module.device, activation_writer=writer,
+                rank=trainer.global_rank, world_size=world_size,
+            )
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        if writer is not None:
+            writer.finalize()
+            trainer.strategy.barrier("sensitivity_activations_written")
+        result.epoch, result.global_step = epoch, trainer.global_step
+        self._history.append({
+            "epoch": epoch,
+            "global_step": trainer.global_step,
+            "method": result.method,
+            "group_names": list(result.group_names),
+            "n": result.n,
+            "evaluations": result.evaluations,
+            "seconds": result.seconds,
+            "summary": result.summary(),
+        })
+        if trainer.is_global_zero:
+            self._write(trainer, pl_module, name, result)
+        return result
+
+    def _activation_file(self, name: str, rank: int, world_size: int) -> Path:
+        shard = "" if world_size == 1 else f".rank{rank}-of-{world_size}"
+        return self.activations_path / f"{name}{shard}.h5"
+
+    def _activation_writer(
+        self, name: str, rank: int, world_size: int, epoch: int
+    ) -> ActivationWriter | None:
+        if not self.store_activations:
+            return None
+        design = build_design(self.problem, self.config)
+        return ActivationWriter(
+            self._activation_file(name, rank, world_size), name, self._shapes, self.problem.d,
+            design.row_kinds(), n_rows=design.n_rows,
+            attrs={"method": self.method, "epoch": epoch, "rank": rank,
+                   "world_size": world_size},
+        )
+
+    def _write(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str,
+        result: AnalysisResult,
+    ) -> None:
+        """Rank zero: results file (+ merged activations), PNGs, W&B."""
+        store = ResultsStore(self.results_path)
+        if not self._metadata_written:
+            store.write_metadata(problem=self.problem, **self._metadata(trainer, pl_module))
+            self._metadata_written = True
+        store.write_analysis(name, result, attrs=self._analysis_attrs(), overwrite=True)
+        if self.store_activations:
+            merged = self._activation_file(name, 0, 1)
+            if trainer.world_size > 1:
+                shards = [
+                    self._activation_file(name, r, trainer.world_size)
+                    for r in range(trainer.world_size)
+                ]
+                merge_shards(shards, merged, remove_shards=True)
+            store.add_activations(name, merged, overwrite=True)
+        heatmaps = save_heatmaps(result, self.figures_path, name)
+        history = self._history_results()
+        if history:
+            save_history(history, self.figures_path)
+        rank_zero_info(
+            f"SensitivityCallback: {result.method} of epoch {result.epoch}, "
+            f"{result.evaluations} rows in {result.seconds:.1f} s -> {self.results_path} "
+            f"[{name}]"
+        )
+        run = wandb_run(trainer)
+        if run is not None:
+            if not self._wandb_ready:
+                define_metrics(run)
+                self._wandb_ready = True
+            run.log(analysis_record(result, dict(zip(result.value_keys, heatmaps, strict=True))))
+
+    def _history_results(self) -> list[AnalysisResult]:
+        """The history as AnalysisResults of per-layer means (unit shape ()), for the figures:
+        the entries with the latest entry's method and variables."""
+        if not self._history or not self._history[-1]["summary"]:
+            return []
+        latest = self._history[-1]
+        names = latest["group_names"]
+        results = []
+        for entry in self._history:
+            if entry["method"] != latest["method"] or entry["group_names"] != names:
+                continue
+            layers: dict[str, dict[str, np.ndarray]] = {}
+            for key, per_layer in entry["summary"].items():
+                for layer, values in per_layer.items():
+                    layers.setdefault(layer, {})[key] = np.array([values[g] for g in names])
+            results.append(AnalysisResult(
+                method=entry["method"], group_names=names, layers=layers, n=entry["n"],
+                evaluations=entry["evaluations"], seconds=entry["seconds"],
+                epoch=entry["epoch"], global_step=entry["global_step"],
+            ))
+        return results
+
+    def _metadata(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        hparams = getattr(pl_module, "hparams", {})
+        datamodule = trainer.datamodule
+        source = getattr(pl_module, "weights_source", None) or "random initialisation"
+        config_file = self._config_file
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        return {
+            "model": str(hparams.get("arch", type(pl_module).__name__)),
+            "weights": f"trained from {source}",
+            "dataset": _describe_data(datamodule),
+            "image_size": (int(self.probe.shape[-2]), int(self.probe.shape[-1])),
+            "seed": None if seed is None else int(seed),
+            "config": config_file.read_text() if config_file and config_file.is_file() else None,
+            "attrs": {
+                "class_names": [str(c) for c in getattr(datamodule, "class_names", [])],
+                "sensitivity_callback": self.settings,
+            },
+        }
+
+    def _analysis_attrs(self) -> dict[str, Any]:
+        config = self.config
+        design = build_design(self.problem, config)
+        attrs: dict[str, Any] = {
+            "design": type(design).__name__, "block_size": design.block_size,
+            "seed": config.seed, "reduction": config.reduction, "precision": config.precision,
+            "conf_level": config.conf_level, "split": self.split,
+            "images_per_class": self.images_per_class,
+        }
+        if config.method == "sobol":
+            attrs["second_order"] = config.second_order
+        if config.method == "shapley":
+            attrs["shapley_method"] = config.shapley_method
+            if config.shapley_method == "permutation":
+                attrs.update(n_outer=config.n_outer, n_inner=config.n_inner)
+        if config.method == "contrast":
+            attrs["contrast_k"] = config.contrast_k
+        return attrs
+
+
+def _broadcast_buffers(module: torch.nn.Module, world_size: int) -> None:
+    """Give every rank rank zero's buffers (DDP leaves each rank with the BatchNorm statistics
+    of its own last batches until the next synchronising forward)."""
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def _describe_data(datamodule: Any) -> str:
+    """"planted:colour", an image-folder path, or the datamodule's class name."""
+    factor = getattr(datamodule, "factor", None)
+    if factor is not None:
+        return f"planted:{factor}"
+    root = getattr(datamodule, "root", None)
+    return str(root) if root is not None else type(datamodule).__name__
+

@@ -1,0 +1,189 @@
+"""Single-class analysis: chance thresholds, Jaccard indices, self-masking plumbing, the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import scipy.stats
+import torch
+from torch import nn
+
+import analyze
+from lightning_modules import ImageClassifier
+from sensitivity.masking import ProbeInputs, layer_output_shapes
+from sensitivity.problem import AugmentationProblem
+from sensitivity.results import AnalysisResult
+from sensitivity.single_class import (
+    candidate_classes,
+    chance_threshold,
+    evaluate_single_class,
+    jaccard,
+    read_single_class,
+)
+from sensitivity.store import ResultsStore
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: two threads per process oversubscribe a few shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("classes", "samples", "published"), [(1000, 50, 0.00300),
+                                                               (365, 100, 0.00806)])
+def test_chance_threshold_matches_the_published_values(classes, samples, published):
+    t = chance_threshold(classes, samples, n=5, trials=100_000, seed=0)
+    # Published to 5 decimals (half a unit: 5e-6) from 10^7 simulated experiments (their own
+    # Monte Carlo error is negligible); ours carries a Monte Carlo error of t.standard_error.
+    assert abs(t.threshold - published) <= 5e-6 + 4 * t.standard_error
+    assert 0 < t.standard_error < 1e-5
+    # The simulated mean against the exact expectation E[k / (2n - k)], k ~ Hypergeom(C, 5, 5).
+    k = np.arange(6)
+    pmf = scipy.stats.hypergeom(classes, 5, 5).pmf(k)
+    j = k / (10 - k)
+    expected, variance = pmf @ j, pmf @ j**2 - (pmf @ j) ** 2
+    assert abs(t.mean - expected) <= 4 * np.sqrt(variance / (classes * samples) / 100_000)
+    assert chance_threshold(classes, samples, seed=0, trials=100_000) == t  # deterministic
+
+
+def test_chance_threshold_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="n = 5 candidate classes out of 4"):
+        chance_threshold(4, 10, n=5)
+    with pytest.raises(ValueError, match="samples_per_class"):
+        chance_threshold(10, 0)
+
+
+def test_jaccard_and_candidates():
+    candidates = torch.zeros(10, dtype=torch.bool)
+    candidates[[1, 2, 3]] = True
+    top = torch.tensor([[1, 2, 3], [3, 4, 5], [7, 8, 9], [2, 1, 0]])
+    torch.testing.assert_close(jaccard(top, candidates),
+                               torch.tensor([1.0, 1 / 5, 0.0, 2 / 4], dtype=torch.float64))
+    maps = np.array([[0.1, 0.5, 0.5, 0.2], [0.9, 0.0, 0.3, 0.3]])
+    classes, values = candidate_classes(maps, 2)
+    np.testing.assert_array_equal(classes, [[1, 2], [0, 2]])  # ties: lower class first
+    np.testing.assert_array_equal(values, [[0.5, 0.5], [0.9, 0.3]])
+
+
+class SmallNet(nn.Module):
+    """(B, 3, 32, 32) -> 6 logits; ``features.1`` and ``features.4`` are the masked ReLUs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def test_self_masking_jaccard_equals_a_direct_computation():
+    torch.manual_seed(0)
+    net = SmallNet().eval()
+    with torch.no_grad():
+        net.fc.bias.copy_(torch.tensor([0.0, 3.0, 1.0, 2.0, -1.0, 0.5]))
+    layers = ["features.1", "features.4"]
+    variables = ["hue", "hflip", "class"]
+    shapes = layer_output_shapes(net, layers, (SIZE, SIZE))
+    # All-zero maps: the strict quantile masks select nothing, "soft_inverse" multiplies by 1
+    # (both leave the network as it is), "soft" multiplies by 0: the logits become the bias.
+    maps = {layer: np.zeros((3, *shape)) for layer, shape in shapes.items()}
+    head = np.array([[0.9, 0.1, 0.8, 0.0, 0.2, 0.3],      # hue: candidates 0, 2
+                     [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],      # hflip: candidates 5, 4
+                     [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    images = torch.rand(12, 3, SIZE, SIZE)
+    labels = torch.arange(6).repeat_interleave(2)
+    out = evaluate_single_class(net, maps, variables, head, images, labels, n=2, k=2, seed=3,
+                                class_names=list("abcdef"), trials=2000)
+    assert out.variables == ["hue", "hflip"] and out.configurations[-2:] == ["soft",
+                                                                             "soft_inverse"]
+    assert out.candidate_names.tolist() == [["a", "c"], ["f", "e"]]
+    inputs = ProbeInputs(images, labels, ["hue", "hflip"], k=2, seed=3)
+    with torch.no_grad():
+        sets = inputs.batch(0, 12, torch.device("cpu"), torch.float32)
+        for v, classes in enumerate(out.candidates):
+            candidates = torch.zeros(6, dtype=torch.bool)
+            candidates[torch.as_tensor(classes)] = True
+            original = jaccard(net(sets[0][0]).topk(2).indices, candidates).mean()
+            augmented = jaccard(net(sets[1 + v][0]).topk(2).indices, candidates).mean()
+            assert out.jaccard_original[v] == pytest.approx(float(original), abs=1e-12)
+            assert out.jaccard_augmented[v] == pytest.approx(float(augmented), abs=1e-12)
+            unchanged = [c for c in range(17) if c != 15]  # every mask but "soft"
+            np.testing.assert_allclose(out.jaccard[v, unchanged], float(augmented), atol=1e-12)
+            # soft: top-2 of the bias = classes 1 and 3, none of them a candidate of hue or hflip
+            assert out.jaccard[v, 15] == 0.0
+    assert out.threshold.n_classes == 6 and out.threshold.samples_per_class == 2
+    assert out.matched.shape == (2, 17)
+    np.testing.assert_array_equal(out.matched, out.jaccard > out.threshold.threshold)
+
+
+# ---------------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A Lightning checkpoint of a 4-class ResNet18 (stock stem, 32 px)."""
+    torch.manual_seed(0)
+    model = ImageClassifier("resnet18", num_classes=4, small_input=False, image_size=SIZE)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    path = tmp_path_factory.mktemp("ckpt") / "resnet18.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def write_results(path: Path, layers: list[str]) -> Path:
+    """A results file with a Sobol analysis "sobol" of random maps of ResNet18's ``layers``."""
+    model = ImageClassifier("resnet18", num_classes=4, small_input=False, image_size=SIZE)
+    problem = AugmentationProblem(["hue", "hflip"], auxiliaries=("class", "image"), n_classes=4,
+                                  images_per_class=2)
+    g, rng = len(problem.groups), np.random.default_rng(0)
+    maps = {layer: {"ST": rng.random((g, *shape))}
+            for layer, shape in layer_output_shapes(model, layers, (SIZE, SIZE)).items()}
+    store = ResultsStore(path)
+    store.write_metadata(model="resnet18", dataset="planted:colour", image_size=SIZE, seed=0,
+                         problem=problem)
+    store.write_analysis("sobol", AnalysisResult("sobol", problem.group_names, maps, n=8,
+                                                 evaluations=48))
+    return path
+
+
+def cli(checkpoint: Path, results: Path, *args: str) -> int:
+    return analyze.main([
+        "single-class", "--checkpoint", str(checkpoint), "--results", str(results),
+        "--analysis", "sobol", "--data.image_size", str(SIZE), "--images-per-class", "2",
+        "--small_input", "false", "--accelerator", "cpu", "--masking.k", "1", *args,
+    ])
+
+
+def test_cli_single_class_and_its_bad_input(checkpoint, tmp_path, capsys):
+    results = write_results(tmp_path / "results.h5", ["layer1", "layer4", "fc"])
+    assert cli(checkpoint, results, "--single_class.n", "2") == 0
+    printed = capsys.readouterr().out
+    out = read_single_class(ResultsStore(results), "sobol")
+    assert out.variables == ["hue", "hflip"] and out.layer == "fc" and out.n == 2
+    assert out.class_names == ["red", "green", "blue", "yellow"]
+    assert out.jaccard.shape == (2, 17) and out.threshold.samples_per_class == 2
+    for name in out.candidate_names[0]:
+        assert name in printed
+    assert f"threshold {out.threshold.threshold:.5f}" in printed
+
+    before = hashlib.sha256(results.read_bytes()).hexdigest()
+    assert cli(checkpoint, results, "--single_class.n", "4", "--overwrite") == 2
+    assert "n = 4 candidate classes out of 4" in capsys.readouterr().err
+    no_head = write_results(tmp_path / "no_head" / "results.h5", ["layer1", "layer4"])
+    no_head_before = hashlib.sha256(no_head.read_bytes()).hexdigest()
+    assert cli(checkpoint, no_head, "--single_class.n", "2") == 2
+    assert "no maps of the classification layer 'fc'" in capsys.readouterr().err
+    assert hashlib.sha256(results.read_bytes()).hexdigest() == before
+    assert hashlib.sha256(no_head.read_bytes()).hexdigest() == no_head_before
