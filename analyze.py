@@ -18,11 +18,15 @@ published ImageNet settings are in configs/analyze/ (``--config imagenet_alexnet
 Outputs go to the run directory (``--output``, default ``runs/analysis/<name>/version_<n>``):
 results.h5 (docs/RESULTS_FORMAT.md), figures/<name>_<key>.png heatmaps, config.yaml and, with
 ``--store-activations``, activations_<name>.h5 (every design row once, linked from results.h5).
+Every command but report also logs to Weights & Biases (docs/CLI.md "W&B"): an offline run in
+<run directory>/wandb/ for ``wandb sync`` by default, online with WANDB_MODE=online or
+``--wandb_project NAME``, none with ``--wandb false`` or WANDB_MODE=disabled.
 
 Several processes (``--devices 2 --strategy ddp``, torchrun, SLURM) are launched by Lightning's
 Trainer; each analyses its shard of the design and rank zero writes. Bad input (unknown layer,
 Sobol n not a power of two, a checkpoint of another architecture, an empty image folder...) is
-reported on stderr with exit status 2 before any output is created.
+reported on stderr with exit status 2 before any output is created; exit status 1 means the
+results were written but W&B logging failed.
 """
 
 from __future__ import annotations
@@ -30,17 +34,32 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from callbacks.masking import masking_record
+from callbacks.wandb_logging import (
+    PREFIX,
+    analysis_run,
+    contrast_stats_record,
+    correlation_record,
+    define_metrics,
+    lda_record,
+    log_results_artifact,
+    run_lines,
+    single_class_record,
+    summary_record,
+    wandb_mode,
+)
 from data import ImageFolderDataModule, PlantedFactorDataModule
 from data.common import first_per_class
 from lightning_modules import ImageClassifier
@@ -156,7 +175,17 @@ def build_parser() -> ArgumentParser:
     _add(p, "strategy", type=str, default="auto", help="Lightning strategy: auto|ddp|ddp_spawn")
     _add(p, "num_nodes", type=int, default=1, help="nodes (under SLURM/torchrun)")
     _add_masking_options(p)
+    _add_wandb_options(p)
     return p
+
+
+def _add_wandb_options(p: ArgumentParser) -> None:
+    """W&B options (docs/CLI.md "W&B"); the mode comes from ``wandb_mode``."""
+    _add(p, "wandb", type=bool, default=True,
+         help="log to Weights & Biases (offline run in <run dir>/wandb unless online; false: off)")
+    _add(p, "wandb_project", type=str | None, default=None,
+         help="W&B project; setting it logs online unless WANDB_MODE says otherwise "
+              "(default project: augsens)")
 
 
 def _add_masking_options(p: ArgumentParser) -> None:
@@ -368,7 +397,7 @@ def prepare(cfg: Namespace, config_text: str) -> tuple[AnalysisModule, nn.Module
     return AnalysisModule(model, problem, probe, config, outputs), model
 
 
-def print_outputs(written: dict[str, Any], name: str) -> None:
+def print_outputs(written: dict[str, Any], name: str, wandb_lines: Sequence[str] = ()) -> None:
     lines = [
         f"run directory   {written['run_dir']}",
         f"results file    {written['results']}  (analysis {name!r}: {written['evaluations']} "
@@ -384,7 +413,47 @@ def print_outputs(written: dict[str, Any], name: str) -> None:
         for layer, values in summary[key].items():
             top = max(values, key=lambda g: values[g])
             lines.append(f"  {layer:<14} {top} {values[top]:.3f}")
+    lines += wandb_lines
     print("\n".join(["", "Outputs:", *(f"  {line}" for line in lines)]), flush=True)
+
+
+# ------------------------------------------------------------------------------------ W&B
+Record = Callable[[], dict[str, Any]]
+
+
+def log_wandb(
+    cfg: Namespace,
+    mode: str | None,
+    results: Path,
+    name: str,
+    config_text: str,
+    record: Record,
+    prefix: str | None = None,
+) -> tuple[list[str], int]:
+    """Log ``record()`` to a W&B run in ``<results dir>/wandb`` (call on rank zero; mode from
+    ``wandb_mode``, None: nothing) and, online, the results file as an artifact.
+
+    prefix: keys charted against ``analysis/epoch``. Returns (lines for "Outputs:", exit
+    status): 1 when W&B failed (e.g. online without credentials); the results stay written.
+    """
+    if mode is None:
+        return [], 0
+    from wandb.errors import Error as WandbError
+
+    try:
+        with analysis_run(results.parent, mode, name=name, job_type=cfg.method,
+                          config=yaml.safe_load(config_text) or {},
+                          project=cfg.wandb_project) as run:
+            if prefix is not None:
+                define_metrics(run, prefix)
+            run.log(record())
+            log_results_artifact(run, results)
+            lines = run_lines(run)
+    except (WandbError, OSError) as error:
+        print(f"analyze.py {cfg.method}: error: W&B logging failed ({error}); the results are "
+              f"written, W&B is not: fix the W&B setup, or pass --wandb false", file=sys.stderr)
+        return ["W&B             failed (see stderr)"], 1
+    return lines, 0
 
 
 # ------------------------------------------------------------- statistics on a results file
@@ -409,6 +478,7 @@ def build_statistics_parser(method: str) -> ArgumentParser:
         return p
     _add(p, "overwrite", action=ActionYesNo, default=False,
          help="replace statistics of the same analysis already in the file")
+    _add_wandb_options(p)
     if method == "contrast-stats":
         _add(p, "alpha", type=float, default=0.05,
              help="false discovery rate of the Benjamini-Yekutieli correction")
@@ -423,12 +493,13 @@ def build_statistics_parser(method: str) -> ArgumentParser:
     return p
 
 
-def _statistics(method: str, cfg: Namespace) -> list[str]:
-    """Run one statistics method; returns the lines to print."""
+def _statistics(method: str, cfg: Namespace) -> tuple[list[str], Record | None]:
+    """Run one statistics method; returns the lines to print and its W&B record (None: the
+    report, which is not logged)."""
     if method == "report":
         names = None if cfg.analysis is None else [cfg.analysis]
         index = html_report.write_report(cfg.results, cfg.output, names)
-        return [f"report          {index}  (PNGs next to it)"]
+        return [f"report          {index}  (PNGs next to it)"], None
     if cfg.analysis is None:
         raise ValueError(f"analyze.py {method} needs --analysis NAME (an analysis in "
                          f"{cfg.results})")
@@ -440,12 +511,15 @@ def _statistics(method: str, cfg: Namespace) -> list[str]:
                  f"units with BY q < {cfg.alpha} per layer:"]
         lines += [f"  {layer:<14} " + ", ".join(f"{a} {c}" for a, c in counts.items())
                   for layer, counts in out["significant"].items()]
-        return lines
+        return lines, lambda: contrast_stats_record(out, cfg.alpha)
     if method == "correlation":
         out = stats.correlation_statistics(cfg.results, cfg.analysis, values=cfg.value_types,
                                            overwrite=cfg.overwrite)
-        return [f"{where}  ({out['group']}: {', '.join(out['values'])} x "
-                f"{len(out['layers'])} layers)"]
+        lines = [f"{where}  ({out['group']}: {', '.join(out['values'])} x "
+                 f"{len(out['layers'])} layers)"]
+        return lines, lambda: correlation_record(
+            *stats.read_tree(cfg.results, stats.CORRELATION_GROUP, cfg.analysis)
+        )
     out = stats.lda_statistics(cfg.results, cfg.analysis, values=cfg.value_types,
                                n_folds=cfg.folds, n_repeats=cfg.repeats, seed=cfg.seed,
                                overwrite=cfg.overwrite)
@@ -455,23 +529,31 @@ def _statistics(method: str, cfg: Namespace) -> list[str]:
                   for key, (mean, sd) in values.items()]
     if out["skipped"]:
         lines.append(f"skipped (no spatial maps): {', '.join(out['skipped'])}")
-    return lines
+    return lines, lambda: lda_record(out)
 
 
 def run_statistics(method: str, args: Sequence[str]) -> int:
-    """``analyze.py contrast-stats|correlation|lda|report``: exit status 0, or 2 for bad input
-    (missing file or analysis, wrong method...), with nothing written."""
+    """``analyze.py contrast-stats|correlation|lda|report``: exit status 0, 2 for bad input
+    (missing file or analysis, wrong method...) with nothing written, 1 when W&B failed."""
+    parser = build_statistics_parser(method)
     try:
-        cfg = build_statistics_parser(method).parse_args(list(args))
+        cfg = parser.parse_args(list(args))
     except SystemExit as exit_:
         return int(exit_.code or 0)
     try:
-        lines = _statistics(method, cfg)
+        mode = None if method == "report" else wandb_mode(cfg.wandb, cfg.wandb_project)
+        lines, record = _statistics(method, cfg)
     except (ValueError, OSError) as error:
         print(f"analyze.py {method}: error: {error}", file=sys.stderr)
         return 2
+    status = 0
+    if record is not None:
+        results = Path(cfg.results).expanduser()
+        wandb_lines, status = log_wandb(cfg, mode, results, f"{method} {cfg.analysis}",
+                                        parser.dump(cfg), record)
+        lines += wandb_lines
     print("\n".join(["", "Outputs:", *(f"  {line}" for line in lines)]), flush=True)
-    return 0
+    return status
 
 
 # ------------------------------------------------ masking and single-class (METHOD.md 8-9)
@@ -542,7 +624,7 @@ def _masking_inputs(cfg: Namespace) -> dict[str, Any]:
     }
 
 
-def _run_masking(cfg: Namespace, inputs: dict[str, Any]) -> list[str]:
+def _run_masking(cfg: Namespace, inputs: dict[str, Any]) -> tuple[list[str], Record]:
     options, result = cfg.masking, inputs["result"]
     out = masking.evaluate_masking(
         inputs["model"], inputs["maps"], result.group_names, inputs["probe"], inputs["labels"],
@@ -570,10 +652,10 @@ def _run_masking(cfg: Namespace, inputs: dict[str, Any]) -> list[str]:
         lines.append(" " * 16 + " ".join(f"{v[:8]:>8}" for v in out.variables))
         for name, row in zip(out.inputs[1:], out.specificity, strict=True):
             lines.append(f"  {name:<14}" + " ".join(f"{x:8.2f}" for x in row))
-    return lines
+    return lines, lambda: masking_record(out, figure)
 
 
-def _run_single_class(cfg: Namespace, inputs: dict[str, Any]) -> list[str]:
+def _run_single_class(cfg: Namespace, inputs: dict[str, Any]) -> tuple[list[str], Record]:
     result, model = inputs["result"], inputs["model"]
     head = classification_layer(model.net)
     if head not in result.layers:
@@ -604,21 +686,27 @@ def _run_single_class(cfg: Namespace, inputs: dict[str, Any]) -> list[str]:
                   if entry["matched_configurations"] else "not matched")
         lines.append(f"  {entry['variable']:<14} {entry['max_jaccard']:.4f} "
                      f"[{entry['configuration']}] {status}: {', '.join(entry['candidates'])}")
-    return lines
+    return lines, lambda: single_class_record(out)
 
 
-def run_masking(cfg: Namespace) -> int:
-    """``analyze.py masking|single-class``: exit status 0, or 2 for bad input (no results file
-    or analysis, maps that do not fit the model...), with nothing written."""
+def run_masking(cfg: Namespace, config_text: str) -> int:
+    """``analyze.py masking|single-class``: exit status 0, 2 for bad input (no results file
+    or analysis, maps that do not fit the model...) with nothing written, 1 when W&B failed."""
     try:
+        mode = wandb_mode(cfg.wandb, cfg.wandb_project)
         inputs = _masking_inputs(cfg)
         run = _run_masking if cfg.method == "masking" else _run_single_class
-        lines = run(cfg, inputs)
+        lines, record = run(cfg, inputs)
     except INPUT_ERRORS as error:
         print(f"analyze.py {cfg.method}: error: {error}", file=sys.stderr)
         return 2
-    print("\n".join(["", "Outputs:", *(f"  {line}" for line in lines)]), flush=True)
-    return 0
+    wandb_lines, status = log_wandb(
+        cfg, mode, inputs["store"].path, f"{cfg.method} {inputs['output']}", config_text, record,
+        prefix="masking" if cfg.method == "masking" else "single_class",
+    )
+    print("\n".join(["", "Outputs:", *(f"  {line}" for line in lines + wandb_lines)]),
+          flush=True)
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -637,13 +725,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     if cfg.method in MASKING_METHODS:
-        return run_masking(cfg)
+        return run_masking(cfg, parser.dump(cfg))
     if cfg.method not in METHODS:
         print(f"analyze.py: error: unknown method {cfg.method!r}; valid: {list(METHODS)}",
               file=sys.stderr)
         return 2
     config_text = parser.dump(cfg)
     try:
+        mode = wandb_mode(cfg.wandb, cfg.wandb_project)
         module, _ = prepare(cfg, config_text)
         trainer = pl.Trainer(
             accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
@@ -660,9 +749,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except INPUT_ERRORS as error:
         print(f"analyze.py: error: {error}", file=sys.stderr)
         return 2
-    if trainer.is_global_zero and predictions:
-        print_outputs(predictions[0], module.outputs.name)
-    return 0
+    if not (trainer.is_global_zero and predictions):
+        return 0
+    written, name = predictions[0], module.outputs.name
+    wandb_lines, status = log_wandb(
+        cfg, mode, Path(written["results"]), name, config_text,
+        lambda: summary_record(written["method"], written["epoch"], written["summary"],
+                               written["heatmaps"]),
+        prefix=PREFIX,
+    )
+    print_outputs(written, name, wandb_lines)
+    return status
 
 
 if __name__ == "__main__":

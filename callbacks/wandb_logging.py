@@ -16,23 +16,36 @@ Key scheme (ARCHITECTURE.md "Logging"), all against the step metric ``analysis/e
 epoch instead of the trainer's global step. The results file is uploaded as an artifact of type
 ``sensitivity-results`` only when the run is online (an offline run would copy it into the run
 directory, next to the original). wandb is imported only when a WandbLogger is present.
+
+``analyze.py`` logs without a trainer: ``wandb_mode`` resolves --wandb / --wandb_project /
+WANDB_MODE, ``analysis_run`` opens a run in the analysis run directory, and the ``*_record``
+functions build what it logs for each command (docs/CLI.md "W&B"): ``summary_record``
+(sobol/shapley/variance/contrast, the key scheme above), ``callbacks.masking.masking_record``
+(masking), ``single_class_record``, ``contrast_stats_record``, ``correlation_record`` and
+``lda_record``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
 from sensitivity.results import AnalysisResult
+from sensitivity.single_class import SingleClassResult
 
 STEP_METRIC = "analysis/epoch"
 PREFIX = "sensitivity"
 TABLE_COLUMNS = ["epoch", "layer", "variable", "index", "value"]
 ARTIFACT_TYPE = "sensitivity-results"
+DEFAULT_PROJECT = "augsens"  # train.py's default project too
 
 
 def metric_key(method: str, layer: str, variable: str, key: str) -> str:
@@ -50,10 +63,10 @@ def wandb_run(trainer: pl.Trainer) -> Any | None:
     return None
 
 
-def define_metrics(run: Any) -> None:
-    """Chart every ``sensitivity/*`` key against ``analysis/epoch``."""
+def define_metrics(run: Any, prefix: str = PREFIX) -> None:
+    """Chart every ``<prefix>/*`` key (default ``sensitivity/*``) against ``analysis/epoch``."""
     run.define_metric(STEP_METRIC)
-    run.define_metric(f"{PREFIX}/*", step_metric=STEP_METRIC)
+    run.define_metric(f"{prefix}/*", step_metric=STEP_METRIC)
 
 
 def analysis_record(
@@ -63,13 +76,23 @@ def analysis_record(
 
     heatmaps: {value key: PNG path} (``sensitivity.report.save_heatmaps`` output by key).
     """
+    return summary_record(result.method, result.epoch, result.summary(), heatmaps)
+
+
+def summary_record(
+    method: str,
+    epoch: int | None,
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]],
+    heatmaps: Mapping[str, str | Path],
+) -> dict[str, Any]:
+    """``analysis_record`` from an analysis's ``AnalysisResult.summary()`` ({key: {layer:
+    {variable: mean over units}}}), without the arrays; epoch None (not in training) is -1."""
     import wandb
 
-    method = result.method
-    epoch = -1 if result.epoch is None else int(result.epoch)
+    epoch = -1 if epoch is None else int(epoch)
     record: dict[str, Any] = {STEP_METRIC: epoch}
     rows = []
-    for key, layers in result.summary().items():
+    for key, layers in summary.items():
         for layer, values in layers.items():
             for variable, value in values.items():
                 record[metric_key(method, layer, variable, key)] = value
@@ -93,3 +116,162 @@ def log_results_artifact(run: Any, path: Path) -> bool:
     artifact.add_file(str(path))
     run.log_artifact(artifact)
     return True
+
+
+# ------------------------------------------------------------------------ analyze.py runs
+def wandb_mode(
+    enabled: bool, project: str | None, environ: Mapping[str, str] = os.environ
+) -> str | None:
+    """W&B mode of an analyze.py command: None (no logging) for ``--wandb false`` or
+    WANDB_MODE=disabled; WANDB_MODE=online|offline as set (``dryrun`` is offline); without
+    WANDB_MODE "online" when a project is given, else "offline". ValueError for another
+    WANDB_MODE value."""
+    env = environ.get("WANDB_MODE", "").strip().lower()
+    if not enabled or env == "disabled":
+        return None
+    if env in ("online", "offline"):
+        return env
+    if env == "dryrun":
+        return "offline"
+    if env:
+        raise ValueError(
+            f"WANDB_MODE={environ['WANDB_MODE']!r} is not a W&B mode; set online, offline or "
+            "disabled (or unset it), or pass --wandb false"
+        )
+    return "online" if project else "offline"
+
+
+@contextmanager
+def analysis_run(
+    run_dir: Path,
+    mode: str,
+    *,
+    name: str,
+    job_type: str,
+    config: Mapping[str, Any],
+    project: str | None = None,
+) -> Iterator[Any]:
+    """A W&B run under ``<run_dir>/wandb/`` (``offline-run-*`` for ``wandb sync``), finished
+    (files flushed) on exit. config: the command's resolved configuration; the run is grouped
+    by the run directory so that an analysis and the commands on its results file sit together.
+    """
+    import wandb
+
+    run_dir = run_dir.resolve()  # absolute: the printed `wandb sync` works from anywhere
+    run = wandb.init(
+        dir=str(run_dir), mode=mode, project=project or DEFAULT_PROJECT, name=name,
+        job_type=job_type, group=f"{run_dir.parent.name}/{run_dir.name}"[-128:],
+        config=dict(config), reinit="create_new",
+        # stdout stays ours (the printed outputs); system metrics are noise for a short run.
+        settings=wandb.Settings(console="off", x_disable_stats=True),
+    )
+    try:
+        yield run
+    finally:
+        run.finish()
+
+
+def run_lines(run: Any) -> list[str]:
+    """What analyze.py prints about a W&B run: the offline run directory and the ``wandb sync``
+    command, or the online run's address."""
+    directory = Path(run.dir).parent  # run.dir is <run>/files
+    if run.offline:
+        return [f"W&B offline run {directory}", f"upload with     wandb sync {directory}"]
+    return [f"W&B run         {run.url or directory}"]
+
+
+def single_class_record(result: SingleClassResult) -> dict[str, Any]:
+    """``single_class/<variable>/max_jaccard`` (the largest mean Jaccard index over mask
+    configurations), ``single_class/<variable>/matched`` (configurations above the chance
+    threshold), ``single_class/threshold``, ``single_class/chance_mean`` and the table
+    ``single_class/table`` (variable, candidates, max_jaccard, configuration, matched)."""
+    import wandb
+
+    epoch = -1 if result.epoch is None else int(result.epoch)
+    record: dict[str, Any] = {
+        STEP_METRIC: epoch,
+        "single_class/threshold": float(result.threshold.threshold),
+        "single_class/chance_mean": float(result.threshold.mean),
+    }
+    rows = []
+    for entry in result.matches():
+        variable, matched = entry["variable"], len(entry["matched_configurations"])
+        record[f"single_class/{variable}/max_jaccard"] = entry["max_jaccard"]
+        record[f"single_class/{variable}/matched"] = matched
+        rows.append([variable, ", ".join(entry["candidates"]), entry["max_jaccard"],
+                     entry["configuration"], matched])
+    record["single_class/table"] = wandb.Table(
+        columns=["variable", "candidates", "max_jaccard", "configuration", "matched"], data=rows
+    )
+    return record
+
+
+def contrast_stats_record(out: Mapping[str, Any], alpha: float) -> dict[str, Any]:
+    """``contrast_stats/<layer>/<augmentation>/n_significant`` (units with BY q < alpha),
+    ``contrast_stats/n_pairs`` and the table ``contrast_stats/table`` (layer, augmentation,
+    n_significant). out: ``sensitivity.stats.contrast_statistics``'s return value."""
+    import wandb
+
+    record: dict[str, Any] = {"contrast_stats/n_pairs": int(out["n_pairs"]),
+                              "contrast_stats/alpha": float(alpha)}
+    rows = []
+    for layer, counts in out["significant"].items():
+        for augmentation, count in counts.items():
+            record[f"contrast_stats/{layer}/{augmentation}/n_significant"] = int(count)
+            rows.append([layer, augmentation, int(count)])
+    record["contrast_stats/table"] = wandb.Table(
+        columns=["layer", "augmentation", "n_significant"], data=rows
+    )
+    return record
+
+
+def correlation_record(tree: Mapping[str, Any], attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """``correlation/<layer>/<value>/mean_abs`` (mean |Spearman| over pairs of variables) and
+    the table ``correlation/table`` (layer, value, variable, other, spearman): every pair of
+    variables and every variable against the covariates (mean, var, cv). tree, attrs:
+    ``sensitivity.stats.read_tree(results, "correlation", name)``."""
+    import wandb
+
+    variables, covariates = list(attrs["variables"]), list(attrs["covariates"])
+    upper = np.triu_indices(len(variables), k=1)
+    record: dict[str, Any] = {}
+    rows = []
+    for layer in attrs["layers"]:
+        for value in attrs["values"]:
+            entry = tree[layer][value]
+            pairs = np.asarray(entry["variables"], dtype=np.float64)
+            against = np.asarray(entry["covariates"], dtype=np.float64)
+            finite = np.abs(pairs[upper])[np.isfinite(pairs[upper])]
+            # a constant map has no defined correlation: NaN, not a misleading 0
+            record[f"correlation/{layer}/{value}/mean_abs"] = (
+                float(finite.mean()) if finite.size else math.nan
+            )
+            rows += [[layer, value, variables[i], variables[j], float(pairs[i, j])]
+                     for i, j in zip(*upper, strict=True)]
+            rows += [[layer, value, variable, covariate, float(against[i, c])]
+                     for i, variable in enumerate(variables)
+                     for c, covariate in enumerate(covariates)]
+    record["correlation/table"] = wandb.Table(
+        columns=["layer", "value", "variable", "other", "spearman"], data=rows
+    )
+    return record
+
+
+def lda_record(out: Mapping[str, Any]) -> dict[str, Any]:
+    """``lda/<layer>/<value>/accuracy`` and ``.../accuracy_sd`` (over cross-validation folds),
+    ``lda/chance`` and the table ``lda/table`` (layer, value, accuracy, accuracy_sd, chance).
+    out: ``sensitivity.stats.lda_statistics``'s return value."""
+    import wandb
+
+    chance = float(out["chance"])
+    record: dict[str, Any] = {"lda/chance": chance}
+    rows = []
+    for layer, values in out["accuracy"].items():
+        for value, (mean, sd) in values.items():
+            record[f"lda/{layer}/{value}/accuracy"] = float(mean)
+            record[f"lda/{layer}/{value}/accuracy_sd"] = float(sd)
+            rows.append([layer, value, float(mean), float(sd), chance])
+    record["lda/table"] = wandb.Table(
+        columns=["layer", "value", "accuracy", "accuracy_sd", "chance"], data=rows
+    )
+    return record

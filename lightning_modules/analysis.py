@@ -73,7 +73,9 @@ class AnalysisModule(pl.LightningModule):
 
     network: the model, ``network(x in [0, 1]) -> logits`` (an ImageClassifier); hooks go on
     ``layer_root`` (default ``network.net``). problem, probe, config: as ``run_analysis``.
-    The predict step returns {"run_dir", "results", "figures", "activations"} (paths as str).
+    The predict step returns {"run_dir"} on every rank; on rank zero also "results", "figures"
+    (PNG paths), "heatmaps" ({value key: PNG path}), "activations" (paths as str), "method",
+    "epoch", "summary" (``AnalysisResult.summary()``), "seconds" and "evaluations".
     """
 
     def __init__(
@@ -183,6 +185,9 @@ class AnalysisModule(pl.LightningModule):
         return {
             "results": str(store.path),
             "figures": [str(p) for p in figures],
+            "heatmaps": {key: str(p) for key, p in zip(result.value_keys, figures, strict=True)},
+            "method": result.method,
+            "epoch": result.epoch,
             "activations": None if activations is None else str(activations),
             "summary": result.summary(),
             "seconds": result.seconds,

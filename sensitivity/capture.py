@@ -101,8 +101,8 @@ class ActivationCapture:
             axis 1 before the reduction; None (default) means the classification layer
             (``classification_layer(model)``) if it is a checkpoint, [] means none.
 
-    Inside ``with capture:`` every forward of the model stores, per layer, a float32 tensor
-    (B, *unit_shape) on the model's device, detached and copied (a later in-place op such as
+    Inside ``with capture:`` every forward of the model stores, per layer, a contiguous float32
+    tensor (B, *unit_shape) on the model's device, detached and copied (a later in-place op such as
     ``ReLU(inplace=True)`` cannot alter it). ``pop()`` returns them. When a module runs several
     times in one forward (e.g. the shared ``relu`` inside a ResNet block), the last call wins;
     hook the enclosing block instead. Hooks are removed on exit, also after an exception.
@@ -187,8 +187,11 @@ class ActivationCapture:
             if reduction == "channel_mean" and value.ndim > 2:
                 value, derived = value.float().mean(dim=tuple(range(2, value.ndim))), True
             # Copy the raw output: the module's output may be modified in place later in the
-            # forward (e.g. by ReLU(inplace=True)).
-            self._outputs[name] = value.to(torch.float32, copy=not derived)
+            # forward (e.g. by ReLU(inplace=True)). Contiguous in (C, H, W) order whatever the
+            # module's memory format: a channels-last output is transposed in the same pass.
+            self._outputs[name] = value.to(
+                torch.float32, memory_format=torch.contiguous_format, copy=not derived
+            )
 
         return hook
 

@@ -26,8 +26,10 @@ This module imports torch, numpy and the rest of ``sensitivity``; never Lightnin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -36,7 +38,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,8 +70,9 @@ from sensitivity.store import ActivationWriter
 
 METHODS = ("sobol", "shapley", "variance", "contrast")
 SHAPLEY_METHODS = ("goda", "permutation")
-PRECISIONS = ("32", "bf16")
-STATE_VERSION = 1
+PRECISIONS = ("32", "bf16", "16")
+# 2: accumulator states are one (units, entries, ...) tensor per table.
+STATE_VERSION = 2
 log = logging.getLogger(__name__)
 # Images may leave [0, 1] by float round-off of their decoding; augmentations tolerate 1e-4 too.
 _IMAGE_TOLERANCE = 1e-4
@@ -93,10 +96,21 @@ class EngineConfig:
         one); a block larger than batch_rows is forwarded in chunks of batch_rows rows, its
         captured outputs (block_size x units) held until the block is complete.
     checkpoint_every: design blocks between resume checkpoints; 0 = off.
-    precision: "32" or "bf16" (autocast on the forward only; accumulation is always float64).
-    num_workers: DataLoader workers decoding rows and loading probe images (0: in process).
+    precision: "32", "bf16" or "16" (float16): autocast on the forward only; accumulation is
+        always float64. docs/PERFORMANCE.md gives the speed and the effect on the indices.
+    num_workers: DataLoader workers decoding rows and loading probe images (0: in process). With
+        workers the next batches are prepared (and pinned, on CUDA) while the device works.
     progress: a progress bar with rows/s and ETA on rank zero (stderr).
     conf_level: confidence level of the ``*_conf`` half-widths.
+    deduplicate: forward each distinct augmented image of a batch once. Rows that decode to the
+        same probe image with the same active augmentations, in the same relative order, with
+        the same parameters (e.g. AB_j of an augmentation switched off in both A and B) give the
+        same outputs; about a sixth of a Sobol' design's rows at p_on = 0.5. Outputs equal
+        those of a full forward up to the batch-composition round-off of the kernels.
+    channels_last: run the forward in channels-last memory format (faster convolutions on most
+        CPUs and GPUs); the model's parameters are converted back afterwards.
+    compile: ``torch.compile`` the model's forward for this run (compile time is paid on the
+        first batch; docs/PERFORMANCE.md says when it pays off).
     """
 
     method: str = "sobol"
@@ -115,6 +129,9 @@ class EngineConfig:
     num_workers: int = 0
     progress: bool = True
     conf_level: float = 0.95
+    deduplicate: bool = False
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -146,6 +163,9 @@ class EngineConfig:
             raise ValueError(f"conf_level must lie strictly between 0 and 1, got {self.conf_level}")
         if isinstance(self.layers, str):
             raise ValueError(f"layers must be a list of module names, got {self.layers!r}")
+        for name in ("deduplicate", "channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """A plain mapping of the settings (for metadata)."""
@@ -355,6 +375,8 @@ class _Batch:
     rows: (R, d) float64 design rows; decoded: their parameters; images: (U, 3, H, W) the
     unique probe images of the batch; inverse: (R,) int64 row -> index into ``images``;
     permutations: (stop - start, G) int64 group orders (Shapley designs) or None.
+    distinct, copies: with deduplication, (F,) int64 the rows to forward (first occurrences, in
+    row order) and (R,) int64 row -> index into them; None otherwise.
     """
 
     start: int
@@ -364,10 +386,18 @@ class _Batch:
     images: Tensor
     inverse: Tensor
     permutations: Tensor | None
+    distinct: Tensor | None = None
+    copies: Tensor | None = None
 
     def pin_memory(self) -> _Batch:
         """Page-locked images for asynchronous copies (DataLoader pin_memory)."""
         return dataclasses.replace(self, images=self.images.pin_memory())
+
+    def forwarded(self) -> tuple[Tensor, DecodedRows]:
+        """(rows to forward (F,) into ``images`` via ``inverse``, their decoded parameters)."""
+        if self.distinct is None:
+            return self.inverse, self.decoded
+        return self.inverse[self.distinct], _select_decoded(self.decoded, self.distinct)
 
 
 class _BatchSource(Dataset):
@@ -382,9 +412,11 @@ class _BatchSource(Dataset):
         problem: AugmentationProblem,
         probe: _Probe,
         batches: list[tuple[int, int]],
+        deduplicate: bool = False,
     ) -> None:
         self.design, self.problem, self.probe, self.batches = design, problem, probe, batches
         self.with_permutations = isinstance(design, ShapleyDesign | PermutationDesign)
+        self.deduplicate = deduplicate
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -404,7 +436,41 @@ class _BatchSource(Dataset):
             if self.with_permutations
             else None
         )
-        return _Batch(start, stop, rows, decoded, self.probe.load(unique), inverse, permutations)
+        distinct = copies = None
+        if self.deduplicate:
+            distinct, copies = _distinct_rows(decoded, index)
+        return _Batch(
+            start, stop, rows, decoded, self.probe.load(unique), inverse, permutations,
+            distinct, copies,
+        )
+
+
+def _distinct_rows(decoded: DecodedRows, image: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows whose augmented images are identical, from what determines them (METHOD.md s. 2-3).
+
+    A row's image is a function of its probe image, the active augmentations in their relative
+    application order, their parameters, and nothing else: switched-off augmentations' values
+    and the positions of inactive augmentations in the order do not matter. image: (R,) int64
+    probe index (partition included). Returns (distinct, copies): (F,) int64 the first row of
+    each distinct image, ascending; (R,) int64 each row's index into ``distinct``.
+    """
+    active = decoded.active
+    # rank[r, a] = number of active augmentations applied before a in row r (-1: a is off)
+    in_order = torch.gather(active, 1, decoded.order).long()
+    rank = torch.empty_like(in_order).scatter_(1, decoded.order, in_order.cumsum(1) - 1)
+    columns = [image.double()[:, None], torch.where(active, rank, -1).double()]
+    for a, params in enumerate(decoded.params.values()):
+        for value in params.values():
+            columns.append(torch.where(active[:, a], value.double(), 0.0)[:, None])
+    _, inverse = torch.unique(torch.cat(columns, 1), dim=0, return_inverse=True)
+    rows = torch.arange(len(image))
+    first = torch.full((int(inverse.max()) + 1,), len(image)).scatter_reduce(
+        0, inverse, rows, "amin"
+    )
+    distinct, order = torch.sort(first)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order))
+    return distinct, position[inverse]
 
 
 def _slice_decoded(decoded: DecodedRows, rows: slice) -> DecodedRows:
@@ -421,6 +487,18 @@ def _slice_decoded(decoded: DecodedRows, rows: slice) -> DecodedRows:
     )
 
 
+def _select_decoded(decoded: DecodedRows, index: Tensor) -> DecodedRows:
+    """Rows ``index`` (int64) of ``decoded``."""
+    return DecodedRows(
+        image_index=decoded.image_index[index],
+        class_index=decoded.class_index[index],
+        partition=None if decoded.partition is None else decoded.partition[index],
+        order=decoded.order[index],
+        active=decoded.active[index],
+        params={a: {p: t[index] for p, t in ps.items()} for a, ps in decoded.params.items()},
+    )
+
+
 def _keep(item: _Batch) -> _Batch:
     return item
 
@@ -433,7 +511,9 @@ def _batches(start: int, stop: int, per_batch: int, resume_at: int) -> list[tupl
 
 # --------------------------------------------------------------------------------- accumulators
 class _LayerAccumulators:
-    """The method's accumulator and a MomentsAccumulator for each layer."""
+    """The method's accumulator and a MomentsAccumulator for each layer; a first-order Sobol'
+    accumulator gives the moments of every row itself (its ``moments`` after compute()), at a
+    fraction of the cost of a second pass over the outputs."""
 
     def __init__(
         self,
@@ -446,7 +526,7 @@ class _LayerAccumulators:
         g = len(problem.groups)
         level = config.conf_level
         self.main: dict[str, Metric | None] = {}
-        self.moments: dict[str, MomentsAccumulator] = {}
+        self.moments: dict[str, MomentsAccumulator | None] = {}
         for layer, shape in shapes.items():
             if config.method == "sobol":
                 main: Metric | None = SobolAccumulator(g, shape, config.second_order, level)
@@ -463,12 +543,15 @@ class _LayerAccumulators:
             else:
                 main = None
             self.main[layer] = None if main is None else main.to(device)
-            self.moments[layer] = MomentsAccumulator(shape, level).to(device)
+            own = config.method == "sobol" and not config.second_order
+            self.moments[layer] = None if own else MomentsAccumulator(shape, level).to(device)
 
     def update(self, outputs: Mapping[str, Tensor], n_blocks: int, perms: Tensor | None) -> None:
         """outputs: {layer: (n_blocks * block_size, *unit_shape)}."""
         for layer, Y in outputs.items():
-            self.moments[layer].update(Y)
+            moments = self.moments[layer]
+            if moments is not None:
+                moments.update(Y)
             main = self.main[layer]
             if main is None:
                 continue
@@ -484,7 +567,8 @@ class _LayerAccumulators:
         for layer in self.moments:
             if self.main[layer] is not None:
                 out[f"{layer}/main"] = self.main[layer]
-            out[f"{layer}/moments"] = self.moments[layer]
+            if self.moments[layer] is not None:
+                out[f"{layer}/moments"] = self.moments[layer]
         return out
 
     def state(self) -> dict[str, dict[str, Tensor]]:
@@ -514,12 +598,10 @@ class _LayerAccumulators:
             # A rank whose shard is empty (more ranks than blocks) never updates; its zero sums
             # are still part of the global ones.
             warnings.filterwarnings("ignore", message=".*was called before the ``update``")
-            for layer in self.moments:
-                main = self.main[layer]
-                out[layer] = (
-                    None if main is None else main.compute(),
-                    self.moments[layer].compute(),
-                )
+            for layer, moments in self.moments.items():
+                metric = self.main[layer]
+                main = None if metric is None else metric.compute()
+                out[layer] = (main, metric.moments if moments is None else moments.compute())
         return out
 
 
@@ -608,6 +690,62 @@ def _load_state(path: Path, fields: dict[str, Any], fingerprint: str) -> dict[st
 
 
 # --------------------------------------------------------------------------------- the loop
+class _Stopwatch:
+    """Adds the seconds since the previous mark to ``timings[phase]``; no-op without a dict."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device, start: float):
+        self.timings = timings
+        self.sync = timings is not None and device.type == "cuda"
+        self.device = device
+        self.last = start
+
+    def mark(self, phase: str) -> None:
+        if self.timings is None:
+            return
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def count(self, rows: int, forwarded: int) -> None:
+        if self.timings is not None:
+            self.timings["rows"] = self.timings.get("rows", 0) + rows
+            self.timings["forwarded"] = self.timings.get("forwarded", 0) + forwarded
+
+
+def _rows_into(buffers: dict[str, Tensor], key: str, values: Tensor, index: Tensor) -> Tensor:
+    """values[index] written into a buffer kept in ``buffers[key]`` from batch to batch: a
+    fresh outputs-sized tensor per batch costs page faults on CPU (hundreds of MB)."""
+    buffer = buffers.get(key)
+    if (
+        buffer is None
+        or buffer.shape[0] < len(index)
+        or buffer.shape[1:] != values.shape[1:]
+        or buffer.dtype != values.dtype
+        or buffer.device != values.device
+    ):
+        buffer = buffers[key] = values.new_empty((len(index), *values.shape[1:]))
+    return torch.index_select(values, 0, index, out=buffer[: len(index)])
+
+
+@contextlib.contextmanager
+def _memory_format(model: nn.Module, channels_last: bool) -> Iterator[None]:
+    """Inside: the model's 4-D parameters and buffers in channels-last format (when asked);
+    the ones converted are made contiguous again on exit."""
+    converted = []
+    if channels_last:
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.ndim == 4 and tensor.is_contiguous():
+                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+                converted.append(tensor)
+    try:
+        yield
+    finally:
+        for tensor in converted:
+            tensor.data = tensor.data.contiguous()
+
+
 def _resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     if rank is None:
@@ -661,6 +799,7 @@ def run_analysis(
     activation_writer: ActivationWriter | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    timings: dict[str, float] | None = None,
 ) -> AnalysisResult:
     """Run one analysis of ``model``'s activations over ``problem``; see the module docstring.
 
@@ -678,6 +817,13 @@ def run_analysis(
         rows, captured outputs); the caller finalizes it. Not resumable: refused together with
         checkpointing.
     rank, world_size: default to torch.distributed's when initialised, else 0 and 1.
+    timings: a dict to receive where the time went, in seconds: "setup" (checks, dry forward,
+        accumulator allocation), "data" (decoding rows and loading images, or waiting for the
+        workers that do, and the copy to the device), "augment", "forward" (with the hooks),
+        "accumulate", "store", "checkpoint", "compute", "results"; and the counts "rows" and
+        "forwarded" (rows actually forwarded: fewer with ``deduplicate``). On CUDA the device is
+        synchronised at every phase boundary so that each phase is charged its own kernels,
+        which removes some overlap: time the overall rate without ``timings``.
 
     Returns the global AnalysisResult on every rank: "S1"... (sobol), "shapley"... (shapley),
     "mean_diff"... (contrast) and per-unit "mean", "var" (population), "std", "cv", conf
@@ -750,7 +896,7 @@ def run_analysis(
 
     batches = _batches(shard_start, shard_stop, per_batch, next_block)
     loader = DataLoader(
-        _BatchSource(design, problem, source, batches),
+        _BatchSource(design, problem, source, batches, config.deduplicate),
         batch_size=None,
         shuffle=False,
         num_workers=config.num_workers,
@@ -758,8 +904,11 @@ def run_analysis(
         pin_memory=device.type == "cuda",
     )
     autocast = torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"
+        device.type,
+        dtype=torch.float16 if config.precision == "16" else torch.bfloat16,
+        enabled=config.precision != "32",
     )
+    image_format = torch.channels_last if config.channels_last else torch.contiguous_format
     modes = {module: module.training for module in model.modules()}
     bar = _progress_bar(
         (shard_stop - shard_start) * design.block_size,
@@ -768,32 +917,47 @@ def run_analysis(
         config.progress and rank == 0,
     )
     last_saved = next_block
+    expanded: dict[str, Tensor] = {}  # reused across batches (deduplicate)
+    watch = _Stopwatch(timings, device, started)
+    watch.mark("setup")
     model.eval()
     try:
-        with torch.inference_mode(), capture:
+        # Parameters change format outside inference mode: they must stay usable for training.
+        with _memory_format(model, config.channels_last), torch.inference_mode(), capture:
+            forward = torch.compile(model) if config.compile else model
             for batch in loader:
                 unique = batch.images.to(device, model_dtype, non_blocking=True)
-                inverse = batch.inverse.to(device)
+                rows_of, decoded = batch.forwarded()
+                rows_of = rows_of.to(device)
+                watch.mark("data")
                 # A block larger than batch_rows (a permutation-Shapley block) is forwarded in
                 # chunks; the accumulators still receive whole blocks.
                 chunks = []
-                for first in range(0, len(batch.rows), config.batch_rows):
+                for first in range(0, len(rows_of), config.batch_rows):
                     rows = slice(first, first + config.batch_rows)
                     augmented = problem.augment(
-                        unique[inverse[rows]], _slice_decoded(batch.decoded, rows)
-                    )
+                        unique[rows_of[rows]], _slice_decoded(decoded, rows)
+                    ).contiguous(memory_format=image_format)
+                    watch.mark("augment")
                     with autocast:
-                        model(augmented)
+                        forward(augmented)
                     chunks.append(capture.pop())
+                    watch.mark("forward")
                 outputs = (
                     chunks[0] if len(chunks) == 1
                     else {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
                 )
+                if batch.copies is not None:
+                    copies = batch.copies.to(device)
+                    outputs = {k: _rows_into(expanded, k, v, copies) for k, v in outputs.items()}
                 accumulators.update(outputs, batch.stop - batch.start, batch.permutations)
+                watch.mark("accumulate")
+                watch.count(len(batch.rows), len(rows_of))
                 if activation_writer is not None:
                     rows = np.arange(batch.start * design.block_size,
                                      batch.stop * design.block_size)
                     activation_writer.append(rows, batch.rows, outputs)
+                    watch.mark("store")
                 bar.update(len(batch.rows))
                 if (
                     path is not None
@@ -810,7 +974,9 @@ def run_analysis(
                         "states": accumulators.state(),
                     })
                     last_saved = batch.stop
+                    watch.mark("checkpoint")
             computed = accumulators.compute()
+            watch.mark("compute")
     finally:
         bar.close()
         for module, mode in modes.items():
@@ -833,4 +999,5 @@ def run_analysis(
     )
     if path is not None:
         path.unlink(missing_ok=True)
+    watch.mark("results")
     return result

@@ -77,11 +77,22 @@ def _unit_shape(unit_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def _check_finite(Y: Tensor, rows_before: int, block_size: int) -> None:
-    """Raise naming the first non-finite entry of Y (n_blocks, block_size, U) or (rows, U)."""
+def _check_finite(Y: Tensor, rows_before: Tensor | int, block_size: int) -> None:
+    """Raise naming the first non-finite entry of Y (n_blocks, block_size, U) or (rows, U).
+
+    rows_before: blocks (or rows) already accumulated; read only to name a bad entry, so that
+    a count kept on a GPU costs no synchronisation.
+    """
+    # A sum is finite only if every term is: one pass without temporaries, where isfinite()
+    # costs several full-size passes (a third of a CPU update, measured). Overflow of a sum of
+    # finite values falls through to the exact check.
+    total = Y.sum(dtype=torch.float64 if Y.dtype == torch.float64 else torch.float32)
+    if bool(torch.isfinite(total)):
+        return
     bad = ~torch.isfinite(Y)
     if not bool(bad.any()):
         return
+    rows_before = int(rows_before)
     index = [int(i) for i in bad.nonzero()[0]]
     value = float(Y[tuple(index)])
     if Y.ndim == 3:
@@ -118,15 +129,20 @@ def _closure(exponents: Iterable[Exponents]) -> list[Exponents]:
 def _rebase_table(table: dict[Exponents, Tensor], delta: Tensor) -> dict[Exponents, Tensor]:
     """Sums of w * prod_t (y_t + delta)^e_t from the sums of w * prod_t y_t^f_t, f <= e.
 
-    ``delta`` (U,) broadcasts against every table entry (*lead, U).
+    ``delta`` (U,) broadcasts against every table entry (*lead, U). One variable at a time, the
+    binomial expansion sum_k C(i, k) delta^(i - k) S_k is built in place by repeated synthetic
+    steps S_i += delta * S_(i-1) (i from the top down, once per degree): d(d + 1) / 2 fused
+    multiply-adds per line of degree d instead of a power, two products and a sum per term.
     """
-    out = {}
-    for e, value in table.items():
-        total = torch.zeros_like(value)
-        for f in itertools.product(*(range(k + 1) for k in e)):
-            coefficient = math.prod(math.comb(k, j) for k, j in zip(e, f, strict=True))
-            total = total + coefficient * delta ** (sum(e) - sum(f)) * table[f]
-        out[e] = total
+    out = {e: value.clone() for e, value in table.items()}
+    for t in range(len(next(iter(table)))):
+        top = max(e[t] for e in out)
+        descending = sorted(out, key=lambda e: -e[t])
+        for step in range(1, top + 1):
+            for e in descending:
+                if e[t] >= step:
+                    lower = tuple(k - (u == t) for u, k in enumerate(e))
+                    out[e].addcmul_(delta, out[lower])
     return out
 
 
@@ -174,10 +190,12 @@ class _ShiftedPowerSums(Metric):
     """Base of the accumulators whose states are float64 sums of w * prod_t (y_t - shift)^e_t.
 
     A *table* is a weight name (a per-block, shift-invariant tensor such as AB_j - A) with a
-    downward-closed set of exponent tuples over the shifted variables; each entry is one state
-    (*lead, U). ``_rebased_states`` re-expands every table about a new shift, which is how
-    accumulators with different shifts are merged; ``_centred_tables`` is how ``compute`` centres
-    the sums.
+    downward-closed set of exponent tuples over the shifted variables; it is one state
+    ``<weight>_sums`` (U, K, *lead), units first, so that an update adds one contiguous block per
+    chunk of units (a batched matrix product straight into the state) instead of K strided
+    writes. ``table`` gives the entries as (*lead, U) views. ``_rebased_states`` re-expands every
+    table about a new shift, which is how accumulators with different shifts are merged;
+    ``_centred_tables`` is how ``compute`` centres the sums.
     """
 
     full_state_update = False
@@ -189,75 +207,122 @@ class _ShiftedPowerSums(Metric):
         self.unit_shape = _unit_shape(unit_shape)
         self.n_units = math.prod(self.unit_shape)
         self._tables: dict[str, list[Exponents]] = {}
+        # Every monomial any table needs, in the order tables were added: a table whose entries
+        # are the first k monomials reads them as a slice of the per-chunk monomial tensor.
+        self._monomials: list[Exponents] = []
+        self._selection: dict[str, slice | Tensor] = {}
         self.add_state("shift", torch.zeros(self.n_units, dtype=torch.float64), _agreed)
         self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def _add_table(
         self, weight: str, lead: tuple[int, ...], exponents: Iterable[Exponents]
     ) -> None:
-        self._tables[weight] = _closure(exponents)
-        for e in self._tables[weight]:
-            zeros = torch.zeros((*lead, self.n_units), dtype=torch.float64)
-            self.add_state(self._state_name(weight, e), zeros, dist_reduce_fx="sum")
+        closure = _closure(exponents)
+        self._monomials += [e for e in closure if e not in self._monomials]
+        index = sorted(self._monomials.index(e) for e in closure)
+        self._tables[weight] = [self._monomials[i] for i in index]
+        k = len(index)
+        self._selection[weight] = (
+            slice(0, k) if index == list(range(k)) else torch.tensor(index, dtype=torch.long)
+        )
+        self._add_sum_state(self._state_name(weight), (self.n_units, k, *lead))
+
+    def _add_sum_state(self, name: str, shape: tuple[int, ...]) -> None:
+        """A float64 zero state of ``shape`` summed across processes.
+
+        torchmetrics keeps a deep copy of every state's default for ``reset()``, which would
+        double the memory of these sums (126 float64 values per unit for first-order Sobol').
+        The default kept here is a zero-stride view of one zero instead; ``reset()`` clones it
+        into a real zero tensor.
+        """
+        self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        setattr(self, name, torch.zeros(shape, dtype=torch.float64))
+        self._defaults[name] = self._defaults[name].expand(shape)
 
     @staticmethod
-    def _state_name(weight: str, e: Exponents) -> str:
-        return f"{weight}_{''.join(map(str, e))}"
+    def _state_name(weight: str) -> str:
+        return f"{weight}_sums"
 
     def table(
         self, weight: str, states: dict[str, Tensor] | None = None
     ) -> dict[Exponents, Tensor]:
-        """The sums of one table, keyed by exponent tuple (from ``states`` or from self)."""
-        get = (lambda k: states[k]) if states is not None else (lambda k: getattr(self, k))
-        return {e: get(self._state_name(weight, e)) for e in self._tables[weight]}
+        """The sums of one table as {exponent tuple: (*lead, U) view} (from ``states`` or self)."""
+        name = self._state_name(weight)
+        sums = states[name] if states is not None else getattr(self, name)
+        return {e: sums[:, k].movedim(0, -1) for k, e in enumerate(self._tables[weight])}
 
     def _fix_shift(self, Y: Tensor) -> None:
         """On the first batch, take its per-unit mean as the shift. Y (..., U)."""
-        if float(self.n) == 0.0:
-            self.shift = Y.reshape(-1, self.n_units).mean(0, dtype=torch.float64)
+        # torchmetrics counts this update already: only the first update since construction or
+        # reset() reads n (a device synchronisation on a GPU); resumed or merged states keep n.
+        if self._update_count <= 1 and float(self.n) == 0.0:
+            # A mean in the outputs' own dtype is 8x faster on CPU than one accumulated in
+            # float64 and just as good a shift (any value near the mean keeps the sums exact).
+            self.shift = Y.reshape(-1, self.n_units).mean(0).to(torch.float64)
+
+    def _shifted_chunk(self, Y: Tensor, units: slice, buffer: Tensor) -> Tensor:
+        """Y (n, r, U) -> (c, r, n) float64 minus the shift, for the c units ``units``.
+
+        Units first (each unit's rows contiguous), written into ``buffer``, which is reused
+        across chunks: fresh large temporaries cost page faults on CPU.
+        """
+        c = units.stop - units.start
+        out = buffer[: c * Y.shape[0] * Y.shape[1]].view(c, Y.shape[1], Y.shape[0])
+        out.copy_(Y[:, :, units].permute(2, 1, 0))
+        return out.sub_(self.shift[units, None, None])
+
+    def _monomial_chunk(self, variables: Sequence[Tensor]) -> Tensor:
+        """(c, M, n): every monomial prod_t variables[t]^e_t in ``self._monomials`` order."""
+        first = variables[0]
+        out = torch.empty(
+            (first.shape[0], len(self._monomials), first.shape[1]),
+            dtype=first.dtype,
+            device=first.device,
+        )
+        position = {e: i for i, e in enumerate(self._monomials)}
+        for i, e in enumerate(self._monomials):
+            # Tables are downward closed and added lowest degree first, so e minus one power
+            # of its first variable is already in ``out``: one product per monomial.
+            t = next((t for t, k in enumerate(e) if k > 0), None)
+            if t is None:
+                out[:, i] = 1.0
+                continue
+            lower = tuple(k - (u == t) for u, k in enumerate(e))
+            if sum(lower) == 0:
+                out[:, i] = variables[t]
+            else:
+                torch.mul(out[:, position[lower]], variables[t], out=out[:, i])
+        return out
 
     def _accumulate(
-        self,
-        weight: str,
-        values: Tensor | None,
-        variables: Sequence[Tensor],
-        powers: dict[tuple[int, int], Tensor],
-        units: slice,
+        self, weight: str, values: Tensor | None, monomials: Tensor, units: slice
     ) -> None:
-        """Add sum_n values[u, :, n] * prod_t variables[t][u, n]^e_t to a table's entries.
+        """Add sum_n values[u, :, n] * monomial_e[u, n] to each entry e of a table.
 
-        values: (c, L, n) weights per block or None for weight 1; variables: (c, n) each, for
-        the c units ``units``; powers caches variables[t]^k across tables.
+        values: (c, L, n) weights per block, or None for weight 1 (a table without lead);
+        monomials: (c, M, n) from ``_monomial_chunk`` for the c units ``units``.
         """
-
-        def power(t: int, k: int) -> Tensor:
-            if (t, k) not in powers:
-                powers[(t, k)] = variables[t] ** k
-            return powers[(t, k)]
-
-        exponents = self._tables[weight]
-        monomials = []
-        for e in exponents:
-            factors = [power(t, k) for t, k in enumerate(e) if k > 0]
-            monomials.append(math.prod(factors[1:], start=factors[0]) if factors else None)
-        ones = torch.ones_like(variables[0])
-        stacked = torch.stack([ones if m is None else m for m in monomials], dim=1)  # (c, K, n)
-        # Units as the batch of one small matrix product: far faster than broadcasting
-        # (c, K, L, n) or reducing one monomial at a time.
+        selection = self._selection[weight]
+        chosen = (
+            monomials[:, selection]
+            if isinstance(selection, slice)
+            else monomials.index_select(1, selection.to(monomials.device))
+        )
+        state = getattr(self, self._state_name(weight))[units]  # (c, K, *lead), contiguous
+        # Units as the batch of one small matrix product, added in place into the state.
         if values is None:
-            sums = stacked.sum(2)[:, :, None]  # (c, K, 1)
+            state += chosen.sum(2)
         else:
-            sums = torch.bmm(stacked, values.transpose(1, 2))  # (c, K, L)
-        for k, e in enumerate(exponents):
-            state = getattr(self, self._state_name(weight, e))
-            state[..., units] += sums[:, k, :].T.reshape(state[..., units].shape)
+            state.baddbmm_(chosen, values.transpose(1, 2))
 
     def _rebased_states(self, states: dict[str, Tensor], new_shift: Tensor) -> dict[str, Tensor]:
         out = dict(states)
         delta = states["shift"] - new_shift
-        for weight in self._tables:
-            for e, value in _rebase_table(self.table(weight, states), delta).items():
-                out[self._state_name(weight, e)] = value
+        for weight, exponents in self._tables.items():
+            rebased = _rebase_table(self.table(weight, states), delta)
+            out[self._state_name(weight)] = torch.stack(
+                [rebased[e].movedim(-1, 0) for e in exponents], dim=1
+            )
         out["shift"] = new_shift.clone()
         return out
 
@@ -343,7 +408,10 @@ class SobolAccumulator(_ShiftedPowerSums):
         ST_j = mean[(A - AB_j)^2] / (2V)                         (Jansen)
         S2_jk = mean[(BA_j - mu)(AB_k - mu) - (A - mu)(B - mu)] / V - S1_j - S1_k  (Saltelli 2002)
     States (float64, per unit): 13 power sums of (A, B), 14 per group for S1/ST and their
-    intervals, and with second order 16 more per group and 9 per pair of groups.
+    intervals, 6 for the moments of all rows (first order), and with second order 16 more per
+    group and 9 per pair of groups. After ``compute()`` (first order), ``moments`` holds the
+    per-unit moments of every row of the design, as a MomentsAccumulator fed all rows would give
+    them (computed from the synced sums under DDP, like the indices).
     """
 
     def __init__(
@@ -363,12 +431,20 @@ class SobolAccumulator(_ShiftedPowerSums):
         self._z = _z_score(conf_level)
         g = n_groups
         self.block_size = 2 * g + 2 if self.second_order else g + 2
+        self.moments: MomentsResult | None = None
         # Exponents are over (A - shift, B - shift); the closure adds every lower power, which the
         # re-expansion about a new centre needs. What each entry is for: see compute().
-        self._add_table("one", (), [(4, 0), (2, 2), (0, 4)])
-        self._add_table("D", (g,), [(2, 1), (0, 3)])
-        self._add_table("D2", (g,), [(2, 0), (0, 2)])
+        # Added smallest first so that each table's monomials are a prefix of the shared list.
         self._add_table("D4", (g,), [(0, 0)])
+        self._add_table("D2", (g,), [(2, 0), (0, 2)])
+        self._add_table("D", (g,), [(2, 1), (0, 3)])
+        self._add_table("one", (), [(4, 0), (2, 2), (0, 4)])
+        if not self.second_order:
+            # With S = sum_j D_j and S3 = sum_j D_j^3, every row's power sums follow from the
+            # tables (AB_j = A + D_j): the moments of all rows at a fraction of the cost of a
+            # MomentsAccumulator's own pass over the outputs.
+            self._add_table("S", (1,), [(3, 0)])
+            self._add_table("S3", (1,), [(1, 0)])
         pairs = list(itertools.combinations(range(g), 2))
         self._pair_j = torch.tensor([j for j, _ in pairs], dtype=torch.long)
         self._pair_k = torch.tensor([k for _, k in pairs], dtype=torch.long)
@@ -383,15 +459,22 @@ class SobolAccumulator(_ShiftedPowerSums):
     def update(self, Y: Tensor) -> None:
         """Add whole base points: Y (n_blocks, block_size, *unit_shape)."""
         Y = _as_blocks(Y, self.block_size, self.unit_shape, "SobolAccumulator.update")
-        _check_finite(Y, int(self.n), self.block_size)
+        _check_finite(Y, self.n, self.block_size)
         self._fix_shift(Y)
         g, n = self.n_groups, Y.shape[0]
         pairs = len(self._pair_j)
-        per_unit = n * (2 * self.block_size + 16 + (3 * pairs + 4 * g + 16 if pairs else 0))
-        for units in _unit_slices(self.n_units, per_unit, Y.device):
-            # Units first: every sum is then a batch (over units) of small matrix products.
-            chunk = (Y[:, :, units].to(torch.float64) - self.shift[units]).permute(2, 1, 0)
-            self._update_units(chunk.contiguous(), units)
+        per_unit = n * (
+            self.block_size + len(self._monomials) + 4 * g
+            + (4 * pairs + 3 * g if self.second_order else 0)
+        )
+        slices = _unit_slices(self.n_units, per_unit, Y.device)
+        buffer = torch.empty(
+            (slices[0].stop - slices[0].start) * self.block_size * n,
+            dtype=torch.float64,
+            device=Y.device,
+        )
+        for units in slices:
+            self._update_units(self._shifted_chunk(Y, units, buffer), units)
         self.n = self.n + n
 
     def _update_units(self, Y: Tensor, units: slice) -> None:
@@ -399,13 +482,15 @@ class SobolAccumulator(_ShiftedPowerSums):
         g = self.n_groups
         A, B = Y[:, 0], Y[:, -1]
         D = Y[:, 1 : g + 1] - A[:, None]  # (c, G, n) AB_j - A
-        powers: dict[tuple[int, int], Tensor] = {}
-        variables = (A, B)
-        self._accumulate("one", None, variables, powers, units)
-        self._accumulate("D", D, variables, powers, units)
+        monomials = self._monomial_chunk((A, B))
+        self._accumulate("one", None, monomials, units)
+        self._accumulate("D", D, monomials, units)
         D2 = D * D
-        self._accumulate("D2", D2, variables, powers, units)
-        self._accumulate("D4", D2 * D2, variables, powers, units)
+        self._accumulate("D2", D2, monomials, units)
+        self._accumulate("D4", D2 * D2, monomials, units)
+        if not self.second_order:
+            self._accumulate("S", D.sum(1, keepdim=True), monomials, units)
+            self._accumulate("S3", (D2 * D).sum(1, keepdim=True), monomials, units)
         if self.second_order:
             j, k = self._pair_j.to(Y.device), self._pair_k.to(Y.device)
             E = Y[:, g + 1 : 2 * g + 1] - B[:, None]  # BA_j - B
@@ -415,34 +500,96 @@ class SobolAccumulator(_ShiftedPowerSums):
             # z = Zt + (p - m) H_j with p = (A + B) / 2 and the shift-invariant
             # Zt = z(p) = E_j D_k + (A - B)/2 (E_j + D_j).
             Z = E[:, j] * D[:, k] + half * (E + D)[:, j]
-            self._accumulate("Z", Z, variables, powers, units)
-            self._accumulate("Z2", Z * Z, variables, powers, units)
-            self._accumulate("ZH", Z * H[:, j], variables, powers, units)
-            self._accumulate("H", H, variables, powers, units)
-            self._accumulate("H2", H * H, variables, powers, units)
+            self._accumulate("Z", Z, monomials, units)
+            self._accumulate("Z2", Z * Z, monomials, units)
+            self._accumulate("ZH", Z * H[:, j], monomials, units)
+            self._accumulate("H", H, monomials, units)
+            self._accumulate("H2", H * H, monomials, units)
 
     def compute(self) -> SobolResult:
         n = self.n
         if float(n) < 2:
             raise ValueError(f"need at least 2 base points for Sobol indices, got {int(n)}")
+        g, u = self.n_groups, self.n_units
+        leads = {"S1": (g,), "ST": (g,), "S1_conf": (g,), "ST_conf": (g,), "mean": (),
+                 "variance": (), "constant": ()}
+        if self.second_order:
+            leads.update(S2=(g, g), S2_conf=(g, g))
+        device = self.shift.device
+        out = {
+            k: torch.empty((*lead, u), dtype=torch.bool if k == "constant" else torch.float64,
+                           device=device)
+            for k, lead in leads.items()
+        }
+        # By chunks of units: whole-layer float64 temporaries (tens of MB each, hundreds of
+        # them) made compute() take seconds per million units on CPU.
+        for units in _unit_slices(u, 256, device):
+            for key, value in self._compute_units(units, n).items():
+                out[key][..., units] = value
+        shape = (g, *self.unit_shape)
+        pair_shape = (g, g, *self.unit_shape)
+        self.moments = None if self.second_order else self._row_moments()
+        return SobolResult(
+            S1=_numpy(out["S1"], shape),
+            ST=_numpy(out["ST"], shape),
+            S1_conf=_numpy(out["S1_conf"], shape),
+            ST_conf=_numpy(out["ST_conf"], shape),
+            S2=_numpy(out["S2"], pair_shape) if self.second_order else None,
+            S2_conf=_numpy(out["S2_conf"], pair_shape) if self.second_order else None,
+            mean=_numpy(out["mean"], self.unit_shape),
+            variance=_numpy(out["variance"], self.unit_shape),
+            constant=_numpy(out["constant"], self.unit_shape).astype(bool),
+            n=int(n),
+            conf_level=self.conf_level,
+        )
+
+    def _row_moments(self) -> MomentsResult:
+        """Moments of all n (G + 2) rows from the power sums of each row kind about the shift:
+        sum (A + D_j)^k = sum_i C(k, i) A^(k - i) D_j^i, summed over the groups j."""
+        g, one = self.n_groups, self.table("one")
+        S, S3, D2, D4 = (self._group_sums(w) for w in ("S", "S3", "D2", "D4"))
+        D4 = D4[(0, 0)]
+        sums = {
+            (0,): one[(0, 0)] * (g + 2),
+            (1,): (g + 1) * one[(1, 0)] + one[(0, 1)] + S[(0, 0)],
+            (2,): (g + 1) * one[(2, 0)] + one[(0, 2)] + 2 * S[(1, 0)] + D2[(0, 0)],
+            (3,): (g + 1) * one[(3, 0)] + one[(0, 3)] + 3 * S[(2, 0)] + 3 * D2[(1, 0)]
+            + S3[(0, 0)],
+            (4,): (g + 1) * one[(4, 0)] + one[(0, 4)] + 4 * S[(3, 0)] + 6 * D2[(2, 0)]
+            + 4 * S3[(1, 0)] + D4,
+        }
+        return _moments_result(
+            sums, self.n * (g + 2), self.shift, self._z, self.conf_level, self.unit_shape
+        )
+
+    def _group_sums(self, weight: str) -> dict[Exponents, Tensor]:
+        """A table's entries summed over its lead axis: {exponents: (U,)}."""
+        name = self._state_name(weight)
+        summed = getattr(self, name).sum(2, keepdim=True)  # contiguous axis: a fast reduction
+        return {e: t[0] for e, t in self.table(weight, {name: summed}).items()}
+
+    def _compute_units(self, units: slice, n: Tensor) -> dict[str, Tensor]:
+        """compute()'s arrays for the units ``units``: (*lead, c) tensors."""
         g = self.n_groups
-        one = self.table("one")
+        tables = {w: {e: t[..., units] for e, t in self.table(w).items()} for w in self._tables}
+        shift = self.shift[units]
+        one = tables["one"]
         # Mean of all rows (relative to the shift), from sums already kept: AB_j = A + D_j and
         # BA_j = B + H_j + D_j.
-        d_sum = self.table("D")[(0, 0)].sum(0)
+        d_sum = tables["D"][(0, 0)].sum(0)
         all_sum = (g + 1) * one[(1, 0)] + one[(0, 1)] + d_sum
         if self.second_order:
-            all_sum = all_sum + g * one[(0, 1)] + self.table("H")[(0, 0)].sum(0) + d_sum
+            all_sum = all_sum + g * one[(0, 1)] + tables["H"][(0, 0)].sum(0) + d_sum
         mu = all_sum / (n * self.block_size)
         ab_mean = (one[(1, 0)] + one[(0, 1)]) / (2.0 * n)
         # Centre every table on the mean of [A; B]: a = A - mean, b = B - mean below.
-        C = self._centred_tables(ab_mean)
+        C = {w: _rebase_table(table, -ab_mean) for w, table in tables.items()}
         e = ab_mean - mu  # so B - mu = b + e
         c1, cD, cD2 = C["one"], C["D"], C["D2"]
         V = (c1[(2, 0)] + c1[(0, 2)]) / (2.0 * n)  # per-block v = (a^2 + b^2) / 2
         vv = (c1[(4, 0)] + 2.0 * c1[(2, 2)] + c1[(0, 4)]) / (4.0 * n)
-        largest_change = self.table("D2")[(0, 0)].amax(0) / n
-        constant = (V <= (_CONSTANT_RTOL * torch.abs(self.shift + mu)) ** 2) | (
+        largest_change = tables["D2"][(0, 0)].amax(0) / n
+        constant = (V <= (_CONSTANT_RTOL * torch.abs(shift + mu)) ** 2) | (
             V <= _DEGENERATE_RATIO * largest_change
         )
         V = torch.where(constant, torch.zeros_like(V), V)
@@ -456,28 +603,16 @@ class SobolAccumulator(_ShiftedPowerSums):
         xxT = C["D4"][(0, 0)] / (4.0 * n)
         xvT = (cD2[(2, 0)] + cD2[(0, 2)]) / (4.0 * n)
         ST, ST_conf = _ratio_conf(n, xT, xxT, V, vv, xvT, self._z)
-        shape = (g, *self.unit_shape)
-        S2 = S2_conf = None
+        out = {"S1": S1, "ST": ST, "S1_conf": S1_conf, "ST_conf": ST_conf, "mean": shift + mu,
+               "variance": V, "constant": constant}
         if self.second_order:
-            S2, S2_conf = self._second_order(C, n, e, V, vv)
-        return SobolResult(
-            S1=_numpy(S1, shape),
-            ST=_numpy(ST, shape),
-            S1_conf=_numpy(S1_conf, shape),
-            ST_conf=_numpy(ST_conf, shape),
-            S2=S2,
-            S2_conf=S2_conf,
-            mean=_numpy(self.shift + mu, self.unit_shape),
-            variance=_numpy(V, self.unit_shape),
-            constant=_numpy(constant, self.unit_shape).astype(bool),
-            n=int(n),
-            conf_level=self.conf_level,
-        )
+            out["S2"], out["S2_conf"] = self._second_order(C, n, e, V, vv)
+        return out
 
     def _second_order(
         self, C: dict[str, dict[Exponents, Tensor]], n: Tensor, e: Tensor, V: Tensor, vv: Tensor
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """S2 and its half-width as (G, G, *unit_shape) from the centred tables.
+    ) -> tuple[Tensor, Tensor]:
+        """S2 and its half-width as (G, G, c) from the centred tables of c units.
 
         S2_jk = mean(z) / V with z = Zt + h_j ((a + b) / 2 + e) (see update) and v as for S1.
         """
@@ -508,13 +643,12 @@ class SobolAccumulator(_ShiftedPowerSums):
         ) / n
         s2, conf = _ratio_conf(n, x, xx, V, vv, xv, self._z)
         g = self.n_groups
-        full = torch.zeros((g, g, self.n_units), dtype=torch.float64, device=e.device)
+        full = torch.zeros((g, g, e.shape[-1]), dtype=torch.float64, device=e.device)
         full_conf = torch.zeros_like(full)
         k = self._pair_k.to(e.device)
         full[j, k] = full[k, j] = s2
         full_conf[j, k] = full_conf[k, j] = conf
-        shape = (g, g, *self.unit_shape)
-        return _numpy(full, shape), _numpy(full_conf, shape)
+        return full, full_conf
 
 
 @dataclass
@@ -591,7 +725,7 @@ class _ContributionSums(Metric):
         """Add whole blocks: Y (n_blocks, block_size, *unit_shape), permutations (n_blocks, G)."""
         Y = _as_blocks(Y, self.block_size, self.unit_shape, f"{type(self).__name__}.update")
         perms = self._permutations(permutations, Y.shape[0])
-        _check_finite(Y, int(self.n), self.block_size)
+        _check_finite(Y, self.n, self.block_size)
         n = Y.shape[0]
         position = torch.argsort(perms.to(Y.device), dim=1)  # step at which group j changes
         for units in _unit_slices(self.n_units, n * (2 * self.block_size + 6), Y.device):
@@ -740,45 +874,65 @@ class MomentsAccumulator(_ShiftedPowerSums):
                 f"{tuple(Y.shape) if isinstance(Y, Tensor) else type(Y).__name__}"
             )
         Y = Y.reshape(Y.shape[0], -1)
-        _check_finite(Y, int(self.n), 1)
+        _check_finite(Y, self.n, 1)
         self._fix_shift(Y)
-        table = self.table("one")
-        for units in _unit_slices(self.n_units, 3 * Y.shape[0], Y.device):
-            y = Y[:, units].to(torch.float64) - self.shift[units]  # (rows, c)
+        rows = Y.shape[0]
+        sums = self.table("one")
+        # Two arrays of (rows, units) in flight: about 2^16 values each keeps them in L2.
+        slices = _unit_slices(self.n_units, 16 * rows, Y.device)
+        buffer = torch.empty(
+            (slices[0].stop - slices[0].start) * rows, dtype=torch.float64, device=Y.device
+        )
+        for units in slices:
+            # Rows first, units contiguous: sums over rows need no transposed copy.
+            y = buffer[: rows * (units.stop - units.start)].view(rows, -1)
+            y.copy_(Y[:, units]).sub_(self.shift[units])
             power = y
             for k in range(1, 5):
-                table[(k,)][units] += power.sum(0)
+                sums[(k,)][units] += power.sum(0)
                 if k < 4:
                     power = power * y
-        table[(0,)] += Y.shape[0]
-        self.n = self.n + Y.shape[0]
+        sums[(0,)] += rows
+        self.n = self.n + rows
 
     def compute(self) -> MomentsResult:
-        n = self.n
-        if float(n) < 2:
-            raise ValueError(f"need at least 2 rows for a variance, got {int(n)}")
-        mean_shifted = self.table("one")[(1,)] / n
-        c = self._centred_tables(mean_shifted)["one"]
-        mean = self.shift + mean_shifted
-        var = c[(2,)] / (n - 1.0)
-        constant = var <= (_CONSTANT_RTOL * mean.abs()) ** 2
-        var = torch.where(constant, torch.zeros_like(var), var)
-        std = torch.sqrt(var)
-        m2, m4 = c[(2,)] / n, c[(4,)] / n
-        var_conf = self._z * torch.sqrt(torch.clamp((m4 - m2 * m2) / n, min=0.0))
-        cv = torch.where(std == 0, torch.zeros_like(std), std / mean.abs())
-        shape = self.unit_shape
-        return MomentsResult(
-            mean=_numpy(mean, shape),
-            var=_numpy(var, shape),
-            std=_numpy(std, shape),
-            cv=_numpy(cv, shape),
-            mean_conf=_numpy(self._z * std / torch.sqrt(n), shape),
-            var_conf=_numpy(torch.where(constant, torch.zeros_like(var), var_conf), shape),
-            constant=_numpy(constant, shape).astype(bool),
-            n=int(n),
-            conf_level=self.conf_level,
+        return _moments_result(
+            self.table("one"), self.n, self.shift, self._z, self.conf_level, self.unit_shape
         )
+
+
+def _moments_result(
+    sums: dict[Exponents, Tensor],
+    n: Tensor,
+    shift: Tensor,
+    z: float,
+    conf_level: float,
+    unit_shape: tuple[int, ...],
+) -> MomentsResult:
+    """Moments from the power sums {(k,): sum over n rows of (y - shift)^k}, k = 0..4, (U,)."""
+    if float(n) < 2:
+        raise ValueError(f"need at least 2 rows for a variance, got {int(n)}")
+    mean_shifted = sums[(1,)] / n
+    c = _rebase_table(sums, -mean_shifted)
+    mean = shift + mean_shifted
+    var = c[(2,)] / (n - 1.0)
+    constant = var <= (_CONSTANT_RTOL * mean.abs()) ** 2
+    var = torch.where(constant, torch.zeros_like(var), var)
+    std = torch.sqrt(var)
+    m2, m4 = c[(2,)] / n, c[(4,)] / n
+    var_conf = z * torch.sqrt(torch.clamp((m4 - m2 * m2) / n, min=0.0))
+    cv = torch.where(std == 0, torch.zeros_like(std), std / mean.abs())
+    return MomentsResult(
+        mean=_numpy(mean, unit_shape),
+        var=_numpy(var, unit_shape),
+        std=_numpy(std, unit_shape),
+        cv=_numpy(cv, unit_shape),
+        mean_conf=_numpy(z * std / torch.sqrt(n), unit_shape),
+        var_conf=_numpy(torch.where(constant, torch.zeros_like(var), var_conf), unit_shape),
+        constant=_numpy(constant, unit_shape).astype(bool),
+        n=int(n),
+        conf_level=conf_level,
+    )
 
 
 @dataclass
@@ -843,7 +997,7 @@ class ContrastAccumulator(Metric):
 
     def update(self, Y: Tensor) -> None:
         Y = _as_blocks(Y, self.block_size, self.unit_shape, "ContrastAccumulator.update")
-        _check_finite(Y, int(self.n), self.block_size)
+        _check_finite(Y, self.n, self.block_size)
         n = Y.shape[0]
         for units in _unit_slices(self.n_units, 3 * n * self.block_size, Y.device):
             chunk = Y[:, :, units].to(torch.float64)

@@ -475,7 +475,9 @@ class AugmentationProblem:
             )
         device = images.device
         on_device = decoded.to(device)
-        order, active = on_device.order, on_device.active
+        # Which rows take which augmentation is decided on the CPU: tests of device tensors
+        # would stall an accelerator's queue once per (position, augmentation).
+        order, active = decoded.order.cpu(), decoded.active.cpu()
         out = images.clone()
         for position in range(k):
             at_position = order[:, position]
@@ -485,7 +487,7 @@ class AugmentationProblem:
                 if bool(selected.all()):
                     out = augs.apply(name, out, params)
                 elif bool(selected.any()):
-                    index = selected.nonzero().squeeze(1)
+                    index = selected.nonzero().squeeze(1).to(device, non_blocking=True)
                     out[index] = augs.apply(
                         name, out[index], {p: t[index] for p, t in params.items()}
                     )

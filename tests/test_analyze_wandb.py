@@ -1,0 +1,237 @@
+"""analyze.py's W&B logging: offline runs under the analysis run directory, read back from their
+transaction logs (.wandb), for an engine method, masking, single-class and the statistics commands;
+--wandb false and WANDB_MODE=disabled log nothing; the mode follows --wandb_project and WANDB_MODE.
+
+Tiny settings (32 px stock ResNet18, 4 planted classes x 1 probe image, Sobol n 4, full maps of
+layer1 (64 x 8 x 8) and fc, one masking draw) keep it fast; W&B is offline (conftest) and never
+reaches the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import wandb
+from PIL import Image
+from test_callback import history_row, read_wandb_records
+from wandb.proto import wandb_internal_pb2
+
+import analyze
+from callbacks.wandb_logging import ARTIFACT_TYPE, STEP_METRIC, metric_key, wandb_mode
+from sensitivity import masking
+from sensitivity.store import ResultsStore
+
+LAYERS = ["layer1", "fc"]
+COMMON = [
+    "--data.image_size", "32", "--images-per-class", "1", "--small_input", "false",
+    "--layers", json.dumps(LAYERS), "--reduction", "none", "--accelerator", "cpu",
+    "--no_progress",
+]
+
+
+def cli(*args: str | Path) -> int:
+    return analyze.main([str(a) for a in args])
+
+
+def wandb_runs(run_dir: Path) -> dict[str, list[wandb_internal_pb2.Record]]:
+    """{job type (the analyze.py command): records of its offline run} under run_dir/wandb."""
+    # run.finish() returns before W&B's core process has closed (flushed) the run's .wandb
+    # file; teardown waits for it, as the exit of an analyze.py process does.
+    wandb.teardown()
+    runs = {}
+    for directory in sorted((run_dir / "wandb").glob("offline-run-*")):
+        (log,) = directory.glob("run-*.wandb")
+        records = read_wandb_records(log)
+        (run,) = [r.run for r in records if r.HasField("run")]
+        runs[run.job_type] = records
+    return runs
+
+
+def logged_row(records: list[wandb_internal_pb2.Record]) -> dict:
+    (row,) = [history_row(r.history) for r in records if r.HasField("history")]
+    return row
+
+
+def step_metrics(records: list[wandb_internal_pb2.Record]) -> dict[str, str]:
+    return {r.metric.glob_name or r.metric.name: r.metric.step_metric
+            for r in records if r.HasField("metric")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads under contention make the
+    masking forwards tens of times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sobol_run(tmp_path_factory) -> tuple[Path, str]:
+    """(run directory, printed output) of a tiny Sobol analysis of a random ResNet18."""
+    run_dir = tmp_path_factory.mktemp("analysis") / "run"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli("sobol", "--output", run_dir, "--n", "4", *COMMON) == 0
+    return run_dir, out.getvalue()
+
+
+def test_sobol_logs_an_offline_run_in_the_run_directory(sobol_run):
+    run_dir, printed = sobol_run
+    (directory,) = (run_dir / "wandb").glob("offline-run-*")
+    assert f"W&B offline run {directory}" in printed
+    assert f"wandb sync {directory}" in printed
+    records = wandb_runs(run_dir)["sobol"]
+    (run,) = [r.run for r in records if r.HasField("run")]
+    assert (run.project, run.display_name) == ("augsens", "sobol")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert (config["method"], config["n"], config["layers"]) == ("sobol", 4, LAYERS)
+    assert step_metrics(records)["sensitivity/*"] == STEP_METRIC
+    row = logged_row(records)
+    assert row[STEP_METRIC] == -1  # not an epoch of a training run
+    summary = ResultsStore(run_dir / "results.h5").read_analysis("sobol").summary()
+    assert set(summary) == {"S1", "ST"}
+    for key, layers in summary.items():
+        assert list(layers) == LAYERS
+        for layer, values in layers.items():
+            for variable, value in values.items():
+                assert row[metric_key("sobol", layer, variable, key)] == pytest.approx(value)
+        image = row[f"sensitivity/sobol/heatmap/{key}"]
+        assert image["_type"] == "image-file"
+        with Image.open(directory / "files" / image["path"]) as png:
+            assert png.format == "PNG" and min(png.size) > 200
+    table = json.loads((directory / "files" / row["sensitivity/sobol/summary"]["path"]).read_text())
+    assert table["columns"] == ["epoch", "layer", "variable", "index", "value"]
+    assert len(table["data"]) == sum(len(v) for layers in summary.values() for v in layers.values())
+    # offline: the results file is not copied into the run as an artifact
+    assert not [r for r in records if r.HasField("artifact") and r.artifact.type == ARTIFACT_TYPE]
+
+
+def test_masking_on_the_results_file_logs_the_masking_keys(sobol_run, capsys):
+    run_dir, _ = sobol_run
+    # one input augmentation and two mask variables: 2 x 2 x 17 masked evaluations
+    assert cli("masking", "--results", run_dir / "results.h5", "--analysis", "sobol",
+               "--masking.k", "1", "--masking.augmentations", "[erasing]",
+               "--masking.variables", "[erasing, class]", *COMMON) == 0
+    records = wandb_runs(run_dir)["masking"]
+    printed = capsys.readouterr().out
+    (directory,) = [d for d in (run_dir / "wandb").glob("offline-run-*") if str(d) in printed]
+    assert step_metrics(records)["masking/*"] == STEP_METRIC
+    row = logged_row(records)
+    stored = masking.read_masking(ResultsStore(run_dir / "results.h5"), "sobol")
+    for i, name in enumerate(stored.inputs):
+        assert row[f"masking/unmasked/{name}/acc1"] == pytest.approx(stored.unmasked_acc1[i])
+        assert row[f"masking/unmasked/{name}/acc5"] == pytest.approx(stored.unmasked_acc5[i])
+    for i, name in enumerate(stored.inputs[1:]):
+        for v, variable in enumerate(stored.variables):
+            np.testing.assert_allclose(row[f"masking/specificity/{name}/{variable}"],
+                                       stored.specificity[i, v])  # NaN: constant profiles
+    table = json.loads((directory / "files" / row["masking/table"]["path"]).read_text())
+    assert stored.inputs == ["original", "erasing"] and stored.variables == ["erasing", "class"]
+    # per input its unmasked accuracy, then every (variable, configuration)
+    assert len(table["data"]) == 2 * (1 + 2 * len(stored.configurations))
+    assert row["masking/specificity_heatmap"]["_type"] == "image-file"
+
+
+def test_correlation_logs_a_table_and_mean_correlations(sobol_run):
+    run_dir, _ = sobol_run
+    assert cli("correlation", "--results", run_dir / "results.h5", "--analysis", "sobol") == 0
+    row = logged_row(wandb_runs(run_dir)["correlation"])
+    with h5py.File(run_dir / "results.h5", "r") as f:
+        variables = len(f["correlation/sobol"].attrs["variables"])
+        for layer in LAYERS:
+            for key in ("S1", "ST"):
+                pairs = f[f"correlation/sobol/{layer}/{key}/variables"][()]
+                upper = np.abs(pairs[np.triu_indices(variables, k=1)])
+                expected = upper[np.isfinite(upper)].mean()
+                assert row[f"correlation/{layer}/{key}/mean_abs"] == pytest.approx(expected)
+    # every pair of variables, and every variable against mean, var and cv
+    assert row["correlation/table"]["nrows"] == len(LAYERS) * 2 * (
+        variables * (variables - 1) // 2 + 3 * variables)
+
+
+def test_single_class_and_lda_log_their_keys(sobol_run):
+    run_dir, _ = sobol_run
+    results = run_dir / "results.h5"
+    assert cli("single-class", "--results", results, "--analysis", "sobol", "--masking.k", "1",
+               "--masking.variables", "[erasing]", "--single_class.n", "2",
+               "--single_class.trials", "1000", *COMMON) == 0
+    assert cli("lda", "--results", results, "--analysis", "sobol", "--folds", "2",
+               "--repeats", "1") == 0
+    runs = wandb_runs(run_dir)
+    row = logged_row(runs["single-class"])
+    assert step_metrics(runs["single-class"])["single_class/*"] == STEP_METRIC
+    with h5py.File(results, "r") as f:
+        g = f["single_class/sobol"]
+        assert list(g.attrs["variables"]) == ["erasing"]
+        jaccard = g["jaccard"][()]  # (variables, configurations)
+        threshold = g.attrs["threshold"]
+        lda = f["lda/sobol/layer1/ST/accuracy"][()]  # one accuracy per fold
+    assert row["single_class/erasing/max_jaccard"] == pytest.approx(np.nanmax(jaccard[0]))
+    assert row["single_class/erasing/matched"] == int(np.sum(jaccard[0] > threshold))
+    assert row["single_class/threshold"] == pytest.approx(threshold)
+    assert row["single_class/table"]["nrows"] == 1
+    row = logged_row(runs["lda"])
+    assert row["lda/layer1/ST/accuracy"] == pytest.approx(lda.mean())
+    assert row["lda/layer1/ST/accuracy_sd"] == pytest.approx(lda.std(ddof=1))
+    assert row["lda/chance"] == pytest.approx(1 / 8)  # 5 augmentations, order, class, image
+    assert row["lda/table"]["nrows"] == 2  # layer1 x (S1, ST); fc has no spatial maps
+
+
+def test_contrast_stats_log_the_significant_unit_counts(tmp_path):
+    out = tmp_path / "contrast"
+    assert cli("contrast", "--output", out, "--n", "4", "--contrast_k", "2",
+               "--store-activations", "--wandb", "false", *COMMON) == 0
+    assert cli("contrast-stats", "--results", out / "results.h5", "--analysis", "contrast",
+               "--alpha", "0.5") == 0
+    row = logged_row(wandb_runs(out)["contrast-stats"])
+    assert row["contrast_stats/n_pairs"] == 4 and row["contrast_stats/alpha"] == 0.5
+    with h5py.File(out / "results.h5", "r") as f:
+        augmentations = list(f["wilcoxon/contrast"].attrs["variables"])
+        for layer in LAYERS:
+            counts = f[f"wilcoxon/contrast/{layer}/n_significant"][()]
+            for augmentation, count in zip(augmentations, counts, strict=True):
+                assert row[f"contrast_stats/{layer}/{augmentation}/n_significant"] == count
+    assert row["contrast_stats/table"]["nrows"] == len(LAYERS) * len(augmentations)
+
+
+def test_wandb_false_and_disabled_mode_log_nothing(tmp_path, monkeypatch, capsys):
+    assert cli("variance", "--output", tmp_path / "off", "--n", "4", "--wandb", "false",
+               *COMMON) == 0
+    assert (tmp_path / "off" / "results.h5").is_file()
+    assert not (tmp_path / "off" / "wandb").exists()
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert cli("variance", "--output", tmp_path / "disabled", "--n", "4", *COMMON) == 0
+    assert not (tmp_path / "disabled" / "wandb").exists()
+    assert "W&B" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("enabled", "project", "env", "mode"),
+    [
+        (True, None, None, "offline"),
+        (True, "augsens", None, "online"),
+        (True, None, "online", "online"),
+        (True, "augsens", "offline", "offline"),  # an explicit WANDB_MODE wins
+        (True, None, "dryrun", "offline"),
+        (True, "augsens", "disabled", None),
+        (False, "augsens", "online", None),
+    ],
+)
+def test_wandb_mode(enabled, project, env, mode):
+    assert wandb_mode(enabled, project, {} if env is None else {"WANDB_MODE": env}) == mode
+
+
+def test_unknown_wandb_mode_is_bad_input(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    assert cli("variance", "--output", tmp_path / "run", "--n", "4", *COMMON) == 2
+    assert "WANDB_MODE='sometimes' is not a W&B mode" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "results.h5").exists()
