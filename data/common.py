@@ -6,6 +6,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 SPLITS = ("train", "val")
 
@@ -62,3 +63,18 @@ def first_per_class(labels: torch.Tensor, num_classes: int, n: int, what: str) -
             )
         picked.append(idx[:n])
     return torch.cat(picked)
+
+
+def make_loader(
+    data: Dataset, batch_size: int, num_workers: int, seed: int, shuffle: bool
+) -> DataLoader:
+    """The datamodules' DataLoader: the shuffle order is a pure function of ``seed``."""
+    generator = torch.Generator().manual_seed(sub_seed(seed, 2)) if shuffle else None
+    return DataLoader(
+        data,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+    )

@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from data.common import check_split, first_per_class, sub_seed
+from data.common import check_split, first_per_class, make_loader, sub_seed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SHOWN_CORRUPT = 5
@@ -225,15 +225,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 f"the {split} split is empty (val_fraction={self.val_fraction}); "
                 "choose val_fraction strictly between 0 and 1"
             )
-        generator = torch.Generator().manual_seed(sub_seed(self.seed, 2)) if shuffle else None
-        return DataLoader(
-            data,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            generator=generator,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(data, self.batch_size, self.num_workers, self.seed, shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from data.common import check_split, first_per_class, sub_seed
+from data.common import check_split, first_per_class, make_loader, sub_seed
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring")
 # Hue palette in degrees; ordered so that the first k hues are as far apart as possible (>= 60).
@@ -303,14 +303,8 @@ class PlantedFactorDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        generator = torch.Generator().manual_seed(sub_seed(self.seed, 2)) if shuffle else None
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            generator=generator,
-            persistent_workers=self.num_workers > 0,
+        return make_loader(
+            self.datasets[split], self.batch_size, self.num_workers, self.seed, shuffle
         )
 
     def train_dataloader(self) -> DataLoader:
