@@ -1,10 +1,12 @@
 """Throughput of the batched per-sample augmentations against a per-sample torchvision loop.
 
 A batch of 64 photographs at 224 px goes through all 12 augmentations in sequence, every image
-with its own random parameters: once with ``sensitivity.augmentations.apply`` (one call per
-augmentation for the whole batch) and once image by image with the torchvision reference of
-METHOD.md section 2 (``tests/test_augmentations.py``). Prints images/s both ways and the ratio,
-and writes bench/results/augmentations.json.
+with its own random parameters, three ways: ``sensitivity.augmentations.apply`` (one call per
+augmentation for the whole batch); ``AugmentationProblem.augment``, the composition the engine
+runs (one validation, cache-sized row blocks on CPU), in the fixed order and with a random
+order per image; and image by image with the torchvision reference of METHOD.md section 2
+(``tests/test_augmentations.py``). Prints images/s and the ratios to the per-sample loop, and
+writes bench/results/augmentations.json.
 
     .venv/bin/python bench/bench_augmentations.py [--device cpu|cuda] [--threads 2]
 """
@@ -12,22 +14,20 @@ and writes bench/results/augmentations.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sensitivity.augmentations import AUGMENTATIONS, apply  # noqa: E402
-from tests.test_augmentations import torchvision_reference  # noqa: E402
+from common import ROOT, machine, set_threads, synchronize, write_json
+
+from sensitivity.augmentations import AUGMENTATIONS, apply
+from sensitivity.problem import AugmentationProblem, DecodedRows
+from tests.test_augmentations import torchvision_reference
 
 RESULTS = ROOT / "bench" / "results" / "augmentations.json"
 
@@ -55,16 +55,6 @@ def random_params(batch: int, size: int, seed: int) -> dict[str, dict[str, torch
     return params
 
 
-def cpu_name() -> str:
-    """CPU model from /proc/cpuinfo where there is one, else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def run_batched(images: torch.Tensor, params: dict) -> torch.Tensor:
     for name in AUGMENTATIONS:
         images = apply(name, images, params[name])
@@ -79,6 +69,20 @@ def run_per_sample(images: torch.Tensor, params: dict) -> torch.Tensor:
             image = torchvision_reference(name, image, scalars)
         out.append(image)
     return torch.stack(out)
+
+
+def composed_rows(params: dict, batch: int, shuffle: bool) -> DecodedRows:
+    """Decoded rows with every augmentation on and these parameters, in the problem's order or
+    (``shuffle``) a random order per row, as a design with the order variable decodes them."""
+    k = len(AUGMENTATIONS)
+    generator = torch.Generator().manual_seed(1)
+    order = (
+        torch.stack([torch.randperm(k, generator=generator) for _ in range(batch)])
+        if shuffle
+        else torch.arange(k).repeat(batch, 1)
+    )
+    zeros = torch.zeros(batch, dtype=torch.int64)
+    return DecodedRows(zeros, zeros, None, order, torch.ones(batch, k, dtype=torch.bool), params)
 
 
 def _per_sample_one(name: str, images: torch.Tensor, params: dict) -> list[torch.Tensor]:
@@ -97,12 +101,10 @@ def timed(fn, *args, repeats: int, device: torch.device) -> tuple[float, float]:
     fn(*args)
     wall, cpu = [], []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start, start_cpu = time.perf_counter(), time.process_time()
         fn(*args)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return statistics.median(wall), statistics.median(cpu)
@@ -119,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but torch.cuda.is_available() is False")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device(args.device)
 
     images = photos(args.batch, args.size).to(device)
@@ -127,9 +129,30 @@ def main() -> None:
         name: {key: value.to(device) for key, value in values.items()}
         for name, values in random_params(args.batch, args.size, seed=0).items()
     }
+    problem = AugmentationProblem(list(AUGMENTATIONS), p_on=1.0, auxiliaries=())
+    in_order = composed_rows(params, args.batch, shuffle=False)
+    shuffled = composed_rows(params, args.batch, shuffle=True)
     batched, batched_cpu = timed(run_batched, images, params, repeats=args.repeats, device=device)
+    composed, composed_cpu = timed(
+        problem.augment, images, in_order, repeats=args.repeats, device=device
+    )
+    composed_shuffled, _ = timed(
+        problem.augment, images, shuffled, repeats=args.repeats, device=device
+    )
     loop, loop_cpu = timed(run_per_sample, images, params, repeats=args.repeats, device=device)
-    max_diff = (run_batched(images, params) - run_per_sample(images, params)).abs().max().item()
+    reference = run_per_sample(images, params)
+    # The per-sample loop at 16 px is nearly all fixed per-call cost: the most that batching
+    # alone (without doing less arithmetic per pixel) can save at full size.
+    tiny = photos(args.batch, 16).to(device)
+    tiny_params = {
+        name: {key: value.to(device) for key, value in values.items()}
+        for name, values in random_params(args.batch, 16, seed=0).items()
+    }
+    overhead, _ = timed(run_per_sample, tiny, tiny_params, repeats=args.repeats, device=device)
+    max_diff = max(
+        (run_batched(images, params) - reference).abs().max().item(),
+        (problem.augment(images, in_order) - reference).abs().max().item(),
+    )
     # each augmentation alone on the photos, to show where the time goes
     per_augmentation = {}
     for name in AUGMENTATIONS:
@@ -142,31 +165,42 @@ def main() -> None:
         "batch": args.batch,
         "size": args.size,
         "augmentations": list(AUGMENTATIONS),
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1min": os.getloadavg()[0],
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **machine(device),
         "batched_images_per_s": args.batch / batched,
+        "composed_images_per_s": args.batch / composed,
+        "composed_random_order_images_per_s": args.batch / composed_shuffled,
         "per_sample_images_per_s": args.batch / loop,
         "ratio": loop / batched,
+        "ratio_composed": loop / composed,
+        "ratio_composed_random_order": loop / composed_shuffled,
         "cpu_seconds_batched": batched_cpu,
+        "cpu_seconds_composed": composed_cpu,
         "cpu_seconds_per_sample": loop_cpu,
         "ratio_cpu_time": loop_cpu / batched_cpu,
+        "ratio_cpu_time_composed": loop_cpu / composed_cpu,
+        "per_sample_ms_per_image_at_16px": 1e3 * overhead / args.batch,
+        "per_sample_fixed_cost_share": overhead / loop,
         "max_abs_diff": max_diff,
         "per_augmentation": per_augmentation,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result, quiet=True)
     print(
         f"{args.batch} images at {args.size} px, 12 augmentations, {args.device}, "
-        f"{result['torch_threads']} threads, load average {result['load_average_1min']:.1f}\n"
-        f"batched:    {result['batched_images_per_s']:10.1f} images/s\n"
-        f"per-sample: {result['per_sample_images_per_s']:10.1f} images/s\n"
-        f"ratio:      {result['ratio']:10.1f}x   (max |batched - per-sample| = {max_diff:.2e})\n"
-        f"ratio of process CPU time: {result['ratio_cpu_time']:.1f}x\n"
+        f"{result['torch_threads']} threads, load average {result['load_average'][0]:.1f}\n"
+        f"{'':34s} {'images/s':>9s} {'vs per-sample':>14s}\n"
+        f"{'apply, one call per augmentation':34s} {args.batch / batched:9.1f} "
+        f"{result['ratio']:13.1f}x\n"
+        f"{'augment, problem order':34s} {args.batch / composed:9.1f} "
+        f"{result['ratio_composed']:13.1f}x\n"
+        f"{'augment, random order per image':34s} {args.batch / composed_shuffled:9.1f} "
+        f"{result['ratio_composed_random_order']:13.1f}x\n"
+        f"{'per-sample torchvision loop':34s} {args.batch / loop:9.1f} {1.0:13.1f}x\n"
+        f"max |batched - per-sample| = {max_diff:.2e}; ratio of process CPU time: "
+        f"apply {result['ratio_cpu_time']:.1f}x, augment {result['ratio_cpu_time_composed']:.1f}x\n"
+        f"per-sample loop at 16 px: {1e3 * overhead / args.batch:.2f} ms per image, "
+        f"{100 * overhead / loop:.0f}% of the loop at {args.size} px (fixed per-call cost, the "
+        "most that batching alone can remove)\n"
         f"written to {args.output}"
     )
     print(f"{'augmentation':22s} {'batched ms':>11s} {'per-sample ms':>14s} {'ratio':>7s}")

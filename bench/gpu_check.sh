@@ -96,9 +96,11 @@ out, device, size = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 aug = out / f"augmentations_{device}.json"
 if aug.exists():
     a = json.loads(aug.read_text())
-    print(f"augmentations: batched {a['batched_images_per_s']:.0f} images/s, per-sample "
-          f"{a['per_sample_images_per_s']:.0f}, ratio {a['ratio']:.1f}x, max diff "
-          f"{a['max_abs_diff']:.1e}")
+    print(f"augmentations: apply {a['batched_images_per_s']:.0f} images/s ({a['ratio']:.1f}x), "
+          f"augment {a['composed_images_per_s']:.0f} ({a['ratio_composed']:.1f}x), random order "
+          f"{a['composed_random_order_images_per_s']:.0f} "
+          f"({a['ratio_composed_random_order']:.1f}x), per-sample "
+          f"{a['per_sample_images_per_s']:.0f}, max diff {a['max_abs_diff']:.1e}")
 else:
     print("augmentations: no result")
 eng = out / f"engine_efficiency_{device}_{size}.json"

@@ -5,12 +5,16 @@ parameters ``dict[str, Tensor[B]]`` in natural units *at this image size*, and r
 ``(B, 3, H, W)``; each sample matches torchvision.transforms.v2.functional applied to it alone
 (tests/test_augmentations.py). Bounds in ``AUGMENTATIONS`` are stated at 224 px;
 ``AugmentationSpec.bounds(h, w)`` scales the spatial ones to another image size.
-``minmax_rescale`` is the reference's optional per-image, per-channel post-processing.
+``validate(images, {name: params, ...})`` checks a batch for several augmentations at once, so
+that a pipeline (``AugmentationProblem.augment``) pays the checks once and then calls ``apply``
+with ``validated=True``. ``minmax_rescale`` is the reference's optional per-image, per-channel
+post-processing.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -169,7 +173,11 @@ def rotation_zoom(angle: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def apply(
-    name: str, images: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+    name: str,
+    images: torch.Tensor,
+    params: dict[str, torch.Tensor] | None = None,
+    *,
+    validated: bool = False,
 ) -> torch.Tensor:
     """Apply augmentation ``name`` to every image of a batch with its own parameters.
 
@@ -180,6 +188,9 @@ def apply(
         params: parameter name -> Tensor (B,) in natural units at this image size (pixels,
             degrees, factors; see ``AUGMENTATIONS[name].bounds(H, W)``). ``None`` or ``{}`` for
             sharpness, grayscale and hflip.
+        validated: the caller has checked ``images`` (or the batch they were taken from) and
+            ``params`` with ``validate``; skips the checks, which cost a pass over the images
+            and a device synchronisation per call (what a pipeline of calls should pay once).
 
     Returns:
         (B, 3, H, W) new tensor of the input dtype and device. For half-precision inputs
@@ -192,14 +203,80 @@ def apply(
             extra parameters, parameters not (B,), non-finite, out of bounds or non-integral
             where the spec says integer.
     """
-    spec = AUGMENTATIONS.get(name)
-    if spec is None:
-        raise ValueError(f"unknown augmentation {name!r}; valid names: {', '.join(AUGMENTATIONS)}")
-    values = _validate(spec, images, params)
+    if validated:
+        spec = _spec(name)
+        # float64 as ``validate`` returns them: rounding of pixel extents depends on it
+        values = {p: (params or {})[p].to(images.device, torch.float64) for p in spec.param_names}
+    else:
+        values = validate(images, {name: params})[name]
     if images.shape[0] == 0:
         return images.clone()
     work = images if name in _DATA_MOVEMENT else images.to(_compute_dtype(images.dtype))
     return _KERNELS[name](work, values).to(images.dtype)
+
+
+def validate(
+    images: torch.Tensor, params: Mapping[str, Mapping[str, torch.Tensor] | None]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Check a batch of images and the parameters of one or more augmentations for it.
+
+    images: (B, 3, H, W) floating point in [0, 1]. params: augmentation name -> its parameters,
+    each a (B,) tensor in natural units at H x W (as for ``apply``). Gathers every statistic into
+    one small tensor, so the whole check costs one pass over the images and a single device
+    synchronisation. Returns the parameters as float64 (B,) tensors on the images' device.
+
+    Raises:
+        ValueError: naming the augmentation and what is wrong (see ``apply``).
+    """
+    label = ", ".join(params) or "augmentation"
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{label}: images must be a (B, 3, H, W) tensor, got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"{label}: images must be floating point in [0, 1], got {images.dtype}; "
+            "convert with images.float() / 255"
+        )
+    batch, _, height, width = images.shape
+    if height < 3 or width < 3:
+        raise ValueError(f"{label}: images must be at least 3 x 3 px, got {height} x {width}")
+    specs = [_spec(name) for name in params]
+    values = {
+        spec.name: _check_param_shapes(spec, params[spec.name], batch, images.device)
+        for spec in specs
+    }
+    if batch == 0:
+        return values
+
+    stats = [torch.stack(images.aminmax()).to(torch.float64)]
+    for spec in specs:
+        if spec.params:
+            stacked = torch.stack([values[spec.name][p] for p in spec.param_names])
+            low, high = stacked.aminmax(dim=1)
+            stats += [low, high, (stacked - stacked.round()).abs().amax(dim=1)]
+    flat = torch.cat(stats).tolist()
+
+    img_low, img_high = flat[0], flat[1]
+    if not (img_low >= -_IMAGE_TOLERANCE and img_high <= 1 + _IMAGE_TOLERANCE):
+        raise ValueError(
+            f"{label}: image values must lie in [0, 1], got [{img_low:.4g}, {img_high:.4g}]; "
+            "scale uint8 images by 1/255 and apply ImageNet normalisation only after augmenting"
+        )
+    start = 2
+    for spec in specs:
+        n = len(spec.params)
+        lows, highs = flat[start : start + n], flat[start + n : start + 2 * n]
+        frac = flat[start + 2 * n : start + 3 * n]
+        start += 3 * n
+        _check_param_values(spec, lows, highs, frac, height, width)
+    return values
+
+
+def _spec(name: str) -> AugmentationSpec:
+    spec = AUGMENTATIONS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown augmentation {name!r}; valid names: {', '.join(AUGMENTATIONS)}")
+    return spec
 
 
 def minmax_rescale(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -220,26 +297,15 @@ def minmax_rescale(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 # ----------------------------------------------------------------------------- validation
 
 
-def _validate(
-    spec: AugmentationSpec, images: torch.Tensor, params: dict[str, torch.Tensor] | None
+def _check_param_shapes(
+    spec: AugmentationSpec,
+    params: Mapping[str, torch.Tensor] | None,
+    batch: int,
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Check images and params; return params as float64 (B,) tensors on the image device.
-
-    Gathers every statistic into one small tensor so the check costs a single device sync.
-    """
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{spec.name}: images must be a (B, 3, H, W) tensor, got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(
-            f"{spec.name}: images must be floating point in [0, 1], got {images.dtype}; "
-            "convert with images.float() / 255"
-        )
-    batch, _, height, width = images.shape
-    if height < 3 or width < 3:
-        raise ValueError(f"{spec.name}: images must be at least 3 x 3 px, got {height} x {width}")
+    """Names and shapes of one augmentation's parameters; returns them float64 on ``device``."""
     params = {} if params is None else params
-    if not isinstance(params, dict):
+    if not isinstance(params, Mapping):
         raise ValueError(f"{spec.name}: params must be a dict of (B,) tensors, got {type(params)}")
     expected = spec.param_names
     if set(params) != set(expected):
@@ -256,25 +322,18 @@ def _validate(
                 f"{spec.name}: parameter {pname!r} must be a tensor of shape ({batch},) "
                 f"(one value per image), got {shape}"
             )
-    if batch == 0:
-        return {p: params[p].to(images.device, torch.float64) for p in expected}
+    return {p: params[p].to(device, torch.float64) for p in expected}
 
-    values = {p: params[p].to(images.device, torch.float64) for p in expected}
-    stats = [torch.stack(images.aminmax()).to(torch.float64)]
-    if expected:
-        stacked = torch.stack([values[p] for p in expected])
-        low, high = stacked.aminmax(dim=1)
-        stats += [low, high, (stacked - stacked.round()).abs().amax(dim=1)]
-    flat = torch.cat(stats).tolist()
 
-    img_low, img_high = flat[0], flat[1]
-    if not (img_low >= -_IMAGE_TOLERANCE and img_high <= 1 + _IMAGE_TOLERANCE):
-        raise ValueError(
-            f"{spec.name}: image values must lie in [0, 1], got [{img_low:.4g}, {img_high:.4g}]; "
-            "scale uint8 images by 1/255 and apply ImageNet normalisation only after augmenting"
-        )
-    n = len(expected)
-    lows, highs, frac = flat[2 : 2 + n], flat[2 + n : 2 + 2 * n], flat[2 + 2 * n :]
+def _check_param_values(
+    spec: AugmentationSpec,
+    lows: list[float],
+    highs: list[float],
+    frac: list[float],
+    height: int,
+    width: int,
+) -> None:
+    """Per-parameter minimum, maximum and largest distance to an integer against the spec."""
     for i, (pspec, (lo, hi)) in enumerate(
         zip(spec.params, spec.bounds(height, width), strict=True)
     ):
@@ -291,7 +350,6 @@ def _validate(
             raise ValueError(
                 f"{spec.name}: parameter {pspec.name!r} must be integral (whole pixels); round it"
             )
-    return values
 
 
 # ----------------------------------------------------------------------------- helpers

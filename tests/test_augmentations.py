@@ -16,6 +16,7 @@ from sensitivity.augmentations import (
     gaussian_blur_kernel_size,
     local_blur_kernel_size,
     minmax_rescale,
+    validate,
 )
 
 SIZES = [(64, 64), (224, 224), (48, 80)]  # the last one checks that H and W are not mixed up
@@ -248,6 +249,27 @@ def _bad_cases():
 def test_bad_input_raises_value_error(name, images, params, match):
     with pytest.raises(ValueError, match=match):
         apply(name, images, params)
+
+
+def test_validate_checks_several_augmentations_in_one_call(sample_photos):
+    images = photo_batch(sample_photos, 48, 80)
+    params = {name: draw_params(name, images.shape[0], 48, 80) for name in AUGMENTATIONS}
+    values = validate(images, params)
+    assert set(values) == set(AUGMENTATIONS)
+    for name, spec in AUGMENTATIONS.items():
+        assert list(values[name]) == list(spec.param_names)
+        assert all(v.dtype == torch.float64 for v in values[name].values())
+        # what a pipeline does after one validate: skip the per-call checks, same result
+        assert torch.equal(
+            apply(name, images, values[name], validated=True), apply(name, images, params[name])
+        )
+    bad = dict(params, erasing=draw_params("erasing", images.shape[0], 224, 224))
+    with pytest.raises(ValueError, match=r"erasing: parameter 'center_(x|y)'.*outside its bounds"):
+        validate(images, bad)
+    with pytest.raises(ValueError, match="hue, rotation: image values must lie in"):
+        validate(images * 2, {"hue": params["hue"], "rotation": params["rotation"]})
+    with pytest.raises(ValueError, match="unknown augmentation 'blur'"):
+        validate(images, {"blur": {}})
 
 
 def test_parameterless_augmentations_accept_none_and_empty_dict():

@@ -11,6 +11,7 @@ import pytest
 import SALib.sample.sobol as salib_sobol
 import torch
 
+from sensitivity import problem as problem_module
 from sensitivity.augmentations import AUGMENTATION_SETS, AUGMENTATIONS, apply, minmax_rescale
 from sensitivity.designs import SobolDesign
 from sensitivity.problem import AugmentationProblem, lehmer_permutations
@@ -218,6 +219,28 @@ def test_batched_composition_equals_per_row_reference(kind):
         planes = out.flatten(2)
         torch.testing.assert_close(planes.amin(-1), torch.zeros(24, 3))
         torch.testing.assert_close(planes.amax(-1), torch.ones(24, 3))
+
+
+def test_cpu_blocks_do_not_change_the_composition(monkeypatch):
+    problem = COMPOSITION_PROBLEMS["mixed_orders"]()
+    rows = np.random.default_rng(4).random((23, problem.d))
+    decoded = problem.decode(rows, H, W)
+    images = torch.rand(23, 3, H, W, generator=torch.Generator().manual_seed(1))
+    whole = problem.augment(images, decoded)
+    monkeypatch.setattr(problem_module, "CPU_BLOCK_BYTES", 5 * images[0].nbytes)
+    assert [s.stop - s.start for s in problem_module._cache_blocks(images)] == [5] * 4 + [3]
+    blocked = problem.augment(images, decoded)
+    # per-sample ops on other batch splits: only vectorised vs scalar float32 math may differ
+    torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=0)
+
+
+def test_augment_checks_parameters_against_the_image_size():
+    problem = AugmentationProblem(["erasing"], p_on=1.0, auxiliaries=())
+    decoded = problem.decode(np.full((2, problem.d), 0.99), 224, 224)
+    with pytest.raises(ValueError, match=r"erasing: parameter 'center_y'.*outside its bounds"):
+        problem.augment(torch.rand(2, 3, H, W), decoded)
+    with pytest.raises(ValueError, match="image values must lie in"):
+        problem.augment(torch.rand(2, 3, 224, 224) + 1, decoded)
 
 
 def test_rows_may_be_a_tensor_and_decoding_is_deterministic():
