@@ -30,6 +30,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from callbacks.schedule import epoch_is_due, run_directory
 from callbacks.sensitivity import _broadcast_buffers, analysis_name
 from callbacks.wandb_logging import STEP_METRIC, wandb_run
 from sensitivity import masking
@@ -158,18 +159,11 @@ class MaskingCallback(pl.Callback):
                 f"{type(datamodule).__name__}: pass datamodule= to trainer.fit"
             )
         self._probe = datamodule.probe_set(self.images_per_class, split=self.split)
-        root = Path(self.output_dir or trainer.default_root_dir).expanduser().resolve()
-        self._run_dir = Path(trainer.strategy.broadcast(str(root), src=0))
+        self._run_dir = run_directory(trainer, self.output_dir)
         self._wandb_ready = False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        last = (
-            trainer.should_stop
-            or (trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs)
-            or 0 <= trainer.max_steps <= trainer.global_step
-        )
-        if (epoch + 1) % self.every_n_epochs == 0 or last:
+        if epoch_is_due(trainer, self.every_n_epochs):
             self.evaluate(trainer, pl_module)
 
     def _read(self, name: str) -> tuple[AnalysisResult, AugmentationProblem | None] | None:

@@ -1,10 +1,12 @@
-"""Helpers shared by the data modules: seeds, class-count checks, class-major probe sets."""
+"""Helpers shared by the data modules: seeds, class-count checks, class-major probe sets, and
+the base class of the datamodules (loaders, probe sets)."""
 
 from __future__ import annotations
 
 from typing import Protocol
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -78,3 +80,45 @@ def make_loader(
         generator=generator,
         persistent_workers=num_workers > 0,
     )
+
+
+class LabelledSplitsDataModule(pl.LightningDataModule):
+    """Base of the datamodules: a train and a val split of images with class labels.
+
+    Subclasses set ``num_classes``, make the splits in ``setup()`` and give ``_loader(split,
+    shuffle)``, ``_labels(split)`` and ``_images(split, idx)``; this class turns those into the
+    Lightning loaders and ``probe_set``, the probe contract the callbacks and analyze.py rely on.
+    """
+
+    num_classes: int
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        raise NotImplementedError
+
+    def _labels(self, split: str) -> torch.Tensor:
+        """(N,) int64 labels of the set-up ``split``, in dataset order."""
+        raise NotImplementedError
+
+    def _images(self, split: str, idx: torch.Tensor) -> torch.Tensor:
+        """(len(idx), 3, S, S) float32 in [0, 1]: the images at ``idx`` of the set-up ``split``."""
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def probe_set(
+        self, images_per_class: int, split: str = "val"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``images_per_class`` images of each class of ``split``, loaded, class-major.
+
+        Returns (images (C*n, 3, S, S) float32 in [0, 1], labels (C*n,) int64); class c owns
+        rows c*n ... (c+1)*n - 1. Deterministic from the seed.
+        """
+        check_split(split)
+        self.setup()
+        labels = self._labels(split)
+        idx = first_per_class(labels, self.num_classes, images_per_class, f"{split} split")
+        return self._images(split, idx), labels[idx]

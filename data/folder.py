@@ -6,13 +6,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from data.common import check_split, first_per_class, make_loader, sub_seed
+from data.common import LabelledSplitsDataModule, check_split, make_loader, sub_seed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SHOWN_CORRUPT = 5
@@ -69,7 +68,7 @@ class ImageFiles(Dataset):
         return self.transform(rgb), self.labels[index]
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
+class ImageFolderDataModule(LabelledSplitsDataModule):
     """Images in class subfolders: ``root/<class name>/<image>``; classes are the sorted folders.
 
     Pre-processing is the published one scaled to ``image_size``: Resize(round(256 * S / 224)),
@@ -227,22 +226,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
             )
         return make_loader(data, self.batch_size, self.num_workers, self.seed, shuffle)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def _labels(self, split: str) -> torch.Tensor:
+        return torch.tensor(self.datasets[split].labels, dtype=torch.int64)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def probe_set(
-        self, images_per_class: int, split: str = "val"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``images_per_class`` images of each class of ``split``, loaded, class-major.
-
-        Returns (images (C*n, 3, S, S) float32 in [0, 1], labels (C*n,) int64); class c owns
-        rows c*n ... (c+1)*n - 1. Deterministic from the seed.
-        """
-        data = self.dataset(split)
-        labels = torch.tensor(data.labels, dtype=torch.int64)
-        idx = first_per_class(labels, self.num_classes, images_per_class, f"{split} split")
-        images = torch.stack([data[i][0] for i in idx.tolist()])
-        return images, labels[idx]
+    def _images(self, split: str, idx: torch.Tensor) -> torch.Tensor:
+        data = self.datasets[split]
+        return torch.stack([data[i][0] for i in idx.tolist()])

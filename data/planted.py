@@ -21,11 +21,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from data.common import check_split, first_per_class, make_loader, sub_seed
+from data.common import LabelledSplitsDataModule, check_split, make_loader, sub_seed
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring")
 # Hue palette in degrees; ordered so that the first k hues are as far apart as possible (>= 60).
@@ -239,7 +238,7 @@ def generate(
     )
 
 
-class PlantedFactorDataModule(pl.LightningDataModule):
+class PlantedFactorDataModule(LabelledSplitsDataModule):
     """Synthetic images whose class is one planted factor (``colour``, ``shape`` or ``mixed``).
 
     Generated in memory from ``seed`` (train and val from different sub-seeds); no files. Batches
@@ -307,22 +306,8 @@ class PlantedFactorDataModule(pl.LightningDataModule):
             self.datasets[split], self.batch_size, self.num_workers, self.seed, shuffle
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def _labels(self, split: str) -> torch.Tensor:
+        return self.datasets[split].tensors[1]
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def probe_set(
-        self, images_per_class: int, split: str = "val"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``images_per_class`` images of each class of ``split``, class-major.
-
-        Returns (images (C*n, 3, S, S) float32 in [0, 1], labels (C*n,) int64); class c owns
-        rows c*n ... (c+1)*n - 1. Deterministic from the seed.
-        """
-        check_split(split)
-        self.setup()
-        images, labels = self.datasets[split].tensors
-        idx = first_per_class(labels, self.num_classes, images_per_class, f"{split} split")
-        return images[idx], labels[idx]
+    def _images(self, split: str, idx: torch.Tensor) -> torch.Tensor:
+        return self.datasets[split].tensors[0][idx]

@@ -9,6 +9,7 @@ results file, the heatmaps and (with activation storage) the merged activation f
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,8 @@ class AnalysisModule(pl.LightningModule):
         run_dir = self._run_dir()
         world_size = self.trainer.world_size
         writer = self._writer(run_dir, world_size)
-        try:
+        # the writer publishes its shard on success and deletes it on any error
+        with nullcontext() if writer is None else writer:
             result = run_analysis(
                 self.network,
                 self.problem,
@@ -151,12 +153,6 @@ class AnalysisModule(pl.LightningModule):
                 rank=self.global_rank,
                 world_size=world_size,
             )
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            raise
-        if writer is not None:
-            writer.finalize()
         # Every shard is on disk before rank zero merges them.
         self.trainer.strategy.barrier("analysis_shards_written")
         written: dict[str, Any] = {"run_dir": str(run_dir)}

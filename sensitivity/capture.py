@@ -48,7 +48,9 @@ def classification_layer(model: nn.Module) -> str | None:
     return names[-1] if names else None
 
 
-def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+def model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the model's first parameter (else buffer); CPU float32 for a
+    model with neither."""
     for tensor in model.parameters():
         return tensor.device, tensor.dtype
     for tensor in model.buffers():
@@ -75,7 +77,7 @@ def _dry_forward(
     """One forward of a zero batch (1, channels, H, W) in eval mode, without gradients;
     restores the training flags afterwards."""
     height, width = _image_hw(image_size)
-    device, dtype = _model_device(model)
+    device, dtype = model_device(model)
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
-from sensitivity.capture import ActivationCapture
+from sensitivity.capture import ActivationCapture, model_device
 from sensitivity.designs import (
     ContrastDesign,
     Design,
@@ -106,11 +106,15 @@ class EngineConfig:
         same probe image with the same active augmentations, in the same relative order, with
         the same parameters (e.g. AB_j of an augmentation switched off in both A and B) give the
         same outputs: 22-24% of a Sobol' design's rows at p_on = 0.5. Outputs equal
-        those of a full forward up to the batch-composition round-off of the kernels.
+        those of a full forward up to the batch-composition round-off of the kernels (none on
+        the CPUs measured: bit-identical results).
     channels_last: run the forward in channels-last memory format (faster convolutions on most
-        CPUs and GPUs); the model's parameters are converted back afterwards.
-    compile: ``torch.compile`` the model's forward for this run (compile time is paid on the
-        first batch; docs/PERFORMANCE.md says when it pays off).
+        CPUs and GPUs); the model's parameters are converted back afterwards. Outputs change by
+        float round-off (another summation order), and so do the indices.
+    compile: ``torch.compile`` the model's forward for this run. The compile time (seconds to
+        minutes) is paid by the first run in a process (later runs reuse the compiled code),
+        and the capture hooks break the compiled graph at every checkpoint, so it rarely pays
+        off (docs/PERFORMANCE.md). Outputs change by float round-off.
     """
 
     method: str = "sobol"
@@ -213,6 +217,38 @@ def build_design(problem: AugmentationProblem, config: EngineConfig) -> Design:
     if config.method == "variance":
         return VarianceDesign(problem.d, config.n, config.seed)
     return ContrastDesign(problem, config.n, config.contrast_k, config.seed)
+
+
+def analysis_attrs(config: EngineConfig, problem: AugmentationProblem) -> dict[str, Any]:
+    """What the results file records of an analysis's settings (docs/RESULTS_FORMAT.md).
+
+    The attributes of /analyses/<name> besides the standard ones, as plain values: "design"
+    (class name) and "block_size" (rows per block) of the design over ``problem``, "seed",
+    "reduction", "precision", "conf_level", the forward options "deduplicate",
+    "channels_last", "compile", and the method's own settings ("second_order" for Sobol;
+    "shapley_method", plus "n_outer" and "n_inner" for permutations; "contrast_k").
+    """
+    design = build_design(problem, config)
+    attrs: dict[str, Any] = {
+        "design": type(design).__name__,
+        "block_size": design.block_size,
+        "seed": config.seed,
+        "reduction": config.reduction,
+        "precision": config.precision,
+        "conf_level": config.conf_level,
+        "deduplicate": config.deduplicate,
+        "channels_last": config.channels_last,
+        "compile": config.compile,
+    }
+    if config.method == "sobol":
+        attrs["second_order"] = config.second_order
+    if config.method == "shapley":
+        attrs["shapley_method"] = config.shapley_method
+        if config.shapley_method == "permutation":
+            attrs.update(n_outer=config.n_outer, n_inner=config.n_inner)
+    if config.method == "contrast":
+        attrs["contrast_k"] = config.contrast_k
+    return attrs
 
 
 def hooked_module(model: nn.Module, layer_root: nn.Module | None = None) -> nn.Module:
@@ -397,7 +433,7 @@ class _Batch:
         """(rows to forward (F,) into ``images`` via ``inverse``, their decoded parameters)."""
         if self.distinct is None:
             return self.inverse, self.decoded
-        return self.inverse[self.distinct], _select_decoded(self.decoded, self.distinct)
+        return self.inverse[self.distinct], self.decoded.select(self.distinct)
 
 
 class _BatchSource(Dataset):
@@ -471,32 +507,6 @@ def _distinct_rows(decoded: DecodedRows, image: Tensor) -> tuple[Tensor, Tensor]
     position = torch.empty_like(order)
     position[order] = torch.arange(len(order))
     return distinct, position[inverse]
-
-
-def _slice_decoded(decoded: DecodedRows, rows: slice) -> DecodedRows:
-    """Rows ``rows`` of ``decoded`` (a view; the whole batch when the slice covers it)."""
-    if rows.start == 0 and rows.stop >= len(decoded):
-        return decoded
-    return DecodedRows(
-        image_index=decoded.image_index[rows],
-        class_index=decoded.class_index[rows],
-        partition=None if decoded.partition is None else decoded.partition[rows],
-        order=decoded.order[rows],
-        active=decoded.active[rows],
-        params={a: {p: t[rows] for p, t in ps.items()} for a, ps in decoded.params.items()},
-    )
-
-
-def _select_decoded(decoded: DecodedRows, index: Tensor) -> DecodedRows:
-    """Rows ``index`` (int64) of ``decoded``."""
-    return DecodedRows(
-        image_index=decoded.image_index[index],
-        class_index=decoded.class_index[index],
-        partition=None if decoded.partition is None else decoded.partition[index],
-        order=decoded.order[index],
-        active=decoded.active[index],
-        params={a: {p: t[index] for p, t in ps.items()} for a, ps in decoded.params.items()},
-    )
 
 
 def _keep(item: _Batch) -> _Batch:
@@ -763,14 +773,6 @@ def _resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for tensor in model.parameters():
-        return tensor.device, tensor.dtype
-    for tensor in model.buffers():
-        return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
-
-
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -846,10 +848,10 @@ def run_analysis(
     source = _Probe(probe, problem)
     design = build_design(problem, config)
     if device is None:
-        device = _model_device(model)[0]
+        device = model_device(model)[0]
     device = torch.device(device)
     model.to(device)
-    model_dtype = _model_device(model)[1]
+    model_dtype = model_device(model)[1]
     root = hooked_module(model, layer_root)
     capture = ActivationCapture(root, config.layers, config.reduction)
     shapes = capture.unit_shapes((source.height, source.width), forward=model)
@@ -936,7 +938,7 @@ def run_analysis(
                 for first in range(0, len(rows_of), config.batch_rows):
                     rows = slice(first, first + config.batch_rows)
                     augmented = problem.augment(
-                        unique[rows_of[rows]], _slice_decoded(decoded, rows)
+                        unique[rows_of[rows]], decoded.select(rows)
                     ).contiguous(memory_format=image_format)
                     watch.mark("augment")
                     with autocast:

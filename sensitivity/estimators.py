@@ -77,6 +77,13 @@ def _unit_shape(unit_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def _n_groups(n_groups: int) -> int:
+    """``n_groups`` checked to be a positive int (bool, float and str refused)."""
+    if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1:
+        raise ValueError(f"n_groups must be a positive integer, got {n_groups!r}")
+    return n_groups
+
+
 def _check_finite(Y: Tensor, rows_before: Tensor | int, block_size: int) -> None:
     """Raise naming the first non-finite entry of Y (n_blocks, block_size, U) or (rows, U).
 
@@ -368,8 +375,23 @@ class _ShiftedPowerSums(Metric):
         return {w: _rebase_table(self.table(w), -centre) for w in self._tables}
 
 
+class _ConstantUnits:
+    """Base of the result dataclasses: ``constant`` flags the degenerate units.
+
+    Not a dataclass itself, so the subclasses keep their own field order (and positional
+    constructors); ``constant``: (*unit_shape) bool, units whose indices were set to 0.
+    """
+
+    constant: np.ndarray
+
+    @property
+    def n_constant(self) -> int:
+        """How many units are flagged in ``constant``."""
+        return int(np.count_nonzero(self.constant))
+
+
 @dataclass
-class SobolResult:
+class SobolResult(_ConstantUnits):
     """Sobol' indices per group and unit; arrays are float64 numpy.
 
     S1, ST, S1_conf, ST_conf: (G, *unit_shape); S2, S2_conf: (G, G, *unit_shape), symmetric with a
@@ -391,10 +413,6 @@ class SobolResult:
     n: int
     conf_level: float
     names: list[str] | None = None
-
-    @property
-    def n_constant(self) -> int:
-        return int(np.count_nonzero(self.constant))
 
 
 class SobolAccumulator(_ShiftedPowerSums):
@@ -423,9 +441,7 @@ class SobolAccumulator(_ShiftedPowerSums):
         **kwargs: Any,
     ) -> None:
         super().__init__(unit_shape, **kwargs)
-        if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1:
-            raise ValueError(f"n_groups must be a positive integer, got {n_groups!r}")
-        self.n_groups = n_groups
+        self.n_groups = _n_groups(n_groups)
         self.second_order = bool(second_order)
         self.conf_level = conf_level
         self._z = _z_score(conf_level)
@@ -652,7 +668,7 @@ class SobolAccumulator(_ShiftedPowerSums):
 
 
 @dataclass
-class ShapleyResult:
+class ShapleyResult(_ConstantUnits):
     """Shapley effects per group and unit; arrays are float64 numpy.
 
     shapley, shapley_conf: (G, *unit_shape) in output-variance units (they sum to ``variance``);
@@ -673,10 +689,6 @@ class ShapleyResult:
     conf_level: float
     names: list[str] | None = None
 
-    @property
-    def n_constant(self) -> int:
-        return int(np.count_nonzero(self.constant))
-
 
 class _ContributionSums(Metric):
     """Shared part of the Shapley estimators: i.i.d. per-block contributions c (G,) whose sum R
@@ -691,9 +703,7 @@ class _ContributionSums(Metric):
         self, n_groups: int, unit_shape: Sequence[int] = (), conf_level: float = 0.95, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
-        if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1:
-            raise ValueError(f"n_groups must be a positive integer, got {n_groups!r}")
-        self.n_groups = n_groups
+        self.n_groups = _n_groups(n_groups)
         self.unit_shape = _unit_shape(unit_shape)
         self.n_units = math.prod(self.unit_shape)
         self.conf_level = conf_level
@@ -830,7 +840,7 @@ class PermutationShapleyAccumulator(_ContributionSums):
 
 
 @dataclass
-class MomentsResult:
+class MomentsResult(_ConstantUnits):
     """Per-unit moments; arrays (*unit_shape) float64 numpy.
 
     var is the sample variance (ddof 1); cv = std / |mean| (0 for a constant unit, inf when the
@@ -846,10 +856,6 @@ class MomentsResult:
     constant: np.ndarray
     n: int
     conf_level: float
-
-    @property
-    def n_constant(self) -> int:
-        return int(np.count_nonzero(self.constant))
 
 
 class MomentsAccumulator(_ShiftedPowerSums):
@@ -936,7 +942,7 @@ def _moments_result(
 
 
 @dataclass
-class ContrastResult:
+class ContrastResult(_ConstantUnits):
     """Paired treated - original statistics per augmentation and unit; (A, *unit_shape) float64.
 
     mean_diff: mean over images and draws of y(augmented) - y(original); sd_diff: their standard
@@ -956,10 +962,6 @@ class ContrastResult:
     n: int
     conf_level: float
     names: list[str] | None = None
-
-    @property
-    def n_constant(self) -> int:
-        return int(np.count_nonzero(self.constant))
 
 
 class ContrastAccumulator(Metric):

@@ -62,7 +62,7 @@ from torch.utils.data import Dataset
 from torchmetrics import Metric
 
 from sensitivity.augmentations import AUGMENTATIONS
-from sensitivity.capture import ActivationCapture
+from sensitivity.capture import ActivationCapture, model_device
 from sensitivity.designs import ContrastDesign
 from sensitivity.engine import hooked_module, shard_range
 from sensitivity.problem import AugmentationProblem
@@ -525,10 +525,6 @@ class ProbeInputs:
 
 
 # --------------------------------------------------------------------------------- the loop
-def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for tensor in model.parameters():
-        return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
 
 
 def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -569,7 +565,7 @@ def run_plans(
         raise ValueError(f"batch_images must be >= 1, got {batch_images}")
     start, stop = shard_range(inputs.n_images, rank, world_size)
     model = network.model
-    dtype = _model_device(model)[1]
+    dtype = model_device(model)[1]
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
@@ -732,7 +728,7 @@ def prepare_masks(
 ) -> dict[str, VariableMasks]:
     """{variable: VariableMasks} on the model's device; ValueError when a map does not fit
     its layer (``broadcast_shape``)."""
-    device = _model_device(model)[0]
+    device = model_device(model)[0]
     outputs = layer_output_shapes(model, list(maps), image_size, layer_root)
     shapes = {}
     for layer, values in maps.items():
@@ -793,7 +789,7 @@ def evaluate_masking(
     masks = prepare_masks(model, maps, variables, chosen, (inputs.height, inputs.width),
                           quantiles, ties, layer_root)
     network = MaskedNetwork(model, list(maps), reuse_prefix, layer_root)
-    device = _model_device(model)[0]
+    device = model_device(model)[0]
     plan: list[tuple[int, Mask | None]] = [(0, None)]
     for v, variable in enumerate(chosen):
         plan += [(1 + v * len(configs) + c, masks[variable].mask(config))
@@ -830,7 +826,7 @@ def _class_count(network: MaskedNetwork, inputs: ProbeInputs, device: torch.devi
     model.eval()
     try:
         with torch.inference_mode():
-            x = _load(inputs.images, 0, 1).to(device, _model_device(model)[1])
+            x = _load(inputs.images, 0, 1).to(device, model_device(model)[1])
             return int(model(x).shape[1])
     finally:
         for module, mode in modes.items():

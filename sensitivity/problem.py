@@ -70,6 +70,17 @@ class DecodedRows:
     def __len__(self) -> int:
         return int(self.image_index.shape[0])
 
+    def select(self, rows: slice | Tensor) -> DecodedRows:
+        """These rows at ``rows``: a slice (views), or an int64 or bool index (copies)."""
+        return DecodedRows(
+            image_index=self.image_index[rows],
+            class_index=self.class_index[rows],
+            partition=None if self.partition is None else self.partition[rows],
+            order=self.order[rows],
+            active=self.active[rows],
+            params={a: {p: t[rows] for p, t in ps.items()} for a, ps in self.params.items()},
+        )
+
     def to(self, device: torch.device | str) -> DecodedRows:
         """A copy with every tensor on ``device``."""
         return DecodedRows(

@@ -207,6 +207,26 @@ class ResultsStore:
             _check_format(f, RESULTS_FORMAT, self.path)
             yield f
 
+    def _new_group(
+        self, f: h5py.File, kind: str, name: str, label: str, overwrite: bool
+    ) -> h5py.Group:
+        """An empty group /<kind>/<name> marked ``status = "writing"`` in the open file ``f``.
+
+        /<kind> is created (insertion-ordered) when missing. An existing <name> is deleted when
+        ``overwrite``, else a ValueError names it as ``label`` ("analysis 'x'", "'masking/x'").
+        """
+        parent = f[kind] if kind in f else f.create_group(kind, track_order=True)
+        if name in parent:
+            if not overwrite:
+                raise ValueError(
+                    f"{label} already exists in {self.path}; pass overwrite=True or choose "
+                    "another name"
+                )
+            del parent[name]
+        g = parent.create_group(name, track_order=True)
+        g.attrs["status"] = WRITING
+        return g
+
     # ------------------------------------------------------------------------- metadata
     def write_metadata(
         self,
@@ -319,18 +339,7 @@ class ResultsStore:
         if clash:
             raise ValueError(f"attrs {clash} would overwrite standard attributes; rename them")
         with self._transaction() as f:
-            if "analyses" not in f:
-                f.create_group("analyses", track_order=True)
-            analyses = f["analyses"]
-            if name in analyses:
-                if not overwrite:
-                    raise ValueError(
-                        f"analysis {name!r} already exists in {self.path}; pass overwrite=True "
-                        "or choose another name"
-                    )
-                del analyses[name]
-            g = analyses.create_group(name, track_order=True)
-            g.attrs["status"] = WRITING
+            g = self._new_group(f, "analyses", name, f"analysis {name!r}", overwrite)
             standard = {
                 "method": result.method,
                 "n": int(result.n),
@@ -444,16 +453,7 @@ class ResultsStore:
             raise ValueError(f"attrs {clash} would overwrite standard attributes; rename them")
         with self._transaction() as f:
             kind, name = path.split("/")
-            parent = f[kind] if kind in f else f.create_group(kind, track_order=True)
-            if name in parent:
-                if not overwrite:
-                    raise ValueError(
-                        f"{path!r} already exists in {self.path}; pass overwrite=True or choose "
-                        "another name"
-                    )
-                del parent[name]
-            g = parent.create_group(name, track_order=True)
-            g.attrs["status"] = WRITING
+            g = self._new_group(f, kind, name, repr(path), overwrite)
             for key, value in (attrs or {}).items():
                 g.attrs[key] = _attr(value)
             for key, value in arrays.items():

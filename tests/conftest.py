@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +31,22 @@ def sample_photos() -> torch.Tensor:
     return torch.stack(
         [torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255.0 for im in images]
     )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A Lightning checkpoint of a randomly initialised 4-class ResNet18 (stock stem, 32 px),
+    as train.py saves it; one per test module."""
+    # Imported here: most test modules need neither Lightning nor the classifier.
+    import pytorch_lightning as pl
+
+    from lightning_modules import ImageClassifier
+
+    torch.manual_seed(0)
+    model = ImageClassifier("resnet18", num_classes=4, small_input=False, image_size=32)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    path = tmp_path_factory.mktemp("ckpt") / "resnet18.ckpt"
+    trainer.save_checkpoint(path)
+    return path

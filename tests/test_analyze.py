@@ -19,7 +19,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 
 import analyze
@@ -37,19 +36,8 @@ COMMON = [
     "--layers", json.dumps(LAYERS), "--reduction", "{layer1: channel_mean, layer3: channel_mean}",
     "--accelerator", "cpu", "--no_progress",
 ]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A Lightning checkpoint of a (randomly initialised) 4-class ResNet18, as train.py saves."""
-    torch.manual_seed(0)
-    model = ImageClassifier("resnet18", num_classes=4, small_input=False, image_size=32)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.strategy.connect(model)
-    path = tmp_path_factory.mktemp("ckpt") / "resnet18.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+# EngineConfig settings of the forward that analyze.py exposes as options.
+ENGINE_OPTIONS = ("precision", "deduplicate", "channels_last", "compile")
 
 
 @pytest.fixture
@@ -96,6 +84,12 @@ def test_results_file_follows_the_documented_format(checkpoint, tmp_path, capsys
         assert a.attrs["n"] == 8 and a.attrs["evaluations"] == 8 * (g + 2)
         assert a.attrs["epoch"] == -1 and list(a.attrs["layers"]) == LAYERS
         assert list(a.attrs["group_names"]) == problem.group_names
+        # The settings that determine the result (sensitivity.engine.analysis_attrs).
+        assert (a.attrs["design"], a.attrs["block_size"]) == ("SobolDesign", g + 2)
+        assert (a.attrs["seed"], a.attrs["precision"], a.attrs["conf_level"]) == (0, "32", 0.95)
+        assert json.loads(a.attrs["reduction"]) == dict.fromkeys(LAYERS[:2], "channel_mean")
+        for flag in ("second_order", "deduplicate", "channels_last", "compile"):
+            assert not a.attrs[flag], flag
         shapes = {"layer1": (64,), "layer3": (256,), "fc": (4,)}
         for layer, shape in shapes.items():
             lg = a[layer]
@@ -183,6 +177,34 @@ def test_other_methods_run_from_the_cli(checkpoint, tmp_path, method, key):
     assert result.method == method and key in result.layers["fc"]
 
 
+def test_engine_options_reach_the_engine_config():
+    parser = analyze.build_parser()
+
+    def options(*args: str) -> dict:
+        config = analyze.engine_config(parser.parse_args(analyze.normalise_args(["sobol", *args])))
+        return {name: getattr(config, name) for name in ENGINE_OPTIONS}
+
+    off = {"deduplicate": False, "channels_last": False, "compile": False}
+    on = dict.fromkeys(off, True)
+    assert options() == {"precision": "32", **off}
+    for precision in ("32", "bf16", "16"):
+        flags = ["--precision", precision, "--deduplicate", "--channels-last", "--compile"]
+        assert options(*flags) == {"precision": precision, **on}
+    flags = ["--deduplicate", "--no_deduplicate", "--no_channels_last", "--no_compile"]
+    assert options(*flags) == {"precision": "32", **off}
+
+
+def test_engine_options_are_recorded_with_the_analysis(checkpoint, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--n", "4", "--precision", "bf16", "--deduplicate", "--channels_last"]
+    assert cli("variance", "--checkpoint", checkpoint, "--output", out, *COMMON, *flags) == 0
+    attrs = ResultsStore(out / "results.h5").analysis_attrs("variance")
+    expected = {"precision": "bf16", "deduplicate": True, "channels_last": True, "compile": False}
+    assert {name: attrs[name] for name in ENGINE_OPTIONS} == expected
+    saved = (out / "config.yaml").read_text()
+    assert "deduplicate: true" in saved and "channels_last: true" in saved
+
+
 def test_bad_input_exits_non_zero_without_results(checkpoint, tmp_path, capsys):
     empty = tmp_path / "empty_folder"
     empty.mkdir()
@@ -193,6 +215,7 @@ def test_bad_input_exits_non_zero_without_results(checkpoint, tmp_path, capsys):
         "n": (["--n", "12"], "n must be a power of two"),
         "architecture": (["--arch", "alexnet"], "holds a resnet18, not a alexnet"),
         "folder": (["--data.root", empty], "has no class subfolders"),
+        "precision": (["--precision", "fp8"], r"one of \['32', 'bf16', '16'\], got 'fp8'"),
     }
     for label, (extra, message) in cases.items():
         out = tmp_path / label

@@ -151,6 +151,11 @@ def test_results_file_follows_the_results_format(fits):
         assert (g.attrs["n"], g.attrs["evaluations"]) == (4, ROWS)
         assert list(g.attrs["group_names"]) == GROUPS and list(g.attrs["layers"]) == LAYERS
         assert g.attrs["reduction"] == "channel_mean"
+        assert (g.attrs["design"], g.attrs["block_size"]) == ("SobolDesign", len(GROUPS) + 2)
+        assert (g.attrs["split"], g.attrs["images_per_class"]) == ("val", PER_CLASS)
+        assert (g.attrs["precision"], g.attrs["conf_level"], g.attrs["seed"]) == ("32", 0.95, 0)
+        for flag in ("second_order", "deduplicate", "channels_last", "compile"):
+            assert not g.attrs[flag], flag
         for layer in LAYERS:
             channels = int(g[layer].attrs["unit_shape"][0])
             for key in ("S1", "ST", "S1_conf", "ST_conf"):
@@ -253,6 +258,25 @@ def test_demo_yaml_builds_the_callback():
     assert callback.problem_config["auxiliaries"] == ["class", "image"]
 
 
+def test_engine_options_reach_the_engine_config():
+    """deduplicate, channels_last, compile and precision as LightningCLI passes them (YAML)."""
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[pl.Callback])
+    options = {"deduplicate": True, "channels_last": True, "compile": True}
+    for precision in ("16", "bf16", 32):
+        init_args = {**options, "precision": precision}
+        entry = {"class_path": "callbacks.SensitivityCallback", "init_args": init_args}
+        config = parser.parse_object({"callbacks": [entry]})
+        (callback,) = parser.instantiate(config).callbacks
+        engine = callback.config
+        assert (engine.deduplicate, engine.channels_last, engine.compile) == (True, True, True)
+        assert engine.precision == str(precision)
+        assert {k: callback.settings[k] for k in options} == options  # recorded as given
+    default = SensitivityCallback().config
+    assert not (default.deduplicate or default.channels_last or default.compile)
+    assert default.precision == "32"
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
@@ -261,6 +285,8 @@ def test_demo_yaml_builds_the_callback():
         ({"problem": {"augmentations": ["sepia"]}}, "unknown augmentation"),
         ({"every_n_epochs": 0}, "every_n_epochs"),
         ({"split": "test"}, "split"),
+        ({"precision": "fp8"}, r"precision must be one of \['32', 'bf16', '16'\]"),
+        ({"compile": "yes"}, "compile must be True or False"),
     ],
 )
 def test_bad_settings_are_value_errors(settings, message):

@@ -5,6 +5,7 @@ evaluated directly and against what the augmentations must do."""
 from __future__ import annotations
 
 import logging
+import math
 
 import h5py
 import numpy as np
@@ -46,6 +47,7 @@ class AnalyticNet(nn.Module):
     """Analytic units ("stats") followed by a small head; float64 unless told otherwise.
 
     fail_after: raise RuntimeError on that many-th batch forward (a crash mid-analysis).
+    rows: images forwarded in batches so far.
     """
 
     def __init__(self, dtype: torch.dtype = torch.float64, fail_after: int | None = None):
@@ -57,15 +59,55 @@ class AnalyticNet(nn.Module):
             self.head.bias.zero_()
         self.fail_after = fail_after
         self.batches = 0
+        self.rows = 0
         self.modes: list[bool] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > 1:  # not the one-image dry forward
             self.batches += 1
+            self.rows += x.shape[0]
             self.modes.append(self.training)
             if self.fail_after is not None and self.batches > self.fail_after:
                 raise RuntimeError("simulated crash")
         return self.head(self.stats(x))
+
+
+class TinyConvNet(nn.Module):
+    """Two 3x3 convolutions and a linear head, float32, seeded: a real convolutional forward.
+
+    formats: per eager batch forward, whether the input and the conv weights are channels-last.
+    traced: whether torch.compile traced the forward (no per-call record inside a compiled
+    forward: a growing list is a guard that fails, and recompiles, at every call).
+    """
+
+    # Most products summed into one output: conv2's 8 channels x 3 x 3.
+    FAN_IN = 72
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+        self.formats: list[tuple[bool, bool]] = []
+        self.traced = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            self.traced = True
+        elif x.shape[0] > 1:  # not the one-image dry forward
+            weight = self.conv1.weight
+            self.formats.append(
+                (
+                    x.is_contiguous(memory_format=torch.channels_last),
+                    weight.is_contiguous(memory_format=torch.channels_last),
+                )
+            )
+        return self.head(self.conv2(self.relu(self.conv1(x))).mean((2, 3)))
 
 
 @pytest.fixture(scope="module")
@@ -282,12 +324,113 @@ def test_eval_mode_during_the_run_and_train_mode_restored(problem, probe):
     assert model.training and model.head.training
 
 
-def test_bf16_autocast_changes_only_the_forward_precision(problem, probe):
-    settings = {"method": "variance", "n": 32, "layers": ["head"], "batch_rows": 32}
-    full, _ = run(problem, probe, model=AnalyticNet(torch.float32), **settings)
-    half, _ = run(problem, probe, model=AnalyticNet(torch.float32), precision="bf16", **settings)
-    difference = np.abs(full.layers["head"]["mean"] - half.layers["head"]["mean"])
-    assert 0 < difference.max() < 1e-2  # bfloat16 has 8 mantissa bits
+def assert_within_roundoff(result, reference, unit_roundoff: float, fan_in: int) -> None:
+    """``result``'s indices and moments equal ``reference``'s up to the round-off of a forward.
+
+    Another precision, summation order or kernel moves an output y by about
+    u sqrt(K) rms(y): K products summed, each rounded with unit round-off u, the errors adding
+    up as a random walk. That moves the mean by as much, the variance by twice as much times
+    the spread sigma, and an index (a ratio of (co)variances) by as much in units of sigma:
+    rms / sigma amplifies it on units that hardly vary. The factor 4 covers the estimators'
+    sums of products of outputs (TinyConvNet, 4 seeds, N = 16 to 64: at most 1.2 of the bound
+    without it, for bf16, float16 and channels-last alike).
+    """
+    for layer, ref in reference.layers.items():
+        got = result.layers[layer]
+        sigma = ref["std"]
+        error = 4 * math.sqrt(fan_in) * unit_roundoff * np.hypot(ref["mean"], sigma)
+        varies = sigma > 0  # a constant unit's indices are 0 by definition
+        bounds = {"mean": error, "var": 2 * error * sigma + error**2}
+        for key in ("S1", "ST"):
+            bounds[key] = np.where(varies, error / np.where(varies, sigma, 1.0), np.inf)
+        for key, bound in bounds.items():
+            assert np.isfinite(got[key]).all(), f"{layer}/{key}"
+            excess = np.abs(got[key] - ref[key]) / bound
+            assert excess.max() <= 1.0, f"{layer}/{key}: {excess.max():.3g} x the round-off bound"
+
+
+def run_conv(problem, probe, **settings) -> tuple:
+    """An analysis of a fresh TinyConvNet: channel means of conv1, every element of conv2 (its
+    maps: conv2 sees the memory format), the softmax head."""
+    model = TinyConvNet()
+    config = EngineConfig(
+        method="sobol",
+        n=32,
+        batch_rows=72,
+        layers=["conv1", "conv2", "head"],
+        reduction={"conv1": "channel_mean"},
+        progress=False,
+        **settings,
+    )
+    return run_analysis(model, problem, probe, config), model
+
+
+def test_deduplicate_forwards_fewer_rows_with_identical_results(problem, probe):
+    # Batches of at most 36 rows x 768 values stay under PyTorch's parallel grain size (32768
+    # elements), so every kernel runs serially and a row's outputs cannot depend on which rows
+    # share its batch: the results must be bit-identical, not merely close.
+    for method in ("sobol", "shapley"):
+        settings = {"method": method, "n": 32, "batch_rows": 36, "layers": ["stats", "head"]}
+        full, config = run(problem, probe, **settings)
+        model, timings = AnalyticNet(), {}
+        deduplicated = run_analysis(
+            model,
+            problem,
+            probe,
+            EngineConfig(**settings, progress=False, deduplicate=True),
+            timings=timings,
+        )
+        design = build_design(problem, config)
+        assert timings["rows"] == design.n_rows
+        assert timings["forwarded"] == model.rows < design.n_rows
+        for layer, values in full.layers.items():
+            for key, value in values.items():
+                np.testing.assert_array_equal(
+                    deduplicated.layers[layer][key], value, err_msg=f"{method} {layer}/{key}"
+                )
+        if method == "sobol":
+            # AB_j with augmentation j off in both A and B is A again (the switch and the unused
+            # parameters are all that differ): a lower bound on what must not be forwarded.
+            a = len(problem.augmentations)
+            active = problem.decode(design.rows(), SIZE, SIZE).active.numpy()
+            active = active.reshape(design.n_blocks, design.block_size, a)
+            off_in_both = ~active[:, 0, :] & ~active[:, 1 : 1 + a, :].diagonal(axis1=1, axis2=2)
+            assert problem.group_names[:a] == list(problem.augmentations)
+            assert design.row_kinds()[1 : 1 + a] == [f"AB_{j}" for j in range(a)]
+            assert 0 < off_in_both.sum() <= design.n_rows - timings["forwarded"]
+
+
+def test_channels_last_changes_the_indices_by_float32_roundoff_only(problem, probe):
+    reference, contiguous = run_conv(problem, probe)
+    result, model = run_conv(problem, probe, channels_last=True)
+    assert contiguous.formats and not any(x or w for x, w in contiguous.formats)
+    assert model.formats and all(x and w for x, w in model.formats)  # the forward ran channels-last
+    assert_within_roundoff(result, reference, 2.0**-24, TinyConvNet.FAN_IN)
+    for name, parameter in model.named_parameters():  # converted back for training
+        assert parameter.is_contiguous(), name
+        if parameter.ndim == 4:
+            assert not parameter.is_contiguous(memory_format=torch.channels_last), name
+
+
+def test_bf16_and_float16_autocast_stay_within_their_roundoff_of_float32(problem, probe):
+    reference, _ = run_conv(problem, probe)
+    mean_error = {}
+    # Unit round-off: bfloat16 keeps 8 significant bits (about 2-3 decimal digits), float16 11.
+    for precision, unit_roundoff in (("bf16", 2.0**-8), ("16", 2.0**-11)):
+        result, _ = run_conv(problem, probe, precision=precision)
+        assert_within_roundoff(result, reference, unit_roundoff, TinyConvNet.FAN_IN)
+        mean_error[precision] = np.mean(
+            np.abs(result.layers["conv2"]["ST"] - reference.layers["conv2"]["ST"])
+        )
+    # Both really ran in reduced precision, and float16's 3 more bits show.
+    assert 0 < mean_error["16"] < mean_error["bf16"]
+
+
+def test_compile_gives_the_eager_indices_within_float32_roundoff(problem, probe):
+    reference, eager = run_conv(problem, probe)
+    result, model = run_conv(problem, probe, compile=True)
+    assert not eager.traced and model.traced  # dynamo traced the model's forward
+    assert_within_roundoff(result, reference, 2.0**-24, TinyConvNet.FAN_IN)
 
 
 def test_bad_inputs_are_clear_value_errors(problem, probe):
@@ -304,6 +447,10 @@ def test_bad_inputs_are_clear_value_errors(problem, probe):
                      rank=0, world_size=2)
     with pytest.raises(ValueError, match="unknown method"):
         EngineConfig(method="sobel")
+    with pytest.raises(ValueError, match=r"precision must be one of \['32', 'bf16', '16'\]"):
+        EngineConfig(precision="fp16")
+    with pytest.raises(ValueError, match="channels_last must be True or False"):
+        EngineConfig(channels_last="yes")
 
 
 def test_shards_cover_every_block_once():

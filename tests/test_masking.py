@@ -342,19 +342,6 @@ def test_callback_writes_masking_of_the_epoch_analysis(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- the CLI
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A Lightning checkpoint of a 4-class ResNet18 (stock stem, 32 px)."""
-    torch.manual_seed(0)
-    model = ImageClassifier("resnet18", num_classes=4, small_input=False, image_size=SIZE)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.strategy.connect(model)
-    path = tmp_path_factory.mktemp("ckpt") / "resnet18.ckpt"
-    trainer.save_checkpoint(path)
-    return path
-
-
 def write_results(path: Path, small_input: bool = False) -> Path:
     """A results file with a Sobol analysis "sobol" of random maps shaped like ResNet18's
     default checkpoints at 32 px (stock stem, or the small-input stem's larger maps)."""

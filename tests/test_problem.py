@@ -252,6 +252,13 @@ def test_rows_may_be_a_tensor_and_decoding_is_deterministic():
         for p, t in a.params[name].items():
             assert torch.equal(t, b.params[name][p])
     assert len(a.to("cpu")) == rows.shape[0]
+    for pick, same_rows in ((slice(3, 9), rows[3:9]), (torch.tensor([7, 0, 5]), rows[[7, 0, 5]])):
+        part, direct = a.select(pick), problem.decode(same_rows, H, W)
+        assert torch.equal(part.order, direct.order) and torch.equal(part.active, direct.active)
+        assert torch.equal(part.image_index, direct.image_index)
+        for name in problem.augmentations:
+            for p, t in part.params[name].items():
+                assert torch.equal(t, direct.params[name][p])
 
 
 def test_with_p_on_and_config_round_trip():

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import scipy.stats
 import torch
 from torch import nn
@@ -129,19 +128,6 @@ def test_self_masking_jaccard_equals_a_direct_computation():
 
 
 # ---------------------------------------------------------------------------------- the CLI
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A Lightning checkpoint of a 4-class ResNet18 (stock stem, 32 px)."""
-    torch.manual_seed(0)
-    model = ImageClassifier("resnet18", num_classes=4, small_input=False, image_size=SIZE)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.strategy.connect(model)
-    path = tmp_path_factory.mktemp("ckpt") / "resnet18.ckpt"
-    trainer.save_checkpoint(path)
-    return path
-
-
 def write_results(path: Path, layers: list[str]) -> Path:
     """A results file with a Sobol analysis "sobol" of random maps of ResNet18's ``layers``."""
     model = ImageClassifier("resnet18", num_classes=4, small_input=False, image_size=SIZE)
