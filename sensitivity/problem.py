@@ -536,7 +536,7 @@ class AugmentationProblem:
 
 CPU_BLOCK_BYTES = 4 * 2**20
 """Size of the row blocks ``AugmentationProblem.augment`` works through on the CPU (4 MiB:
-about 7 images at 224 px, 85 at 64 px). A whole batch streams every intermediate tensor through
+6 images at 224 px, 85 at 64 px). A whole batch streams every intermediate tensor through
 main memory, which on CPU costs more than the arithmetic of the pointwise augmentations."""
 
 
