@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 import torch
 import wandb
-from PIL import Image
-from test_callback import history_row, read_wandb_records
 from wandb.proto import wandb_internal_pb2
+from wandb_records import assert_sobol_summary_logged, history_row, read_wandb_records
 
 import analyze
-from callbacks.wandb_logging import ARTIFACT_TYPE, STEP_METRIC, metric_key, wandb_mode
+from callbacks.wandb_logging import ARTIFACT_TYPE, STEP_METRIC, wandb_mode
 from sensitivity import masking
 from sensitivity.store import ResultsStore
 
@@ -98,16 +97,7 @@ def test_sobol_logs_an_offline_run_in_the_run_directory(sobol_run):
     row = logged_row(records)
     assert row[STEP_METRIC] == -1  # not an epoch of a training run
     summary = ResultsStore(run_dir / "results.h5").read_analysis("sobol").summary()
-    assert set(summary) == {"S1", "ST"}
-    for key, layers in summary.items():
-        assert list(layers) == LAYERS
-        for layer, values in layers.items():
-            for variable, value in values.items():
-                assert row[metric_key("sobol", layer, variable, key)] == pytest.approx(value)
-        image = row[f"sensitivity/sobol/heatmap/{key}"]
-        assert image["_type"] == "image-file"
-        with Image.open(directory / "files" / image["path"]) as png:
-            assert png.format == "PNG" and min(png.size) > 200
+    assert_sobol_summary_logged(row, summary, LAYERS, directory / "files")
     table = json.loads((directory / "files" / row["sensitivity/sobol/summary"]["path"]).read_text())
     assert table["columns"] == ["epoch", "layer", "variable", "index", "value"]
     assert len(table["data"]) == sum(len(v) for layers in summary.values() for v in layers.values())

@@ -20,10 +20,10 @@ from jsonargparse import ArgumentParser
 from PIL import Image
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
-from wandb.proto import wandb_internal_pb2
+from wandb_records import assert_sobol_summary_logged, history_row, read_wandb_records
 
 from callbacks import SensitivityCallback
-from callbacks.wandb_logging import STEP_METRIC, metric_key
+from callbacks.wandb_logging import STEP_METRIC
 from data import PlantedFactorDataModule
 from lightning_modules import ImageClassifier
 from sensitivity.capture import DEFAULT_LAYERS
@@ -94,40 +94,6 @@ def fits(tmp_path_factory) -> tuple[Fit, Fit]:
     first = fit(tmp / "first", max_epochs=1)
     resumed = fit(tmp / "resumed", max_epochs=2, ckpt_path=tmp / "first/checkpoints/last.ckpt")
     return first, resumed
-
-
-def read_wandb_records(path: Path) -> list[wandb_internal_pb2.Record]:
-    """Protobuf records of a W&B transaction log (.wandb): a 7-byte header, then LevelDB-log
-    blocks of 32 KiB holding chunks (crc 4 bytes, length 2 LE, type 1 full / 2 first / 3 middle
-    / 4 last, payload); a block tail too short for a chunk header is padding."""
-    data, block, pos = path.read_bytes(), 32768, 7
-    assert data[:4] == b":W&B"
-    payloads, pending = [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 2):
-            pending = b""
-        pending += chunk
-        if kind in (1, 4):
-            payloads.append(pending)
-    return [wandb_internal_pb2.Record.FromString(p) for p in payloads]
-
-
-def history_row(history: wandb_internal_pb2.HistoryRecord) -> dict:
-    """One logged row; media values (nested keys [metric, field]) become dicts."""
-    row: dict = {}
-    for item in history.item:
-        *parents, leaf = [item.key] if item.key else list(item.nested_key)
-        target = row
-        for key in parents:
-            target = target.setdefault(key, {})
-        target[leaf] = json.loads(item.value_json)
-    return row
 
 
 def stored(path: Path, name: str) -> dict[str, dict[str, np.ndarray]]:
@@ -227,17 +193,7 @@ def test_wandb_offline_run_holds_the_indices_heatmaps_and_table(fits):
     (row,) = [row for row in rows if STEP_METRIC in row]
     assert row[STEP_METRIC] == 0
     summary = first.callback.history[0]["summary"]
-    assert set(summary) == {"S1", "ST"}
-    for key, layers in summary.items():
-        assert list(layers) == LAYERS
-        for layer, values in layers.items():
-            for variable, value in values.items():
-                assert row[metric_key("sobol", layer, variable, key)] == pytest.approx(value)
-    for key in ("S1", "ST"):
-        image = row[f"sensitivity/sobol/heatmap/{key}"]
-        assert image["_type"] == "image-file"
-        with Image.open(first.wandb_dir / "files" / image["path"]) as png:
-            assert png.format == "PNG" and min(png.size) > 200
+    assert_sobol_summary_logged(row, summary, LAYERS, first.wandb_dir / "files")
     table_ref = row["sensitivity/sobol/summary"]
     table = json.loads((first.wandb_dir / "files" / table_ref["path"]).read_text())
     assert table["columns"] == ["epoch", "layer", "variable", "index", "value"]

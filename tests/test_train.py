@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from wandb.proto import wandb_internal_pb2
+from wandb_records import read_wandb_records
 
 import train
 from data import PlantedFactorDataModule
@@ -23,34 +23,6 @@ CHANCE = 0.25  # 4 balanced classes
 # The seeded run reaches ~1.0 (see the report); demand 50 points above chance so that the test
 # still catches a broken pipeline but not a platform's floating-point differences.
 MIN_VAL_ACC1 = CHANCE + 0.5
-
-
-def read_wandb_records(path: Path) -> list[wandb_internal_pb2.Record]:
-    """Records of a W&B transaction log (.wandb): LevelDB log format of protobuf Records.
-
-    A 7-byte file header, then 32 KiB blocks of chunks: crc32 (4), length (2, LE), type (1:
-    full, 2: first, 3: middle, 4: last), payload; block tails shorter than a chunk header are
-    zero padding.
-    """
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", "not a W&B transaction log"
-    block, pos, pending, records = 32768, 7, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        payload = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 1:
-            records.append(payload)
-        elif kind == 2:
-            pending = payload
-        elif kind == 3:
-            pending += payload
-        elif kind == 4:
-            records.append(pending + payload)
-    return [wandb_internal_pb2.Record.FromString(r) for r in records]
 
 
 @pytest.fixture(scope="module")

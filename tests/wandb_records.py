@@ -1,0 +1,63 @@
+"""Reading what a W&B offline run wrote: records of its transaction log, logged rows, and the
+check that a Sobol' analysis's summary reached it (shared by the training, callback and
+analyze.py tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from wandb.proto import wandb_internal_pb2
+
+from callbacks.wandb_logging import metric_key
+
+
+def read_wandb_records(path: Path) -> list[wandb_internal_pb2.Record]:
+    """Protobuf records of a W&B transaction log (.wandb): a 7-byte header, then LevelDB-log
+    blocks of 32 KiB holding chunks (crc 4 bytes, length 2 LE, type 1 full / 2 first / 3 middle
+    / 4 last, payload); a block tail too short for a chunk header is padding."""
+    data, block, pos = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B", "not a W&B transaction log"
+    payloads, pending = [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 2):
+            pending = b""
+        pending += chunk
+        if kind in (1, 4):
+            payloads.append(pending)
+    return [wandb_internal_pb2.Record.FromString(p) for p in payloads]
+
+
+def history_row(history: wandb_internal_pb2.HistoryRecord) -> dict:
+    """One logged row; media values (nested keys [metric, field]) become dicts."""
+    row: dict = {}
+    for item in history.item:
+        *parents, leaf = [item.key] if item.key else list(item.nested_key)
+        target = row
+        for key in parents:
+            target = target.setdefault(key, {})
+        target[leaf] = json.loads(item.value_json)
+    return row
+
+
+def assert_sobol_summary_logged(row: dict, summary: dict, layers: list[str], files: Path) -> None:
+    """``row`` holds every S1/ST value of ``summary`` ({index: {layer: {variable: value}}}) under
+    its metric key and a PNG heatmap per index, stored under the run's ``files`` folder."""
+    assert set(summary) == {"S1", "ST"}
+    for key, per_layer in summary.items():
+        assert list(per_layer) == layers
+        for layer, values in per_layer.items():
+            for variable, value in values.items():
+                assert row[metric_key("sobol", layer, variable, key)] == pytest.approx(value)
+        image = row[f"sensitivity/sobol/heatmap/{key}"]
+        assert image["_type"] == "image-file"
+        with Image.open(files / image["path"]) as png:
+            assert png.format == "PNG" and min(png.size) > 200
