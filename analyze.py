@@ -32,6 +32,7 @@ results were written but W&B logging failed.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -152,6 +153,11 @@ def build_parser() -> ArgumentParser:
     _add(p, "n", type=int, default=32,
          help="Sobol base points (power of two) / Shapley trajectories or permutations / "
               "variance rows / contrast images")
+    _add(p, "sampling", type=str, default="rqmc",
+         help="Sobol base points: rqmc (replicated scrambled Sobol', t intervals over the "
+              "replicates) | mc (i.i.d. points, delta-method intervals)")
+    _add(p, "replicates", type=int, default=16,
+         help="rqmc replicates (a power of two; at most n are used)")
     _add(p, "second_order", action=ActionYesNo, default=False, help="Sobol second-order S2")
     _add(p, "shapley_method", type=str, default="goda", help="goda | permutation")
     _add(p, "n_outer", type=int, default=1, help="permutation Shapley: outer samples")
@@ -346,7 +352,8 @@ def build_problem(cfg: Namespace, n_classes: int) -> AugmentationProblem:
 
 def engine_config(cfg: Namespace) -> EngineConfig:
     return EngineConfig(
-        method=cfg.method, n=cfg.n, seed=cfg.seed, second_order=cfg.second_order,
+        method=cfg.method, n=cfg.n, seed=cfg.seed, sampling=cfg.sampling,
+        replicates=cfg.replicates, second_order=cfg.second_order,
         shapley_method=cfg.shapley_method, n_outer=cfg.n_outer, n_inner=cfg.n_inner,
         contrast_k=cfg.contrast_k, layers=cfg.layers, reduction=cfg.reduction,
         batch_rows=cfg.batch_rows, checkpoint_every=cfg.checkpoint_every,
@@ -409,10 +416,18 @@ def print_outputs(written: dict[str, Any], name: str, wandb_lines: Sequence[str]
     summary = written["summary"]
     if summary:
         key = next(iter(summary))
-        lines.append(f"largest mean {key} per layer:")
+        lines.append(f"largest median {key} per layer (over its valid units):")
         for layer, values in summary[key].items():
-            top = max(values, key=lambda g: values[g])
-            lines.append(f"  {layer:<14} {top} {values[top]:.3f}")
+            ranked = [g for g in values if math.isfinite(values[g]["median"])]
+            if not ranked:
+                lines.append(f"  {layer:<14} no valid unit (see the flag arrays)")
+                continue
+            top = max(ranked, key=lambda g: values[g]["median"])
+            stats = values[top]
+            lines.append(
+                f"  {layer:<14} {top} {stats['median']:.3f} [p10 {stats['p10']:.3f}, p90 "
+                f"{stats['p90']:.3f}], {stats['valid_fraction']:.0%} of units valid"
+            )
     lines += wandb_lines
     print("\n".join(["", "Outputs:", *(f"  {line}" for line in lines)]), flush=True)
 
@@ -615,10 +630,11 @@ def _masking_inputs(cfg: Namespace) -> dict[str, Any]:
     augmentations = options.augmentations
     if augmentations is None:
         augmentations = [v for v in result.group_names if v in AUGMENTATIONS]
+    maps, valid = masking.sensitivity_maps(result, value, layers)
     return {
         "store": store, "name": name, "output": output, "result": result, "model": model,
         "probe": probe, "class_names": class_names, "problem": problem, "value": value,
-        "maps": masking.sensitivity_maps(result, value, layers),
+        "maps": maps, "valid": valid,
         "labels": torch.arange(n_classes).repeat_interleave(cfg.data.images_per_class),
         "augmentations": augmentations,
     }
@@ -631,7 +647,7 @@ def _run_masking(cfg: Namespace, inputs: dict[str, Any]) -> tuple[list[str], Rec
         inputs["augmentations"], value=inputs["value"], analysis=inputs["name"],
         mask_variables=options.variables, k=options.k, seed=cfg.seed,
         problem=inputs["problem"], ties=options.ties, batch_images=options.batch_images,
-        reuse_prefix=options.reuse_prefix,
+        reuse_prefix=options.reuse_prefix, valid=inputs["valid"],
     )
     store = inputs["store"]
     group = masking.write_masking(store, inputs["output"], out, overwrite=cfg.overwrite)
@@ -661,14 +677,15 @@ def _run_single_class(cfg: Namespace, inputs: dict[str, Any]) -> tuple[list[str]
     if head not in result.layers:
         raise ValueError(f"analysis {inputs['name']!r} has no maps of the classification layer "
                          f"{head!r} (layers: {result.layer_names}); analyse it too")
-    head_maps = masking.sensitivity_maps(result, inputs["value"], [head])[head]
+    head_maps, head_valid = masking.sensitivity_maps(result, inputs["value"], [head])
     out = single_class.evaluate_single_class(
-        model, inputs["maps"], result.group_names, head_maps, inputs["probe"],
+        model, inputs["maps"], result.group_names, head_maps[head], inputs["probe"],
         inputs["labels"], n=cfg.single_class.n, augmentations=cfg.masking.variables,
         class_names=inputs["class_names"], k=cfg.masking.k, seed=cfg.seed,
         problem=inputs["problem"], ties=cfg.masking.ties, trials=cfg.single_class.trials,
         batch_images=cfg.masking.batch_images, reuse_prefix=cfg.masking.reuse_prefix,
-        value=inputs["value"], analysis=inputs["name"], layer=head,
+        value=inputs["value"], analysis=inputs["name"], layer=head, valid=inputs["valid"],
+        head_valid=head_valid[head],
     )
     store = inputs["store"]
     group = single_class.write_single_class(store, inputs["output"], out,

@@ -14,6 +14,7 @@ network after every epoch with ``callbacks.SensitivityCallback``: sensitivity.h5
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -142,7 +143,7 @@ class TrainCLI(LightningCLI):
 
 
 def sensitivity_lines(callback: SensitivityCallback) -> list[str]:
-    """Where a SensitivityCallback wrote, and the largest mean index at its last layer."""
+    """Where a SensitivityCallback wrote, and the largest median indices at its last layer."""
     if callback.run_dir is None or not callback.results_path.is_file():
         return []
     epochs = callback.epochs
@@ -155,10 +156,13 @@ def sensitivity_lines(callback: SensitivityCallback) -> list[str]:
     if summary:
         key = next(iter(summary))
         layer, values = list(summary[key].items())[-1]
-        top = sorted(values, key=values.__getitem__, reverse=True)[:4]
+        medians = {name: stats["median"] for name, stats in values.items()
+                   if math.isfinite(stats["median"])}
+        top = sorted(medians, key=medians.__getitem__, reverse=True)[:4]
+        valid = next(iter(values.values()))["valid_fraction"]
         lines.append(
-            f"  {key} at {layer}, epoch {epochs[-1]}: "
-            + ", ".join(f"{name} {values[name]:.2f}" for name in top)
+            f"  median {key} at {layer}, epoch {epochs[-1]} ({valid:.0%} of units valid): "
+            + (", ".join(f"{name} {medians[name]:.2f}" for name in top) or "no valid unit")
         )
     return lines
 

@@ -205,12 +205,13 @@ class MaskingCallback(pl.Callback):
         augmentations = self.augmentations
         if augmentations is None:
             augmentations = [v for v in analysis.group_names if v in AUGMENTATIONS]
+        maps, valid = masking.sensitivity_maps(analysis, value, layers)
         result = masking.evaluate_masking(
-            pl_module, masking.sensitivity_maps(analysis, value, layers), analysis.group_names,
-            images, labels, augmentations, value=value, analysis=name,
-            mask_variables=self.variables, k=self.k, seed=self.seed, problem=problem,
-            ties=self.ties, batch_images=self.batch_images, reuse_prefix=self.reuse_prefix,
-            rank=trainer.global_rank, world_size=trainer.world_size,
+            pl_module, maps, analysis.group_names, images, labels, augmentations, value=value,
+            analysis=name, mask_variables=self.variables, k=self.k, seed=self.seed,
+            problem=problem, ties=self.ties, batch_images=self.batch_images,
+            reuse_prefix=self.reuse_prefix, rank=trainer.global_rank,
+            world_size=trainer.world_size, valid=valid,
         )
         result.epoch = epoch
         self.results.append(result)

@@ -59,10 +59,11 @@ from sensitivity.engine import (
 )
 from sensitivity.problem import PAPER_METHODS, AugmentationProblem
 from sensitivity.report import save_heatmaps, save_history
-from sensitivity.results import AnalysisResult
+from sensitivity.results import PER_VARIABLE_KEYS, AnalysisResult
 from sensitivity.store import ActivationWriter, ResultsStore, check_name, merge_shards
 
-STATE_VERSION = 1
+# 2: history summaries hold median, p10, p90, mean and valid_fraction per layer and variable.
+STATE_VERSION = 2
 SPLITS = ("train", "val")
 DEFAULT_PROBLEM: dict[str, Any] = {"augmentations": 1}
 # Set from the datamodule, never by the user.
@@ -94,8 +95,8 @@ class SensitivityCallback(pl.Callback):
             {layer: reduction}.
         seed: design seed: every analysis of a fit uses the same design rows, so the epochs
             differ only by the weights.
-        second_order, shapley_method, n_outer, n_inner, contrast_k, batch_rows, num_workers,
-            conf_level, progress: as EngineConfig.
+        sampling, replicates, second_order, shapley_method, n_outer, n_inner, contrast_k,
+            batch_rows, num_workers, conf_level, progress: as EngineConfig.
         precision: "32" | "bf16" | "16": float32, or bfloat16 / float16 autocast on the
             forward only (faster on GPUs and bf16-capable CPUs; bf16 shifts indices by about
             1e-3); accumulation stays float64.
@@ -122,13 +123,15 @@ class SensitivityCallback(pl.Callback):
         self,
         every_n_epochs: int = 1,
         method: str = "sobol",
-        n: int = 16,
+        n: int = 32,
         problem: dict[str, Any] | None = None,
         images_per_class: int = 4,
         split: str = "val",
         layers: list[str] | None = None,
         reduction: str | dict[str, str] = "channel_mean",
         seed: int = 0,
+        sampling: str = "rqmc",
+        replicates: int = 16,
         second_order: bool = False,
         shapley_method: str = "goda",
         n_outer: int = 1,
@@ -166,9 +169,9 @@ class SensitivityCallback(pl.Callback):
         self.figures_dir = figures_dir
         self.output_dir = output_dir
         self.config = EngineConfig(
-            method=method, n=n, seed=seed, second_order=second_order,
-            shapley_method=shapley_method, n_outer=n_outer, n_inner=n_inner,
-            contrast_k=contrast_k, layers=None if layers is None else list(layers),
+            method=method, n=n, seed=seed, sampling=sampling, replicates=replicates,
+            second_order=second_order, shapley_method=shapley_method, n_outer=n_outer,
+            n_inner=n_inner, contrast_k=contrast_k, layers=None if layers is None else list(layers),
             reduction=reduction if isinstance(reduction, str) else dict(reduction),
             batch_rows=batch_rows, precision=str(precision), num_workers=num_workers,
             progress=progress, conf_level=conf_level, deduplicate=deduplicate,
@@ -228,7 +231,7 @@ class SensitivityCallback(pl.Callback):
     def history(self) -> list[dict[str, Any]]:
         """Every analysis so far, resumed ones first: {"epoch", "global_step", "method",
         "group_names", "n", "evaluations", "seconds", "summary"}, where summary is
-        ``AnalysisResult.summary()``: {key: {layer: {variable: mean over units}}}."""
+        ``AnalysisResult.summary()``: {key: {layer: {variable: {statistic: value}}}}."""
         return copy.deepcopy(self._history)
 
     @property
@@ -380,11 +383,11 @@ class SensitivityCallback(pl.Callback):
             if not self._wandb_ready:
                 define_metrics(run)
                 self._wandb_ready = True
-            run.log(analysis_record(result, dict(zip(result.value_keys, heatmaps, strict=True))))
+            run.log(analysis_record(result, heatmaps))
 
     def _history_results(self) -> list[AnalysisResult]:
-        """The history as AnalysisResults of per-layer means (unit shape ()), for the figures:
-        the entries with the latest entry's method and variables."""
+        """The history as AnalysisResults of per-layer medians over valid units (unit shape
+        ()), for the figures: the entries with the latest entry's method and variables."""
         if not self._history or not self._history[-1]["summary"]:
             return []
         latest = self._history[-1]
@@ -394,9 +397,13 @@ class SensitivityCallback(pl.Callback):
             if entry["method"] != latest["method"] or entry["group_names"] != names:
                 continue
             layers: dict[str, dict[str, np.ndarray]] = {}
-            for key, per_layer in entry["summary"].items():
-                for layer, values in per_layer.items():
-                    layers.setdefault(layer, {})[key] = np.array([values[g] for g in names])
+            for key in entry["summary"]:
+                if key not in PER_VARIABLE_KEYS:
+                    continue
+                for layer, values in entry["summary"][key].items():
+                    layers.setdefault(layer, {})[key] = np.array(
+                        [values[g]["median"] for g in names]
+                    )
             results.append(AnalysisResult(
                 method=entry["method"], group_names=names, layers=layers, n=entry["n"],
                 evaluations=entry["evaluations"], seconds=entry["seconds"],

@@ -2,14 +2,19 @@
 
 Key scheme (ARCHITECTURE.md "Logging"), all against the step metric ``analysis/epoch``:
 
-- ``sensitivity/<method>/<layer>/<variable>/<key>``: the mean over the layer's units of the index
-  ``key`` of ``variable`` (a group: augmentation, order, class, image). ``key`` is each value key
-  of the method (``AnalysisResult.value_keys``): ``S1``, ``ST`` (sobol); ``shapley_normalized``
-  (shares, sum 1), ``shapley`` (variance units) (shapley); ``effect_size``, ``mean_diff``
-  (contrast). The "variance" method has no per-variable index and logs only its epoch.
-- ``sensitivity/<method>/heatmap/<key>``: the heatmap PNG (layers x variables) as a wandb.Image.
+- ``sensitivity/<method>/<layer>/<variable>/<key>/median`` and ``.../<key>/mean``: the median
+  and the mean, over the layer's valid units (``AnalysisResult.summary``; flagged units are left
+  out), of the index ``key`` of ``variable`` (a group: augmentation, order, class, image).
+  ``key`` is each value key of the method (``AnalysisResult.value_keys``): ``S1``, ``ST``
+  (sobol); ``shapley_normalized`` (shares, sum 1), ``shapley`` (variance units) (shapley);
+  ``effect_size``, ``mean_diff`` (contrast). ``.../<key>_conf/median``: the median half-width.
+  The "variance" method has no per-variable index and logs only its epoch.
+- ``sensitivity/<method>/<layer>/valid_fraction``: the share of the layer's units behind those.
+- ``sensitivity/<method>/heatmap/<key>``: the heatmap PNG (layers x variables) as a wandb.Image;
+  ``.../heatmap/S2`` the second-order figure when there is one.
 - ``sensitivity/<method>/summary``: a wandb.Table with columns epoch, layer, variable, index
-  (the key), value: every scalar above in one table per analysis.
+  (the key), median, p10, p90, mean, valid_fraction: every summary statistic, half-widths and
+  second-order indices (variable "a:b") included, in one table per analysis.
 - ``analysis/epoch``: the training epoch of the analysis.
 
 ``define_metric("sensitivity/*", step_metric="analysis/epoch")`` makes W&B chart these against the
@@ -43,7 +48,11 @@ from sensitivity.single_class import SingleClassResult
 
 STEP_METRIC = "analysis/epoch"
 PREFIX = "sensitivity"
-TABLE_COLUMNS = ["epoch", "layer", "variable", "index", "value"]
+TABLE_COLUMNS = ["epoch", "layer", "variable", "index", "median", "p10", "p90", "mean",
+                 "valid_fraction"]
+# Which summary statistics become scalars: value keys their median and mean, half-widths their
+# median; second-order indices go to the table only (one per pair of variables).
+_SCALARS = {"value": ("median", "mean"), "conf": ("median",), "pair": ()}
 ARTIFACT_TYPE = "sensitivity-results"
 DEFAULT_PROJECT = "augsens"  # train.py's default project too
 
@@ -82,21 +91,28 @@ def analysis_record(
 def summary_record(
     method: str,
     epoch: int | None,
-    summary: Mapping[str, Mapping[str, Mapping[str, float]]],
+    summary: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]],
     heatmaps: Mapping[str, str | Path],
 ) -> dict[str, Any]:
     """``analysis_record`` from an analysis's ``AnalysisResult.summary()`` ({key: {layer:
-    {variable: mean over units}}}), without the arrays; epoch None (not in training) is -1."""
+    {variable: {statistic: value}}}}), without the arrays; epoch None (not in training) is
+    -1."""
     import wandb
 
     epoch = -1 if epoch is None else int(epoch)
     record: dict[str, Any] = {STEP_METRIC: epoch}
     rows = []
     for key, layers in summary.items():
+        kind = "pair" if key.startswith("S2") else "conf" if key.endswith("_conf") else "value"
         for layer, values in layers.items():
-            for variable, value in values.items():
-                record[metric_key(method, layer, variable, key)] = value
-                rows.append([epoch, layer, variable, key, value])
+            for variable, stats in values.items():
+                for statistic in _SCALARS[kind]:
+                    record[f"{metric_key(method, layer, variable, key)}/{statistic}"] = (
+                        stats[statistic]
+                    )
+                record[f"{PREFIX}/{method}/{layer}/valid_fraction"] = stats["valid_fraction"]
+                rows.append([epoch, layer, variable, key,
+                             *(stats[c] for c in TABLE_COLUMNS[4:])])
     for key, path in heatmaps.items():
         record[f"{PREFIX}/{method}/heatmap/{key}"] = wandb.Image(
             str(path), caption=f"{method} {key}, epoch {epoch}"

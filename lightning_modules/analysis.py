@@ -180,8 +180,8 @@ class AnalysisModule(pl.LightningModule):
         figures = save_heatmaps(result, run_dir / "figures", name)
         return {
             "results": str(store.path),
-            "figures": [str(p) for p in figures],
-            "heatmaps": {key: str(p) for key, p in zip(result.value_keys, figures, strict=True)},
+            "figures": [str(p) for p in figures.values()],
+            "heatmaps": {key: str(p) for key, p in figures.items()},
             "method": result.method,
             "epoch": result.epoch,
             "activations": None if activations is None else str(activations),

@@ -56,6 +56,7 @@ from sensitivity.designs import (
     PermutationDesign,
     ShapleyDesign,
     SobolDesign,
+    uniform_rows,
 )
 from sensitivity.estimators import (
     ContrastAccumulator,
@@ -70,9 +71,14 @@ from sensitivity.store import ActivationWriter
 
 METHODS = ("sobol", "shapley", "variance", "contrast")
 SHAPLEY_METHODS = ("goda", "permutation")
+SAMPLINGS = ("rqmc", "mc")
+# The fewest base points (trajectories) in which a variable may change for its indices: a
+# mean of k non-zero terms has a relative standard error of about 1 / sqrt(k), so 16 keeps it
+# near 25% (a 95% interval of about +-50% of the index). Fewer: a warning with the n to use.
+MIN_TOGGLES = 16
 PRECISIONS = ("32", "bf16", "16")
-# 2: accumulator states are one (units, entries, ...) tensor per table.
-STATE_VERSION = 2
+# 3: replicated Sobol' states, Shapley y0 sums.
+STATE_VERSION = 3
 log = logging.getLogger(__name__)
 # Images may leave [0, 1] by float round-off of their decoding; augmentations tolerate 1e-4 too.
 _IMAGE_TOLERANCE = 1e-4
@@ -86,6 +92,12 @@ class EngineConfig:
     n: Sobol base points (a power of two), Shapley trajectories (goda) or permutations
         (permutation), variance rows, or contrast probe images.
     seed: design seed; the same seed and inputs give the same result.
+    sampling: Sobol base points: "rqmc" (randomised quasi-Monte Carlo: ``replicates``
+        independently scrambled Sobol' sequences, half-widths from Student's t over the
+        replicate estimates) or "mc" (i.i.d. uniform points, half-widths from the delta method
+        over base points). Either way the switch, class, image (and short order) columns are
+        drawn balanced (``designs.BalancedPairs``).
+    replicates: rqmc replicates (a power of two >= 2; at most n are used).
     second_order: Sobol S2 (2G + 2 rows per base point instead of G + 2).
     shapley_method: "goda" (trajectories, G + 1 rows each) or "permutation" (Song, Nelson and
         Staum: G * n_outer * n_inner rows per permutation).
@@ -120,6 +132,8 @@ class EngineConfig:
     method: str = "sobol"
     n: int = 64
     seed: int = 0
+    sampling: str = "rqmc"
+    replicates: int = 16
     second_order: bool = False
     shapley_method: str = "goda"
     n_outer: int = 1
@@ -148,21 +162,29 @@ class EngineConfig:
             raise ValueError(
                 f"unknown shapley_method {self.shapley_method!r}; valid: {list(SHAPLEY_METHODS)}"
             )
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(
+                f"unknown sampling {self.sampling!r}; valid: {list(SAMPLINGS)} (rqmc: replicated "
+                f"scrambled Sobol' points, mc: i.i.d. points)"
+            )
         if str(self.precision) not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         self.precision = str(self.precision)
         minimum = {"n": 2, "n_outer": 1, "n_inner": 2, "contrast_k": 1, "batch_rows": 1,
-                   "checkpoint_every": 0, "num_workers": 0, "seed": 0}
+                   "checkpoint_every": 0, "num_workers": 0, "seed": 0, "replicates": 2}
         for name, low in minimum.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.method == "sobol" and self.n & (self.n - 1):
-            lower = 1 << (self.n.bit_length() - 1)
-            raise ValueError(
-                f"n must be a power of two for Sobol indices, got {self.n}: a Sobol' sequence is "
-                f"balanced only over its first 2^m points; use {lower} or {lower * 2}"
-            )
+        for name in ("n", "replicates") if self.method == "sobol" else ():
+            value = getattr(self, name)
+            if value & (value - 1):
+                lower = 1 << (value.bit_length() - 1)
+                raise ValueError(
+                    f"{name} must be a power of two for Sobol indices, got {value}: a Sobol' "
+                    f"sequence is balanced only over its first 2^m points; use {lower} or "
+                    f"{lower * 2}"
+                )
         if not 0.0 < float(self.conf_level) < 1.0:
             raise ValueError(f"conf_level must lie strictly between 0 and 1, got {self.conf_level}")
         if isinstance(self.layers, str):
@@ -175,14 +197,20 @@ class EngineConfig:
         """A plain mapping of the settings (for metadata)."""
         return dataclasses.asdict(self)
 
+    @property
+    def effective_replicates(self) -> int:
+        """Replicates the Sobol' design uses: min(replicates, n) with rqmc, else 1."""
+        if self.method != "sobol" or self.sampling != "rqmc":
+            return 1
+        return min(self.replicates, self.n)
+
 
 class VarianceDesign(Design):
     """``n`` i.i.d. uniform rows, one per block, for per-unit moments (method "variance").
 
-    Row r is drawn from a Philox counter-based stream keyed by ``seed`` at counter offset
-    r * ceil(d / 4) (each counter step yields 4 doubles), so any block range is regenerated
-    alone, without sampler state. Plain Monte Carlo (not quasi-random) keeps the rows
-    independent, which the moments' confidence intervals assume.
+    Rows come from ``designs.uniform_rows`` keyed by ``seed``, so any block range is
+    regenerated alone, without sampler state. Plain Monte Carlo (not quasi-random) keeps the
+    rows independent, which the moments' confidence intervals assume.
     """
 
     def __init__(self, d: int, n: int, seed: int = 0) -> None:
@@ -191,12 +219,9 @@ class VarianceDesign(Design):
         self.seed = int(seed)
         self.block_size = 1
         self.groups = [[c] for c in range(self.d)]
-        self._steps = -(-self.d // 4)
 
     def _rows(self, start: int, stop: int) -> np.ndarray:
-        bits = np.random.Philox(key=self.seed)
-        bits.advance(start * self._steps)
-        return np.random.Generator(bits).random((stop - start, 4 * self._steps))[:, : self.d]
+        return uniform_rows([self.seed], start, stop, self.d)
 
     def row_kinds(self) -> list[str]:
         return ["row"]
@@ -207,9 +232,16 @@ def build_design(problem: AugmentationProblem, config: EngineConfig) -> Design:
     config.validate()
     groups = problem.group_columns
     if config.method == "sobol":
-        return SobolDesign(problem.d, config.n, config.seed, groups, config.second_order)
+        return SobolDesign(
+            problem.d, config.n, config.seed, groups, config.second_order,
+            replicates=config.effective_replicates,
+            sampling="sobol" if config.sampling == "rqmc" else "random",
+            discrete=problem.discrete_columns(),
+        )
     if config.method == "shapley" and config.shapley_method == "goda":
-        return ShapleyDesign(problem.d, config.n, config.seed, groups)
+        return ShapleyDesign(
+            problem.d, config.n, config.seed, groups, discrete=problem.discrete_columns()
+        )
     if config.method == "shapley":
         return PermutationDesign(
             problem.d, config.n, config.n_outer, config.n_inner, config.seed, groups
@@ -224,8 +256,9 @@ def analysis_attrs(config: EngineConfig, problem: AugmentationProblem) -> dict[s
 
     The attributes of /analyses/<name> besides the standard ones, as plain values: "design"
     (class name) and "block_size" (rows per block) of the design over ``problem``, "seed",
-    "reduction", "precision", "conf_level", the forward options "deduplicate",
-    "channels_last", "compile", and the method's own settings ("second_order" for Sobol;
+    "min_toggles", "reduction", "precision", "conf_level", the forward options "deduplicate",
+    "channels_last", "compile", and the method's own settings ("second_order" and "sampling"
+    for Sobol;
     "shapley_method", plus "n_outer" and "n_inner" for permutations; "contrast_k").
     """
     design = build_design(problem, config)
@@ -233,6 +266,7 @@ def analysis_attrs(config: EngineConfig, problem: AugmentationProblem) -> dict[s
         "design": type(design).__name__,
         "block_size": design.block_size,
         "seed": config.seed,
+        "min_toggles": MIN_TOGGLES,
         "reduction": config.reduction,
         "precision": config.precision,
         "conf_level": config.conf_level,
@@ -241,7 +275,7 @@ def analysis_attrs(config: EngineConfig, problem: AugmentationProblem) -> dict[s
         "compile": config.compile,
     }
     if config.method == "sobol":
-        attrs["second_order"] = config.second_order
+        attrs.update(second_order=config.second_order, sampling=config.sampling)
     if config.method == "shapley":
         attrs["shapley_method"] = config.shapley_method
         if config.shapley_method == "permutation":
@@ -291,6 +325,55 @@ def check_inputs(
     source = _Probe(probe, problem)
     build_design(problem, config)
     return layer_shapes(model, (source.height, source.width), config, layer_root)
+
+
+class SmallSampleWarning(UserWarning):
+    """N is too small for the problem: a variable changes in too few base points."""
+
+
+# How the moments' half-widths are computed (methods without an index estimator).
+_MOMENT_INTERVAL = "normal approximation over i.i.d. rows"
+
+
+def toggle_counts(problem: AugmentationProblem, design: Design) -> dict[str, int]:
+    """{variable: base points (Sobol') or trajectories (Goda) in which it changes}.
+
+    What a variable's indices rest on: S1_j and ST_j are means over base points of terms that
+    are zero wherever AB_j equals A in group j; Goda's steps likewise. Empty for the other
+    designs. Decodes only the pairs (A, B) or (x1, x2), in chunks.
+    """
+    if not isinstance(design, SobolDesign | ShapleyDesign):
+        return {}
+    counts = np.zeros(len(problem.groups), dtype=np.int64)
+    step = max(1, 2**20 // max(1, problem.d))
+    for start in range(0, design.n_blocks, step):
+        first, second = design.pair_rows(start, min(start + step, design.n_blocks))
+        counts += problem.changed_groups(first, second).sum(axis=0)
+    return {name: int(c) for name, c in zip(problem.group_names, counts, strict=True)}
+
+
+def small_n_advice(toggles: Mapping[str, int], config: EngineConfig) -> str | None:
+    """The warning to give when a variable changes in fewer than MIN_TOGGLES base points
+    (trajectories), with the smallest n that reaches it for every variable; else None."""
+    if not toggles:
+        return None
+    short = {name: count for name, count in toggles.items() if count < MIN_TOGGLES}
+    if not short:
+        return None
+    rate = min(count for count in toggles.values()) / config.n
+    needed = math.ceil(MIN_TOGGLES / rate) if rate > 0 else None
+    if needed is not None and config.method == "sobol":
+        needed = 1 << (needed - 1).bit_length()
+    what = "base points" if config.method == "sobol" else "trajectories"
+    listed = ", ".join(
+        f"{name} {count}" for name, count in sorted(short.items(), key=lambda item: item[1])
+    )
+    fix = f"use n >= {needed}" if needed else "check the problem (a variable never changes)"
+    return (
+        f"n = {config.n} is too small for this problem: these variables change in fewer than "
+        f"{MIN_TOGGLES} {what} (of {config.n}): {listed}; their indices rest on too few terms "
+        f"to be trusted; {fix}"
+    )
 
 
 def shard_range(n_blocks: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -411,6 +494,7 @@ class _Batch:
     rows: (R, d) float64 design rows; decoded: their parameters; images: (U, 3, H, W) the
     unique probe images of the batch; inverse: (R,) int64 row -> index into ``images``;
     permutations: (stop - start, G) int64 group orders (Shapley designs) or None.
+    replicate: (stop - start,) int64 replicate of each block (replicated Sobol') or None.
     distinct, copies: with deduplication, (F,) int64 the rows to forward (first occurrences, in
     row order) and (R,) int64 row -> index into them; None otherwise.
     """
@@ -422,6 +506,7 @@ class _Batch:
     images: Tensor
     inverse: Tensor
     permutations: Tensor | None
+    replicate: Tensor | None = None
     distinct: Tensor | None = None
     copies: Tensor | None = None
 
@@ -472,12 +557,17 @@ class _BatchSource(Dataset):
             if self.with_permutations
             else None
         )
+        replicate = (
+            torch.from_numpy(self.design.replicate_of(start, stop))
+            if isinstance(self.design, SobolDesign) and self.design.replicates > 1
+            else None
+        )
         distinct = copies = None
         if self.deduplicate:
             distinct, copies = _distinct_rows(decoded, index)
         return _Batch(
             start, stop, rows, decoded, self.probe.load(unique), inverse, permutations,
-            distinct, copies,
+            replicate, distinct, copies,
         )
 
 
@@ -539,7 +629,9 @@ class _LayerAccumulators:
         self.moments: dict[str, MomentsAccumulator | None] = {}
         for layer, shape in shapes.items():
             if config.method == "sobol":
-                main: Metric | None = SobolAccumulator(g, shape, config.second_order, level)
+                main: Metric | None = SobolAccumulator(
+                    g, shape, config.second_order, level, config.effective_replicates
+                )
             elif config.method == "shapley" and config.shapley_method == "goda":
                 main = ShapleyAccumulator(g, shape, level)
             elif config.method == "shapley":
@@ -556,8 +648,15 @@ class _LayerAccumulators:
             own = config.method == "sobol" and not config.second_order
             self.moments[layer] = None if own else MomentsAccumulator(shape, level).to(device)
 
-    def update(self, outputs: Mapping[str, Tensor], n_blocks: int, perms: Tensor | None) -> None:
-        """outputs: {layer: (n_blocks * block_size, *unit_shape)}."""
+    def update(
+        self,
+        outputs: Mapping[str, Tensor],
+        n_blocks: int,
+        perms: Tensor | None,
+        replicate: Tensor | None,
+    ) -> None:
+        """outputs: {layer: (n_blocks * block_size, *unit_shape)}; perms: (n_blocks, G) group
+        orders (Shapley designs); replicate: (n_blocks,) replicate ids (replicated Sobol')."""
         for layer, Y in outputs.items():
             moments = self.moments[layer]
             if moments is not None:
@@ -568,6 +667,8 @@ class _LayerAccumulators:
             blocks = Y.reshape(n_blocks, -1, *Y.shape[1:])
             if perms is not None:
                 main.update(blocks, perms.to(Y.device))
+            elif isinstance(main, SobolAccumulator):
+                main.update(blocks, replicate)
             else:
                 main.update(blocks)
 
@@ -629,8 +730,10 @@ def _moment_arrays(moments: Any) -> dict[str, np.ndarray]:
     }
 
 
-def _layer_arrays(method: str, main: Any, moments: Any) -> tuple[dict[str, np.ndarray], int]:
-    """Result arrays of one layer and its constant-unit count."""
+def _layer_arrays(
+    method: str, main: Any, moments: Any
+) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
+    """Result arrays of one layer, its constant-unit count and its unit flags."""
     arrays: dict[str, np.ndarray] = {}
     if method == "sobol":
         arrays.update(S1=main.S1, ST=main.ST, S1_conf=main.S1_conf, ST_conf=main.ST_conf)
@@ -643,6 +746,8 @@ def _layer_arrays(method: str, main: Any, moments: Any) -> tuple[dict[str, np.nd
             shapley_conf=main.shapley_conf,
             shapley_normalized_conf=main.shapley_normalized_conf,
         )
+    if method in ("sobol", "shapley"):
+        arrays.update(index_variance=main.variance, index_variance_conf=main.variance_conf)
     elif method == "contrast":
         arrays.update(
             mean_diff=main.mean_diff,
@@ -652,7 +757,8 @@ def _layer_arrays(method: str, main: Any, moments: Any) -> tuple[dict[str, np.nd
             effect_size_conf=main.effect_size_conf,
         )
     arrays.update(_moment_arrays(moments))
-    return arrays, (moments if main is None else main).n_constant
+    source = moments if main is None else main
+    return arrays, source.n_constant, source.flag
 
 
 # --------------------------------------------------------------------------------- resume state
@@ -864,6 +970,10 @@ def run_analysis(
                 f"layer_shapes() and the problem"
             )
     accumulators = _LayerAccumulators(config, problem, shapes, device)
+    toggles = toggle_counts(problem, design)
+    advice = small_n_advice(toggles, config)
+    if advice and rank == 0:
+        warnings.warn(advice, SmallSampleWarning, stacklevel=2)
 
     shard_start, shard_stop = shard_range(design.n_blocks, rank, world_size)
     per_batch = max(1, config.batch_rows // design.block_size)
@@ -952,7 +1062,9 @@ def run_analysis(
                 if batch.copies is not None:
                     copies = batch.copies.to(device)
                     outputs = {k: _rows_into(expanded, k, v, copies) for k, v in outputs.items()}
-                accumulators.update(outputs, batch.stop - batch.start, batch.permutations)
+                accumulators.update(
+                    outputs, batch.stop - batch.start, batch.permutations, batch.replicate
+                )
                 watch.mark("accumulate")
                 watch.count(len(batch.rows), len(rows_of))
                 if activation_writer is not None:
@@ -989,8 +1101,12 @@ def run_analysis(
 
     layers: dict[str, dict[str, np.ndarray]] = {}
     n_constant: dict[str, int] = {}
+    flags: dict[str, np.ndarray] = {}
     for layer, (main, moments) in computed.items():
-        layers[layer], n_constant[layer] = _layer_arrays(config.method, main, moments)
+        layers[layer], n_constant[layer], flags[layer] = _layer_arrays(
+            config.method, main, moments
+        )
+    first = next(iter(computed.values()))[0]
     result = AnalysisResult(
         method=config.method,
         group_names=(
@@ -1001,6 +1117,10 @@ def run_analysis(
         evaluations=design.n_rows,
         seconds=seconds_before + time.perf_counter() - started,
         n_constant=n_constant,
+        flags=flags,
+        interval=getattr(first, "interval", _MOMENT_INTERVAL),
+        replicates=config.effective_replicates,
+        toggles=toggles,
     )
     if path is not None:
         path.unlink(missing_ok=True)

@@ -47,6 +47,7 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+import scipy.stats
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -64,10 +65,38 @@ _CONSTANT_RTOL = 1e-12
 _DEGENERATE_RATIO = 1e-12
 
 
+# Unit flags (the results' ``flag`` arrays): whether a unit's indices mean anything at this N.
+# Flagged units keep their raw values but are left out of every summary, figure and ranking.
+FLAG_VALID = 0
+FLAG_CONSTANT = 1  # zero variance: its indices are undefined and reported as 0
+FLAG_UNSUPPORTED = 2  # the normaliser is too imprecise at this N for its ratios to mean anything
+FLAG_NEGLIGIBLE = 3  # variance negligible next to its layer's, or below float32 resolution
+FLAG_NAMES = ("valid", "constant", "unsupported", "negligible")
+# A unit is negligible when its variance is below this fraction of its layer's mean unit
+# variance (sd below 1e-3 of the layer's typical sd): float32 forwards carry round-off of about
+# 1e-6 of the layer's scale (a channels-last forward moved activations by 1.5e-6), which would
+# move such a unit's indices by 1e-3 or more.
+NEGLIGIBLE_VARIANCE = 1e-6
+# ... or when its sd is below this fraction of its own |mean| (about 8 float32 ulps): variation
+# a float32 forward cannot resolve, e.g. a constant plus round-off noise.
+VALUE_RESOLUTION = 1e-6
+# A unit is unsupported when its index normaliser (variance) is less than this many standard
+# errors: every index is a ratio to it, and a ratio whose denominator has a coefficient of
+# variation above 1/3 is dominated by that denominator's noise (shares of +-1e16 from a
+# variance estimate of 1e-11, say), beyond what its delta-method interval describes.
+MIN_VARIANCE_PRECISION = 3.0
+
+
 def _z_score(conf_level: float) -> float:
     if not 0.0 < conf_level < 1.0:
         raise ValueError(f"conf_level must lie strictly between 0 and 1, got {conf_level}")
     return NormalDist().inv_cdf(0.5 + conf_level / 2.0)
+
+
+def _t_score(conf_level: float, df: int) -> float:
+    """Two-sided Student-t quantile of ``conf_level`` with ``df`` degrees of freedom."""
+    _z_score(conf_level)
+    return float(scipy.stats.t.ppf(0.5 + conf_level / 2.0, df))
 
 
 def _unit_shape(unit_shape: Sequence[int]) -> tuple[int, ...]:
@@ -177,6 +206,48 @@ def _ratio_conf(
     return ratio, torch.where(v > 0, conf, torch.zeros_like(conf))
 
 
+def _replicate_ratio(x: Tensor, v: Tensor, V: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    """Pooled ratio S = mean_r x_r / V and its half-width from R replicate estimates.
+
+    x: (R, *lead, c) replicate means of the numerator terms; v: (R, c) of the denominator's;
+    V: (c,) their mean (0 for units flagged constant, whose S and half-width are then 0).
+    The delta method over the R replicates (``_ratio_conf`` with n = R), quantile ``t``.
+    """
+    r = x.shape[0]
+    v = v.reshape(r, *([1] * (x.ndim - 2)), -1)
+    return _ratio_conf(
+        float(r), x.mean(0), (x * x).mean(0), V, (v * v).mean(0), (x * v).mean(0), t
+    )
+
+
+def _unit_flags(constant: Tensor, variance: Tensor, variance_se: Tensor, mean: Tensor) -> Tensor:
+    """(U,) uint8 flag of every unit of one accumulator (a layer), from its index normaliser.
+
+    constant: units already found constant (FLAG_CONSTANT); variance, variance_se: the
+    normaliser of the indices (Sobol': the variance of [A; B]; Shapley: the sum of the effects)
+    and its standard error; mean: the unit's mean. Precedence: constant, unsupported,
+    negligible.
+    """
+    flag = torch.full(constant.shape, FLAG_VALID, dtype=torch.uint8, device=constant.device)
+    layer_scale = variance.mean() if variance.numel() else variance.new_zeros(())
+    negligible = (variance < NEGLIGIBLE_VARIANCE * layer_scale) | (
+        variance < (VALUE_RESOLUTION * mean.abs()) ** 2
+    )
+    flag[negligible] = FLAG_NEGLIGIBLE
+    flag[variance < MIN_VARIANCE_PRECISION * variance_se] = FLAG_UNSUPPORTED
+    flag[constant] = FLAG_CONSTANT
+    return flag
+
+
+def _flags_numpy(flag: Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    return flag.detach().to("cpu").numpy().astype(np.uint8).reshape(shape)
+
+
+def _constant_flags(constant: Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    """Flags of an estimator without an index normaliser: FLAG_CONSTANT or FLAG_VALID."""
+    return np.where(_numpy(constant, shape) > 0, FLAG_CONSTANT, FLAG_VALID).astype(np.uint8)
+
+
 def _numpy(t: Tensor, shape: tuple[int, ...]) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy().reshape(shape)
 
@@ -209,11 +280,15 @@ class _ShiftedPowerSums(Metric):
     is_differentiable = False
     higher_is_better = None
 
-    def __init__(self, unit_shape: Sequence[int] = (), **kwargs: Any) -> None:
+    def __init__(self, unit_shape: Sequence[int] = (), replicates: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.unit_shape = _unit_shape(unit_shape)
         self.n_units = math.prod(self.unit_shape)
+        if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
+            raise ValueError(f"replicates must be a positive integer, got {replicates!r}")
+        self.replicates = replicates
         self._tables: dict[str, list[Exponents]] = {}
+        self._replicated: set[str] = set()
         # Every monomial any table needs, in the order tables were added: a table whose entries
         # are the first k monomials reads them as a slice of the per-chunk monomial tensor.
         self._monomials: list[Exponents] = []
@@ -222,8 +297,13 @@ class _ShiftedPowerSums(Metric):
         self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def _add_table(
-        self, weight: str, lead: tuple[int, ...], exponents: Iterable[Exponents]
+        self,
+        weight: str,
+        lead: tuple[int, ...],
+        exponents: Iterable[Exponents],
+        replicated: bool = False,
     ) -> None:
+        """A table of sums; ``replicated`` keeps one per replicate: state (U, R, K, *lead)."""
         closure = _closure(exponents)
         self._monomials += [e for e in closure if e not in self._monomials]
         index = sorted(self._monomials.index(e) for e in closure)
@@ -232,7 +312,12 @@ class _ShiftedPowerSums(Metric):
         self._selection[weight] = (
             slice(0, k) if index == list(range(k)) else torch.tensor(index, dtype=torch.long)
         )
-        self._add_sum_state(self._state_name(weight), (self.n_units, k, *lead))
+        if replicated:
+            self._replicated.add(weight)
+            shape: tuple[int, ...] = (self.n_units, self.replicates, k, *lead)
+        else:
+            shape = (self.n_units, k, *lead)
+        self._add_sum_state(self._state_name(weight), shape)
 
     def _add_sum_state(self, name: str, shape: tuple[int, ...]) -> None:
         """A float64 zero state of ``shape`` summed across processes.
@@ -253,9 +338,12 @@ class _ShiftedPowerSums(Metric):
     def table(
         self, weight: str, states: dict[str, Tensor] | None = None
     ) -> dict[Exponents, Tensor]:
-        """The sums of one table as {exponent tuple: (*lead, U) view} (from ``states`` or self)."""
+        """The sums of one table as {exponent tuple: (*lead, U) view} (from ``states`` or self);
+        (R, *lead, U) for a replicated table."""
         name = self._state_name(weight)
         sums = states[name] if states is not None else getattr(self, name)
+        if weight in self._replicated:
+            return {e: sums[:, :, k].movedim(0, -1) for k, e in enumerate(self._tables[weight])}
         return {e: sums[:, k].movedim(0, -1) for k, e in enumerate(self._tables[weight])}
 
     def _fix_shift(self, Y: Tensor) -> None:
@@ -302,12 +390,18 @@ class _ShiftedPowerSums(Metric):
         return out
 
     def _accumulate(
-        self, weight: str, values: Tensor | None, monomials: Tensor, units: slice
+        self,
+        weight: str,
+        values: Tensor | None,
+        monomials: Tensor,
+        units: slice,
+        replicate: int = 0,
     ) -> None:
         """Add sum_n values[u, :, n] * monomial_e[u, n] to each entry e of a table.
 
         values: (c, L, n) weights per block, or None for weight 1 (a table without lead);
-        monomials: (c, M, n) from ``_monomial_chunk`` for the c units ``units``.
+        monomials: (c, M, n) from ``_monomial_chunk`` for the c units ``units``; replicate: the
+        replicate of every block n (replicated tables only).
         """
         selection = self._selection[weight]
         chosen = (
@@ -316,6 +410,8 @@ class _ShiftedPowerSums(Metric):
             else monomials.index_select(1, selection.to(monomials.device))
         )
         state = getattr(self, self._state_name(weight))[units]  # (c, K, *lead), contiguous
+        if weight in self._replicated:
+            state = state[:, replicate]  # (c, K, *lead): contiguous matrices, strided batch
         # Units as the batch of one small matrix product, added in place into the state.
         if values is None:
             state += chosen.sum(2)
@@ -328,7 +424,8 @@ class _ShiftedPowerSums(Metric):
         for weight, exponents in self._tables.items():
             rebased = _rebase_table(self.table(weight, states), delta)
             out[self._state_name(weight)] = torch.stack(
-                [rebased[e].movedim(-1, 0) for e in exponents], dim=1
+                [rebased[e].movedim(-1, 0) for e in exponents],
+                dim=2 if weight in self._replicated else 1,
             )
         out["shift"] = new_shift.clone()
         return out
@@ -376,18 +473,25 @@ class _ShiftedPowerSums(Metric):
 
 
 class _ConstantUnits:
-    """Base of the result dataclasses: ``constant`` flags the degenerate units.
+    """Base of the result dataclasses: ``constant`` and ``flag`` mark the degenerate units.
 
     Not a dataclass itself, so the subclasses keep their own field order (and positional
-    constructors); ``constant``: (*unit_shape) bool, units whose indices were set to 0.
+    constructors); ``constant``: (*unit_shape) bool, units whose indices were set to 0;
+    ``flag``: (*unit_shape) uint8, a FLAG_* code per unit (FLAG_VALID = 0: meaningful).
     """
 
     constant: np.ndarray
+    flag: np.ndarray
 
     @property
     def n_constant(self) -> int:
         """How many units are flagged in ``constant``."""
         return int(np.count_nonzero(self.constant))
+
+    @property
+    def valid(self) -> np.ndarray:
+        """(*unit_shape) bool: the units whose indices are meaningful (flag FLAG_VALID)."""
+        return self.flag == FLAG_VALID
 
 
 @dataclass
@@ -396,9 +500,11 @@ class SobolResult(_ConstantUnits):
 
     S1, ST, S1_conf, ST_conf: (G, *unit_shape); S2, S2_conf: (G, G, *unit_shape), symmetric with a
     zero diagonal, or None without second order. ``*_conf`` are confidence half-widths.
-    mean: (*unit_shape) over all rows; variance: (*unit_shape) population variance of [A; B] (the
-    normaliser). constant: (*unit_shape) bool, units with zero variance (indices set to 0).
-    n: base points; names: group names when known.
+    mean: (*unit_shape) over all rows; variance, variance_conf: (*unit_shape) population variance
+    of [A; B] (the normaliser) and its half-width. constant: (*unit_shape) bool, units with zero
+    variance (indices set to 0); flag: (*unit_shape) uint8 FLAG_* code of every unit.
+    n: base points; replicates: R; interval: how the half-widths were computed; names: group
+    names when known.
     """
 
     S1: np.ndarray
@@ -409,27 +515,41 @@ class SobolResult(_ConstantUnits):
     S2_conf: np.ndarray | None
     mean: np.ndarray
     variance: np.ndarray
+    variance_conf: np.ndarray
     constant: np.ndarray
+    flag: np.ndarray
     n: int
     conf_level: float
+    replicates: int = 1
+    interval: str = ""
     names: list[str] | None = None
 
 
 class SobolAccumulator(_ShiftedPowerSums):
     """Saltelli-design Sobol' indices as SALib computes them, streamed over base points.
 
-    update(Y): Y (n_blocks, block_size, *unit_shape), any float dtype, blocks in SALib's layout
-    [A, AB_0..AB_{G-1}, (BA_0..BA_{G-1}), B] (block_size G + 2, or 2G + 2 with second order).
-    Per base point (dropping the index n), with mu the mean of all rows and V the population
-    variance of [A; B] (SALib centres and scales Y first; both cancel in these ratios):
+    update(Y, replicate=None): Y (n_blocks, block_size, *unit_shape), any float dtype, blocks in
+    SALib's layout [A, AB_0..AB_{G-1}, (BA_0..BA_{G-1}), B] (block_size G + 2, or 2G + 2 with
+    second order). Per base point (dropping the index n), with mu the mean of all rows and V the
+    population variance of [A; B] (SALib centres and scales Y first; both cancel in these ratios):
         S1_j = mean[(B - mu)(AB_j - A)] / V                      (Saltelli 2010)
         ST_j = mean[(A - AB_j)^2] / (2V)                         (Jansen)
         S2_jk = mean[(BA_j - mu)(AB_k - mu) - (A - mu)(B - mu)] / V - S1_j - S1_k  (Saltelli 2002)
-    States (float64, per unit): 13 power sums of (A, B), 14 per group for S1/ST and their
-    intervals, 6 for the moments of all rows (first order), and with second order 16 more per
-    group and 9 per pair of groups. After ``compute()`` (first order), ``moments`` holds the
-    per-unit moments of every row of the design, as a MomentsAccumulator fed all rows would give
-    them (computed from the synced sums under DDP, like the indices).
+
+    Intervals. replicates = 1: the delta method over base points (module docstring), calibrated
+    for i.i.d. base points; the sums include the per-point second moments it needs (13 power
+    sums of (A, B), 14 per group, 16 more per group and 9 per pair with second order).
+    replicates = R > 1: the base points come in R independent replicates of equal size (a
+    ``SobolDesign`` with ``replicates=R``), and ``replicate`` (n_blocks,) int gives each
+    block's; the states are then per-replicate first moments (5 + 3 per group per replicate,
+    plus P + 3G per replicate with second order) and the interval is the delta method over the
+    R replicate estimates with Student's t (R - 1 degrees of freedom), which holds for
+    randomised quasi-Monte-Carlo points. The point estimates are the same either way (the
+    pooled formulas above).
+
+    Without second order, ``moments`` holds after ``compute()`` the per-unit moments of every
+    row of the design, as a MomentsAccumulator fed all rows would give them (computed from the
+    synced sums under DDP, like the indices).
     """
 
     def __init__(
@@ -438,9 +558,10 @@ class SobolAccumulator(_ShiftedPowerSums):
         unit_shape: Sequence[int] = (),
         second_order: bool = False,
         conf_level: float = 0.95,
+        replicates: int = 1,
         **kwargs: Any,
     ) -> None:
-        super().__init__(unit_shape, **kwargs)
+        super().__init__(unit_shape, replicates, **kwargs)
         self.n_groups = _n_groups(n_groups)
         self.second_order = bool(second_order)
         self.conf_level = conf_level
@@ -448,33 +569,47 @@ class SobolAccumulator(_ShiftedPowerSums):
         g = n_groups
         self.block_size = 2 * g + 2 if self.second_order else g + 2
         self.moments: MomentsResult | None = None
-        # Exponents are over (A - shift, B - shift); the closure adds every lower power, which the
-        # re-expansion about a new centre needs. What each entry is for: see compute().
-        # Added smallest first so that each table's monomials are a prefix of the shared list.
-        self._add_table("D4", (g,), [(0, 0)])
-        self._add_table("D2", (g,), [(2, 0), (0, 2)])
-        self._add_table("D", (g,), [(2, 1), (0, 3)])
-        self._add_table("one", (), [(4, 0), (2, 2), (0, 4)])
-        if not self.second_order:
-            # With S = sum_j D_j and S3 = sum_j D_j^3, every row's power sums follow from the
-            # tables (AB_j = A + D_j): the moments of all rows at a fraction of the cost of a
-            # MomentsAccumulator's own pass over the outputs.
-            self._add_table("S", (1,), [(3, 0)])
-            self._add_table("S3", (1,), [(1, 0)])
         pairs = list(itertools.combinations(range(g), 2))
         self._pair_j = torch.tensor([j for j, _ in pairs], dtype=torch.long)
         self._pair_k = torch.tensor([k for _, k in pairs], dtype=torch.long)
-        if self.second_order:
-            p = len(pairs)
-            self._add_table("Z", (p,), [(2, 0), (0, 2)])
-            self._add_table("Z2", (p,), [(0, 0)])
-            self._add_table("ZH", (p,), [(1, 0), (0, 1)])
-            self._add_table("H", (g,), [(3, 0), (2, 1), (1, 2), (0, 3)])
-            self._add_table("H2", (g,), [(2, 0), (1, 1), (0, 2)])
+        p = len(pairs)
+        # Exponents are over (A - shift, B - shift); the closure adds every lower power, which the
+        # re-expansion about a new centre needs. What each entry is for: see compute().
+        # Added smallest first so that each table's monomials are a prefix of the shared list.
+        if replicates == 1:
+            self._add_table("D4", (g,), [(0, 0)])
+            self._add_table("D2", (g,), [(2, 0), (0, 2)])
+            self._add_table("D", (g,), [(2, 1), (0, 3)])
+            self._add_table("one", (), [(4, 0), (2, 2), (0, 4)])
+            if self.second_order:
+                self._add_table("Z", (p,), [(2, 0), (0, 2)])
+                self._add_table("Z2", (p,), [(0, 0)])
+                self._add_table("ZH", (p,), [(1, 0), (0, 1)])
+                self._add_table("H", (g,), [(3, 0), (2, 1), (1, 2), (0, 3)])
+                self._add_table("H2", (g,), [(2, 0), (1, 1), (0, 2)])
+        else:
+            self._add_table("rD2", (g,), [(0, 0)], replicated=True)
+            self._add_table("rD", (g,), [(0, 1)], replicated=True)
+            self._add_table("rone", (), [(2, 0), (0, 2)], replicated=True)
+            if self.second_order:
+                self._add_table("rZ", (p,), [(0, 0)], replicated=True)
+                self._add_table("rH", (g,), [(1, 0), (0, 1)], replicated=True)
+            else:
+                self._add_table("SD4", (1,), [(0, 0)])
+                self._add_table("SD2", (1,), [(2, 0)])
+                self._add_table("one", (), [(4, 0), (0, 4)])
+        if not self.second_order:
+            # With S = sum_j D_j, S3 = sum_j D_j^3 (and the group sums of D_j^2, D_j^4), every
+            # row's power sums follow from the tables (AB_j = A + D_j): the moments of all rows
+            # at a fraction of the cost of a MomentsAccumulator's own pass over the outputs.
+            self._add_table("S", (1,), [(3, 0)])
+            self._add_table("S3", (1,), [(1, 0)])
 
-    def update(self, Y: Tensor) -> None:
-        """Add whole base points: Y (n_blocks, block_size, *unit_shape)."""
+    def update(self, Y: Tensor, replicate: Tensor | np.ndarray | None = None) -> None:
+        """Add whole base points: Y (n_blocks, block_size, *unit_shape); ``replicate``
+        (n_blocks,) int in [0, R), required with R > 1 replicates."""
         Y = _as_blocks(Y, self.block_size, self.unit_shape, "SobolAccumulator.update")
+        runs = self._replicate_runs(replicate, Y.shape[0])
         _check_finite(Y, self.n, self.block_size)
         self._fix_shift(Y)
         g, n = self.n_groups, Y.shape[0]
@@ -489,24 +624,58 @@ class SobolAccumulator(_ShiftedPowerSums):
             dtype=torch.float64,
             device=Y.device,
         )
-        for units in slices:
-            self._update_units(self._shifted_chunk(Y, units, buffer), units)
+        for r, blocks in runs:
+            for units in slices:
+                self._update_units(self._shifted_chunk(Y[blocks], units, buffer), units, r)
         self.n = self.n + n
 
-    def _update_units(self, Y: Tensor, units: slice) -> None:
-        """Y (c, block_size, n) shifted float64 outputs of the units ``units``."""
+    def _replicate_runs(
+        self, replicate: Tensor | np.ndarray | None, n_blocks: int
+    ) -> list[tuple[int, slice]]:
+        """[(replicate, blocks)]: the runs of consecutive blocks of one replicate."""
+        if self.replicates == 1:
+            if replicate is not None and bool(np.any(np.asarray(replicate) != 0)):
+                raise ValueError("replicate ids given, but this accumulator has 1 replicate")
+            return [(0, slice(0, n_blocks))]
+        if replicate is None:
+            raise ValueError(
+                f"this accumulator keeps {self.replicates} replicates: pass replicate=(n_blocks,) "
+                f"ids (SobolDesign.replicate_of(start, stop))"
+            )
+        ids = np.asarray(torch.as_tensor(replicate).cpu(), dtype=np.int64).reshape(-1)
+        if ids.shape != (n_blocks,) or ids.min() < 0 or ids.max() >= self.replicates:
+            raise ValueError(
+                f"replicate must hold {n_blocks} ids in [0, {self.replicates}), got "
+                f"{ids.tolist() if ids.size <= 16 else ids.shape}"
+            )
+        edges = [0, *(np.flatnonzero(np.diff(ids)) + 1).tolist(), n_blocks]
+        return [(int(ids[a]), slice(a, b)) for a, b in itertools.pairwise(edges)]
+
+    def _update_units(self, Y: Tensor, units: slice, r: int) -> None:
+        """Y (c, block_size, n) shifted float64 outputs of the units ``units``, replicate r."""
         g = self.n_groups
         A, B = Y[:, 0], Y[:, -1]
         D = Y[:, 1 : g + 1] - A[:, None]  # (c, G, n) AB_j - A
-        monomials = self._monomial_chunk((A, B))
-        self._accumulate("one", None, monomials, units)
-        self._accumulate("D", D, monomials, units)
         D2 = D * D
-        self._accumulate("D2", D2, monomials, units)
-        self._accumulate("D4", D2 * D2, monomials, units)
+        monomials = self._monomial_chunk((A, B))
+        replicated = self.replicates > 1
         if not self.second_order:
+            self._accumulate("one", None, monomials, units)
             self._accumulate("S", D.sum(1, keepdim=True), monomials, units)
             self._accumulate("S3", (D2 * D).sum(1, keepdim=True), monomials, units)
+        if replicated:
+            self._accumulate("rone", None, monomials, units, r)
+            self._accumulate("rD", D, monomials, units, r)
+            self._accumulate("rD2", D2, monomials, units, r)
+            if not self.second_order:
+                self._accumulate("SD2", D2.sum(1, keepdim=True), monomials, units)
+                self._accumulate("SD4", (D2 * D2).sum(1, keepdim=True), monomials, units)
+        else:
+            if self.second_order:
+                self._accumulate("one", None, monomials, units)
+            self._accumulate("D", D, monomials, units)
+            self._accumulate("D2", D2, monomials, units)
+            self._accumulate("D4", D2 * D2, monomials, units)
         if self.second_order:
             j, k = self._pair_j.to(Y.device), self._pair_k.to(Y.device)
             E = Y[:, g + 1 : 2 * g + 1] - B[:, None]  # BA_j - B
@@ -516,19 +685,38 @@ class SobolAccumulator(_ShiftedPowerSums):
             # z = Zt + (p - m) H_j with p = (A + B) / 2 and the shift-invariant
             # Zt = z(p) = E_j D_k + (A - B)/2 (E_j + D_j).
             Z = E[:, j] * D[:, k] + half * (E + D)[:, j]
-            self._accumulate("Z", Z, monomials, units)
-            self._accumulate("Z2", Z * Z, monomials, units)
-            self._accumulate("ZH", Z * H[:, j], monomials, units)
-            self._accumulate("H", H, monomials, units)
-            self._accumulate("H2", H * H, monomials, units)
+            if replicated:
+                self._accumulate("rZ", Z, monomials, units, r)
+                self._accumulate("rH", H, monomials, units, r)
+            else:
+                self._accumulate("Z", Z, monomials, units)
+                self._accumulate("Z2", Z * Z, monomials, units)
+                self._accumulate("ZH", Z * H[:, j], monomials, units)
+                self._accumulate("H", H, monomials, units)
+                self._accumulate("H2", H * H, monomials, units)
+
+    @property
+    def interval(self) -> str:
+        """How the half-widths are computed (recorded with the results)."""
+        if self.replicates == 1:
+            return "delta method over base points, normal quantile (assumes i.i.d. points)"
+        r = self.replicates
+        return f"delta method over {r} replicates, Student t ({r - 1} df)"
 
     def compute(self) -> SobolResult:
         n = self.n
         if float(n) < 2:
             raise ValueError(f"need at least 2 base points for Sobol indices, got {int(n)}")
+        if self.replicates > 1:
+            counts = self.table("rone")[(0, 0)][:, 0]
+            if bool((counts != counts[0]).any()):
+                raise ValueError(
+                    f"the replicates hold {counts.tolist()} base points; every replicate needs "
+                    f"the same number (a whole SobolDesign with these replicates)"
+                )
         g, u = self.n_groups, self.n_units
         leads = {"S1": (g,), "ST": (g,), "S1_conf": (g,), "ST_conf": (g,), "mean": (),
-                 "variance": (), "constant": ()}
+                 "variance": (), "variance_se": (), "variance_conf": (), "constant": ()}
         if self.second_order:
             leads.update(S2=(g, g), S2_conf=(g, g))
         device = self.shift.device
@@ -539,9 +727,13 @@ class SobolAccumulator(_ShiftedPowerSums):
         }
         # By chunks of units: whole-layer float64 temporaries (tens of MB each, hundreds of
         # them) made compute() take seconds per million units on CPU.
+        compute_units = (
+            self._compute_units if self.replicates == 1 else self._compute_units_replicated
+        )
         for units in _unit_slices(u, 256, device):
-            for key, value in self._compute_units(units, n).items():
+            for key, value in compute_units(units, n).items():
                 out[key][..., units] = value
+        flag = _unit_flags(out["constant"], out["variance"], out["variance_se"], out["mean"])
         shape = (g, *self.unit_shape)
         pair_shape = (g, g, *self.unit_shape)
         self.moments = None if self.second_order else self._row_moments()
@@ -554,17 +746,24 @@ class SobolAccumulator(_ShiftedPowerSums):
             S2_conf=_numpy(out["S2_conf"], pair_shape) if self.second_order else None,
             mean=_numpy(out["mean"], self.unit_shape),
             variance=_numpy(out["variance"], self.unit_shape),
+            variance_conf=_numpy(out["variance_conf"], self.unit_shape),
             constant=_numpy(out["constant"], self.unit_shape).astype(bool),
+            flag=_flags_numpy(flag, self.unit_shape),
             n=int(n),
             conf_level=self.conf_level,
+            replicates=self.replicates,
+            interval=self.interval,
         )
 
     def _row_moments(self) -> MomentsResult:
         """Moments of all n (G + 2) rows from the power sums of each row kind about the shift:
         sum (A + D_j)^k = sum_i C(k, i) A^(k - i) D_j^i, summed over the groups j."""
         g, one = self.n_groups, self.table("one")
-        S, S3, D2, D4 = (self._group_sums(w) for w in ("S", "S3", "D2", "D4"))
-        D4 = D4[(0, 0)]
+        S, S3 = (self._group_sums(w) for w in ("S", "S3"))
+        if self.replicates == 1:
+            D2, D4 = self._group_sums("D2"), self._group_sums("D4")[(0, 0)]
+        else:
+            D2, D4 = self._group_sums("SD2"), self._group_sums("SD4")[(0, 0)]
         sums = {
             (0,): one[(0, 0)] * (g + 2),
             (1,): (g + 1) * one[(1, 0)] + one[(0, 1)] + S[(0, 0)],
@@ -584,8 +783,15 @@ class SobolAccumulator(_ShiftedPowerSums):
         summed = getattr(self, name).sum(2, keepdim=True)  # contiguous axis: a fast reduction
         return {e: t[0] for e, t in self.table(weight, {name: summed}).items()}
 
+    def _constant(self, V: Tensor, mean: Tensor, largest_change: Tensor) -> Tensor:
+        """Units whose [A; B] variance is zero: relative to their mean (float64 round-off), or
+        to their largest mean squared cross-sample change (a sparse map, see _DEGENERATE_RATIO)."""
+        return (V <= (_CONSTANT_RTOL * torch.abs(mean)) ** 2) | (
+            V <= _DEGENERATE_RATIO * largest_change
+        )
+
     def _compute_units(self, units: slice, n: Tensor) -> dict[str, Tensor]:
-        """compute()'s arrays for the units ``units``: (*lead, c) tensors."""
+        """compute()'s arrays for the units ``units`` (one replicate): (*lead, c) tensors."""
         g = self.n_groups
         tables = {w: {e: t[..., units] for e, t in self.table(w).items()} for w in self._tables}
         shift = self.shift[units]
@@ -604,11 +810,9 @@ class SobolAccumulator(_ShiftedPowerSums):
         c1, cD, cD2 = C["one"], C["D"], C["D2"]
         V = (c1[(2, 0)] + c1[(0, 2)]) / (2.0 * n)  # per-block v = (a^2 + b^2) / 2
         vv = (c1[(4, 0)] + 2.0 * c1[(2, 2)] + c1[(0, 4)]) / (4.0 * n)
-        largest_change = tables["D2"][(0, 0)].amax(0) / n
-        constant = (V <= (_CONSTANT_RTOL * torch.abs(shift + mu)) ** 2) | (
-            V <= _DEGENERATE_RATIO * largest_change
-        )
+        constant = self._constant(V, shift + mu, tables["D2"][(0, 0)].amax(0) / n)
         V = torch.where(constant, torch.zeros_like(V), V)
+        V_se = torch.sqrt(torch.clamp((vv - V * V) / (n - 1.0), min=0.0))
         # First order: x = (b + e) D_j.
         x1 = (cD[(0, 1)] + e * cD[(0, 0)]) / n
         xx1 = (cD2[(0, 2)] + 2.0 * e * cD2[(0, 1)] + e * e * cD2[(0, 0)]) / n
@@ -620,7 +824,8 @@ class SobolAccumulator(_ShiftedPowerSums):
         xvT = (cD2[(2, 0)] + cD2[(0, 2)]) / (4.0 * n)
         ST, ST_conf = _ratio_conf(n, xT, xxT, V, vv, xvT, self._z)
         out = {"S1": S1, "ST": ST, "S1_conf": S1_conf, "ST_conf": ST_conf, "mean": shift + mu,
-               "variance": V, "constant": constant}
+               "variance": V, "variance_se": V_se, "variance_conf": self._z * V_se,
+               "constant": constant}
         if self.second_order:
             out["S2"], out["S2_conf"] = self._second_order(C, n, e, V, vv)
         return out
@@ -657,14 +862,56 @@ class SobolAccumulator(_ShiftedPowerSums):
                 + 0.5 * e * (cH[(2, 0)] + cH[(0, 2)])
             )
         ) / n
-        s2, conf = _ratio_conf(n, x, xx, V, vv, xv, self._z)
+        return self._pair_matrix(*_ratio_conf(n, x, xx, V, vv, xv, self._z))
+
+    def _pair_matrix(self, s2: Tensor, conf: Tensor) -> tuple[Tensor, Tensor]:
+        """(P, c) values of the pairs j < k as symmetric (G, G, c) matrices, zero diagonal."""
         g = self.n_groups
-        full = torch.zeros((g, g, e.shape[-1]), dtype=torch.float64, device=e.device)
+        j, k = self._pair_j.to(s2.device), self._pair_k.to(s2.device)
+        full = torch.zeros((g, g, s2.shape[-1]), dtype=torch.float64, device=s2.device)
         full_conf = torch.zeros_like(full)
-        k = self._pair_k.to(e.device)
         full[j, k] = full[k, j] = s2
         full_conf[j, k] = full_conf[k, j] = conf
         return full, full_conf
+
+    def _compute_units_replicated(self, units: slice, n: Tensor) -> dict[str, Tensor]:
+        """compute()'s arrays for the units ``units`` from R replicates: (*lead, c) tensors.
+
+        Every replicate's means use the global centres (mean of all rows, mean of [A; B]), so
+        the mean of the R replicate numerators and denominators are the pooled ones and the
+        indices equal those of one replicate; the half-widths come from the replicates' spread.
+        """
+        g, R = self.n_groups, self.replicates
+        tables = {w: {e: t[..., units] for e, t in self.table(w).items()} for w in self._replicated}
+        shift = self.shift[units]
+        per = tables["rone"][(0, 0)][:, None]  # (R, 1, c) base points per replicate
+        one = {e: t.sum(0) for e, t in tables["rone"].items()}
+        d_sum = tables["rD"][(0, 0)].sum((0, 1))
+        all_sum = (g + 1) * one[(1, 0)] + one[(0, 1)] + d_sum
+        if self.second_order:
+            all_sum = all_sum + g * one[(0, 1)] + tables["rH"][(0, 0)].sum((0, 1)) + d_sum
+        mu = all_sum / (n * self.block_size)
+        ab_mean = (one[(1, 0)] + one[(0, 1)]) / (2.0 * n)
+        C = {w: _rebase_table(table, -ab_mean) for w, table in tables.items()}
+        e = ab_mean - mu
+        c1, cD, cD2 = C["rone"], C["rD"], C["rD2"]
+        v = (c1[(2, 0)] + c1[(0, 2)]) / (2.0 * per[:, 0])  # (R, c) replicate denominators
+        V = v.mean(0)
+        constant = self._constant(V, shift + mu, tables["rD2"][(0, 0)].sum(0).amax(0) / n)
+        V = torch.where(constant, torch.zeros_like(V), V)
+        t = _t_score(self.conf_level, R - 1)
+        V_se = torch.sqrt(torch.clamp(v.var(0, correction=1) / R, min=0.0))
+        S1, S1_conf = _replicate_ratio((cD[(0, 1)] + e * cD[(0, 0)]) / per, v, V, t)
+        ST, ST_conf = _replicate_ratio(cD2[(0, 0)] / (2.0 * per), v, V, t)
+        out = {"S1": S1, "ST": ST, "S1_conf": S1_conf, "ST_conf": ST_conf, "mean": shift + mu,
+               "variance": V, "variance_se": V_se, "variance_conf": t * V_se,
+               "constant": constant}
+        if self.second_order:
+            j = self._pair_j.to(e.device)
+            cZ, cH = C["rZ"], C["rH"]
+            x = (cZ[(0, 0)] + (0.5 * (cH[(1, 0)] + cH[(0, 1)]) + e * cH[(0, 0)])[:, j]) / per
+            out["S2"], out["S2_conf"] = self._pair_matrix(*_replicate_ratio(x, v, V, t))
+        return out
 
 
 @dataclass
@@ -675,7 +922,9 @@ class ShapleyResult(_ConstantUnits):
     shapley_normalized, shapley_normalized_conf: (G, *unit_shape) shares summing to 1.
     variance, variance_conf: (*unit_shape) the estimator's own estimate of Var(Y) (the sum of the
     effects) and its half-width. constant: (*unit_shape) bool, units with zero estimated variance
-    (effects 0). n: trajectories or permutations.
+    (effects 0); flag: (*unit_shape) uint8 FLAG_* codes, from ``variance`` (a unit whose
+    variance estimate is not told from 0 has shares of any size). n: trajectories or
+    permutations.
     """
 
     shapley: np.ndarray
@@ -685,9 +934,11 @@ class ShapleyResult(_ConstantUnits):
     variance: np.ndarray
     variance_conf: np.ndarray
     constant: np.ndarray
+    flag: np.ndarray
     n: int
     conf_level: float
     names: list[str] | None = None
+    interval: str = "delta method over trajectories (permutations), normal quantile"
 
 
 class _ContributionSums(Metric):
@@ -709,7 +960,8 @@ class _ContributionSums(Metric):
         self.conf_level = conf_level
         self._z = _z_score(conf_level)
         g, u = n_groups, self.n_units
-        shapes = {"c": (g, u), "cc": (g, u), "cr": (g, u), "r": (u,), "rr": (u,)}
+        # y0: the first row of each block, for the units' mean (the flags' resolution test).
+        shapes = {"c": (g, u), "cc": (g, u), "cr": (g, u), "r": (u,), "rr": (u,), "y0": (u,)}
         for name, shape in shapes.items():
             self.add_state(name, torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
@@ -747,6 +999,7 @@ class _ContributionSums(Metric):
             self.cr[:, units] += (c * r[:, None]).sum(0)
             self.r[units] += r.sum(0)
             self.rr[units] += (r * r).sum(0)
+        self.y0 += Y[:, 0].sum(0, dtype=torch.float64)
         self.n = self.n + n
 
     def _steps(self, Y: Tensor) -> Tensor:
@@ -765,6 +1018,8 @@ class _ContributionSums(Metric):
         # R >= 0 for Goda (it is (y_0 - y_G)^2 / 2) and typically for the permutation estimator; a
         # zero total means the unit never changed.
         constant = total <= 0
+        total_se = torch.sqrt(var_r / n)
+        flag = _unit_flags(constant, total, total_se, self.y0 / n)
         normalized, normalized_conf = _ratio_conf(
             n, effects, self.cc / n, total, self.rr / n, self.cr / n, self._z
         )
@@ -776,8 +1031,9 @@ class _ContributionSums(Metric):
             shapley_conf=_numpy(torch.where(constant, zero, conf), shape),
             shapley_normalized_conf=_numpy(torch.where(constant, zero, normalized_conf), shape),
             variance=_numpy(torch.clamp(total, min=0.0), self.unit_shape),
-            variance_conf=_numpy(self._z * torch.sqrt(var_r / n), self.unit_shape),
+            variance_conf=_numpy(self._z * total_se, self.unit_shape),
             constant=_numpy(constant, self.unit_shape).astype(bool),
+            flag=_flags_numpy(flag, self.unit_shape),
             n=int(n),
             conf_level=self.conf_level,
         )
@@ -854,6 +1110,7 @@ class MomentsResult(_ConstantUnits):
     mean_conf: np.ndarray
     var_conf: np.ndarray
     constant: np.ndarray
+    flag: np.ndarray
     n: int
     conf_level: float
 
@@ -936,6 +1193,7 @@ def _moments_result(
         mean_conf=_numpy(z * std / torch.sqrt(n), unit_shape),
         var_conf=_numpy(torch.where(constant, torch.zeros_like(var), var_conf), unit_shape),
         constant=_numpy(constant, unit_shape).astype(bool),
+        flag=_constant_flags(constant, unit_shape),
         n=int(n),
         conf_level=conf_level,
     )
@@ -959,6 +1217,7 @@ class ContrastResult(_ConstantUnits):
     effect_size: np.ndarray
     effect_size_conf: np.ndarray
     constant: np.ndarray
+    flag: np.ndarray
     n: int
     conf_level: float
     names: list[str] | None = None
@@ -1032,6 +1291,7 @@ class ContrastAccumulator(Metric):
             effect_size=_numpy(effect, shape),
             effect_size_conf=_numpy(effect_conf, shape),
             constant=_numpy(constant, self.unit_shape).astype(bool),
+            flag=_constant_flags(constant, self.unit_shape),
             n=int(m),
             conf_level=self.conf_level,
         )

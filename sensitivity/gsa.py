@@ -164,14 +164,21 @@ def _evaluate(func: Callable[[np.ndarray], Any], X: np.ndarray) -> np.ndarray:
 
 
 def sobol_from_outputs(
-    problem: Problem, Y: Any, second_order: bool = False, conf_level: float = 0.95
+    problem: Problem,
+    Y: Any,
+    second_order: bool = False,
+    conf_level: float = 0.95,
+    replicates: int = 1,
 ) -> SobolResult:
     """Sobol' indices from outputs of a Saltelli design in SALib's interleaved layout.
 
     Y: (N * (G + 2),) or (N * (G + 2), U) outputs (N * (2G + 2) rows with ``second_order``).
     Returns S1, ST, S1_conf, ST_conf (G,) or (G, U), S2/S2_conf (G, G[, U]) with second order;
-    the indices equal ``SALib.analyze.sobol.analyze`` column by column (the intervals are ours:
-    delta method, see ``sensitivity.estimators``).
+    the indices equal ``SALib.analyze.sobol.analyze`` column by column. The intervals are ours:
+    with ``replicates=1`` the delta method over base points (right for i.i.d. points, off by
+    factors for one scrambled Sobol' sequence such as SALib's); with R > 1 the base points are R
+    consecutive replicates of N / R points (``SobolDesign(replicates=R)``) and the intervals
+    come from Student's t over the replicate estimates (``sensitivity.estimators``).
     """
     Y = _outputs(Y, "Y")
     g = problem.n_groups
@@ -189,9 +196,19 @@ def sobol_from_outputs(
             f"({g} groups, second_order={second_order}){hint}"
         )
     blocks, chunk = _blocks(Y, block_size)
-    acc = SobolAccumulator(g, Y.shape[1:], second_order=second_order, conf_level=conf_level)
+    if replicates < 1 or blocks.shape[0] % replicates:
+        raise ValueError(
+            f"replicates must be a positive divisor of the {blocks.shape[0]} base points, got "
+            f"{replicates}"
+        )
+    acc = SobolAccumulator(
+        g, Y.shape[1:], second_order=second_order, conf_level=conf_level, replicates=replicates
+    )
+    size = blocks.shape[0] // replicates
     for start in range(0, blocks.shape[0], chunk):
-        acc.update(blocks[start : start + chunk])
+        stop = min(start + chunk, blocks.shape[0])
+        ids = torch.arange(start, stop) // size if replicates > 1 else None
+        acc.update(blocks[start:stop], ids)
     result = acc.compute()
     result.names = list(problem.group_names)
     return result
@@ -204,16 +221,23 @@ def sobol_analyze(
     seed: int = 0,
     second_order: bool = False,
     conf_level: float = 0.95,
+    replicates: int = 16,
 ) -> SobolResult:
     """Sample a Saltelli design of ``n`` base points (a power of two), evaluate, analyse.
 
-    func: X (m, d) float64 within the bounds -> (m,) or (m, U).
+    func: X (m, d) float64 within the bounds -> (m,) or (m, U). replicates: the design's
+    randomised quasi-Monte-Carlo replicates (min(replicates, n) are used; a power of two),
+    whose spread gives the intervals; 1 samples SALib's design (one scrambled sequence,
+    ``SALib.sample.sobol.sample``) with delta-method intervals, which assume i.i.d. points.
     """
     design = SobolDesign(
-        problem.d, n, seed=seed, groups=problem.group_columns, second_order=second_order
+        problem.d, n, seed=seed, groups=problem.group_columns, second_order=second_order,
+        replicates=min(replicates, n),
     )
     X = problem.scale(design.rows())
-    return sobol_from_outputs(problem, _evaluate(func, X), second_order, conf_level)
+    return sobol_from_outputs(
+        problem, _evaluate(func, X), second_order, conf_level, design.replicates
+    )
 
 
 def _trajectory_permutations(problem: Problem, X: np.ndarray, n: int) -> np.ndarray:
@@ -244,13 +268,19 @@ def _trajectory_permutations(problem: Problem, X: np.ndarray, n: int) -> np.ndar
 
 
 def shapley_from_outputs(
-    problem: Problem, X: Any, Y: Any, conf_level: float = 0.95
+    problem: Problem,
+    X: Any,
+    Y: Any,
+    permutations: Any = None,
+    conf_level: float = 0.95,
 ) -> ShapleyResult:
     """Goda's Shapley effects from trajectories in ``SALib.sample.shapley``'s layout.
 
-    X: (N * (G + 1), d) inputs (the changed group of each step is read from it); Y: (N * (G + 1),)
-    or (N * (G + 1), U). Returns shapley (variance units), shapley_normalized and their
-    half-widths, (G,) or (G, U); ungrouped they equal ``SALib.analyze.shapley.analyze``.
+    X: (N * (G + 1), d) inputs; Y: (N * (G + 1),) or (N * (G + 1), U); permutations: (N, G) the
+    group changed at each step of each trajectory (``ShapleyDesign.permutations()``), or None to
+    read it from X as SALib does (which needs every step to change its group's values). Returns
+    shapley (variance units), shapley_normalized and their half-widths, (G,) or (G, U);
+    ungrouped they equal ``SALib.analyze.shapley.analyze``.
     """
     g = problem.n_groups
     X = np.asarray(X, dtype=np.float64)
@@ -267,7 +297,10 @@ def shapley_from_outputs(
             f"Y has {Y.shape[0]} rows, not a multiple of {g + 1} rows per trajectory ({g} groups)"
         )
     n = Y.shape[0] // (g + 1)
-    perms = torch.from_numpy(_trajectory_permutations(problem, X, n))
+    if permutations is None:
+        perms = torch.from_numpy(_trajectory_permutations(problem, X, n))
+    else:
+        perms = torch.as_tensor(np.asarray(permutations, dtype=np.int64))
     return _goda(problem, Y, perms, conf_level)
 
 

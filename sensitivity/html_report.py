@@ -6,9 +6,13 @@ style sheet is inline, there is no script and no external resource, so it opens 
 an e-mail attachment or an archive. Sections (each only where the results file has the data):
 
 - the run (model, weights, dataset, image size, seed) and its analyses;
-- per analysis: heatmaps layers x variables of each value type (``sensitivity.report``);
-  sensitivity maps of the most specialised units (per variable, the units with the largest
-  index: small spatial maps for conv layers, a table for channel-mean/fully connected layers);
+- per analysis: how its half-widths were computed and how often each variable changes
+  (toggle counts); per value type a heatmap layers x variables of the median over each layer's
+  valid units (``sensitivity.report``) and a table of the spread: median [10th, 90th
+  percentile], mean and median half-width, with each layer's share of valid units; the
+  second-order matrices (S2) where the analysis has them; sensitivity maps of the most
+  specialised valid units (per variable, the units with the largest index: small spatial maps
+  for conv layers, a table for channel-mean/fully connected layers);
 - Wilcoxon tests of a contrast analysis (/wilcoxon/<name>): significant units per layer and
   augmentation after the Benjamini-Yekutieli correction;
 - Spearman correlation matrices between variables and against mean/variance/CV
@@ -25,7 +29,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +38,11 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sensitivity.engine import MIN_TOGGLES
+from sensitivity.estimators import FLAG_NAMES
 from sensitivity.masking import GROUP_KIND as MASKING_GROUP
 from sensitivity.masking import read_masking, specificity_figure
-from sensitivity.report import heatmap_figure
+from sensitivity.report import heatmap_figure, pair_figure
 from sensitivity.results import AnalysisResult
 from sensitivity.single_class import GROUP_KIND as SINGLE_CLASS_GROUP
 from sensitivity.single_class import read_single_class
@@ -48,6 +54,8 @@ TOP_UNITS = 3
 # Value types whose sign matters: units ranked by magnitude, maps on a symmetric scale.
 _SIGNED = ("effect_size", "mean_diff")
 _SHARES = ("S1", "ST", "shapley_normalized")
+# Value types in the activations' own units (any magnitude): significant digits, not decimals.
+_SCALED = ("shapley", "mean_diff")
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
@@ -59,6 +67,7 @@ th { background: #f2f2f2; } td.l, th.l { text-align: left; }
 figure { margin: 0.5em 0 1.5em; } figcaption { font-size: 0.85em; color: #555; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
 nav ul { columns: 2; } .note { color: #666; font-size: 0.9em; }
+td small { color: #666; white-space: nowrap; }
 """
 
 
@@ -86,19 +95,33 @@ def _esc(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], left: int = 1) -> str:
-    """An HTML table; the first ``left`` columns are left-aligned labels."""
-    def cells(tag: str, values: Sequence[Any]) -> str:
+def _markup_table(header: Sequence[str], rows: Iterable[Sequence[str]], left: int = 1) -> str:
+    """An HTML table of cells given as markup (escaped by the caller); the first ``left``
+    columns are left-aligned labels."""
+    def cells(tag: str, values: Sequence[str]) -> str:
         return "".join(
-            f'<{tag}{" class=l" if i < left else ""}>{_esc(v)}</{tag}>'
-            for i, v in enumerate(values)
+            f'<{tag}{" class=l" if i < left else ""}>{v}</{tag}>' for i, v in enumerate(values)
         )
     body = "".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
     return f"<table><tr>{cells('th', header)}</tr>{body}</table>"
 
 
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], left: int = 1) -> str:
+    """An HTML table of plain values; the first ``left`` columns are left-aligned labels."""
+    return _markup_table([_esc(h) for h in header], ([_esc(v) for v in row] for row in rows),
+                         left)
+
+
 def _number(value: float, digits: int = 3) -> str:
     return "n/a" if not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _statistic(value: float, key: str) -> str:
+    """A summary statistic of ``key`` (or its half-width): indices and effect sizes are
+    dimensionless, three decimals; values in activation units, three significant digits."""
+    if not np.isfinite(value):
+        return "n/a"
+    return f"{value:.3g}" if key.removesuffix("_conf") in _SCALED else f"{value:.3f}"
 
 
 class _Page:
@@ -164,6 +187,13 @@ def _finite(values: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(values), values, np.nan)
 
 
+def _valid_maps(result: AnalysisResult, layer: str, key: str) -> np.ndarray:
+    """(G, *u) ``key`` values of ``layer`` with flagged units and non-finite values as NaN:
+    a flagged unit's raw index is noise (or 0 for a constant unit) and must not win a ranking
+    or stretch a colour scale."""
+    return np.where(result.valid(layer), _finite(result.layers[layer][key]), np.nan)
+
+
 def unit_scores(maps: np.ndarray, key: str) -> np.ndarray:
     """(G, C): how strongly each unit (channel of a conv map) carries each variable: the mean
     over its spatial positions of ``key`` (magnitude for signed values); non-finite values are
@@ -179,7 +209,7 @@ def unit_scores(maps: np.ndarray, key: str) -> np.ndarray:
 
 def top_units(scores: np.ndarray, top: int = TOP_UNITS) -> np.ndarray:
     """(G, top) indices of the largest scores per variable (NaN last, ties by index)."""
-    order = np.argsort(np.where(np.isnan(scores), -np.inf, -scores), axis=1, kind="stable")
+    order = np.argsort(np.where(np.isnan(scores), np.inf, -scores), axis=1, kind="stable")
     return order[:, :top]
 
 
@@ -187,8 +217,9 @@ def specialised_units_figure(
     result: AnalysisResult, key: str, layer: str, top: int = TOP_UNITS
 ) -> Figure:
     """Per variable (rows), the spatial ``key`` maps of the ``top`` channels with the largest
-    mean index (columns), on one colour scale."""
-    maps = _finite(result.layers[layer][key])  # (G, C, H, W)
+    mean index over their valid positions (columns), on one colour scale; flagged positions
+    are left blank."""
+    maps = _valid_maps(result, layer, key)  # (G, C, H, W)
     scores = unit_scores(maps, key)
     chosen = top_units(scores, top)
     n_vars, top = chosen.shape
@@ -275,33 +306,127 @@ def _overview(page: _Page, store: ResultsStore, names: Sequence[str]) -> None:
     page.add(_table(["analysis", "method", "n", "rows", "seconds", "layers"], rows, left=2))
 
 
-def _analysis_section(page: _Page, name: str, result: AnalysisResult) -> None:
-    page.heading(2, f"Analysis {name} ({result.method})")
-    for key in result.value_keys:
-        page.figure(heatmap_figure(result, key), f"{name}_heatmap_{key}",
-                    f"{name}: mean {key} over units, layers x variables")
-    if not result.value_keys:
-        page.note("This method has no per-variable maps (moments only).")
-        return
-    key = result.value_keys[0]
+def _validity_note(result: AnalysisResult) -> str:
+    """What the statistics of an analysis are over, and how its half-widths were computed."""
+    interval = result.interval or "not recorded in this results file"
+    return (
+        f"Statistics are over each layer's valid units: units flagged constant (zero variance), "
+        f"unsupported (variance not distinguishable from 0 at n = {result.n}) or negligible "
+        f"(variance negligible next to the layer's) are excluded here but kept, with their raw "
+        f"values and flags, in the results file. Table cells: median [10th, 90th percentile] "
+        f"over the valid units; below: their mean and, where recorded, the median half-width (±). "
+        f"Half-widths: {interval}."
+    )
+
+
+def _toggles_table(result: AnalysisResult) -> str:
+    """How many base points (trajectories) change each variable: what its indices rest on."""
+    what = "base points" if result.method == "sobol" else "trajectories"
+    rows = [
+        (variable, count, f"fewer than {MIN_TOGGLES}: too few terms to trust its indices"
+         if count < MIN_TOGGLES else "")
+        for variable, count in result.toggles.items()
+    ]
+    return _table(["variable", f"{what} where it changes (of {result.n})", "note"], rows)
+
+
+def _valid_cell(result: AnalysisResult, layer: str) -> str:
+    """A layer's share of valid units, with the flagged units per reason as a tooltip."""
+    flags = result.flags[layer]
+    counts = np.bincount(flags.ravel(), minlength=len(FLAG_NAMES))
+    reasons = ", ".join(f"{int(c)} {FLAG_NAMES[code]}" for code, c in enumerate(counts) if code)
+    share = counts[0] / flags.size
+    return (f'<span title="{_esc(reasons)}">{share:.0%} ({int(counts[0])}/{flags.size})'
+            f"</span>")
+
+
+def _spread_cell(
+    key: str, stats: Mapping[str, float], conf: Mapping[str, float] | None
+) -> str:
+    """median [p10, p90] of ``key`` over the valid units; below it the mean and the median
+    half-width."""
+    def text(value: float) -> str:
+        return _statistic(value, key)
+    second = f"mean {text(stats['mean'])}"
+    if conf is not None:
+        second += f", ±{text(conf['median'])}"
+    return (f"{text(stats['median'])} [{text(stats['p10'])}, {text(stats['p90'])}]"
+            f"<br><small>{_esc(second)}</small>")
+
+
+def _spread_table(result: AnalysisResult, summary: Mapping[str, Any], key: str) -> str:
+    """Rows layers, columns their share of valid units and the variables' spread of ``key``."""
+    values, conf = summary[key], summary.get(f"{key}_conf")
+    rows = [
+        [_esc(layer), _valid_cell(result, layer), *(
+            _spread_cell(key, values[layer][variable],
+                         None if conf is None else conf[layer][variable])
+            for variable in result.group_names
+        )]
+        for layer in result.layer_names
+    ]
+    header = ["layer", "valid units", *result.group_names]
+    return _markup_table([_esc(h) for h in header], rows)
+
+
+def _pair_table(result: AnalysisResult, summary: Mapping[str, Any]) -> str:
+    """Rows the variable pairs "a:b", columns the layers: the spread of S2."""
+    values, conf = summary["S2"], summary.get("S2_conf")
+    pairs = list(values[result.layer_names[0]])
+    rows = [
+        [_esc(pair), *(
+            _spread_cell("S2", values[layer][pair], None if conf is None else conf[layer][pair])
+            for layer in result.layer_names
+        )]
+        for pair in pairs
+    ]
+    return _markup_table([_esc(h) for h in ("pair", *result.layer_names)], rows)
+
+
+def _specialised_units(page: _Page, name: str, result: AnalysisResult, key: str) -> None:
+    """Per layer and variable, the valid units with the largest ``key``."""
     page.heading(3, f"Most specialised units ({key})")
     flat_rows = []
     for layer in result.layer_names:
-        maps = result.layers[layer][key]
+        maps = _valid_maps(result, layer, key)
         if maps.ndim == 4:
             page.figure(specialised_units_figure(result, key, layer),
                         f"{name}_specialised_{key}_{layer}",
                         f"{name}, {layer}: per variable the {TOP_UNITS} channels with the "
-                        f"largest mean {key}")
+                        f"largest mean {key} over valid positions")
             continue
         scores = unit_scores(maps, key)
         for g, variable in enumerate(result.group_names):
-            units = top_units(scores, TOP_UNITS)[g]
+            units = [u for u in top_units(scores, TOP_UNITS)[g] if np.isfinite(scores[g, u])]
             flat_rows.append((layer, variable, ", ".join(
-                f"#{u} ({_number(scores[g, u], 3)})" for u in units)))
+                f"#{u} ({_number(scores[g, u], 3)})" for u in units) or "no valid unit"))
     if flat_rows:
-        page.add(_table(["layer", "variable", f"units with the largest {key} (value)"],
+        page.add(_table(["layer", "variable", f"valid units with the largest {key} (value)"],
                         flat_rows, left=3))
+
+
+def _analysis_section(page: _Page, name: str, result: AnalysisResult) -> None:
+    """One analysis: what its statistics rest on, per value type the median heatmap and the
+    spread table, S2 where present, and its most specialised units."""
+    page.heading(2, f"Analysis {name} ({result.method})")
+    if not result.value_keys:
+        page.note("This method has no per-variable maps (moments only).")
+        return
+    page.note(_validity_note(result))
+    if result.toggles:
+        page.add(_toggles_table(result))
+    summary = result.summary()
+    for key in result.value_keys:
+        page.heading(3, f"{key} over valid units")
+        page.figure(heatmap_figure(result, key), f"{name}_heatmap_{key}",
+                    f"{name}: median {key} over each layer's valid units, layers x variables")
+        page.add(_spread_table(result, summary, key))
+    if "S2" in summary:
+        page.heading(3, "Second-order indices S2")
+        page.figure(pair_figure(result), f"{name}_S2",
+                    f"{name}: median S2 over each layer's valid units (± median half-width)")
+        page.add(_pair_table(result, summary))
+    _specialised_units(page, name, result, result.value_keys[0])
 
 
 def _wilcoxon_section(page: _Page, path: Path, name: str) -> None:

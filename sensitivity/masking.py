@@ -3,11 +3,16 @@ measure top-1/top-5 accuracy on original and on singly-augmented inputs.
 
 Masks. For a value type ("S1" or "ST" clipped to [0, 1], or "shapley_normalized" clipped to
 [0, 1]) and a variable v, every masked layer gets its map M_v. Quantile masks: t = q-quantile of
-M_v over the layer's units (numpy's linear interpolation); units with M_v >= t are multiplied by
-alpha, for alpha in ALPHAS x q in QUANTILES. Soft masks multiply every unit by M_v ("soft") or
-by 1 - M_v ("soft_inverse"). 15 + 2 = 17 configurations; one variable's mask is applied at every
-masked layer at once. Default masked layers: the convolutional checkpoints, i.e. the analysed
-layers whose output per image is (C, H, W).
+M_v over the layer's valid units (numpy's linear interpolation); valid units with M_v >= t are
+multiplied by alpha, for alpha in ALPHAS x q in QUANTILES. Soft masks multiply every valid unit
+by M_v ("soft") or by 1 - M_v ("soft_inverse"). 15 + 2 = 17 configurations; one variable's mask
+is applied at every masked layer at once. Default masked layers: the convolutional checkpoints,
+i.e. the analysed layers whose output per image is (C, H, W).
+
+Flagged units. Units the analysis flagged (``AnalysisResult.flags``: zero, unsupported or
+negligible variance) have no meaningful M_v; their raw values can be anything. They are left out
+of the quantile, never selected by a quantile mask, and left untouched (factor 1) by the soft
+masks; ``sensitivity_maps`` returns which units are valid next to the maps.
 
 Map shapes. A map of reduction "none" has the layer's output shape (C, H, W) and masks units one
 by one. A channel-mean map (C,) masks whole channels: its factor is broadcast over H and W and
@@ -131,9 +136,10 @@ def default_value(result: AnalysisResult) -> str:
 
 def sensitivity_maps(
     result: AnalysisResult, value: str, layers: Sequence[str]
-) -> dict[str, np.ndarray]:
-    """{layer: (G, *u) float64}: the ``value`` maps of ``layers``, clipped to [0, 1]; a
-    non-finite value (never expected) counts as 0."""
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(maps, valid): maps {layer: (G, *u) float64}, the ``value`` maps of ``layers`` clipped
+    to [0, 1] (a non-finite value, never expected, counts as 0); valid {layer: (*u) bool}, the
+    units not flagged in ``result.flags`` (the only ones masks may rank or select)."""
     if value not in VALUE_KEYS:
         raise ValueError(f"value must be one of {list(VALUE_KEYS)}, got {value!r}")
     missing = [layer for layer in layers if layer not in result.layers]
@@ -151,7 +157,7 @@ def sensitivity_maps(
             )
         values = np.nan_to_num(result.layers[layer][value], nan=0.0, posinf=1.0, neginf=0.0)
         maps[layer] = np.clip(values, 0.0, 1.0)
-    return maps
+    return maps, {layer: result.valid(layer) for layer in layers}
 
 
 def layer_output_shapes(
@@ -188,26 +194,53 @@ def broadcast_shape(
 
 
 # ------------------------------------------------------------------------------------ masks
-def quantile_mask(values: np.ndarray, q: float, ties: str = "strict") -> tuple[np.ndarray, bool]:
-    """(selected, tied): units with ``values >= t``, t the q-quantile of ``values``.
+def quantile_mask(
+    values: np.ndarray, q: float, ties: str = "strict", valid: np.ndarray | None = None
+) -> tuple[np.ndarray, bool]:
+    """(selected, tied): the valid units with ``values >= t``, t the q-quantile of the valid
+    units' ``values``.
 
-    tied: t equals the minimum, so ``values >= t`` selects every unit; with ``ties="strict"``
-    the selection is then ``values > t`` (units at the minimum, typically zeros, stay).
+    values: (*u); valid: (*u) bool, default every unit; flagged units are never selected and
+    do not move t. tied: t equals the valid units' minimum, so ``values >= t`` selects every
+    valid unit; with ``ties="strict"`` the selection is then ``values > t`` (units at the
+    minimum, typically zeros, stay). Without valid units nothing is selected (not tied).
     """
     if ties not in TIES:
         raise ValueError(f"ties must be one of {list(TIES)}, got {ties!r}")
-    threshold = float(np.quantile(values, q))
-    tied = threshold <= float(values.min())
+    mask = _valid_mask(valid, values.shape)
+    pool = values[mask]
+    if pool.size == 0:
+        return np.zeros(values.shape, dtype=bool), False
+    threshold = float(np.quantile(pool, q))
+    tied = threshold <= float(pool.min())
     if tied and ties == "strict":
-        return values > threshold, True
-    return values >= threshold, tied
+        return (values > threshold) & mask, True
+    return (values >= threshold) & mask, tied
 
 
-def top_units_mask(values: np.ndarray, count: int) -> np.ndarray:
-    """Exactly ``count`` units with the largest ``values`` (ties: lower flat index first)."""
+def top_units_mask(
+    values: np.ndarray, count: int, valid: np.ndarray | None = None
+) -> np.ndarray:
+    """Exactly ``count`` valid units with the largest ``values`` (ties: lower flat index
+    first). values: (*u); valid: (*u) bool, default every unit; ValueError when fewer than
+    ``count`` units are valid."""
+    order = np.argsort(-values.ravel(), kind="stable")
+    order = order[_valid_mask(valid, values.shape).ravel()[order]]
+    if count > len(order):
+        raise ValueError(f"{count} units requested but only {len(order)} are valid")
     flat = np.zeros(values.size, dtype=bool)
-    flat[np.argsort(-values.ravel(), kind="stable")[:count]] = True
+    flat[order[:count]] = True
     return flat.reshape(values.shape)
+
+
+def _valid_mask(valid: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """(*shape) bool: ``valid``, or every unit when None; ValueError on another shape."""
+    if valid is None:
+        return np.ones(shape, dtype=bool)
+    valid = np.asarray(valid, dtype=bool)
+    if valid.shape != tuple(shape):
+        raise ValueError(f"valid has shape {valid.shape}, the map {tuple(shape)}")
+    return valid
 
 
 def random_units_mask(shape: tuple[int, ...], count: int, rng: np.random.Generator) -> np.ndarray:
@@ -233,10 +266,13 @@ def factor_mask(factors: Mapping[str, Tensor]) -> Mask:
 class VariableMasks:
     """The masks of one variable at every masked layer, on the model's device.
 
-    maps: {layer: M_v (map shape)} in [0, 1]; shapes: {layer: broadcast shape}. Quantile
-    selections are computed once per q and shared by every alpha.
-    fraction[q][layer]: fraction of the layer's map units the q mask selects;
-    tied[q][layer]: the quantile fell on the layer's minimum (see ``quantile_mask``).
+    maps: {layer: M_v (map shape)} in [0, 1]; shapes: {layer: broadcast shape}; valid:
+    {layer: (map shape) bool} the units masks may touch (default: every unit of every layer).
+    Quantile selections are computed once per q and shared by every alpha.
+    fraction[q][layer]: fraction of the layer's map units the q mask selects (flagged units
+    are never selected); tied[q][layer]: the quantile fell on the minimum of the layer's valid
+    units (see ``quantile_mask``). The soft factors are M_v and 1 - M_v at valid units, 1 at
+    flagged ones.
     """
 
     def __init__(
@@ -246,18 +282,24 @@ class VariableMasks:
         quantiles: Sequence[float],
         ties: str,
         device: torch.device,
+        valid: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        self.weights = {
-            layer: torch.as_tensor(m, dtype=torch.float32, device=device).reshape(shapes[layer])
-            for layer, m in maps.items()
-        }
+        masks = {layer: _valid_mask(None if valid is None else valid[layer], m.shape)
+                 for layer, m in maps.items()}
+        self.soft: dict[str, Tensor] = {}
+        self.soft_inverse: dict[str, Tensor] = {}
+        for layer, m in maps.items():
+            weight = torch.as_tensor(m, dtype=torch.float32, device=device)
+            keep = torch.as_tensor(masks[layer], device=device)
+            self.soft[layer] = torch.where(keep, weight, 1.0).reshape(shapes[layer])
+            self.soft_inverse[layer] = torch.where(keep, 1.0 - weight, 1.0).reshape(shapes[layer])
         self.selected: dict[float, dict[str, Tensor]] = {}
         self.fraction: dict[float, dict[str, float]] = {}
         self.tied: dict[float, dict[str, bool]] = {}
         for q in quantiles:
             self.selected[q], self.fraction[q], self.tied[q] = {}, {}, {}
             for layer, m in maps.items():
-                chosen, tied = quantile_mask(m, q, ties)
+                chosen, tied = quantile_mask(m, q, ties, masks[layer])
                 self.selected[q][layer] = torch.as_tensor(chosen, device=device).reshape(
                     shapes[layer]
                 )
@@ -267,9 +309,7 @@ class VariableMasks:
     def mask(self, config: MaskConfig) -> Mask:
         if config.kind == "quantile":
             return selection_mask(self.selected[config.q], config.alpha)
-        if config.kind == "soft":
-            return factor_mask(self.weights)
-        return factor_mask({layer: 1.0 - w for layer, w in self.weights.items()})
+        return factor_mask(self.soft if config.kind == "soft" else self.soft_inverse)
 
 
 # ---------------------------------------------------------------------------- masked network
@@ -628,8 +668,11 @@ class MaskingResult:
     configurations: labels (M); layers: masked layers (L); quantiles: Q.
     acc1, acc5: (I, V, M) top-1 / top-k accuracy (k = ``top_k`` = min(5, classes));
     unmasked_acc1, unmasked_acc5: (I,); specificity, specificity_top5: (I - 1, V)
-    (``specificity_matrix``); masked_fraction: (V, Q, L) fraction of units each quantile mask
-    selects; tied: (V, Q, L) the quantile fell on the layer's minimum.
+    (``specificity_matrix``); masked_fraction: (V, Q, L) fraction of the layer's (map) units
+    each quantile mask selects, flagged units never among them; tied: (V, Q, L) the quantile
+    fell on the minimum of the layer's valid units; valid_fraction: (L,) share of each layer's
+    (map) units that are valid, the most a mask can select (None: every unit, as for groups
+    stored before flags existed).
     """
 
     value: str
@@ -653,10 +696,14 @@ class MaskingResult:
     prefix_reuse: str
     seconds: float = 0.0
     epoch: int | None = None
+    valid_fraction: np.ndarray | None = None
     specificity: np.ndarray = field(init=False)
     specificity_top5: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.valid_fraction is None:
+            self.valid_fraction = np.ones(len(self.layers))
+        self.valid_fraction = np.asarray(self.valid_fraction, dtype=np.float64)
         self.specificity = specificity_matrix(self.acc1)
         self.specificity_top5 = specificity_matrix(self.acc5)
 
@@ -667,15 +714,17 @@ class MaskingResult:
 
     @property
     def fully_masked_layers(self) -> int:
-        """(variable, quantile, layer) triples whose quantile mask selects every unit."""
-        return int(np.count_nonzero(self.masked_fraction >= 1.0))
+        """(variable, quantile, layer) triples whose quantile mask selects every valid unit
+        (of a layer that has some)."""
+        full = (self.masked_fraction >= self.valid_fraction) & (self.valid_fraction > 0)
+        return int(np.count_nonzero(full))
 
     _ARRAYS = ("acc1", "acc5", "unmasked_acc1", "unmasked_acc5", "masked_fraction", "tied")
     _ATTRS = ("value", "analysis", "inputs", "variables", "configurations", "layers",
               "quantiles", "ties", "top_k", "n_images", "k", "seed", "prefix_reuse", "seconds")
 
     def arrays(self) -> dict[str, np.ndarray]:
-        keys = (*self._ARRAYS, "specificity", "specificity_top5")
+        keys = (*self._ARRAYS, "valid_fraction", "specificity", "specificity_top5")
         return {key: np.asarray(getattr(self, key)) for key in keys}
 
     def attrs(self) -> dict[str, Any]:
@@ -692,7 +741,8 @@ class MaskingResult:
         fields.update({key: arrays[key] for key in cls._ARRAYS})
         fields["tied"] = np.asarray(fields["tied"], dtype=bool)
         epoch = int(attrs.get("epoch", -1))
-        return cls(**fields, epoch=None if epoch < 0 else epoch)
+        return cls(**fields, epoch=None if epoch < 0 else epoch,
+                   valid_fraction=arrays.get("valid_fraction"))
 
     def table(self) -> list[tuple[str, str, str, float, float]]:
         """Rows (input, variable, configuration, acc1, acc5), unmasked rows first
@@ -725,9 +775,14 @@ def prepare_masks(
     quantiles: Sequence[float],
     ties: str,
     layer_root: nn.Module | None = None,
+    valid: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, VariableMasks]:
     """{variable: VariableMasks} on the model's device; ValueError when a map does not fit
-    its layer (``broadcast_shape``)."""
+    its layer (``broadcast_shape``). maps: {layer: (V, *u)}; valid: {layer: (*u) bool} the
+    units masks may touch (``sensitivity_maps``; default every unit)."""
+    missing = [layer for layer in maps if valid is not None and layer not in valid]
+    if missing:
+        raise ValueError(f"valid units are not given for the masked layers {missing}")
     device = model_device(model)[0]
     outputs = layer_output_shapes(model, list(maps), image_size, layer_root)
     shapes = {}
@@ -741,7 +796,7 @@ def prepare_masks(
     index = {v: i for i, v in enumerate(variables)}
     return {
         v: VariableMasks({layer: m[index[v]] for layer, m in maps.items()}, shapes, quantiles,
-                         ties, device)
+                         ties, device, valid)
         for v in mask_variables
     }
 
@@ -767,10 +822,12 @@ def evaluate_masking(
     layer_root: nn.Module | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    valid: Mapping[str, np.ndarray] | None = None,
 ) -> MaskingResult:
     """Accuracy of ``model`` under every mask configuration of every mask variable.
 
-    maps: {masked layer: (V, *u)} in [0, 1] (``sensitivity_maps``), V = len(variables);
+    maps: {masked layer: (V, *u)} in [0, 1] and valid: {masked layer: (*u) bool}, the units
+    not flagged (both from ``sensitivity_maps``; valid None: every unit), V = len(variables);
     mask_variables: which of ``variables`` to mask (default all); images, labels: the probe
     (module docstring); augmentations: input augmentations (each alone, ``k`` draws per
     image); problem: the analysed problem (bounds, postprocessing of the inputs);
@@ -787,7 +844,7 @@ def evaluate_masking(
     inputs = ProbeInputs(images, labels, augmentations, k, seed, problem)
     quantiles = sorted({c.q for c in configs if c.kind == "quantile"})
     masks = prepare_masks(model, maps, variables, chosen, (inputs.height, inputs.width),
-                          quantiles, ties, layer_root)
+                          quantiles, ties, layer_root, valid)
     network = MaskedNetwork(model, list(maps), reuse_prefix, layer_root)
     device = model_device(model)[0]
     plan: list[tuple[int, Mask | None]] = [(0, None)]
@@ -816,6 +873,8 @@ def evaluate_masking(
                            len(chosen), len(quantiles), len(layers)),
         ties=ties, top_k=min(5, n_classes), n_images=inputs.n_images, k=inputs.k, seed=seed,
         prefix_reuse=network.split_note, seconds=time.perf_counter() - started,
+        valid_fraction=np.array([1.0 if valid is None else float(np.mean(valid[layer]))
+                                 for layer in layers]),
     )
 
 

@@ -35,6 +35,8 @@ AUXILIARIES = ("order", "class", "image", "partition")
 POSTPROCESSES = ("minmax",)
 PAPER_METHODS = ("sobol", "shapley")
 DEFAULT_P_ON = 0.5
+# Discrete columns with more cells than this keep their quasi-random values (discrete_columns).
+MAX_DISCRETE_CELLS = 2**16
 
 
 @dataclass(frozen=True)
@@ -298,6 +300,63 @@ class AugmentationProblem:
         if name not in self.group_names:
             raise ValueError(f"no group {name!r}; groups: {self.group_names}")
         return self.group_names.index(name)
+
+    def discrete_columns(self) -> dict[int, np.ndarray]:
+        """{column: cell edges} of the columns read only through the cell their value is in.
+
+        Switches (edges [0, p_on, 1]: on, off), ``class`` (n_classes equal cells), ``image``
+        (images_per_class), ``partition`` (2) and ``order`` when it has at most
+        ``MAX_DISCRETE_CELLS`` permutations (K! cells; beyond that two draws almost never share
+        a cell and a cell's edges would not be resolved in float64). Designs draw these
+        columns' pairs balanced (``designs.BalancedPairs``). Cells with one value are left out.
+        """
+        out: dict[int, np.ndarray] = {}
+        for name, column in self.switch_columns.items():
+            if column is not None:
+                out[column] = np.array([0.0, self.p_on[name], 1.0])
+        for group in self.groups:
+            count = self._cells(group.kind)
+            if 1 < count <= MAX_DISCRETE_CELLS:
+                out[group.columns[0]] = np.arange(count + 1) / count
+        return dict(sorted(out.items()))
+
+    def changed_groups(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """(R, G) bool: whether each group decodes differently in rows ``first`` and ``second``.
+
+        first, second: (R, d) design rows in [0, 1). An augmentation changes when its switch
+        differs, or when it is on in both and a parameter column differs (an integer parameter
+        can round to the same value: counted as a change); an auxiliary when its cell differs.
+        For a Sobol' design with first = A and second = B this is where AB_j differs from A in
+        group j: the base points that inform group j's indices.
+        """
+        first, second = self._check_rows(first), self._check_rows(second)
+        if first.shape != second.shape:
+            raise ValueError(f"row arrays differ in shape: {first.shape} vs {second.shape}")
+        out = np.zeros((first.shape[0], len(self.groups)), dtype=bool)
+        for g, group in enumerate(self.groups):
+            if group.kind == "augmentation":
+                switch = self.switch_columns[group.name]
+                params = self.param_columns[group.name]
+                moved = (first[:, params] != second[:, params]).any(axis=1)
+                if switch is None:
+                    out[:, g] = moved
+                    continue
+                on1 = first[:, switch] < self.p_on[group.name]
+                on2 = second[:, switch] < self.p_on[group.name]
+                out[:, g] = (on1 != on2) | (on1 & on2 & moved)
+            else:
+                n, column = self._cells(group.kind), group.columns[0]
+                out[:, g] = _cell(first[:, column], n) != _cell(second[:, column], n)
+        return out
+
+    def _cells(self, kind: str) -> int:
+        """Values an auxiliary variable of ``kind`` takes (1 for an augmentation group)."""
+        return {
+            "class": self.n_classes,
+            "image": self.images_per_class,
+            "partition": 2,
+            "order": math.factorial(len(self.augmentations)),
+        }.get(kind, 1)
 
     # ----------------------------------------------------------------------------- constructors
     @classmethod

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from sensitivity.results import PER_VARIABLE_KEYS, AnalysisResult
+from sensitivity.results import PER_VARIABLE_KEYS, SUMMARY_STATISTICS, AnalysisResult
 
 # Keys whose values are shares of variance, drawn on a fixed [0, 1] colour scale.
 _SHARE_KEYS = ("S1", "ST", "shapley_normalized")
@@ -54,11 +54,26 @@ def _check_key(key: str) -> None:
         )
 
 
-def heatmap_figure(result: AnalysisResult, key: str) -> Figure:
-    """Heatmap of ``result.mean_index(key)``: rows = layers (checkpoint order), columns =
-    variables, each cell the mean over the layer's units, annotated with its value."""
+def _check_statistic(statistic: str) -> None:
+    if statistic not in SUMMARY_STATISTICS:
+        raise ValueError(f"unknown statistic {statistic!r}; valid: {list(SUMMARY_STATISTICS)}")
+
+
+def _layer_labels(result: AnalysisResult) -> list[str]:
+    """Layer names with the share of valid units behind their statistics."""
+    return [
+        f"{layer} ({fraction:.0%} valid)"
+        for layer, fraction in zip(result.layer_names, result.valid_fraction(), strict=True)
+    ]
+
+
+def heatmap_figure(result: AnalysisResult, key: str, statistic: str = "median") -> Figure:
+    """Heatmap of ``result.layer_statistics(key)[statistic]``: rows = layers (checkpoint order,
+    labelled with their share of valid units), columns = variables, each cell the statistic
+    (median by default) over the layer's valid units, annotated with its value."""
     _check_key(key)
-    values = result.mean_index(key)  # (L, G)
+    _check_statistic(statistic)
+    values = result.layer_statistics(key)[statistic]  # (L, G)
     n_layers, n_vars = values.shape
     figure = _new_figure(max(5.0, 1.0 + 0.75 * n_vars), max(3.0, 1.6 + 0.45 * n_layers))
     ax = figure.add_subplot()
@@ -86,28 +101,73 @@ def heatmap_figure(result: AnalysisResult, key: str) -> Figure:
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
                     color="black" if luminance > 0.5 else "white")
     ax.set_xticks(range(n_vars), result.group_names, rotation=45, ha="right")
-    ax.set_yticks(range(n_layers), result.layer_names)
+    ax.set_yticks(range(n_layers), _layer_labels(result))
     ax.set_xlabel("variable")
     ax.set_ylabel("layer (checkpoint)")
     when = f", epoch {result.epoch}" if result.epoch is not None else ""
-    ax.set_title(f"{result.method}: {_label(key)}, mean over units{when} (n = {result.n})")
+    ax.set_title(
+        f"{result.method}: {_label(key)}, {statistic} over valid units{when} (n = {result.n})"
+    )
     figure.colorbar(image, ax=ax, label=_label(key))
+    return figure
+
+
+def pair_figure(result: AnalysisResult, statistic: str = "median") -> Figure:
+    """Second-order Sobol' indices: one (G, G) matrix per layer of S2's ``statistic`` over the
+    layer's valid units, each cell annotated with it and the same statistic of its half-width."""
+    _check_statistic(statistic)
+    s2 = result.layer_statistics("S2")[statistic]  # (L, G, G)
+    conf = result.layer_statistics("S2_conf")[statistic]
+    n_layers, g = s2.shape[0], s2.shape[1]
+    columns = min(3, n_layers)
+    rows = -(-n_layers // columns)
+    side = max(3.2, 0.45 * g + 1.5)
+    figure = _new_figure(side * columns + 1.0, side * rows + 0.6)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    finite = s2[np.isfinite(s2)]
+    high = max(0.05, float(np.abs(finite).max())) if finite.size else 1.0
+    image = None
+    for index, label in enumerate(_layer_labels(result)):
+        ax = axes[index // columns][index % columns]
+        matrix = np.where(np.eye(g, dtype=bool), np.nan, s2[index])
+        image = ax.imshow(matrix, cmap="RdBu_r", vmin=-high, vmax=high)
+        for i in range(g):
+            for j in range(g):
+                if i != j and np.isfinite(s2[index, i, j]):
+                    ax.text(j, i, f"{s2[index, i, j]:.2f}\n±{conf[index, i, j]:.2f}",
+                            ha="center", va="center", fontsize=5)
+        ax.set_xticks(range(g), result.group_names, rotation=90, fontsize=6)
+        ax.set_yticks(range(g), result.group_names, fontsize=6)
+        ax.set_title(label, fontsize=8)
+    for index in range(n_layers, rows * columns):
+        axes[index // columns][index % columns].set_visible(False)
+    when = f", epoch {result.epoch}" if result.epoch is not None else ""
+    figure.suptitle(
+        f"second-order Sobol indices S2 (± half-width), {statistic} over valid units{when} "
+        f"(n = {result.n})"
+    )
+    if image is not None:
+        figure.colorbar(image, ax=axes, label="S2", shrink=0.6)
     return figure
 
 
 def save_heatmaps(
     result: AnalysisResult, out_dir: str | Path, name: str | None = None
-) -> list[Path]:
+) -> dict[str, Path]:
     """One heatmap PNG per value key of ``result`` (``result.value_keys``), written as
-    ``<out_dir>/<name>_<key>.png`` (name defaults to the method); returns the paths."""
+    ``<out_dir>/<name>_<key>.png`` (name defaults to the method), then ``<name>_S2.png``
+    (``pair_figure``) when the result has second-order indices; returns {key: path} in that
+    order ("S2" for the second-order figure)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = _file_part(name or result.method)
-    paths = []
+    paths = {}
     for key in result.value_keys:
-        path = out / f"{stem}_{key}.png"
-        heatmap_figure(result, key).savefig(path)
-        paths.append(path)
+        paths[key] = out / f"{stem}_{key}.png"
+        heatmap_figure(result, key).savefig(paths[key])
+    if all("S2" in values for values in result.layers.values()):
+        paths["S2"] = out / f"{stem}_S2.png"
+        pair_figure(result).savefig(paths["S2"])
     return paths
 
 
@@ -137,7 +197,7 @@ def _check_history(results: Sequence[AnalysisResult]) -> None:
 def history_figure(
     results: Sequence[AnalysisResult], key: str, layer: str | None = None
 ) -> Figure:
-    """Each variable's mean ``key`` over units against the epoch (or global step).
+    """Each variable's median ``key`` over the valid units against the epoch (or global step).
 
     One panel per layer of the first result, or only ``layer``; results are sorted by epoch.
     """
@@ -160,7 +220,9 @@ def history_figure(
     figure = _new_figure(4.2 * columns + 1.8, 3.0 * rows + 0.6)
     axes = figure.subplots(rows, columns, squeeze=False)
     names = results[0].group_names
-    tables = [dict(zip(r.layer_names, r.mean_index(key), strict=True)) for r in results]
+    tables = [
+        dict(zip(r.layer_names, r.layer_statistics(key)["median"], strict=True)) for r in results
+    ]
     for index, name in enumerate(layers):
         ax = axes[index // columns][index % columns]
         means = np.stack([table[name] for table in tables])  # (epochs, G)
@@ -175,7 +237,9 @@ def history_figure(
         axes[index // columns][index % columns].set_visible(False)
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside right upper", title="variable")
-    figure.suptitle(f"{results[0].method}: {_label(key)} over training (mean over units)")
+    figure.suptitle(
+        f"{results[0].method}: {_label(key)} over training (median over valid units)"
+    )
     return figure
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,8 +26,13 @@ PER_VARIABLE_KEYS = (
 # Arrays (G, G, *u).
 PAIR_KEYS = ("S2", "S2_conf")
 # Arrays (*u).
-UNIT_KEYS = ("mean", "var", "std", "cv", "mean_conf", "var_conf")
+UNIT_KEYS = (
+    "mean", "var", "std", "cv", "mean_conf", "var_conf", "index_variance", "index_variance_conf",
+)
 KNOWN_KEYS = PER_VARIABLE_KEYS + PAIR_KEYS + UNIT_KEYS
+
+# Per (layer, variable) statistics over a layer's valid units (``AnalysisResult.summary``).
+SUMMARY_STATISTICS = ("median", "p10", "p90", "mean")
 
 # The per-variable values each method reports, headline first (summaries, heatmaps, W&B).
 METHOD_VALUE_KEYS: dict[str, tuple[str, ...]] = {
@@ -57,7 +63,10 @@ class AnalysisResult:
         "S1", "ST", "S1_conf", "ST_conf" (G, *u); "S2", "S2_conf" (G, G, *u);
         "shapley", "shapley_normalized", "shapley_conf", "shapley_normalized_conf" (G, *u)
         ("shapley" in variance units, "shapley_normalized" sums to 1 over variables);
-        "mean", "var", "std", "cv", "mean_conf", "var_conf" (*u) (population variance);
+        "mean", "var", "std", "cv", "mean_conf", "var_conf" (*u) (population variance of all
+        rows); "index_variance", "index_variance_conf" (*u): the variance the indices are
+        normalised by and its half-width (Sobol: of the A and B rows; Shapley: the sum of the
+        effects, the estimator's own estimate of Var(Y));
         "mean_diff", "sd_diff", "effect_size", "mean_diff_conf", "effect_size_conf" (A, *u).
         Conf arrays are confidence-interval half-widths (95% unless the analysis says otherwise).
     n: base size (Sobol base points, Shapley trajectories or permutations, probe images).
@@ -66,6 +75,14 @@ class AnalysisResult:
     epoch, global_step: training position when analysed (None outside training).
     n_constant: layer -> number of units with zero variance (their indices are reported as 0);
         completed with 0 for every layer not given.
+    flags: layer -> (*u) uint8, why each unit's indices are or are not meaningful
+        (``sensitivity.estimators.FLAG_*``: 0 valid, 1 constant, 2 unsupported, 3 negligible);
+        a layer not given has every unit valid. Flagged units keep their raw values in
+        ``layers`` and are left out of ``summary``, the figures and every ranking.
+    interval: how the ``*_conf`` half-widths were computed; replicates: randomised
+        quasi-Monte-Carlo replicates behind them (1: none).
+    toggles: variable -> base points (trajectories) in which that variable changes between the
+        two rows of a pair (Sobol: A and AB_j; Goda: x1 and x2): what its indices rest on.
 
     Construction validates names and shapes (ValueError) and converts arrays to float64.
     """
@@ -79,6 +96,10 @@ class AnalysisResult:
     epoch: int | None = None
     global_step: int | None = None
     n_constant: dict[str, int] = field(default_factory=dict)
+    flags: dict[str, np.ndarray] = field(default_factory=dict)
+    interval: str = ""
+    replicates: int = 1
+    toggles: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -96,6 +117,23 @@ class AnalysisResult:
             for layer, values in self.layers.items()
         }
         self.n_constant = {layer: int(self.n_constant.get(layer, 0)) for layer in self.layers}
+        unknown_flags = sorted(set(self.flags) - set(self.layers))
+        if unknown_flags:
+            raise ValueError(f"flags name layers {unknown_flags} that have no arrays")
+        flags = {}
+        for layer in self.layers:
+            shape = self.unit_shape(layer)
+            flag = np.asarray(self.flags.get(layer, np.zeros(shape)), dtype=np.uint8)
+            if flag.shape != shape:
+                raise ValueError(
+                    f"layer {layer!r}: flags have shape {flag.shape}, the units {shape}"
+                )
+            flags[layer] = flag
+        self.flags = flags
+        unknown_toggles = sorted(set(self.toggles) - set(self.group_names))
+        if unknown_toggles:
+            raise ValueError(f"toggles name {unknown_toggles}, which are not variables")
+        self.toggles = {str(k): int(v) for k, v in self.toggles.items()}
 
     def _check_layer(self, layer: str, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not values:
@@ -152,44 +190,94 @@ class AnalysisResult:
             raise ValueError(f"no layer {layer!r} in this result; layers: {self.layer_names}")
         return self.layers[layer]
 
-    def mean_index(self, key: str) -> np.ndarray:
-        """(L, G) float64: per layer and variable, the mean of ``key`` over the layer's units.
+    def valid(self, layer: str) -> np.ndarray:
+        """(*u) bool: the units of ``layer`` whose indices are meaningful (flag 0)."""
+        self._layer(layer)
+        return self.flags[layer] == 0
 
-        ``key`` is a per-variable key ("S1", "ST", "shapley_normalized", ...). Non-finite
-        units are left out of the mean; a layer without finite units gives NaN.
-        """
-        if key not in PER_VARIABLE_KEYS:
-            raise ValueError(
-                f"mean_index needs a per-variable key (G, *u), one of {list(PER_VARIABLE_KEYS)}; "
-                f"got {key!r}"
-            )
+    def valid_fraction(self) -> np.ndarray:
+        """(L,) float64: the share of each layer's units that are valid."""
+        return np.array([float(self.valid(layer).mean()) for layer in self.layer_names])
+
+    def _values(self, key: str, lead: int) -> list[np.ndarray]:
+        """Per layer, the valid units' values of ``key``: (G^lead, V) arrays (V valid units)."""
         missing = [layer for layer, values in self.layers.items() if key not in values]
         if missing:
             raise ValueError(
                 f"key {key!r} is missing in layers {missing}; this {self.method} result has "
                 f"value keys {self.value_keys}"
             )
-        rows = []
-        for values in self.layers.values():
-            flat = values[key].reshape(len(self.group_names), -1)
-            finite = np.isfinite(flat)
-            count = finite.sum(axis=1)
-            total = np.where(finite, flat, 0.0).sum(axis=1)
-            rows.append(np.divide(total, count, out=np.full(len(total), np.nan), where=count > 0))
-        return np.stack(rows)
+        if _leading_axes(key) != lead:
+            raise ValueError(f"{key!r} is not a key with {lead} variable axes")
+        g = len(self.group_names)
+        return [
+            values[key].reshape(g**lead, -1)[:, self.valid(layer).reshape(-1)]
+            for layer, values in self.layers.items()
+        ]
 
-    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
-        """{key: {layer: {variable: mean over units}}} for every key of ``value_keys``.
+    def layer_statistics(self, key: str) -> dict[str, np.ndarray]:
+        """Per layer and variable, statistics of ``key`` over the layer's valid units.
 
-        This is what W&B logs as ``sensitivity/<method>/<layer>/<variable>``; the "variance"
-        method has no per-variable keys and gives {}.
+        ``key`` is a per-variable key ("S1", "ST_conf", "shapley_normalized", ...) or a pair key
+        ("S2", "S2_conf"). Returns {"median", "p10", "p90", "mean": (L, G) (or (L, G, G) for a
+        pair key) float64}: NaN where a layer has no valid unit with a finite value. Units
+        flagged in ``flags`` and non-finite values are left out.
         """
-        out: dict[str, dict[str, dict[str, float]]] = {}
-        for key in self.value_keys:
-            means = self.mean_index(key)
+        if key not in PER_VARIABLE_KEYS + PAIR_KEYS:
+            raise ValueError(
+                f"layer statistics need a per-variable or pair key, one of "
+                f"{list(PER_VARIABLE_KEYS + PAIR_KEYS)}; got {key!r}"
+            )
+        lead = _leading_axes(key)
+        shape = (len(self.group_names),) * lead
+        functions = {
+            "median": np.nanmedian,
+            "p10": lambda v, axis: np.nanpercentile(v, 10, axis=axis),
+            "p90": lambda v, axis: np.nanpercentile(v, 90, axis=axis),
+            "mean": np.nanmean,
+        }
+        out: dict[str, list[np.ndarray]] = {name: [] for name in SUMMARY_STATISTICS}
+        for values in self._values(key, lead):
+            values = np.where(np.isfinite(values), values, np.nan)
+            with warnings.catch_warnings():
+                # A layer without valid finite units gives NaN, which is the answer.
+                warnings.simplefilter("ignore", RuntimeWarning)
+                for name, function in functions.items():
+                    out[name].append(function(values, axis=1).reshape(shape))
+        return {name: np.stack(rows) for name, rows in out.items()}
+
+    def summary(self) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+        """{key: {layer: {variable: {statistic: value}}}} for the value keys and their ``_conf``.
+
+        Keys: every key of ``value_keys`` and its half-width key when present ("S1",
+        "S1_conf", ...), then "S2" and "S2_conf" with second order, whose "variables" are the
+        pairs "a:b" (a before b in ``group_names``). Statistics over the layer's valid units:
+        "median", "p10", "p90", "mean", and "valid_fraction" (the share of the layer's units
+        behind them). This is what W&B logs; the "variance" method gives {}.
+        """
+        candidates = [k for key in self.value_keys for k in (key, f"{key}_conf")]
+        if self.value_keys:
+            candidates += list(PAIR_KEYS)
+        keys = [k for k in candidates if all(k in values for values in self.layers.values())]
+        names = self.group_names
+        pairs = [(j, k) for j in range(len(names)) for k in range(j + 1, len(names))]
+        fractions = self.valid_fraction()
+        out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+        for key in keys:
+            stats = self.layer_statistics(key)
+            cells = (
+                [(f"{names[j]}:{names[k]}", (j, k)) for j, k in pairs] if key in PAIR_KEYS
+                else [(name, (j,)) for j, name in enumerate(names)]
+            )
             out[key] = {
-                layer: {g: float(v) for g, v in zip(self.group_names, row, strict=True)}
-                for layer, row in zip(self.layer_names, means, strict=True)
+                layer: {
+                    label: {
+                        **{name: float(stats[name][(i, *at)]) for name in SUMMARY_STATISTICS},
+                        "valid_fraction": float(fractions[i]),
+                    }
+                    for label, at in cells
+                }
+                for i, layer in enumerate(self.layer_names)
             }
         return out
 
@@ -197,7 +285,7 @@ class AnalysisResult:
         """Same metadata, layers, keys and shapes, and arrays equal within ``rtol``/``atol``
         (NaN equals NaN). ``seconds`` is compared with ``rtol`` too."""
         for f in dataclasses.fields(self):
-            if f.name in ("layers", "seconds"):
+            if f.name in ("layers", "seconds", "flags"):
                 continue
             if getattr(self, f.name) != getattr(other, f.name):
                 return False
@@ -206,6 +294,8 @@ class AnalysisResult:
         if list(self.layers) != list(other.layers):
             return False
         for layer, values in self.layers.items():
+            if not np.array_equal(self.flags[layer], other.flags[layer]):
+                return False
             theirs = other.layers[layer]
             if set(values) != set(theirs):
                 return False

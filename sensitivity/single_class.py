@@ -3,7 +3,8 @@ pushes predictions towards.
 
 Candidates. At the classification layer (analysed after softmax) the top-n classes by
 sensitivity to variable v (the same value type as the masks, clipped to [0, 1]; ties broken by
-the lower class index) are v's candidate classes T_v.
+the lower class index) are v's candidate classes T_v. Only valid classes (units not flagged in
+the analysis) can be candidates: a flagged unit's index is not a sensitivity.
 
 Self-masking. Inputs carry augmentation v alone (K parameter draws per probe image) and the
 units sensitive to v are masked at the masked layers (every configuration of
@@ -117,15 +118,32 @@ def chance_threshold(
 
 
 # ------------------------------------------------------------------------------- candidates
-def candidate_classes(head_maps: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(classes (V, n) int64, values (V, n)): per variable the n classes with the largest
-    sensitivity, largest first (ties: lower class index first). head_maps: (V, C)."""
+def candidate_classes(
+    head_maps: np.ndarray, n: int, valid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(classes (V, n) int64, values (V, n)): per variable the n valid classes with the
+    largest sensitivity, largest first (ties: lower class index first). head_maps: (V, C);
+    valid: (C,) bool, the classes not flagged (default all); ValueError when fewer than n are
+    valid."""
     if head_maps.ndim != 2 or not 1 <= n <= head_maps.shape[1]:
         raise ValueError(
             f"need classification-layer maps (variables, classes) and 1 <= n <= classes; got "
             f"shape {head_maps.shape}, n = {n}"
         )
-    order = np.argsort(-head_maps, axis=1, kind="stable")[:, :n]
+    if valid is None:
+        valid = np.ones(head_maps.shape[1], dtype=bool)
+    valid = np.asarray(valid, dtype=bool)
+    if valid.shape != head_maps.shape[1:]:
+        raise ValueError(f"valid has shape {valid.shape}, the classes {head_maps.shape[1:]}")
+    if np.count_nonzero(valid) < n:
+        raise ValueError(
+            f"n = {n} candidate classes but only {np.count_nonzero(valid)} of "
+            f"{head_maps.shape[1]} classes have valid (unflagged) sensitivities; lower n"
+        )
+    order = np.argsort(-head_maps, axis=1, kind="stable")
+    # A second stable sort moves the valid classes first, keeping their order.
+    order = np.take_along_axis(order, np.argsort(~valid[order], axis=1, kind="stable"), axis=1)
+    order = order[:, :n]
     return order.astype(np.int64), np.take_along_axis(head_maps, order, axis=1)
 
 
@@ -278,11 +296,15 @@ def evaluate_single_class(
     layer_root: nn.Module | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    valid: Mapping[str, np.ndarray] | None = None,
+    head_valid: np.ndarray | None = None,
 ) -> SingleClassResult:
     """Self-masking Jaccard indices of every augmentation variable (module docstring).
 
-    maps: {masked layer: (G, *u)} in [0, 1] (``masking.sensitivity_maps``) for the G
-    ``variables``; head_maps: (G, C) the same value type at the classification layer;
+    maps: {masked layer: (G, *u)} in [0, 1] and valid: {masked layer: (*u) bool}
+    (``masking.sensitivity_maps``; None: every unit) for the G ``variables``; head_maps:
+    (G, C) the same value type at the classification layer, head_valid: (C,) bool its
+    unflagged classes, the only possible candidates (None: all);
     augmentations: the variables to analyse (default: every variable that is an
     augmentation); images, labels: the probe (class-balanced: s = images / C per class);
     n: candidate classes and predictions compared (n < C). Every rank must call it (DDP).
@@ -313,10 +335,10 @@ def evaluate_single_class(
     threshold = chance_threshold(n_classes, max(1, round(inputs.n_images / n_classes)), n,
                                  trials, seed)
     index = [variables.index(v) for v in chosen]
-    classes, scores = candidate_classes(head_maps[index], n)
+    classes, scores = candidate_classes(head_maps[index], n, head_valid)
     quantiles = sorted({c.q for c in configs if c.kind == "quantile"})
     masks = prepare_masks(model, maps, variables, chosen, (inputs.height, inputs.width),
-                          quantiles, ties, layer_root)
+                          quantiles, ties, layer_root, valid)
     network = MaskedNetwork(model, list(maps), reuse_prefix, layer_root)
     device = next(model.parameters()).device
     candidates = torch.zeros(len(chosen), n_classes, dtype=torch.bool, device=device)

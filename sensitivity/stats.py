@@ -7,12 +7,15 @@
   the unit covariates mean, variance and CV (``correlation_statistics``).
 - Linear discriminant analysis of channel maps by variable (``lda_statistics``).
 
+Correlation and LDA leave out the units the analysis flagged (``AnalysisResult.flags``): their
+raw indices can be anything (1e16, -25) and would dominate ranks and features.
+
 The array functions (``paired_differences``, ``signed_rank_test``, ``by_correction``,
-``spearman_by_position``, ``map_correlations``, ``lda_channel_maps``) are pure numpy/scipy/
-scikit-learn; the ``*_statistics`` functions read an analysis from a results file and write their
-result next to it (``ResultsStore.write_group``: /wilcoxon, /correlation, /lda, one subgroup
-per layer (and value type); layout in docs/RESULTS_FORMAT.md); ``read_tree`` reads them back.
-No Lightning, no wandb.
+``spearman_by_position``, ``map_correlations``, ``lda_samples``, ``lda_channel_maps``) are
+pure numpy/scipy/scikit-learn; the ``*_statistics`` functions read an analysis from a results
+file and write their result next to it (``ResultsStore.write_group``: /wilcoxon, /correlation,
+/lda, one subgroup per layer (and value type); layout in docs/RESULTS_FORMAT.md);
+``read_tree`` reads them back. No Lightning, no wandb.
 """
 
 from __future__ import annotations
@@ -367,6 +370,11 @@ def contrast_statistics(
 
 
 # ----------------------------------------------------------------------------- correlation
+# Fewer units than this at a position leave the correlation undefined there: with two the
+# Spearman correlation is always +-1, which says nothing about the maps.
+MIN_CORRELATION_UNITS = 3
+
+
 def _as_positions(maps: np.ndarray) -> np.ndarray:
     """(V, C, *spatial) or (V, C) -> (V, C, P): units along axis 1, positions along axis 2."""
     maps = np.asarray(maps, dtype=np.float64)
@@ -375,29 +383,57 @@ def _as_positions(maps: np.ndarray) -> np.ndarray:
     return maps.reshape(maps.shape[0], maps.shape[1], -1)
 
 
-def _standard_ranks(maps: np.ndarray) -> np.ndarray:
-    """Average ranks along axis 1, centred and scaled to unit norm (NaN where constant/NaN)."""
-    ranks = sps.rankdata(maps, axis=1)
-    ranks -= ranks.mean(axis=1, keepdims=True)
+def _unit_mask(valid: np.ndarray | None, unit_shape: tuple[int, ...]) -> np.ndarray:
+    """(*u) bool: the units that take part (``valid``; every unit when None)."""
+    if valid is None:
+        return np.ones(unit_shape, dtype=bool)
+    valid = np.asarray(valid, dtype=bool)
+    if valid.shape != tuple(unit_shape):
+        raise ValueError(f"valid has shape {valid.shape}, the maps' units {tuple(unit_shape)}")
+    return valid
+
+
+def _standard_ranks(maps: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Average ranks along axis 1 among each position's valid units, centred and scaled to
+    unit norm, 0 at the other units.
+
+    maps: (V, C, P); valid: (C, P) bool. Returns (V, C, P) float64, NaN over a whole position
+    where fewer than MIN_CORRELATION_UNITS units are valid, a valid value is not finite, or the
+    valid values are constant.
+    """
+    # Excluded units rank above every finite value, so the valid ones get the ranks 1..n they
+    # have among themselves (a valid +inf would tie with them, but is undefined anyway).
+    ranks = sps.rankdata(np.where(valid, maps, np.inf), axis=1)
+    count = valid.sum(axis=0)  # (P,)
+    ranks = np.where(valid, ranks - (count + 1) / 2, 0.0)
     norm = np.sqrt((ranks * ranks).sum(axis=1, keepdims=True))
+    finite = np.all(np.isfinite(maps) | ~valid, axis=1, keepdims=True)
+    defined = finite & (norm > 0) & (count >= MIN_CORRELATION_UNITS)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(norm > 0, ranks / norm, np.nan)
+        return np.where(defined, ranks / norm, np.nan)
 
 
-def spearman_by_position(x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+def spearman_by_position(
+    x: np.ndarray, y: np.ndarray | None = None, valid: np.ndarray | None = None
+) -> np.ndarray:
     """Spearman correlation across units at every position, between every map of ``x`` and
     every map of ``y`` (default ``x``).
 
-    x: (V, C, *spatial) or (V, C); y: (W, C, *spatial) or (W, C). The correlation runs over
+    x: (V, C, *spatial) or (V, C); y: (W, C, *spatial) or (W, C); valid: (C, *spatial) bool,
+    the units that take part (default all; ``AnalysisResult.valid``). The correlation runs over
     axis 1 (channels of a conv map; all units of a channel-mean or fully connected layer) at
-    each spatial position. Returns (V, W, P) with P = prod(spatial) (1 without spatial axes):
-    Pearson correlation of average ranks, i.e. scipy.stats.spearmanr; NaN where a map is
-    constant or not finite across units at that position (as spearmanr).
+    each spatial position, over the units valid there. Returns (V, W, P) with P =
+    prod(spatial) (1 without spatial axes): Pearson correlation of average ranks, i.e.
+    scipy.stats.spearmanr of the valid units; NaN where a map is constant or not finite across
+    them, or fewer than MIN_CORRELATION_UNITS units are valid at that position.
     """
-    rx = _standard_ranks(_as_positions(x))
-    ry = rx if y is None else _standard_ranks(_as_positions(y))
-    if rx.shape[1:] != ry.shape[1:]:
-        raise ValueError(f"maps of shape {rx.shape[1:]} and {ry.shape[1:]} do not match")
+    px = _as_positions(x)
+    py = px if y is None else _as_positions(y)
+    if px.shape[1:] != py.shape[1:]:
+        raise ValueError(f"maps of shape {px.shape[1:]} and {py.shape[1:]} do not match")
+    mask = _unit_mask(valid, np.shape(x)[1:]).reshape(px.shape[1:])
+    rx = _standard_ranks(px, mask)
+    ry = rx if y is None else _standard_ranks(py, mask)
     return np.clip(np.einsum("vcp,wcp->vwp", rx, ry), -1.0, 1.0)
 
 
@@ -407,13 +443,16 @@ class MapCorrelation:
 
     variables: (V, V) between the variables' maps; covariates: (V, K) between each variable's
     map and each covariate map; n_positions: positions averaged (P); defined: (V, V) positions
-    where the variable correlation was defined (not constant).
+    where the variable correlation was defined (enough valid units, not constant);
+    valid_units: the units the correlations ran over (valid units at positions with at least
+    MIN_CORRELATION_UNITS valid units).
     """
 
     variables: np.ndarray
     covariates: np.ndarray
     n_positions: int
     defined: np.ndarray
+    valid_units: int
 
 
 def _position_mean(values: np.ndarray) -> np.ndarray:
@@ -423,16 +462,20 @@ def _position_mean(values: np.ndarray) -> np.ndarray:
     return np.divide(total, count, out=np.full(count.shape, np.nan), where=count > 0)
 
 
-def map_correlations(maps: np.ndarray, covariates: np.ndarray | None = None) -> MapCorrelation:
+def map_correlations(
+    maps: np.ndarray, covariates: np.ndarray | None = None, valid: np.ndarray | None = None
+) -> MapCorrelation:
     """Spearman correlations of a layer (METHOD.md 10), averaged over spatial positions.
 
     maps: (V, *u) one map per variable; covariates: (K, *u) maps of unit covariates (mean,
-    variance, CV) or None. For a conv map u = (C, H, W) the correlation runs across the C
-    channels at each of the H*W positions and is averaged over positions where it is defined;
-    for u = (C,) or (F,) it runs across all units.
+    variance, CV) or None; valid: (*u) bool, the units whose values mean something (default
+    all): flagged units take part in no correlation. For a conv map u = (C, H, W) the
+    correlation runs across the channels valid at each of the H*W positions and is averaged
+    over positions where it is defined; for u = (C,) or (F,) it runs across the valid units.
     """
     maps = np.asarray(maps, dtype=np.float64)
-    per_position = spearman_by_position(maps)
+    mask = _unit_mask(valid, maps.shape[1:])
+    per_position = spearman_by_position(maps, valid=mask)
     if covariates is None:
         against = np.empty((maps.shape[0], 0))
     else:
@@ -441,12 +484,15 @@ def map_correlations(maps: np.ndarray, covariates: np.ndarray | None = None) -> 
             raise ValueError(
                 f"covariates have unit shape {covariates.shape[1:]}, maps {maps.shape[1:]}"
             )
-        against = _position_mean(spearman_by_position(maps, covariates))
+        against = _position_mean(spearman_by_position(maps, covariates, mask))
+    by_position = mask.reshape(mask.shape[0], -1)
+    enough = by_position.sum(axis=0) >= MIN_CORRELATION_UNITS
     return MapCorrelation(
         variables=_position_mean(per_position),
         covariates=against,
         n_positions=per_position.shape[-1],
         defined=np.isfinite(per_position).sum(axis=-1),
+        valid_units=int(by_position[:, enough].sum()),
     )
 
 
@@ -494,7 +540,8 @@ def correlation_statistics(
     atomically as /correlation/<name> (docs/RESULTS_FORMAT.md).
 
     values: value types to correlate (default: those of S1, ST, shapley_normalized the
-    analysis has). Returns {"group", "values", "layers"}.
+    analysis has). Units flagged in the analysis (``AnalysisResult.flags``) take part in no
+    correlation (``map_correlations``). Returns {"group", "values", "layers"}.
     """
     store = ResultsStore(results)
     result = store.read_analysis(name)
@@ -505,12 +552,13 @@ def correlation_statistics(
         covariates = _covariates(arrays)
         tree[layer] = {}
         for key in keys:
-            corr = map_correlations(arrays[key], covariates)
+            corr = map_correlations(arrays[key], covariates, result.valid(layer))
             tree[layer][key] = {
                 "variables": corr.variables,
                 "covariates": corr.covariates,
                 "defined_positions": corr.defined.astype(np.int64),
                 "n_positions": np.int64(corr.n_positions),
+                "valid_units": np.int64(corr.valid_units),
             }
     _write(
         store, CORRELATION_GROUP, name, tree, overwrite=overwrite,
@@ -529,7 +577,8 @@ class LdaResult:
     accuracy: (n_repeats * n_folds,) test accuracy of every fold; confusion: (V, V) int64
     counts, true variable x predicted variable, summed over folds and repeats (every sample is
     tested once per repeat); chance: 1 / V; solver: "svd" or "lsqr+shrinkage" (see
-    lda_channel_maps); n_samples = V * C, n_features = H * W.
+    lda_channel_maps); n_channels: channels used (C', see lda_samples); n_samples = V * C',
+    n_features = H * W.
     """
 
     accuracy: np.ndarray
@@ -538,6 +587,7 @@ class LdaResult:
     solver: str
     n_samples: int
     n_features: int
+    n_channels: int
 
     @property
     def mean(self) -> float:
@@ -548,14 +598,51 @@ class LdaResult:
         return float(self.accuracy.std(ddof=1)) if len(self.accuracy) > 1 else 0.0
 
 
+def lda_samples(maps: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """The channel maps LDA classifies, without flagged units: (V, C', H, W) float64.
+
+    maps: (V, C, H, W); valid: (C, H, W) bool, the units whose values mean something (default
+    all). Channels more than half of whose units are flagged are dropped (C' channels stay,
+    for every variable alike, so the classes stay balanced); in the others each flagged unit is
+    replaced by the mean of its channel's valid units in the same map. Dropping the flagged
+    positions instead would keep every channel, but one flagged unit in any channel removes a
+    position from all, which empties the features of sparse layers. ValueError when fewer than
+    2 channels stay.
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    if valid is None:
+        return maps
+    valid = np.asarray(valid, dtype=bool)
+    if valid.shape != maps.shape[1:]:
+        raise ValueError(f"valid has shape {valid.shape}, the maps' units {maps.shape[1:]}")
+    per_channel = valid.reshape(len(valid), -1).sum(axis=1)
+    keep = 2 * per_channel >= valid[0].size
+    if np.count_nonzero(keep) < 2:
+        raise ValueError(
+            f"only {np.count_nonzero(keep)} of {len(valid)} channels have at most half of their "
+            "units flagged; LDA needs at least 2 such channels"
+        )
+    kept, mask = maps[:, keep], valid[keep]
+    total = np.where(mask, kept, 0.0).sum(axis=(2, 3), keepdims=True)
+    mean = total / per_channel[keep][None, :, None, None]
+    return np.where(mask, kept, mean)
+
+
 def lda_channel_maps(
-    maps: np.ndarray, *, n_folds: int = 5, n_repeats: int = 3, seed: int = 0
+    maps: np.ndarray,
+    *,
+    valid: np.ndarray | None = None,
+    n_folds: int = 5,
+    n_repeats: int = 3,
+    seed: int = 0,
 ) -> LdaResult:
     """Can a channel's spatial map tell which variable it belongs to? (METHOD.md 10)
 
-    maps: (V, C, H, W) one sensitivity map per variable of a conv layer. Samples are the V*C
-    (variable, channel) pairs, features the channel's flattened H*W map, labels the variable
-    (balanced: C samples each, chance 1/V). scikit-learn's LinearDiscriminantAnalysis under
+    maps: (V, C, H, W) one sensitivity map per variable of a conv layer; valid: (C, H, W) bool,
+    the units whose values mean something (default all; flagged units are handled by
+    ``lda_samples``). Samples are the (variable, channel) pairs of the C' channels used,
+    features the channel's flattened H*W map, labels the variable (balanced: C' samples each,
+    chance 1/V). scikit-learn's LinearDiscriminantAnalysis under
     RepeatedStratifiedKFold(n_folds, n_repeats, random_state=seed).
 
     Small-sample guard: when the features are at least the training samples minus the classes,
@@ -573,11 +660,12 @@ def lda_channel_maps(
             f"LDA needs conv maps (variables, channels, height, width), got shape {maps.shape}; "
             "analyse the layer with reduction none"
         )
+    maps = lda_samples(maps, valid)
     n_vars, channels = maps.shape[:2]
     if n_vars < 2 or channels < n_folds:
         raise ValueError(
             f"LDA needs >= 2 variables and >= {n_folds} channels (one per fold and variable), "
-            f"got {n_vars} variables x {channels} channels"
+            f"got {n_vars} variables x {channels} channels used"
         )
     if not np.all(np.isfinite(maps)):
         raise ValueError("maps contain NaN or inf; LDA needs finite features")
@@ -599,6 +687,7 @@ def lda_channel_maps(
     return LdaResult(
         accuracy=np.asarray(accuracy), confusion=confusion, chance=1.0 / n_vars,
         solver="lsqr+shrinkage" if shrink else "svd", n_samples=len(y), n_features=x.shape[1],
+        n_channels=channels,
     )
 
 
@@ -614,8 +703,10 @@ def lda_statistics(
 ) -> dict[str, Any]:
     """LDA of analysis ``name``'s conv maps per layer and value type, written atomically as
     /lda/<name> (docs/RESULTS_FORMAT.md). Layers without spatial maps (channel means, fully
-    connected) are skipped; none left is a ValueError. Returns {"group", "values", "layers",
-    "skipped", "accuracy": {layer: {value: (mean, sd)}}, "chance"}.
+    connected) are skipped; none left is a ValueError. Units flagged in the analysis are left
+    out as ``lda_samples`` says; a layer with too few channels left is a ValueError naming it.
+    Returns {"group", "values", "layers", "skipped", "accuracy": {layer: {value: (mean, sd)}},
+    "chance"}.
     """
     store = ResultsStore(results)
     result = store.read_analysis(name)
@@ -633,9 +724,13 @@ def lda_statistics(
     for layer in layers:
         tree[layer], accuracy[layer] = {}, {}
         for key in keys:
-            lda = lda_channel_maps(result.layers[layer][key], n_folds=n_folds,
-                                   n_repeats=n_repeats, seed=seed)
-            tree[layer][key] = {"accuracy": lda.accuracy, "confusion": lda.confusion}
+            try:
+                lda = lda_channel_maps(result.layers[layer][key], valid=result.valid(layer),
+                                       n_folds=n_folds, n_repeats=n_repeats, seed=seed)
+            except ValueError as error:
+                raise ValueError(f"LDA of layer {layer!r} ({key}): {error}") from error
+            tree[layer][key] = {"accuracy": lda.accuracy, "confusion": lda.confusion,
+                                "n_channels": np.int64(lda.n_channels)}
             accuracy[layer][key] = (lda.mean, lda.sd)
             solvers[f"{layer}/{key}"] = lda.solver
     chance = 1.0 / len(result.group_names)

@@ -51,6 +51,8 @@ FORMAT_VERSION = 1
 COMPLETE = "complete"
 WRITING = "writing"
 NONE_INT = -1  # epoch, global_step or seed that is not known (HDF5 attributes cannot be None)
+# Per-layer dataset of unit flags (uint8 codes of sensitivity.estimators.FLAG_*).
+FLAG_DATASET = "flag"
 
 _STR = h5py.string_dtype()
 _TARGET_CHUNK_BYTES = 1 << 20  # activation chunks of about 1 MiB: cheap row-batch reads
@@ -334,7 +336,7 @@ class ResultsStore:
         for layer in result.layers:
             check_name("layer", layer)
         reserved = {"method", "n", "evaluations", "epoch", "global_step", "seconds", "status",
-                    "group_names", "layers", "created"}
+                    "group_names", "layers", "created", "interval", "replicates", "toggles"}
         clash = sorted(reserved & set(attrs or {}))
         if clash:
             raise ValueError(f"attrs {clash} would overwrite standard attributes; rename them")
@@ -350,15 +352,25 @@ class ResultsStore:
                 "group_names": result.group_names,
                 "layers": result.layer_names,
                 "created": _utc_now(),
+                "interval": result.interval,
+                "replicates": int(result.replicates),
             }
+            if result.toggles:
+                standard["toggles"] = np.asarray(
+                    [result.toggles.get(g, NONE_INT) for g in result.group_names], dtype=np.int64
+                )
             for key, value in {**standard, **(attrs or {})}.items():
                 g.attrs[key] = _attr(value)
             for layer, values in result.layers.items():
                 lg = g.create_group(layer, track_order=True)
                 lg.attrs["unit_shape"] = np.asarray(result.unit_shape(layer), dtype=np.int64)
                 lg.attrs["n_constant"] = int(result.n_constant.get(layer, 0))
+                flag = result.flags[layer]
+                lg.attrs["n_valid"] = int(np.count_nonzero(flag == 0))
+                lg.attrs["valid_fraction"] = float(np.mean(flag == 0))
                 for key, array in values.items():
                     lg.create_dataset(key, data=np.asarray(array, dtype=np.float32))
+                lg.create_dataset(FLAG_DATASET, data=flag.astype(np.uint8))
             g.attrs["status"] = COMPLETE
 
     def analyses(self) -> list[str]:
@@ -400,13 +412,20 @@ class ResultsStore:
             g = self._complete_group(f, name)
             layers: dict[str, dict[str, np.ndarray]] = {}
             n_constant: dict[str, int] = {}
+            flags: dict[str, np.ndarray] = {}
             for layer in _python(g.attrs["layers"]):
                 lg = g[layer]
-                layers[layer] = {key: lg[key][()].astype(np.float64) for key in lg}
+                layers[layer] = {
+                    key: lg[key][()].astype(np.float64) for key in lg if key != FLAG_DATASET
+                }
                 n_constant[layer] = int(lg.attrs.get("n_constant", 0))
+                if FLAG_DATASET in lg:
+                    flags[layer] = lg[FLAG_DATASET][()]
+            names = _python(g.attrs["group_names"])
+            toggles = g.attrs.get("toggles")
             return AnalysisResult(
                 method=_python(g.attrs["method"]),
-                group_names=_python(g.attrs["group_names"]),
+                group_names=names,
                 layers=layers,
                 n=int(g.attrs["n"]),
                 evaluations=int(g.attrs["evaluations"]),
@@ -414,6 +433,12 @@ class ResultsStore:
                 epoch=_optional_int(g.attrs["epoch"]),
                 global_step=_optional_int(g.attrs["global_step"]),
                 n_constant=n_constant,
+                flags=flags,
+                interval=_python(g.attrs.get("interval", "")),
+                replicates=int(g.attrs.get("replicates", 1)),
+                toggles={} if toggles is None else {
+                    name: int(c) for name, c in zip(names, toggles, strict=True) if c >= 0
+                },
             )
 
     # ------------------------------------------------------------------------- derived groups

@@ -23,7 +23,7 @@ import torch
 
 import analyze
 from lightning_modules import ImageClassifier
-from sensitivity.designs import SobolDesign
+from sensitivity.engine import EngineConfig, build_design
 from sensitivity.problem import AugmentationProblem
 from sensitivity.store import ResultsStore
 
@@ -124,7 +124,7 @@ def test_two_processes_equal_one_and_store_every_row_once(checkpoint, tmp_path, 
     assert_same_indices(one, two)
     assert two.evaluations == one.evaluations == 160
     problem = AugmentationProblem(1, n_classes=4, images_per_class=2)
-    design = SobolDesign(problem.d, 16, seed=0, groups=problem.group_columns)
+    design = build_design(problem, EngineConfig(method="sobol", n=16, seed=0))
     with h5py.File(ddp / "results.h5", "r") as f:  # follows the external link
         rows = f["activations/sobol"]
         np.testing.assert_array_equal(rows["row_index"][()], np.arange(160))

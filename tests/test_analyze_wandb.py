@@ -23,7 +23,7 @@ from wandb.proto import wandb_internal_pb2
 from wandb_records import assert_sobol_summary_logged, history_row, read_wandb_records
 
 import analyze
-from callbacks.wandb_logging import ARTIFACT_TYPE, STEP_METRIC, wandb_mode
+from callbacks.wandb_logging import ARTIFACT_TYPE, STEP_METRIC, TABLE_COLUMNS, wandb_mode
 from sensitivity import masking
 from sensitivity.store import ResultsStore
 
@@ -75,11 +75,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def sobol_run(tmp_path_factory) -> tuple[Path, str]:
-    """(run directory, printed output) of a tiny Sobol analysis of a random ResNet18."""
+    """(run directory, printed output) of a small Sobol analysis of a random ResNet18: n = 16,
+    enough for the fc units and most layer1 channels to be valid (at n = 4 they are flagged,
+    and single-class and LDA have nothing to work on)."""
     run_dir = tmp_path_factory.mktemp("analysis") / "run"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert cli("sobol", "--output", run_dir, "--n", "4", *COMMON) == 0
+        assert cli("sobol", "--output", run_dir, "--n", "16", *COMMON) == 0
     return run_dir, out.getvalue()
 
 
@@ -92,14 +94,14 @@ def test_sobol_logs_an_offline_run_in_the_run_directory(sobol_run):
     (run,) = [r.run for r in records if r.HasField("run")]
     assert (run.project, run.display_name) == ("augsens", "sobol")
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
-    assert (config["method"], config["n"], config["layers"]) == ("sobol", 4, LAYERS)
+    assert (config["method"], config["n"], config["layers"]) == ("sobol", 16, LAYERS)
     assert step_metrics(records)["sensitivity/*"] == STEP_METRIC
     row = logged_row(records)
     assert row[STEP_METRIC] == -1  # not an epoch of a training run
     summary = ResultsStore(run_dir / "results.h5").read_analysis("sobol").summary()
     assert_sobol_summary_logged(row, summary, LAYERS, directory / "files")
     table = json.loads((directory / "files" / row["sensitivity/sobol/summary"]["path"]).read_text())
-    assert table["columns"] == ["epoch", "layer", "variable", "index", "value"]
+    assert table["columns"] == TABLE_COLUMNS
     assert len(table["data"]) == sum(len(v) for layers in summary.values() for v in layers.values())
     # offline: the results file is not copied into the run as an artifact
     assert not [r for r in records if r.HasField("artifact") and r.artifact.type == ARTIFACT_TYPE]

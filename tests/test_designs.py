@@ -39,8 +39,16 @@ def _contrast_problem() -> AugmentationProblem:
     )
 
 
+# Discrete columns as AugmentationProblem.discrete_columns() gives them: a switch, 3 classes.
+DISCRETE = {0: [0.0, 0.5, 1.0], 4: [0.0, 1 / 3, 2 / 3, 1.0]}
+
 DESIGNS = {
     "sobol": lambda: SobolDesign(6, 16, seed=4),
+    "sobol_replicated_balanced": lambda: SobolDesign(6, 16, seed=4, groups=GROUPS, replicates=4,
+                                                     discrete=DISCRETE),
+    "sobol_random_balanced": lambda: SobolDesign(6, 16, seed=4, sampling="random",
+                                                 discrete=DISCRETE),
+    "shapley_balanced": lambda: ShapleyDesign(6, 12, seed=4, groups=GROUPS, discrete=DISCRETE),
     "sobol_grouped_second_order": lambda: SobolDesign(6, 16, seed=4, groups=GROUPS,
                                                       second_order=True),
     "shapley": lambda: ShapleyDesign(6, 12, seed=4),
@@ -116,11 +124,53 @@ def test_sobol_point_n_without_generating_earlier_points():
     assert elapsed < 0.5, f"rows({start}, {stop}) took {elapsed:.3f} s"
 
 
+def test_every_replicate_is_a_balanced_scrambled_sequence_of_its_own():
+    """R = 4 replicates of 8 points: in each, every column of A and of B puts one point in each
+    eighth of [0, 1) (the first 2^m points of a scrambled Sobol' sequence), and the replicates
+    are independent scrambles, not one sequence cut in four."""
+    design = SobolDesign(5, 32, seed=2, replicates=4)
+    base = design.base_points(0, 32)
+    assert design.replicate_of(0, 32).tolist() == [r for r in range(4) for _ in range(8)]
+    for r in range(4):
+        points = base[8 * r : 8 * (r + 1)]
+        for column in range(10):
+            assert sorted(np.floor(points[:, column] * 8).astype(int)) == list(range(8))
+    one_sequence = SobolDesign(5, 32, seed=2).base_points(0, 32)
+    assert not np.array_equal(base, one_sequence)
+    # A slice spanning two replicates equals the same slice of the whole design.
+    np.testing.assert_array_equal(design.base_points(5, 19), base[5:19])
+
+
+def test_balanced_pairs_replace_only_the_discrete_columns():
+    plain = SobolDesign(6, 16, seed=4, replicates=4)
+    balanced = SobolDesign(6, 16, seed=4, replicates=4, discrete=DISCRETE)
+    a0, b0 = plain.pair_rows(0, 16)
+    a1, b1 = balanced.pair_rows(0, 16)
+    other = [1, 2, 3, 5]
+    np.testing.assert_array_equal(a0[:, other], a1[:, other])
+    np.testing.assert_array_equal(b0[:, other], b1[:, other])
+    # Cell midpoints; the switch (p = 0.5) is on in half of A and of B and differs in half.
+    for values, cells in ((a1[:, 0], 2), (b1[:, 0], 2), (a1[:, 4], 3), (b1[:, 4], 3)):
+        np.testing.assert_allclose(np.modf(values * cells)[0], 0.5)
+    assert (a1[:, 0] < 0.5).sum() == (b1[:, 0] < 0.5).sum() == 8
+    assert ((a1[:, 0] < 0.5) != (b1[:, 0] < 0.5)).sum() == 8
+    with pytest.raises(ValueError, match="increase strictly from 0 to 1"):
+        SobolDesign(6, 16, discrete={0: [0.0, 0.7, 0.5, 1.0]})
+    with pytest.raises(ValueError, match="outside the design's columns"):
+        SobolDesign(6, 16, discrete={6: [0.0, 1.0]})
+
+
 def test_sobol_rejects_n_not_power_of_two():
     with pytest.raises(ValueError, match=r"power of two.*balanced.*use 512 or 1024"):
         SobolDesign(3, 1000)
     with pytest.raises(ValueError, match="at most 2\\^30"):
         SobolDesign(3, 2**31)
+    with pytest.raises(ValueError, match="replicates must be a power of two"):
+        SobolDesign(3, 16, replicates=3)
+    with pytest.raises(ValueError, match="must not exceed n"):
+        SobolDesign(3, 16, replicates=32)
+    with pytest.raises(ValueError, match="unknown sampling"):
+        SobolDesign(3, 16, sampling="halton")
 
 
 def test_shapley_ungrouped_matches_salib_structure():

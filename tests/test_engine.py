@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import h5py
 import numpy as np
@@ -15,9 +16,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sensitivity import gsa
-from sensitivity.designs import SobolDesign
 from sensitivity.engine import (
+    MIN_TOGGLES,
     EngineConfig,
+    SmallSampleWarning,
     VarianceDesign,
     build_design,
     layer_shapes,
@@ -25,11 +27,15 @@ from sensitivity.engine import (
     shard_range,
 )
 from sensitivity.estimators import (
+    FLAG_CONSTANT,
+    FLAG_NEGLIGIBLE,
+    FLAG_UNSUPPORTED,
+    FLAG_VALID,
     ContrastAccumulator,
     PermutationShapleyAccumulator,
 )
 from sensitivity.problem import AugmentationProblem
-from sensitivity.store import ActivationWriter
+from sensitivity.store import ActivationWriter, ResultsStore
 
 SIZE = 16
 AUGS = ["saturation", "grayscale", "brightness", "rolling"]
@@ -143,10 +149,11 @@ def run(problem, probe, model=None, **settings) -> tuple:
 
 
 def test_sobol_equals_gsa_on_the_same_rows_and_ranks_the_augmentations(problem, probe):
-    result, _ = run(problem, probe, method="sobol", n=64, seed=3, batch_rows=50)
-    design = SobolDesign(problem.d, 64, seed=3, groups=problem.group_columns)
+    result, config = run(problem, probe, method="sobol", n=64, seed=3, batch_rows=50)
+    design = build_design(problem, config)
+    assert design.replicates == config.replicates == 16
     Y = direct_outputs(problem, probe, design.rows())
-    expected = gsa.sobol_from_outputs(gsa_problem(problem), Y)
+    expected = gsa.sobol_from_outputs(gsa_problem(problem), Y, replicates=16)
     stats = result.layers["stats"]
     for key in ("S1", "ST", "S1_conf", "ST_conf"):
         np.testing.assert_allclose(stats[key], getattr(expected, key), rtol=1e-10, atol=1e-10)
@@ -166,7 +173,11 @@ def test_shapley_matches_gsa_and_puts_saturation_and_grayscale_on_top(problem, p
     result, _ = run(problem, probe, method="shapley", n=48, seed=1, batch_rows=40)
     design = build_design(problem, EngineConfig(method="shapley", n=48, seed=1))
     X = design.rows()
-    expected = gsa.shapley_from_outputs(gsa_problem(problem), X, direct_outputs(problem, probe, X))
+    # Balanced switch columns can repeat a value between x1 and x2 (the same cell's midpoint):
+    # the trajectories' group orders are given, not read from X.
+    expected = gsa.shapley_from_outputs(
+        gsa_problem(problem), X, direct_outputs(problem, probe, X), design.permutations()
+    )
     stats = result.layers["stats"]
     for key in ("shapley", "shapley_normalized", "shapley_conf"):
         np.testing.assert_allclose(stats[key], getattr(expected, key), rtol=1e-10, atol=1e-12)
@@ -457,3 +468,96 @@ def test_shards_cover_every_block_once():
     for n_blocks, world in [(64, 2), (10, 3), (2, 4)]:
         covered = [b for r in range(world) for b in range(*shard_range(n_blocks, r, world))]
         assert covered == list(range(n_blocks))
+
+
+def test_toggle_counts_are_the_base_points_where_ab_j_differs_from_a(problem, probe):
+    """The counts recorded with the result, recomputed from the decoded rows: group j changes in
+    base point n iff row AB_j decodes to other parameters than row A in group j."""
+    with pytest.warns(SmallSampleWarning, match=r"n = 8 is too small.*use n >= 32"):
+        result, config = run(problem, probe, method="sobol", n=8, seed=5)
+    design = build_design(problem, config)
+    g = len(problem.groups)
+    decoded = problem.decode(design.rows(), SIZE, SIZE)
+    blocks = np.arange(8) * (g + 2)
+    for j, group in enumerate(problem.groups):
+        a, ab = decoded.select(torch.from_numpy(blocks)), decoded.select(
+            torch.from_numpy(blocks + 1 + j)
+        )
+        if group.kind == "augmentation":
+            k = problem.augmentations.index(group.name)
+            changed = a.active[:, k] != ab.active[:, k]
+            for name, value in a.params[group.name].items():
+                moved = value != ab.params[group.name][name]
+                changed |= a.active[:, k] & ab.active[:, k] & moved
+        elif group.kind == "order":
+            changed = (a.order != ab.order).any(1)
+        elif group.kind == "class":
+            changed = a.class_index != ab.class_index
+        else:
+            changed = a.image_index != ab.image_index
+        assert result.toggles[group.name] == int(changed.sum()), group.name
+    # A balanced switch changes in exactly half of the base points at p_on = 0.5.
+    assert result.toggles["grayscale"] == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SmallSampleWarning)
+        big, _ = run(problem, probe, method="sobol", n=32, seed=5)
+    assert min(big.toggles.values()) >= MIN_TOGGLES
+
+
+def test_goda_toggles_and_advice_count_trajectories(problem, probe):
+    with pytest.warns(SmallSampleWarning, match="trajectories"):
+        result, config = run(problem, probe, method="shapley", n=8, seed=1)
+    design = build_design(problem, config)
+    x1, x2 = design.pair_rows(0, 8)
+    expected = problem.changed_groups(x1, x2).sum(0)
+    assert [result.toggles[g] for g in problem.group_names] == expected.tolist()
+    # A balanced switch differs between x1 and x2 in exactly half of the trajectories.
+    assert result.toggles["grayscale"] == 4
+
+
+class PlantedUnits(nn.Module):
+    """(B, 3, H, W) -> (B, 4): a real unit (mean intensity), 1e-9 noise about 0, a "ReLU"
+    active in only 2 rows of the whole design, and 0.5 plus 1e-9 noise (a constant once the
+    hooks store float32).
+
+    The two rows of the sparse unit are the first rows of the first forwarded batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats = nn.Identity()
+        self.fired = 0
+        self.noise = torch.Generator().manual_seed(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        mean = x.mean((1, 2, 3))
+        noise = 1e-9 * torch.randn(2, b, generator=self.noise, dtype=x.dtype)
+        sparse = torch.zeros(b, dtype=x.dtype)
+        if b > 1 and self.fired < 2:
+            take = min(2, b) - self.fired
+            sparse[:take] = 5.0 + mean[:take]
+            self.fired += take
+        return self.stats(torch.stack([mean, noise[0], sparse, 0.5 + noise[1]], 1))
+
+
+@pytest.mark.parametrize("method", ["sobol", "shapley"])
+def test_planted_degenerate_units_are_flagged_and_kept_out_of_summaries(
+    problem, probe, method, tmp_path
+):
+    result, _ = run(problem, probe, model=PlantedUnits(), method=method, n=64, seed=2)
+    flags = result.flags["stats"]
+    assert flags.tolist() == [FLAG_VALID, FLAG_NEGLIGIBLE, FLAG_UNSUPPORTED, FLAG_CONSTANT]
+    key = result.value_keys[0]
+    raw = result.layers["stats"][key]
+    assert np.isfinite(raw).all() and np.abs(raw[:, 2]).max() > 0  # raw values are kept
+    stats = result.layer_statistics(key)
+    for name in ("median", "mean", "p10", "p90"):
+        np.testing.assert_allclose(stats[name][0], raw[:, 0])  # only the valid unit counts
+    assert result.valid_fraction().tolist() == [0.25]
+    path = tmp_path / "results.h5"
+    ResultsStore(path).write_analysis("a", result)
+    with h5py.File(path, "r") as f:
+        assert f["analyses/a/stats/flag"][()].tolist() == flags.tolist()
+        assert f["analyses/a/stats"].attrs["n_valid"] == 1
+    back = ResultsStore(path).read_analysis("a")
+    assert back.flags["stats"].tolist() == flags.tolist()

@@ -12,11 +12,16 @@ import itertools
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sensitivity.estimators import (
+    FLAG_CONSTANT,
+    FLAG_NEGLIGIBLE,
+    FLAG_UNSUPPORTED,
+    FLAG_VALID,
     ContrastAccumulator,
     MomentsAccumulator,
     PermutationShapleyAccumulator,
@@ -50,12 +55,23 @@ def _assert_same(a, b, rtol: float = RTOL) -> None:
             assert x == y, field.name
 
 
+# 40 blocks in 8 replicates of 5 consecutive blocks (a SobolDesign with replicates=8).
+REPLICATES = 8
+REPLICATE_IDS = torch.arange(40) // 5
+
+
 def _make(kind: str):
     """(accumulator factory, outputs (40 blocks), extra update argument or None)."""
     if kind == "sobol":
         return lambda: SobolAccumulator(G, UNITS), _outputs(40, G + 2), None
     if kind == "sobol2":
         return lambda: SobolAccumulator(G, UNITS, second_order=True), _outputs(40, 2 * G + 2), None
+    if kind == "sobol_rep":
+        return (lambda: SobolAccumulator(G, UNITS, replicates=REPLICATES), _outputs(40, G + 2),
+                REPLICATE_IDS)
+    if kind == "sobol2_rep":
+        return (lambda: SobolAccumulator(G, UNITS, True, replicates=REPLICATES),
+                _outputs(40, 2 * G + 2), REPLICATE_IDS)
     if kind == "goda":
         return lambda: ShapleyAccumulator(G, UNITS), _outputs(40, G + 1), _permutations(40)
     if kind == "permutation":
@@ -75,7 +91,8 @@ def _feed(acc, y, extra, bounds) -> None:
             acc.update(y[start:stop], extra[start:stop])
 
 
-KINDS = ["sobol", "sobol2", "goda", "permutation", "contrast", "moments"]
+KINDS = ["sobol", "sobol2", "sobol_rep", "sobol2_rep", "goda", "permutation", "contrast",
+         "moments"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -103,7 +120,7 @@ def _sync_worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {}
-        for kind in ("sobol2", "goda", "moments"):
+        for kind in ("sobol2", "sobol_rep", "goda", "moments"):
             factory, y, extra = _make(kind)
             acc = factory()
             # Uneven shards: rank 0 gets the first 7 blocks.
@@ -125,7 +142,7 @@ def test_two_process_sync_equals_single_process(tmp_path):
     mp.spawn(_sync_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         synced = np.load(tmp_path / f"rank{rank}.npz")
-        for kind in ("sobol2", "goda", "moments"):
+        for kind in ("sobol2", "sobol_rep", "goda", "moments"):
             factory, y, extra = _make(kind)
             acc = factory()
             _feed(acc, y, extra, [0, y.shape[0]])
@@ -280,3 +297,116 @@ def test_update_validates_shapes_and_permutations():
     acc.update(_outputs(2, G + 2))
     with pytest.raises(ValueError, match="differ in groups or units"):
         acc.merge_state(other)
+
+
+def _replicate_reference(y: np.ndarray, replicates: int, second_order: bool, conf: float = 0.95):
+    """Indices and half-widths from R replicates, in plain numpy from the rows.
+
+    y: (n, block_size, U). Per base point the terms of SALib's formulas about the global centres
+    (mu: all rows; m: the A and B rows); the index is the ratio of their means, the half-width
+    Student's t over the R replicate means of (x - S v) / V (the delta method over replicates).
+    """
+    n, g = y.shape[0], G
+    ids = np.arange(n) // (n // replicates)
+    A, B = y[:, 0], y[:, -1]
+    D = y[:, 1 : g + 1] - A[:, None]
+    mu, m = y.mean((0, 1)), (A.mean(0) + B.mean(0)) / 2
+    v = ((A - m) ** 2 + (B - m) ** 2) / 2
+    t = scipy.stats.t.ppf(0.5 + conf / 2, replicates - 1)
+
+    def per_replicate(x: np.ndarray) -> np.ndarray:
+        return np.stack([x[ids == r].mean(0) for r in range(replicates)])
+
+    vr = per_replicate(v)
+    V = vr.mean(0)
+
+    def ratio(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        xr = per_replicate(x)
+        S = xr.mean(0) / V
+        spread = (xr - S * vr[:, None]) / V
+        return S, t * spread.std(0, ddof=1) / np.sqrt(replicates)
+
+    out = {"variance": V, "variance_conf": t * vr.std(0, ddof=1) / np.sqrt(replicates)}
+    out["S1"], out["S1_conf"] = ratio((B - mu)[:, None] * D)
+    out["ST"], out["ST_conf"] = ratio(D**2 / 2)
+    if second_order:
+        BA = y[:, g + 1 : 2 * g + 1]
+        pairs = list(itertools.combinations(range(g), 2))
+        # SALib's z minus (B - mu)(D_j + D_k): S2 = mean(z) / V - S1_j - S1_k as one ratio.
+        z = np.stack([
+            (BA[:, j] - mu) * (A + D[:, k] - mu) - (A - mu) * (B - mu)
+            - (B - mu) * (D[:, j] + D[:, k])
+            for j, k in pairs
+        ], axis=1)
+        s2, s2_conf = ratio(z)
+        out["S2"], out["S2_conf"] = np.zeros((g, g, *y.shape[2:])), np.zeros((g, g, *y.shape[2:]))
+        for p, (j, k) in enumerate(pairs):
+            out["S2"][j, k] = out["S2"][k, j] = s2[p]
+            out["S2_conf"][j, k] = out["S2_conf"][k, j] = s2_conf[p]
+    return out
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_replicate_intervals_equal_an_independent_recomputation(second_order):
+    block_size = 2 * G + 2 if second_order else G + 2
+    y = _outputs(40, block_size, seed=3)
+    replicated = SobolAccumulator(G, UNITS, second_order, replicates=REPLICATES)
+    replicated.update(y, REPLICATE_IDS)
+    r = replicated.compute()
+    expected = _replicate_reference(y.numpy(), REPLICATES, second_order)
+    for key, value in expected.items():
+        np.testing.assert_allclose(getattr(r, key), value, rtol=1e-9, atol=1e-12, err_msg=key)
+    assert r.replicates == REPLICATES and "Student t (7 df)" in r.interval
+    # The indices are the pooled ones: those of one accumulator over the same rows.
+    single = SobolAccumulator(G, UNITS, second_order)
+    single.update(y)
+    s = single.compute()
+    for key in ("S1", "ST", "mean", "variance") + (("S2",) if second_order else ()):
+        np.testing.assert_allclose(getattr(r, key), getattr(s, key), rtol=1e-12, err_msg=key)
+    if not second_order:
+        np.testing.assert_allclose(replicated.moments.var, single.moments.var, rtol=1e-12)
+
+
+def test_replicated_accumulator_validates_its_replicate_ids():
+    acc = SobolAccumulator(G, UNITS, replicates=4)
+    y = _outputs(8, G + 2)
+    with pytest.raises(ValueError, match="pass replicate"):
+        acc.update(y)
+    with pytest.raises(ValueError, match=r"8 ids in \[0, 4\)"):
+        acc.update(y, torch.full((8,), 4))
+    acc.update(y, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    acc.update(y[:2], torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="every replicate needs the same number"):
+        acc.compute()
+    with pytest.raises(ValueError, match="1 replicate"):
+        SobolAccumulator(G, UNITS).update(y, torch.ones(8, dtype=torch.long))
+
+
+def test_degenerate_units_are_flagged_with_the_reason():
+    """Unit 0 varies; unit 1 is 1.0 plus 1e-9 noise (below float32 resolution of its value);
+    unit 2 is 0 except in 2 of the rows; unit 3 is 1e-7 times unit 0 (negligible next to the
+    layer); unit 4 is constant. Flags: valid, negligible, unsupported, negligible, constant,
+    for the Sobol' (with and without replicates) and the Goda accumulators. Raw values stay."""
+    gen = torch.Generator().manual_seed(4)
+
+    def planted(n_blocks: int, block_size: int) -> torch.Tensor:
+        base = torch.randn(n_blocks, block_size, generator=gen, dtype=torch.float64)
+        sparse = torch.zeros_like(base)
+        sparse[3, 0] = 2.0  # an A row
+        sparse[9, -1] = 1.5  # a B row
+        units = [base, 1.0 + 1e-9 * torch.randn(base.shape, generator=gen, dtype=torch.float64),
+                 sparse, 1e-7 * base, torch.full_like(base, 0.3)]
+        return torch.stack(units, dim=-1)
+
+    expected = [FLAG_VALID, FLAG_NEGLIGIBLE, FLAG_UNSUPPORTED, FLAG_NEGLIGIBLE, FLAG_CONSTANT]
+    y = planted(64, G + 2)
+    for replicates in (1, 8):
+        acc = SobolAccumulator(G, (5,), replicates=replicates)
+        acc.update(y, torch.arange(64) // 8 if replicates > 1 else None)
+        r = acc.compute()
+        assert r.flag.tolist() == expected, replicates
+        assert r.valid.tolist() == [True, False, False, False, False]
+        assert r.n_constant == 1 and np.abs(r.ST[:, 2]).max() > 0  # raw values of flagged units
+    goda = ShapleyAccumulator(G, (5,))
+    goda.update(planted(64, G + 1), _permutations(64))
+    assert goda.compute().flag.tolist() == expected

@@ -4,7 +4,8 @@ The results file comes from real runs (a Sobol analysis with full layer1 maps an
 analysis with stored activations, 32 px ResNet18) and the statistics commands, plus masking and
 single-class groups in their stored layout. The page is parsed, its embedded images decoded,
 and it is opened in headless Chromium (Debian package ``chromium``; the test skips where it is
-not installed) and checked to render without console errors.
+not installed) and checked to render without console errors. A synthetic Sobol result with
+flagged units checks that the spread tables are over the valid units only.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 import analyze
+from sensitivity.html_report import top_units
 from sensitivity.masking import MaskingResult, write_masking
 from sensitivity.results import AnalysisResult
 from sensitivity.single_class import ChanceThreshold, SingleClassResult, write_single_class
@@ -128,6 +130,11 @@ def test_report_is_one_self_contained_page_with_every_section(run):
     assert "<td>q0.5 a0, soft</td>" in page and "<td>none</td>" in page  # matched or not
     # The fully connected head has no spatial maps: its top units are a table.
     assert re.search(r"<td class=l>fc</td><td class=l>erasing</td><td class=l>#\d", page)
+    # Spread over valid units, how the half-widths were computed, what the indices rest on.
+    sobol = ResultsStore(run / "results.h5").read_analysis("sobol")
+    assert sobol.interval and f"Half-widths: {sobol.interval}." in page
+    assert "<th>valid units</th>" in page and ">S1 over valid units</h3>" in page
+    assert "<th>base points where it changes (of 8)</th>" in page
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None,
@@ -162,10 +169,11 @@ def test_report_of_an_analysis_without_statistics(tmp_path, capsys):
     store = ResultsStore(results)
     store.write_metadata(model="resnet18", dataset="synthetic", image_size=32, seed=0)
     rng = np.random.default_rng(0)
+    effects = rng.uniform(size=(2, 6)) * 1e4  # variance units: any magnitude
     store.write_analysis("shapley", AnalysisResult(
         "shapley", ["hue", "hflip"],
-        {"layer2": {"shapley_normalized": rng.uniform(size=(2, 6)),
-                    "shapley": rng.uniform(size=(2, 6))}}, n=8, evaluations=24,
+        {"layer2": {"shapley_normalized": rng.uniform(size=(2, 6)), "shapley": effects}},
+        n=8, evaluations=24,
     ))
     out = tmp_path / "html"
     assert analyze.main(["report", "--results", str(results), "--output", str(out)]) == 0
@@ -173,6 +181,12 @@ def test_report_of_an_analysis_without_statistics(tmp_path, capsys):
     page = (out / "index.html").read_text()
     assert "Most specialised units (shapley_normalized)" in page
     assert "Spearman" not in page and "Wilcoxon" not in page and "masking" not in page
+    assert "Second-order" not in page and "where it changes" not in page  # no S2, no toggles
+    # Every unit valid; effects in variance units keep three significant digits.
+    assert '<td><span title="0 constant, 0 unsupported, 0 negligible">100% (6/6)</span>' in page
+    median, p10, p90 = np.percentile(effects[1], [50, 10, 90])
+    assert (f"<td>{median:.3g} [{p10:.3g}, {p90:.3g}]<br><small>mean {effects[1].mean():.3g}"
+            f"</small></td></tr></table>") in page  # no half-widths recorded: no ±
     assert len(images(page)) == len(list(out.glob("*.png"))) == 2
 
 
@@ -184,3 +198,97 @@ def test_report_bad_input_writes_nothing(run, tmp_path, capsys):
     assert "no complete analysis ['missing']" in capsys.readouterr().err
     code = analyze.main(["report", "--results", str(tmp_path / "none.h5"), "--output", str(out)])
     assert code == 2 and not out.exists() and "no results file" in capsys.readouterr().err
+
+
+def without_images(page: str) -> str:
+    """The page's text without its base64 PNGs (which may contain any digit sequence)."""
+    return re.sub(r'data:image/png;base64,[^"]*', "", page)
+
+
+def flagged_sobol_result() -> AnalysisResult:
+    """A Sobol result with second order whose flagged units hold an absurd raw value (1e9).
+
+    "fc": 5 units, unit 4 unsupported; "conv": (2, 1, 2) units, one position negligible;
+    "dead": 3 units, all constant.
+    """
+    rng = np.random.default_rng(1)
+    huge = 1e9
+
+    def layer(shape: tuple[int, ...], flagged: np.ndarray) -> dict[str, np.ndarray]:
+        values = {
+            "S1": rng.uniform(0.05, 0.5, size=(2, *shape)),
+            "ST": rng.uniform(0.5, 0.95, size=(2, *shape)),
+            "S1_conf": rng.uniform(0.02, 0.1, size=(2, *shape)),
+            "ST_conf": rng.uniform(0.02, 0.1, size=(2, *shape)),
+            "S2": rng.uniform(0.02, 0.3, size=(2, 2, *shape)),
+            "S2_conf": rng.uniform(0.02, 0.1, size=(2, 2, *shape)),
+        }
+        for array in values.values():
+            array[..., flagged] = huge
+        return values
+
+    fc_flags = np.array([0, 0, 0, 0, 2], dtype=np.uint8)
+    conv_flags = np.array([[[0, 3]], [[0, 0]]], dtype=np.uint8)
+    return AnalysisResult(
+        "sobol", ["hue", "hflip"],
+        {"fc": layer((5,), fc_flags > 0), "conv": layer((2, 1, 2), conv_flags > 0),
+         "dead": layer((3,), np.ones(3, dtype=bool))},
+        n=64, evaluations=256,
+        flags={"fc": fc_flags, "conv": conv_flags, "dead": np.ones(3, dtype=np.uint8)},
+        interval="delta method over base points, normal quantile (assumes i.i.d. points)",
+        toggles={"hue": 12, "hflip": 40},
+    )
+
+
+def expected_cell(values: np.ndarray, conf: np.ndarray) -> str:
+    """The spread cell of ``values`` (valid units only), computed here from the raw values."""
+    return (f"{np.median(values):.3f} [{np.percentile(values, 10):.3f}, "
+            f"{np.percentile(values, 90):.3f}]<br><small>mean {values.mean():.3f}, "
+            f"±{np.median(conf):.3f}</small>")
+
+
+def test_report_spread_is_over_valid_units_only(tmp_path):
+    result = flagged_sobol_result()
+    store = ResultsStore(tmp_path / "results.h5")
+    store.write_metadata(model="resnet18", dataset="synthetic", image_size=32, seed=0)
+    store.write_analysis("sobol", result)
+    out = tmp_path / "html"
+    assert analyze.main(["report", "--results", str(store.path), "--output", str(out)]) == 0
+    text = without_images((out / "index.html").read_text())
+    fc, conv = result.layers["fc"], result.layers["conv"]
+    conv_valid = result.valid("conv")
+    for key in ("S1", "ST"):
+        for g in range(2):
+            assert expected_cell(fc[key][g, :4], fc[f"{key}_conf"][g, :4]) in text, (key, g)
+            assert expected_cell(conv[key][g][conv_valid],
+                                 conv[f"{key}_conf"][g][conv_valid]) in text, (key, g)
+    # The flagged raw values neither appear nor shift any statistic.
+    assert "e+0" not in text and "1000000000" not in text
+    # Each layer's share of valid units, with the reasons of the others as a tooltip.
+    assert ('<td><span title="0 constant, 1 unsupported, 0 negligible">80% (4/5)</span></td>'
+            in text)
+    assert '<td><span title="0 constant, 0 unsupported, 1 negligible">75% (3/4)</span>' in text
+    assert '<td><span title="3 constant, 0 unsupported, 0 negligible">0% (0/3)</span>' in text
+    assert "n/a [n/a, n/a]" in text  # the all-constant layer has no statistic
+    # Second order: the figure and the table of the pair.
+    assert ">Second-order indices S2</h3>" in text and "sobol_S2.png" in text
+    assert (out / "sobol_S2.png").is_file()
+    pair = expected_cell(fc["S2"][0, 1, :4], fc["S2_conf"][0, 1, :4])
+    assert f"<td class=l>hue:hflip</td><td>{pair}</td>" in text
+    # What the statistics are over, the interval kind and the toggle counts.
+    assert "excluded here but kept, with their raw values and flags, in the results file" in text
+    assert f"Half-widths: {result.interval}." in text
+    assert "<th>base points where it changes (of 64)</th>" in text
+    assert "<td class=l>hue</td><td>12</td><td>fewer than 16: too few terms" in text
+    assert "<td class=l>hflip</td><td>40</td><td></td>" in text
+    # Rankings skip flagged units: unit 4 of fc never ranks, the dead layer has none.
+    for g, variable in enumerate(result.group_names):
+        scores = fc["S1"][g, :4]
+        ranked = ", ".join(f"#{u} ({scores[u]:.3f})" for u in np.argsort(-scores)[:3])
+        assert f"<td class=l>fc</td><td class=l>{variable}</td><td class=l>{ranked}</td>" in text
+    assert "<td class=l>dead</td><td class=l>hue</td><td class=l>no valid unit</td>" in text
+
+
+def test_top_units_rank_missing_scores_last():
+    scores = np.array([[0.1, np.nan, 0.3, 0.3], [np.nan, np.nan, -1.0, 2.0]])
+    assert top_units(scores, 3).tolist() == [[2, 3, 0], [3, 2, 0]]

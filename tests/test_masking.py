@@ -26,6 +26,7 @@ from data import PlantedFactorDataModule
 from lightning_modules import ImageClassifier
 from sensitivity.capture import ActivationCapture
 from sensitivity.engine import EngineConfig, run_analysis
+from sensitivity.estimators import FLAG_CONSTANT, FLAG_NEGLIGIBLE, FLAG_UNSUPPORTED
 from sensitivity.masking import (
     MaskConfig,
     MaskedNetwork,
@@ -36,6 +37,8 @@ from sensitivity.masking import (
     quantile_mask,
     read_masking,
     sensitivity_maps,
+    top_units_mask,
+    write_masking,
 )
 from sensitivity.problem import AugmentationProblem
 from sensitivity.results import AnalysisResult
@@ -118,7 +121,7 @@ def ranks(values: np.ndarray) -> np.ndarray:
 
 def test_masking_hue_units_hurts_hue_inputs_more_than_hflip_or_random_units(planted):
     result, names = planted["result"], planted["result"].group_names
-    maps = sensitivity_maps(result, "ST", LAYERS)
+    maps, _ = sensitivity_maps(result, "ST", LAYERS)
     rng = np.random.default_rng(0)
     variables = ["hue", "hflip", "random_0", "random_1", "random_2"]
     # Rank-transformed maps have no ties, so the q = 0.5 mask selects exactly the top half of
@@ -214,20 +217,136 @@ def test_soft_and_quantile_masks_multiply_the_activations():
             torch.testing.assert_close(capture.pop()["features.6"], function(plain))
 
 
+def flagged_result(shape: tuple[int, ...], seed: int) -> AnalysisResult:
+    """A sobol result of one layer "conv" with ST in [0, 1] for two variables; about a fifth of
+    the units flagged, half of those with the raw ST 1e9 (clipped to 1: the most sensitive)
+    and half with -25 (clipped to 0)."""
+    rng = np.random.default_rng(seed)
+    st = rng.uniform(0.05, 0.95, size=(2, *shape))
+    flags = rng.choice([0, FLAG_CONSTANT, FLAG_UNSUPPORTED, FLAG_NEGLIGIBLE], size=shape,
+                       p=[0.8, 0.05, 0.05, 0.1]).astype(np.uint8)
+    high = (flags > 0) & (rng.random(shape) < 0.5)
+    st[:, high], st[:, (flags > 0) & ~high] = 1e9, -25.0
+    return AnalysisResult("sobol", ["hue", "hflip"], {"conv": {"ST": st}}, n=8,
+                          evaluations=32, flags={"conv": flags})
+
+
+def test_quantile_and_top_units_masks_rank_only_valid_units():
+    result = flagged_result((4, 5, 5), seed=6)
+    maps, valid = sensitivity_maps(result, "ST", ["conv"])
+    m, ok = maps["conv"][0], valid["conv"]
+    np.testing.assert_array_equal(ok, result.flags["conv"] == 0)
+    flagged_high = ~ok & (result.layers["conv"]["ST"][0] == 1e9)  # raw values kept
+    assert flagged_high.sum() > 3 and np.all(m[flagged_high] == 1.0)
+    for q in (0.5, 0.9):
+        selected, tied = quantile_mask(m, q, valid=ok)
+        assert not tied
+        np.testing.assert_array_equal(selected, ok & (m >= np.quantile(m[ok], q)))
+        assert not np.any(selected & ~ok)
+        # Counting the flagged units would select them and move the threshold.
+        assert np.any(quantile_mask(m, q)[0] & flagged_high)
+    # Ties among the valid units only: every valid unit at 0.3, flagged ones at 0 and 1.
+    level = np.where(ok, 0.3, m)
+    strict, tied = quantile_mask(level, 0.5, "strict", ok)
+    assert tied and not strict.any()
+    inclusive, tied = quantile_mask(level, 0.5, "inclusive", ok)
+    assert tied and np.array_equal(inclusive, ok)
+    empty, tied = quantile_mask(m, 0.5, valid=np.zeros_like(ok))
+    assert not empty.any() and not tied
+    top = top_units_mask(m, 10, ok)
+    assert top.sum() == 10 and not np.any(top & ~ok)
+    assert m[top].min() >= m[ok & ~top].max()
+    assert np.any(top_units_mask(m, 10) & flagged_high)
+    with pytest.raises(ValueError, match="only"):
+        top_units_mask(m, int(ok.sum()) + 1, ok)
+
+
+def test_soft_and_quantile_masks_leave_flagged_units_untouched():
+    torch.manual_seed(0)
+    net = TinyNet(4).eval()
+    layers = ["features.2", "features.6"]
+    shapes = layer_output_shapes(net, layers, (SIZE, SIZE))
+    rng = np.random.default_rng(7)
+    # features.2: a full map; features.6: a channel map (C,) broadcast over H and W.
+    maps = {"features.2": rng.random(shapes["features.2"]),
+            "features.6": rng.random(shapes["features.6"][:1])}
+    valid = {layer: rng.random(m.shape) < 0.7 for layer, m in maps.items()}
+    for layer, m in maps.items():
+        # What raw values 1e9 and -25 clip to: 1 would lead every ranking, 0 zero the unit.
+        m[~valid[layer]] = rng.random(np.count_nonzero(~valid[layer])) < 0.5
+    broadcast = {"features.2": shapes["features.2"], "features.6": (16, 1, 1)}
+    x = torch.rand(4, 3, SIZE, SIZE)
+    network = MaskedNetwork(net, layers, reuse_prefix=False)
+    capture = ActivationCapture(net, layers, "none", [])
+    with torch.no_grad(), network, capture:
+        network.forward(x, None)
+        plain = capture.pop()
+        for layer, m in maps.items():  # one layer at a time: its input stays unmasked
+            masks = VariableMasks({layer: m}, broadcast, [0.7], "strict", torch.device("cpu"),
+                                  valid)
+            w = torch.as_tensor(m, dtype=torch.float32).reshape(broadcast[layer])
+            keep = torch.as_tensor(valid[layer]).reshape(broadcast[layer])
+            chosen = valid[layer] & (m >= np.quantile(m[valid[layer]], 0.7))
+            selected = torch.as_tensor(chosen).reshape(broadcast[layer])
+            assert masks.fraction[0.7][layer] == pytest.approx(chosen.mean())
+            a = plain[layer]
+            expected = {
+                MaskConfig("soft"): torch.where(keep, a * w, a),
+                MaskConfig("soft_inverse"): torch.where(keep, a * (1 - w), a),
+                MaskConfig("quantile", 1.5, 0.7): torch.where(selected, 1.5 * a, a),
+            }
+            for config, value in expected.items():
+                network.forward(x, masks.mask(config))
+                torch.testing.assert_close(capture.pop()[layer], value)
+
+
+def test_masking_results_count_valid_units_and_store_them(tmp_path):
+    torch.manual_seed(0)
+    net = TinyNet(4).eval()
+    shapes = layer_output_shapes(net, LAYERS[:2], (SIZE, SIZE))
+    rng = np.random.default_rng(8)
+    maps = {layer: rng.random((1, *shape)) for layer, shape in shapes.items()}
+    valid = {layer: rng.random(shape) < 0.6 for layer, shape in shapes.items()}
+    maps["features.2"][0][valid["features.2"]] = 0.0  # every valid unit tied at the minimum
+    for layer in maps:
+        maps[layer][0][~valid[layer]] = 1.0
+    images = torch.rand(8, 3, SIZE, SIZE)
+    labels = torch.arange(4).repeat_interleave(2)
+    out = evaluate_masking(net, maps, ["v"], images, labels, [], k=1, ties="inclusive",
+                           valid=valid)
+    np.testing.assert_allclose(out.valid_fraction, [valid[layer].mean() for layer in maps])
+    for q, quantile in enumerate(out.quantiles):
+        for i, layer in enumerate(maps):
+            chosen, _ = quantile_mask(maps[layer][0], quantile, "inclusive", valid[layer])
+            assert out.masked_fraction[0, q, i] == pytest.approx(chosen.mean())
+    assert np.all(out.masked_fraction <= out.valid_fraction)
+    # Inclusive ties select every valid unit of features.2 (and nothing flagged): "fully
+    # masked" counts it although 40% of its units stay.
+    np.testing.assert_allclose(out.masked_fraction[0, :, 0], out.valid_fraction[0])
+    assert out.tied[0, :, 0].all() and out.fully_masked_layers == 5
+    store = ResultsStore(tmp_path / "results.h5")
+    write_masking(store, "flagged", out)
+    stored = read_masking(store, "flagged")
+    np.testing.assert_array_equal(stored.valid_fraction, out.valid_fraction)
+    assert stored.fully_masked_layers == 5
+
+
 def test_prefix_reuse_gives_the_accuracies_of_plain_masked_forwards(planted):
-    maps = sensitivity_maps(planted["result"], "ST", LAYERS)
+    maps, valid = sensitivity_maps(planted["result"], "ST", LAYERS)
     images, labels = planted["images"][::8], planted["labels"][::8]  # 8 per class
     runs = {
         reuse: evaluate_masking(planted["net"], maps, planted["result"].group_names, images,
                                 labels, ["hue", "hflip"], mask_variables=["hue", "hflip"], k=1,
-                                problem=planted["problem"], reuse_prefix=reuse)
+                                problem=planted["problem"], reuse_prefix=reuse, valid=valid)
         for reuse in (True, False)
     }
     assert runs[True].prefix_reuse.startswith("prefix up to 'features.2'")
     assert runs[False].prefix_reuse == "prefix reuse disabled"
     assert runs[True].acc1.shape == (3, 2, 17)
-    for key in ("acc1", "acc5", "unmasked_acc1", "masked_fraction"):
+    for key in ("acc1", "acc5", "unmasked_acc1", "masked_fraction", "valid_fraction"):
         np.testing.assert_array_equal(getattr(runs[True], key), getattr(runs[False], key))
+    np.testing.assert_array_equal(runs[True].valid_fraction,
+                                  planted["result"].valid_fraction())
 
 
 def test_prefix_split_keeps_a_skip_connection_live():
@@ -330,8 +449,11 @@ def test_callback_writes_masking_of_the_epoch_analysis(tmp_path):
     (result,) = callback.results
     assert result.epoch == 0 and result.analysis == "epoch_0000" and result.value == "ST"
     assert result.inputs == ["original", "hue", "hflip"] and result.layers == LAYERS
-    stored = read_masking(ResultsStore(tmp_path / "sensitivity.h5"), "epoch_0000")
+    store = ResultsStore(tmp_path / "sensitivity.h5")
+    stored = read_masking(store, "epoch_0000")
     np.testing.assert_array_equal(stored.acc1, result.acc1)
+    analysis = store.read_analysis("epoch_0000")
+    np.testing.assert_array_equal(stored.valid_fraction, analysis.valid_fraction()[:3])
     heatmap = tmp_path / "sensitivity" / "epoch_0000_masking_specificity.png"
     assert heatmap.stat().st_size > 0
     record = masking_record(result, heatmap)
@@ -344,21 +466,26 @@ def test_callback_writes_masking_of_the_epoch_analysis(tmp_path):
 # ---------------------------------------------------------------------------------- the CLI
 def write_results(path: Path, small_input: bool = False) -> Path:
     """A results file with a Sobol analysis "sobol" of random maps shaped like ResNet18's
-    default checkpoints at 32 px (stock stem, or the small-input stem's larger maps)."""
+    default checkpoints at 32 px (stock stem, or the small-input stem's larger maps); a tenth
+    of every layer's units flagged, with the raw ST 1e9."""
     model = ImageClassifier("resnet18", num_classes=4, small_input=small_input, image_size=SIZE)
     layers = ["maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"]
     problem = AugmentationProblem(["hue", "hflip"], auxiliaries=("class", "image"), n_classes=4,
                                   images_per_class=2)
     g, rng = len(problem.groups), np.random.default_rng(0)
+    shapes = layer_output_shapes(model, layers, (SIZE, SIZE))
+    flags = {layer: (rng.random(shape) < 0.1).astype(np.uint8) * FLAG_NEGLIGIBLE
+             for layer, shape in shapes.items()}
     layers_maps = {
-        layer: {"S1": rng.random((g, *shape)), "ST": rng.random((g, *shape))}
-        for layer, shape in layer_output_shapes(model, layers, (SIZE, SIZE)).items()
+        layer: {"S1": rng.random((g, *shape)),
+                "ST": np.where(flags[layer] > 0, 1e9, rng.random((g, *shape)))}
+        for layer, shape in shapes.items()
     }
     store = ResultsStore(path)
     store.write_metadata(model="resnet18", dataset="planted:colour", image_size=SIZE, seed=0,
                          problem=problem)
     store.write_analysis("sobol", AnalysisResult("sobol", problem.group_names, layers_maps,
-                                                 n=8, evaluations=48))
+                                                 n=8, evaluations=48, flags=flags))
     return path
 
 
@@ -386,6 +513,15 @@ def test_cli_writes_masking_into_the_results_file(checkpoint, tmp_path, capsys):
     assert out.layers == ["maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
     assert out.acc1.shape == (3, 1, 17) and out.specificity.shape == (2, 1)
     assert out.value == "ST" and out.n_images == 8 and figure.stat().st_size > 0
+    # The flagged units (raw ST 1e9: the largest) are left out of every quantile mask.
+    analysis = ResultsStore(results).read_analysis("sobol")
+    np.testing.assert_allclose(out.valid_fraction, analysis.valid_fraction()[:6])
+    assert 0.85 < out.valid_fraction.min() and out.valid_fraction.max() < 0.95
+    maps, valid = sensitivity_maps(analysis, "ST", out.layers)
+    for q, quantile in enumerate(out.quantiles):
+        for i, layer in enumerate(out.layers):
+            chosen, _ = quantile_mask(maps[layer][0], quantile, valid=valid[layer])
+            assert out.masked_fraction[0, q, i] == pytest.approx(chosen.mean())
 
 
 def test_cli_bad_input_exits_2_and_writes_nothing(checkpoint, tmp_path, capsys):

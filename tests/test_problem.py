@@ -342,3 +342,27 @@ def test_bad_size_and_mismatched_images():
         problem.augment(torch.rand(3, H, W), decoded)
     with pytest.raises(ValueError, match="no group 'hue'"):
         problem.group_index("hue")
+
+
+def test_discrete_columns_are_the_cells_decoding_reads():
+    problem = AugmentationProblem(["erasing", "grayscale", "hue"], p_on={"erasing": 0.3},
+                                  n_classes=3, images_per_class=1)
+    cells = problem.discrete_columns()
+    switches = [problem.switch_columns[a] for a in problem.augmentations]
+    assert cells[switches[0]].tolist() == [0.0, 0.3, 1.0]
+    assert cells[switches[1]].tolist() == [0.0, 0.5, 1.0]
+    order, klass, image = (problem.group_columns[problem.group_index(n)][0]
+                           for n in ("order", "class", "image"))
+    assert len(cells[order]) == 3 * 2 + 1 and len(cells[klass]) == 4
+    assert image not in cells  # one image per class: nothing to balance
+    assert set(cells) == {*switches, order, klass}
+    # Each cell decodes to one value: its midpoint lands in it.
+    midpoints = (cells[klass][:-1] + cells[klass][1:]) / 2
+    rows = np.tile(np.full(problem.d, 0.1), (3, 1))
+    rows[:, klass] = midpoints
+    assert problem.decode(rows, 16, 16).class_index.tolist() == [0, 1, 2]
+    # 12 augmentations: 12! orders, too many cells to balance (and to resolve in float64).
+    everything = AugmentationProblem(list(AUGMENTATIONS))
+    assert everything.group_columns[everything.group_index("order")][0] not in (
+        everything.discrete_columns()
+    )

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from sensitivity.report import heatmap_figure, history_figure, save_heatmaps, save_history
+from sensitivity.report import (
+    heatmap_figure,
+    history_figure,
+    pair_figure,
+    save_heatmaps,
+    save_history,
+)
 from sensitivity.results import AnalysisResult
 
 GROUPS = ["erasing", "sharpness", "rolling", "order"]
@@ -40,28 +46,61 @@ def assert_png(path, min_kb: float = 10) -> None:
     assert image[..., :3].std() > 0.05  # drawn, not a blank canvas
 
 
-def test_heatmap_cells_are_layer_variable_means():
-    figure = heatmap_figure(sobol(epoch=2), "S1")
+def test_heatmap_cells_are_layer_variable_medians_over_valid_units():
+    result = sobol(epoch=2)
+    # A flagged unit with a wild raw value must not move the cells (its raw value stays).
+    result.layers["fc"]["S1"][:, 0] = 1e6
+    result.flags["fc"][0] = 2
+    figure = heatmap_figure(result, "S1")
     ax = figure.axes[0]
-    assert [t.get_text() for t in ax.get_yticklabels()] == list(UNITS)
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "layer1 (100% valid)", "layer4 (100% valid)", "fc (75% valid)"
+    ]
     assert [t.get_text() for t in ax.get_xticklabels()] == GROUPS
-    assert "epoch 2" in ax.get_title() and ax.get_xlabel() == "variable"
+    assert "epoch 2" in ax.get_title() and "median over valid units" in ax.get_title()
     labels = [t.get_text() for t in ax.texts]
     assert len(labels) == len(UNITS) * len(GROUPS)
     assert [labels[i * len(GROUPS) + i] for i in range(len(UNITS))] == ["0.60"] * 3
+    median = np.median(result.layers["fc"]["S1"][1, 1:])
+    assert labels[2 * len(GROUPS) + 1] == f"{median:.2f}"
     assert len(figure.axes) == 2  # the colour bar
+    mean = heatmap_figure(result, "S1", statistic="mean")
+    assert "mean over valid units" in mean.axes[0].get_title()
     with pytest.raises(ValueError, match="per-variable key"):
-        heatmap_figure(sobol(epoch=2), "mean")
+        heatmap_figure(result, "mean")
+    with pytest.raises(ValueError, match="unknown statistic"):
+        heatmap_figure(result, "S1", statistic="mode")
 
 
 def test_save_heatmaps_one_png_per_value_key(tmp_path):
     paths = save_heatmaps(sobol(epoch=None), tmp_path / "figs", name="final")
-    assert [p.name for p in paths] == ["final_S1.png", "final_ST.png"]
-    paths += save_heatmaps(shapley(), tmp_path / "figs")
-    assert [p.name for p in paths[2:]] == ["shapley_shapley_normalized.png",
-                                           "shapley_shapley.png"]
-    for path in paths:
+    assert [(k, p.name) for k, p in paths.items()] == [("S1", "final_S1.png"),
+                                                       ("ST", "final_ST.png")]
+    shapley_paths = save_heatmaps(shapley(), tmp_path / "figs")
+    assert [p.name for p in shapley_paths.values()] == ["shapley_shapley_normalized.png",
+                                                        "shapley_shapley.png"]
+    for path in [*paths.values(), *shapley_paths.values()]:
         assert_png(path)
+
+
+def test_second_order_figure_shows_the_median_s2_and_its_half_width(tmp_path):
+    rng = np.random.default_rng(3)
+    g = len(GROUPS)
+    layers = {}
+    for layer, unit in UNITS.items():
+        s2 = rng.uniform(-0.05, 0.05, (g, g, *unit))
+        s2 = (s2 + s2.swapaxes(0, 1)) / 2
+        s2[0, 1] = s2[1, 0] = 0.3
+        s2[np.arange(g), np.arange(g)] = 0.0
+        layers[layer] = {"S1": rng.uniform(0, 0.2, (g, *unit)), "ST": np.full((g, *unit), 0.4),
+                         "S2": s2, "S2_conf": np.full((g, g, *unit), 0.05)}
+    result = AnalysisResult("sobol", GROUPS, layers, n=16, evaluations=160)
+    paths = save_heatmaps(result, tmp_path, name="final")
+    assert list(paths) == ["S1", "ST", "S2"] and paths["S2"].name == "final_S2.png"
+    assert_png(paths["S2"])
+    figure = pair_figure(result)
+    texts = [t.get_text() for t in figure.axes[0].texts]
+    assert len(texts) == g * (g - 1) and texts[0] == "0.30\n±0.05"  # cell (0, 1)
 
 
 def test_history_over_epochs(tmp_path):
@@ -71,7 +110,9 @@ def test_history_over_epochs(tmp_path):
     assert [ax.get_title() for ax in panels] == list(UNITS)
     line = panels[0].lines[0]
     np.testing.assert_array_equal(line.get_xdata(), [0, 1, 2])
-    np.testing.assert_allclose(line.get_ydata()[0], sobol(0, seed=0).mean_index("ST")[0, 0])
+    np.testing.assert_allclose(
+        line.get_ydata()[0], np.median(sobol(0, seed=0).layers["layer1"]["ST"][0])
+    )
     paths = save_history(results, tmp_path)
     assert [p.name for p in paths] == ["history_S1.png", "history_ST.png"]
     paths += save_history(results, tmp_path, layer="fc", name="fc")

@@ -13,7 +13,8 @@ from torch import nn
 
 import analyze
 from lightning_modules import ImageClassifier
-from sensitivity.masking import ProbeInputs, layer_output_shapes
+from sensitivity.estimators import FLAG_CONSTANT, FLAG_UNSUPPORTED
+from sensitivity.masking import MaskConfig, ProbeInputs, layer_output_shapes, sensitivity_maps
 from sensitivity.problem import AugmentationProblem
 from sensitivity.results import AnalysisResult
 from sensitivity.single_class import (
@@ -73,6 +74,27 @@ def test_jaccard_and_candidates():
     np.testing.assert_array_equal(values, [[0.5, 0.5], [0.9, 0.3]])
 
 
+def test_candidates_are_valid_classes_only():
+    rng = np.random.default_rng(1)
+    st = rng.uniform(0.1, 0.8, size=(2, 6))
+    st[:, 4] = 1e9  # flagged, and what it clips to (1) would lead every ranking
+    st[:, 1] = -25.0
+    flags = np.zeros(6, dtype=np.uint8)
+    flags[4], flags[1] = FLAG_UNSUPPORTED, FLAG_CONSTANT
+    result = AnalysisResult("sobol", ["hue", "hflip"], {"fc": {"ST": st}}, n=8, evaluations=32,
+                            flags={"fc": flags})
+    maps, valid = sensitivity_maps(result, "ST", ["fc"])
+    assert result.layers["fc"]["ST"][0, 4] == 1e9 and maps["fc"][0, 4] == 1.0
+    classes, values = candidate_classes(maps["fc"], 3, valid["fc"])
+    expected = np.argsort(-np.where(flags == 0, st, -np.inf), axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(classes, expected)
+    np.testing.assert_array_equal(values, np.take_along_axis(st, expected, axis=1))
+    assert not np.isin(classes, [1, 4]).any()
+    assert (candidate_classes(maps["fc"], 3)[0][:, 0] == 4).all()  # unflagged: class 4 first
+    with pytest.raises(ValueError, match="only 4 of 6 classes"):
+        candidate_classes(maps["fc"], 5, valid["fc"])
+
+
 class SmallNet(nn.Module):
     """(B, 3, 32, 32) -> 6 logits; ``features.1`` and ``features.4`` are the masked ReLUs."""
 
@@ -126,21 +148,41 @@ def test_self_masking_jaccard_equals_a_direct_computation():
     assert out.matched.shape == (2, 17)
     np.testing.assert_array_equal(out.matched, out.jaccard > out.threshold.threshold)
 
+    # Class 0 (hue's top class) and class 5 (hflip's) flagged: the next valid classes stand in.
+    head_valid = np.array([False, True, True, True, True, False])
+    valid = {layer: np.ones(shape, dtype=bool) for layer, shape in shapes.items()}
+    flagged = evaluate_single_class(net, maps, variables, head, images, labels, n=2, k=2,
+                                    seed=3, configurations=[MaskConfig("soft")], trials=2000,
+                                    valid=valid, head_valid=head_valid)
+    np.testing.assert_array_equal(flagged.candidates, [[2, 4], [4, 3]])
+    np.testing.assert_array_equal(flagged.candidate_scores, [[0.8, 0.2], [0.4, 0.3]])
+    with torch.no_grad():
+        for v, classes in enumerate(flagged.candidates):
+            candidates = torch.zeros(6, dtype=torch.bool)
+            candidates[torch.as_tensor(classes)] = True
+            augmented = jaccard(net(sets[1 + v][0]).topk(2).indices, candidates).mean()
+            assert flagged.jaccard_augmented[v] == pytest.approx(float(augmented), abs=1e-12)
+
 
 # ---------------------------------------------------------------------------------- the CLI
 def write_results(path: Path, layers: list[str]) -> Path:
-    """A results file with a Sobol analysis "sobol" of random maps of ResNet18's ``layers``."""
+    """A results file with a Sobol analysis "sobol" of random maps of ResNet18's ``layers``;
+    class 0 of the head ("fc") flagged with the raw ST 1e9."""
     model = ImageClassifier("resnet18", num_classes=4, small_input=False, image_size=SIZE)
     problem = AugmentationProblem(["hue", "hflip"], auxiliaries=("class", "image"), n_classes=4,
                                   images_per_class=2)
     g, rng = len(problem.groups), np.random.default_rng(0)
     maps = {layer: {"ST": rng.random((g, *shape))}
             for layer, shape in layer_output_shapes(model, layers, (SIZE, SIZE)).items()}
+    flags = {}
+    if "fc" in maps:
+        maps["fc"]["ST"][:, 0] = 1e9
+        flags["fc"] = np.array([FLAG_UNSUPPORTED, 0, 0, 0], dtype=np.uint8)
     store = ResultsStore(path)
     store.write_metadata(model="resnet18", dataset="planted:colour", image_size=SIZE, seed=0,
                          problem=problem)
     store.write_analysis("sobol", AnalysisResult("sobol", problem.group_names, maps, n=8,
-                                                 evaluations=48))
+                                                 evaluations=48, flags=flags))
     return path
 
 
@@ -160,6 +202,7 @@ def test_cli_single_class_and_its_bad_input(checkpoint, tmp_path, capsys):
     assert out.variables == ["hue", "hflip"] and out.layer == "fc" and out.n == 2
     assert out.class_names == ["red", "green", "blue", "yellow"]
     assert out.jaccard.shape == (2, 17) and out.threshold.samples_per_class == 2
+    assert not np.any(out.candidates == 0)  # flagged: its raw 1e9 is no sensitivity
     for name in out.candidate_names[0]:
         assert name in printed
     assert f"threshold {out.threshold.threshold:.5f}" in printed

@@ -21,13 +21,17 @@ import pytest
 import scipy.stats
 
 import analyze
+from sensitivity.estimators import FLAG_CONSTANT, FLAG_NEGLIGIBLE, FLAG_UNSUPPORTED
 from sensitivity.results import AnalysisResult
 from sensitivity.stats import (
     ASYMPTOTIC,
     EXACT,
     PERMUTATION,
     by_correction,
+    correlation_statistics,
     lda_channel_maps,
+    lda_samples,
+    lda_statistics,
     map_correlations,
     read_tree,
     signed_rank_test,
@@ -264,6 +268,91 @@ def test_spearman_equals_scipy_per_position():
         scipy.stats.spearmanr(maps[0, :, 1, 1], maps[3, :, 1, 1]).statistic, abs=1e-12)
 
 
+def test_spearman_leaves_out_flagged_units_per_position():
+    rng = np.random.default_rng(7)
+    c, h, w = 12, 2, 3
+    maps = np.round(rng.normal(size=(3, c, h, w)), 1)  # ties across channels
+    # Map 1 is an increasing function of map 0 on every valid unit: Spearman 1 there. The
+    # flagged units carry raw values that would break it (and rank first / last).
+    maps[1] = 2 * maps[0] + 1
+    valid = rng.random((c, h, w)) < 0.75
+    valid[:4, 0, 1] = True
+    valid[4:, 0, 1] = False  # 4 valid channels at position (0, 1)
+    valid[2:, 1, 2] = False  # 2 valid channels at (1, 2): undefined, like a constant map
+    valid[:2, 1, 2] = True
+    maps[0][~valid], maps[1][~valid] = 1e9, -25.0
+    covariates = rng.normal(size=(2, c, h, w))
+    covariates[:, ~valid] = 1e16
+    per_position = spearman_by_position(maps, valid=valid)
+    against = spearman_by_position(maps, covariates, valid)
+    flat, cflat, mask = maps.reshape(3, c, 6), covariates.reshape(2, c, 6), valid.reshape(c, 6)
+    for p in range(6):
+        units = mask[:, p]
+        for i in range(3):
+            for j in range(3):
+                if units.sum() < 3:
+                    assert np.isnan(per_position[i, j, p])
+                    continue
+                expected = scipy.stats.spearmanr(flat[i, units, p], flat[j, units, p]).statistic
+                assert per_position[i, j, p] == pytest.approx(expected, abs=1e-12), (i, j, p)
+            for k in range(2):
+                if units.sum() >= 3:
+                    expected = scipy.stats.spearmanr(flat[i, units, p], cflat[k, units, p])
+                    assert against[i, k, p] == pytest.approx(expected.statistic, abs=1e-12)
+    defined = np.flatnonzero(mask.sum(axis=0) >= 3)
+    np.testing.assert_allclose(per_position[0, 1, defined], 1.0)
+    # With the flagged units the same maps lose most of their correlation at every position.
+    assert np.all(spearman_by_position(maps)[0, 1] < 0.6)
+    corr = map_correlations(maps, covariates, valid)
+    assert corr.variables[0, 1] == pytest.approx(1.0)
+    assert corr.n_positions == 6 and corr.defined[0, 1] == 5
+    assert corr.valid_units == int(valid.sum()) - 2  # the 2 valid units at (1, 2) are unused
+    # (F,) units: one correlation across the valid units.
+    vector = map_correlations(maps[:, :, 0, 0], valid=valid[:, 0, 0])
+    units = valid[:, 0, 0]
+    assert vector.variables[0, 2] == pytest.approx(scipy.stats.spearmanr(
+        maps[0, units, 0, 0], maps[2, units, 0, 0]).statistic, abs=1e-12)
+    assert vector.valid_units == units.sum()
+    with pytest.raises(ValueError, match="valid has shape"):
+        map_correlations(maps, valid=valid[0])
+
+
+def test_correlation_command_leaves_out_flagged_units(tmp_path):
+    rng = np.random.default_rng(8)
+    variables = ["hue", "hflip", "rotation"]
+    conv = rng.uniform(size=(3, 10, 2, 2))
+    conv[1] = conv[0] ** 2  # monotone in map 0 on every unit: Spearman 1
+    head = rng.uniform(size=(3, 7))
+    head[2] = head[0] + 1
+    flags = {"conv": np.zeros((10, 2, 2), dtype=np.uint8), "head": np.zeros(7, dtype=np.uint8)}
+    flags["conv"][[0, 3], 0, 0] = FLAG_UNSUPPORTED
+    flags["conv"][5, 1, :] = FLAG_NEGLIGIBLE
+    flags["head"][[1, 4]] = FLAG_CONSTANT
+    conv[0][flags["conv"] > 0], conv[1][flags["conv"] > 0] = 1e16, -25.0
+    head[0][flags["head"] > 0], head[2][flags["head"] > 0] = -25.0, 1e16
+    layers = {name: {"ST": maps, "mean": rng.normal(size=maps.shape[1:]),
+                     "var": rng.uniform(size=maps.shape[1:])}
+              for name, maps in (("conv", conv), ("head", head))}
+    store = ResultsStore(tmp_path / "results.h5")
+    store.write_metadata(model="resnet18", dataset="synthetic", image_size=32, seed=0)
+    store.write_analysis("sobol", AnalysisResult("sobol", variables, layers, n=16,
+                                                 evaluations=80, flags=flags))
+    correlation_statistics(store.path, "sobol")
+    tree, _ = read_tree(store.path, "correlation", "sobol")
+    stored = store.read_analysis("sobol")
+    assert stored.layers["conv"]["ST"][0, 0, 0, 0] == pytest.approx(1e16, rel=1e-6)  # kept raw
+    assert tree["conv"]["ST"]["variables"][0, 1] == pytest.approx(1.0)
+    assert tree["head"]["ST"]["variables"][0, 2] == pytest.approx(1.0)
+    assert int(tree["conv"]["ST"]["valid_units"]) == 40 - 4
+    assert int(tree["head"]["ST"]["valid_units"]) == 5
+    np.testing.assert_array_equal(tree["conv"]["ST"]["defined_positions"], 4)
+    valid = stored.valid("conv").reshape(10, 4)
+    st, var = stored.layers["conv"]["ST"].reshape(3, 10, 4), layers["conv"]["var"].reshape(10, 4)
+    expected = np.mean([scipy.stats.spearmanr(st[2, valid[:, p], p], var[valid[:, p], p])
+                        .statistic for p in range(4)])
+    assert tree["conv"]["ST"]["covariates"][2, 1] == pytest.approx(expected, abs=1e-6)
+
+
 def synthetic_sobol(path: Path, rng: np.random.Generator, signal: float = 0.6) -> AnalysisResult:
     """A sobol analysis with planted per-variable spatial patterns in its conv layer."""
     variables = ["hue", "hflip", "rotation", "order"]
@@ -339,6 +428,68 @@ def test_lda_shrinks_when_features_outnumber_samples():
         lda_channel_maps(maps[:, :, 0, 0])
 
 
+def test_lda_samples_drop_mostly_flagged_channels_and_fill_flagged_units():
+    maps = np.arange(2 * 4 * 2 * 2, dtype=np.float64).reshape(2, 4, 2, 2)
+    valid = np.ones((4, 2, 2), dtype=bool)
+    valid[1, 0, 0] = False           # 1 of 4 flagged: filled
+    valid[2, 0, :] = False           # exactly half flagged: kept, filled
+    valid[3].flat[:3] = False        # 3 of 4 flagged: dropped
+    raw = maps.copy()
+    maps[:, ~valid] = 1e9
+    samples = lda_samples(maps, valid)
+    assert samples.shape == (2, 3, 2, 2)
+    np.testing.assert_array_equal(samples[:, 0], raw[:, 0])
+    np.testing.assert_array_equal(samples[:, 1, 0, 0], raw[:, 1].reshape(2, 4)[:, 1:].mean(1))
+    np.testing.assert_array_equal(samples[:, 2, 0], raw[:, 2, 1].mean(1, keepdims=True)
+                                  .repeat(2, axis=1))
+    np.testing.assert_array_equal(samples[:, 2, 1], raw[:, 2, 1])
+    valid[1].flat[1:] = False
+    valid[2, 1, 0] = False
+    with pytest.raises(ValueError, match="only 1 of 4 channels"):
+        lda_samples(maps, valid)
+
+
+def test_lda_leaves_out_flagged_units_that_would_give_the_variable_away():
+    rng = np.random.default_rng(9)
+    g, c, h, w = 2, 40, 5, 5
+    maps = rng.normal(size=(g, c, h, w))  # no planted difference between the variables
+    valid = np.ones((c, h, w), dtype=bool)
+    valid[:, 2, 2] = False
+    valid[:8, :3] = False  # 15 of 25 flagged: these channels are dropped
+    maps[0][~valid] += 1e3  # raw values that would tell the variables apart
+    maps[1][~valid] -= 25.0
+    assert lda_channel_maps(maps, seed=0).mean == 1.0
+    result = lda_channel_maps(maps, valid=valid, seed=0)
+    assert result.n_channels == 32 and result.n_samples == 64 and result.n_features == 25
+    assert result.mean < 0.7 and result.mean - result.chance < 3 * result.sd
+
+
+def test_lda_command_records_channels_and_names_a_layer_without_enough(tmp_path):
+    rng = np.random.default_rng(10)
+    variables = ["hue", "hflip"]
+    shape = (10, 3, 3)
+    flags = {"good": np.zeros(shape, dtype=np.uint8), "sparse": np.zeros(shape, dtype=np.uint8)}
+    flags["good"][:3, 0] = FLAG_NEGLIGIBLE  # 3 of 9 units: channels 0-2 kept
+    flags["good"][3, :2] = FLAG_UNSUPPORTED  # 6 of 9: channel 3 dropped
+    flags["sparse"][1:] = FLAG_CONSTANT  # one channel left
+    layers = {name: {"S1": rng.normal(size=(2, *shape))} for name in flags}
+    store = ResultsStore(tmp_path / "results.h5")
+    store.write_metadata(model="resnet18", dataset="synthetic", image_size=32, seed=0)
+    store.write_analysis("sobol", AnalysisResult("sobol", variables, layers, n=8,
+                                                 evaluations=32, flags=flags))
+    before = digest(store.path)
+    with pytest.raises(ValueError, match=r"layer 'sparse'.*only 1 of 10 channels"):
+        lda_statistics(store.path, "sobol", n_folds=3, n_repeats=1)
+    assert digest(store.path) == before
+    del flags["sparse"], layers["sparse"]
+    store.write_analysis("good", AnalysisResult("sobol", variables, layers, n=8,
+                                                evaluations=32, flags=flags))
+    lda_statistics(store.path, "good", n_folds=3, n_repeats=1)
+    tree, _ = read_tree(store.path, "lda", "good")
+    assert int(tree["good"]["S1"]["n_channels"]) == 9
+    assert tree["good"]["S1"]["confusion"].sum() == 2 * 9
+
+
 def test_lda_command_writes_accuracy_and_confusion(tmp_path, capsys):
     results = tmp_path / "results.h5"
     synthetic_sobol(results, np.random.default_rng(6))
@@ -353,5 +504,6 @@ def test_lda_command_writes_accuracy_and_confusion(tmp_path, capsys):
     accuracy = tree["conv"]["S1"]["accuracy"]
     assert accuracy.shape == (10,) and accuracy.mean() - 0.25 > 3 * accuracy.std(ddof=1)
     assert tree["conv"]["S1"]["confusion"].sum() == 2 * 4 * 40
+    assert int(tree["conv"]["S1"]["n_channels"]) == 40
     assert analyze.main(args) == 2 and "--overwrite" in capsys.readouterr().err
     assert analyze.main([*args, "--overwrite"]) == 0

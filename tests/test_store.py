@@ -43,6 +43,9 @@ def synthetic_result(seed: int = 0, epoch: int | None = 3) -> AnalysisResult:
         method="sobol", group_names=GROUPS, layers=layers, n=64, evaluations=64 * 5,
         seconds=1.5, epoch=epoch, global_step=None if epoch is None else 10 * epoch,
         n_constant={"layer1": 2},
+        flags={"layer1": rng.choice([0, 0, 0, 1, 2, 3], size=(4, 3, 3)).astype(np.uint8)},
+        interval="delta method over 8 replicates, Student t (7 df)", replicates=8,
+        toggles={"erasing": 30, "rolling": 48},
     )
 
 
@@ -74,10 +77,22 @@ def test_round_trip_through_plain_h5py_and_read_analysis(tmp_path):
         np.testing.assert_array_equal(
             g["fc/ST"][()], result.layers["fc"]["ST"].astype(np.float32)
         )
+        # Unit flags, and the counts and share of valid units behind the summaries.
+        assert layer["flag"].dtype == np.uint8
+        np.testing.assert_array_equal(layer["flag"][()], result.flags["layer1"])
+        assert layer.attrs["n_valid"] == np.count_nonzero(result.flags["layer1"] == 0)
+        assert layer.attrs["valid_fraction"] == pytest.approx(
+            np.mean(result.flags["layer1"] == 0)
+        )
+        assert g["fc"].attrs["valid_fraction"] == 1.0
+        assert g.attrs["replicates"] == 8 and "Student t" in g.attrs["interval"]
+        assert list(g.attrs["toggles"]) == [30, 48, -1]  # -1: not counted
 
     back = store.read_analysis("epoch_0003")
     assert back.allclose(result, rtol=F32_RTOL)
     assert back.n_constant == {"layer1": 2, "fc": 0}
+    np.testing.assert_array_equal(back.flags["layer1"], result.flags["layer1"])
+    assert back.toggles == result.toggles and back.replicates == 8
     assert back.layer_names == ["layer1", "fc"] and back.layers["fc"]["S1"].dtype == np.float64
     assert store.read_analysis("final").epoch is None
     assert store.analysis_attrs("epoch_0003")["reduction"] == "none"
@@ -291,8 +306,17 @@ def test_merge_refuses_duplicates_and_gaps(tmp_path):
 def test_analysis_result_validates_and_summarises():
     result = synthetic_result()
     summary = result.summary()
-    assert list(summary) == ["S1", "ST"] and list(summary["S1"]) == ["layer1", "fc"]
-    assert summary["ST"]["fc"]["rolling"] == pytest.approx(result.layers["fc"]["ST"][1].mean())
+    # S2 without S2_conf: the half-width key is summarised only where it exists.
+    assert list(summary) == ["S1", "S1_conf", "ST", "ST_conf", "S2"]
+    assert list(summary["S1"]) == ["layer1", "fc"]
+    assert list(summary["S2"]["fc"]) == ["erasing:rolling", "erasing:order", "rolling:order"]
+    rolling = summary["ST"]["fc"]["rolling"]
+    values = result.layers["fc"]["ST"][1]
+    assert rolling["mean"] == pytest.approx(values.mean())
+    assert rolling["median"] == pytest.approx(np.median(values))
+    assert rolling["p10"] == pytest.approx(np.percentile(values, 10))
+    assert rolling["p90"] == pytest.approx(np.percentile(values, 90))
+    assert rolling["valid_fraction"] == 1.0
     assert result.unit_shape("layer1") == (4, 3, 3) and result.value_keys == ["S1", "ST"]
     fc = result.layers["fc"]
     with pytest.raises(ValueError, match="unknown method"):

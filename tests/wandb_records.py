@@ -49,15 +49,29 @@ def history_row(history: wandb_internal_pb2.HistoryRecord) -> dict:
 
 
 def assert_sobol_summary_logged(row: dict, summary: dict, layers: list[str], files: Path) -> None:
-    """``row`` holds every S1/ST value of ``summary`` ({index: {layer: {variable: value}}}) under
-    its metric key and a PNG heatmap per index, stored under the run's ``files`` folder."""
-    assert set(summary) == {"S1", "ST"}
+    """``row`` holds, for every layer and variable of ``summary`` (``AnalysisResult.summary()``),
+    the median and mean of S1 and ST and the median of their half-widths under their metric
+    keys, each layer's share of valid units, and a PNG heatmap per index, stored under the
+    run's ``files`` folder. NaN (no valid unit) is logged as NaN."""
+    assert set(summary) == {"S1", "S1_conf", "ST", "ST_conf"}
     for key, per_layer in summary.items():
         assert list(per_layer) == layers
+        statistics = ("median",) if key.endswith("_conf") else ("median", "mean")
         for layer, values in per_layer.items():
-            for variable, value in values.items():
-                assert row[metric_key("sobol", layer, variable, key)] == pytest.approx(value)
+            for variable, stats in values.items():
+                for statistic in statistics:
+                    logged = row[f"{metric_key('sobol', layer, variable, key)}/{statistic}"]
+                    assert logged == pytest.approx(stats[statistic], nan_ok=True)
+                fraction = row[f"sensitivity/sobol/{layer}/valid_fraction"]
+                assert fraction == pytest.approx(stats["valid_fraction"])
+    for key in ("S1", "ST"):
         image = row[f"sensitivity/sobol/heatmap/{key}"]
         assert image["_type"] == "image-file"
         with Image.open(files / image["path"]) as png:
             assert png.format == "PNG" and min(png.size) > 200
+
+
+def same_summary(a: object, b: object) -> bool:
+    """Whether two summaries (or history entries) are equal, NaN equal to NaN (a layer without
+    valid units has NaN statistics)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
