@@ -331,10 +331,6 @@ class SmallSampleWarning(UserWarning):
     """N is too small for the problem: a variable changes in too few base points."""
 
 
-# How the moments' half-widths are computed (methods without an index estimator).
-_MOMENT_INTERVAL = "normal approximation over i.i.d. rows"
-
-
 def toggle_counts(problem: AugmentationProblem, design: Design) -> dict[str, int]:
     """{variable: base points (Sobol') or trajectories (Goda) in which it changes}.
 
@@ -746,8 +742,6 @@ def _layer_arrays(
             shapley_conf=main.shapley_conf,
             shapley_normalized_conf=main.shapley_normalized_conf,
         )
-    if method in ("sobol", "shapley"):
-        arrays.update(index_variance=main.variance, index_variance_conf=main.variance_conf)
     elif method == "contrast":
         arrays.update(
             mean_diff=main.mean_diff,
@@ -756,6 +750,8 @@ def _layer_arrays(
             mean_diff_conf=main.mean_diff_conf,
             effect_size_conf=main.effect_size_conf,
         )
+    if method in ("sobol", "shapley"):
+        arrays.update(index_variance=main.variance, index_variance_conf=main.variance_conf)
     arrays.update(_moment_arrays(moments))
     source = moments if main is None else main
     return arrays, source.n_constant, source.flag
@@ -1106,7 +1102,7 @@ def run_analysis(
         layers[layer], n_constant[layer], flags[layer] = _layer_arrays(
             config.method, main, moments
         )
-    first = next(iter(computed.values()))[0]
+    main, moments = next(iter(computed.values()))
     result = AnalysisResult(
         method=config.method,
         group_names=(
@@ -1118,7 +1114,7 @@ def run_analysis(
         seconds=seconds_before + time.perf_counter() - started,
         n_constant=n_constant,
         flags=flags,
-        interval=getattr(first, "interval", _MOMENT_INTERVAL),
+        interval=(moments if main is None else main).interval,
         replicates=config.effective_replicates,
         toggles=toggles,
     )

@@ -17,9 +17,12 @@ memory), while batch means depend on how rows are split between processes. The d
 exact to merge and costs O(G x units) memory. Its half-width is z * sqrt(Var(S)), z the normal
 quantile of ``conf_level`` (SALib reports the same quantity from its bootstrap, and the two agree
 within the bootstrap's noise). The intervals assume i.i.d. blocks: with Monte Carlo base points
-their coverage is nominal; scrambled Sobol' points are not independent, and on Ishigami the
-intervals were 3-6x too wide from N = 1024 on, yet one (S1 of x3) covered only 87% at N = 512.
-Measured figures: docs/PERFORMANCE.md.
+their coverage is nominal; the points of one scrambled Sobol' sequence are not independent, and
+on Ishigami the intervals were 3-6x too wide from N = 1024 on, yet one (S1 of x3) covered only
+87% at N = 512. For such points ``SobolAccumulator(replicates=R)`` keeps the first-moment sums of
+R independently scrambled replicates instead and applies the same delta method to the R
+replicate means, with Student's t (randomised quasi-Monte Carlo): calibrated, and still exact to
+merge. Measured figures: docs/PERFORMANCE.md.
 
 Numerics: Sobol' and moment sums are kept as sums of powers of y - shift, where ``shift`` (per
 unit) is the mean of the first batch an accumulator sees. Raw power sums lose about
@@ -30,11 +33,14 @@ exact arithmetic) before their sums are added, in ``merge_state`` and in the dis
 hand only when their ``shift`` states are equal. The Shapley and contrast sums are built from
 differences of outputs and need no shift.
 
-Degenerate outputs: a unit whose output variance is zero (a dead ReLU) gets index 0 with a 0
-half-width and is flagged in ``result.constant`` and counted in ``result.n_constant``; so does a
-Sobol' unit whose [A; B] variance is zero while some AB rows differ (a sparse map), where every
-index would be a division by zero. A
-non-finite output raises ``ValueError`` naming the unit and the row; it is never propagated.
+Degenerate outputs: every result carries a ``flag`` per unit (FLAG_* below). A unit whose output
+variance is zero (a dead ReLU) gets index 0 with a 0 half-width, FLAG_CONSTANT, and is counted
+in ``result.n_constant``; so does a Sobol' unit whose [A; B] variance is zero while some AB rows
+differ (a sparse map), where every index would be a division by zero. A unit whose index
+normaliser is too imprecise at this N (FLAG_UNSUPPORTED) or negligible (FLAG_NEGLIGIBLE) keeps
+its raw indices, which can be of any size: callers leave flagged units out of summaries and
+rankings. A non-finite output raises ``ValueError`` naming the unit and the row; it is never
+propagated.
 """
 
 from __future__ import annotations
@@ -1113,6 +1119,7 @@ class MomentsResult(_ConstantUnits):
     flag: np.ndarray
     n: int
     conf_level: float
+    interval: str = "normal approximation over the rows (var: from the 4th moment)"
 
 
 class MomentsAccumulator(_ShiftedPowerSums):
@@ -1221,6 +1228,7 @@ class ContrastResult(_ConstantUnits):
     n: int
     conf_level: float
     names: list[str] | None = None
+    interval: str = "normal approximation over probe images"
 
 
 class ContrastAccumulator(Metric):
