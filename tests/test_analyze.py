@@ -59,7 +59,9 @@ def subprocess_env() -> dict[str, str]:
 
 def assert_same_indices(a, b, rtol: float = 1e-6) -> None:
     assert a.layer_names == b.layer_names and a.group_names == b.group_names
+    assert a.toggles == b.toggles and a.interval == b.interval
     for layer, values in a.layers.items():
+        np.testing.assert_array_equal(b.flags[layer], a.flags[layer], err_msg=f"{layer}/flag")
         for key, value in values.items():
             np.testing.assert_allclose(b.layers[layer][key], value, rtol=rtol, atol=1e-7,
                                        err_msg=f"{layer}/{key}")
