@@ -31,11 +31,12 @@ results were written but W&B logging failed.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ from callbacks.wandb_logging import (
     wandb_mode,
 )
 from data import ImageFolderDataModule, PlantedFactorDataModule
-from data.common import first_per_class
+from data.common import SPLITS, first_per_class
 from lightning_modules import ImageClassifier
 from lightning_modules.analysis import (
     RESULTS_FILE,
@@ -71,19 +72,30 @@ from lightning_modules.analysis import (
     one_step_loader,
 )
 from lightning_modules.architectures import build_network
-from lightning_modules.weights import read_weights
+from lightning_modules.weights import (
+    file_sha256,
+    load_tensors,
+    read_weights,
+    state_dict_sha256,
+    weights_file,
+)
 from sensitivity import html_report, masking, single_class, stats
 from sensitivity.augmentations import AUGMENTATIONS
 from sensitivity.capture import classification_layer
 from sensitivity.engine import METHODS, EngineConfig, analysis_attrs, check_inputs
 from sensitivity.problem import AugmentationProblem
-from sensitivity.store import ResultsStore, check_name
+from sensitivity.store import ResultsStore, check_name, provenance
 
 ROOT = Path(__file__).resolve().parent
 PRESETS = ROOT / "configs" / "analyze"
 DEMO_CONFIG = PRESETS / "demo.yaml"
 MASKING_METHODS = ("masking", "single-class")
 INPUT_ERRORS = (ValueError, FileNotFoundError, MisconfigurationException)
+# Strategies that start the other processes from this one (spawn or fork): Lightning returns no
+# predictions from them, so rank zero's results would be written but never reported.
+SPAWNING_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
+# Datamodules a checkpoint's recorded init arguments can rebuild (--data.checkpoint_split).
+DATAMODULES = (PlantedFactorDataModule, ImageFolderDataModule)
 
 
 # ------------------------------------------------------------------------------------ parsing
@@ -137,6 +149,10 @@ def build_parser() -> ArgumentParser:
     _add(p, "data.images_per_class", "--images-per-class", "--images_per_class", type=int,
          default=4, help="probe images per class")
     _add(p, "data.seed", type=int, default=0, help="data seed (planted images, folder choice)")
+    _add(p, "data.checkpoint_split", type=str | None, default=None,
+         help="val | train: the probe the training callback used, probe_set(images_per_class, "
+              "split) of the datamodule recorded in --checkpoint (the other data options are "
+              "not used); default: the probe of the data options")
     # problem
     _add(p, "problem.preset", type=str | None, default=None,
          help="'paper': the published switch semantics and min-max postprocessing")
@@ -191,7 +207,8 @@ def build_parser() -> ArgumentParser:
     # processes
     _add(p, "accelerator", type=str, default="auto", help="Lightning accelerator: auto|cpu|gpu")
     _add(p, "devices", type=int | str, default=1, help="processes per node (auto: all devices)")
-    _add(p, "strategy", type=str, default="auto", help="Lightning strategy: auto|ddp|ddp_spawn")
+    _add(p, "strategy", type=str, default="auto",
+         help="Lightning strategy: auto|ddp (torchrun and SLURM: ddp); spawning ones are refused")
     _add(p, "num_nodes", type=int, default=1, help="nodes (under SLURM/torchrun)")
     _add_masking_options(p)
     _add_wandb_options(p)
@@ -264,6 +281,8 @@ def build_probe(
     With a partition auxiliary the probe is split 0 (train) followed by split 1 (val).
     """
     data, n = cfg.data, cfg.data.images_per_class
+    if data.checkpoint_split is not None:
+        return _checkpoint_probe(cfg, partition)
     if data.root is None and data.source == "folder":
         raise ValueError(
             "this configuration analyses an image folder: pass --data.root <folder with one "
@@ -293,6 +312,49 @@ def build_probe(
     return probe, dm.num_classes, dm.class_names, str(Path(data.root).expanduser())
 
 
+def checkpoint_datamodule(path: Path) -> PlantedFactorDataModule | ImageFolderDataModule:
+    """The datamodule of the fit that saved checkpoint ``path``, rebuilt from the init arguments
+    Lightning records in it ("datamodule_hyper_parameters")."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = load_tensors(path, "checkpoint")
+    recorded = checkpoint.get("datamodule_hyper_parameters") if isinstance(checkpoint, dict) else {}
+    if not recorded:
+        raise ValueError(
+            f"checkpoint {path} records no datamodule (it was not saved by a fit with one, as "
+            f"train.py's are); describe the probe with the --data options instead of "
+            f"--data.checkpoint_split"
+        )
+    # LightningCLI adds private keys (_class_path, _instantiator); the rest are init arguments.
+    arguments = {key: value for key, value in recorded.items() if not key.startswith("_")}
+    for datamodule in DATAMODULES:
+        if set(arguments) <= set(inspect.signature(datamodule).parameters):
+            return datamodule(**arguments)
+    raise ValueError(
+        f"checkpoint {path} records a datamodule analyze.py cannot rebuild "
+        f"({recorded.get('_class_path', sorted(arguments))}); it knows "
+        f"{[d.__name__ for d in DATAMODULES]}: describe the probe with the --data options"
+    )
+
+
+def _checkpoint_probe(cfg: Namespace, partition: bool) -> tuple[torch.Tensor, int, list[str], str]:
+    """``build_probe`` for --data.checkpoint_split: exactly the SensitivityCallback's probe,
+    ``probe_set(images_per_class, split)`` of the training datamodule (train then val with a
+    partition auxiliary)."""
+    split = cfg.data.checkpoint_split
+    if split not in SPLITS:
+        raise ValueError(f"--data.checkpoint_split must be one of {list(SPLITS)}, got {split!r}")
+    if cfg.checkpoint is None:
+        raise ValueError("--data.checkpoint_split takes the probe from the training data recorded "
+                         "in a checkpoint: pass --checkpoint too")
+    dm = checkpoint_datamodule(Path(cfg.checkpoint).expanduser())
+    splits = SPLITS if partition else (split,)
+    probe = torch.cat([dm.probe_set(cfg.data.images_per_class, s)[0] for s in splits])
+    dataset = (f"planted:{dm.factor}" if isinstance(dm, PlantedFactorDataModule)
+               else str(dm.root))
+    return probe, dm.num_classes, dm.class_names, dataset
+
+
 def _weights_classes(arch: str, weights: str, default: int) -> int:
     """Class count of a weights file/enum (its classification head), else ``default``."""
     state, _ = read_weights(arch, weights)
@@ -319,8 +381,8 @@ def build_model(cfg: Namespace, data_classes: int) -> tuple[ImageClassifier, str
         arch = model.hparams.arch
         if cfg.arch is not None and cfg.arch != arch:
             raise ValueError(
-                f"checkpoint {path} holds a {arch}, not a {cfg.arch}: it is a checkpoint of "
-                f"another architecture; drop --arch or pass a {cfg.arch} checkpoint"
+                f"checkpoint {path} holds architecture {arch}, not {cfg.arch}: drop --arch or "
+                f"pass a checkpoint of {cfg.arch}"
             )
         return model, arch, f"checkpoint {path}"
     arch = cfg.arch or "resnet18"
@@ -333,6 +395,16 @@ def build_model(cfg: Namespace, data_classes: int) -> tuple[ImageClassifier, str
     model = ImageClassifier(arch, num_classes=classes, weights=cfg.weights,
                             small_input=cfg.small_input, image_size=cfg.data.image_size)
     return model, arch, model.weights_source
+
+
+def weights_sha256(cfg: Namespace, arch: str, model: nn.Module) -> str:
+    """SHA-256 of the analysed weights: of the --checkpoint or --weights file, else (random
+    initialisation) of the model's state dict."""
+    if cfg.checkpoint is not None:
+        return file_sha256(Path(cfg.checkpoint).expanduser())
+    if cfg.weights is not None:
+        return file_sha256(weights_file(arch, cfg.weights)[0])
+    return state_dict_sha256(model)
 
 
 def build_problem(cfg: Namespace, n_classes: int) -> AugmentationProblem:
@@ -364,6 +436,12 @@ def engine_config(cfg: Namespace) -> EngineConfig:
 
 def prepare(cfg: Namespace, config_text: str) -> tuple[AnalysisModule, nn.Module]:
     """Build and check everything; raises ValueError/FileNotFoundError before any output."""
+    if cfg.strategy.startswith(SPAWNING_STRATEGIES):
+        raise ValueError(
+            f"--strategy {cfg.strategy} is not supported: it starts the processes from this one "
+            f"and Lightning returns no results from them, so nothing would be reported (no "
+            f"summary, no W&B run); use --strategy ddp (or torchrun)"
+        )
     if cfg.store_activations and cfg.checkpoint_every:
         raise ValueError(
             "--store-activations cannot be combined with --checkpoint-every: the raw rows of a "
@@ -371,6 +449,8 @@ def prepare(cfg: Namespace, config_text: str) -> tuple[AnalysisModule, nn.Module
         )
     name = check_name("analysis", cfg.name or cfg.method)
     output = None if cfg.output is None else Path(cfg.output).expanduser()
+    if output is not None:
+        check_output_dir(output)
     if output is not None and not cfg.overwrite:
         store = ResultsStore(output / RESULTS_FILE)
         if store.path.exists() and store.has_analysis(name):
@@ -385,8 +465,14 @@ def prepare(cfg: Namespace, config_text: str) -> tuple[AnalysisModule, nn.Module
     torch.manual_seed(cfg.seed)
     model, arch, weights = build_model(cfg, n_classes)
     problem = build_problem(cfg, n_classes)
-    check_inputs(model, problem, probe, config)
     image = probe[0][0] if isinstance(probe, Dataset) else probe[0]
+    record = provenance(
+        model=arch, weights=weights, weights_sha256=weights_sha256(cfg, arch, model),
+        dataset=dataset, image_size=(int(image.shape[-2]), int(image.shape[-1])), problem=problem,
+    )
+    if output is not None:
+        check_provenance(ResultsStore(output / RESULTS_FILE), record)
+    check_inputs(model, problem, probe, config)
     outputs = AnalysisOutputs(
         name=name,
         output=output,
@@ -394,14 +480,42 @@ def prepare(cfg: Namespace, config_text: str) -> tuple[AnalysisModule, nn.Module
         overwrite=cfg.overwrite,
         store_activations=cfg.store_activations,
         metadata={
-            "model": arch, "weights": weights, "dataset": dataset,
-            "image_size": (int(image.shape[-2]), int(image.shape[-1])), "seed": cfg.seed,
+            "model": arch, "weights": weights, "weights_sha256": record["weights_sha256"],
+            "dataset": dataset, "image_size": record["image_size"], "seed": cfg.seed,
             "config": config_text, "attrs": {"class_names": class_names},
         },
-        analysis_attrs=analysis_attrs(config, problem),
+        # Each analysis describes itself: provenance and its own configuration.
+        analysis_attrs={**analysis_attrs(config, problem), **record, "config": config_text},
         config_text=config_text,
     )
     return AnalysisModule(model, problem, probe, config, outputs), model
+
+
+def check_output_dir(output: Path) -> None:
+    """ValueError when --output, or a folder above it, is an existing file."""
+    for path in (output, *output.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"--output {output}: {path} is a file, not a directory; pass a "
+                                 f"run directory (results go to <directory>/{RESULTS_FILE})")
+            return
+
+
+def check_provenance(store: ResultsStore, record: Mapping[str, Any]) -> None:
+    """ValueError when ``store`` holds analyses of another model, weights, dataset, image size
+    or problem than ``record`` (``provenance()``): its root metadata and /problem describe every
+    analysis in it."""
+    differences = store.provenance_differences(record)
+    if not differences:
+        return
+    hint = ""
+    if record["weights"] == "none" and "weights_sha256" in differences:
+        hint = " (a random initialisation is set by --seed)"
+    raise ValueError(
+        f"{store.path} holds analyses of another model, data or problem: {differences}{hint}. "
+        f"A results file describes one model, dataset, image size and problem: pass another "
+        f"--output (or none, for a new run directory)"
+    )
 
 
 def print_outputs(written: dict[str, Any], name: str, wandb_lines: Sequence[str] = ()) -> None:
@@ -479,8 +593,13 @@ def build_statistics_parser(method: str) -> ArgumentParser:
     """Parser of a method that reads an analysis from a results file (docs/CLI.md)."""
     p = ArgumentParser(
         prog=f"analyze.py {method}",
-        description=f"analyze.py {method} --results RUN/results.h5 --analysis NAME: "
-                    "statistics of a stored analysis, written into the same file.",
+        description=(
+            "analyze.py report --results RUN/results.h5 [--analysis NAME]: a self-contained "
+            "HTML page of the file's analyses (<run directory>/report/index.html and its PNGs)."
+            if method == "report"
+            else f"analyze.py {method} --results RUN/results.h5 --analysis NAME: statistics of "
+            "a stored analysis, written into the same file."
+        ),
     )
     p.add_argument("--method", type=str, default=method, help="the method (given first)")
     _add(p, "results", type=str, required=True, help="results file of a run (results.h5)")
@@ -493,6 +612,8 @@ def build_statistics_parser(method: str) -> ArgumentParser:
         return p
     _add(p, "overwrite", action=ActionYesNo, default=False,
          help="replace statistics of the same analysis already in the file")
+    _add(p, "progress", action=ActionYesNo, default=True,
+         help="the work up front, then a progress bar (terminal) or lines (logs) on stderr")
     _add_wandb_options(p)
     if method == "contrast-stats":
         _add(p, "alpha", type=float, default=0.05,
@@ -521,7 +642,7 @@ def _statistics(method: str, cfg: Namespace) -> tuple[list[str], Record | None]:
     where = f"results file    {Path(cfg.results)}"
     if method == "contrast-stats":
         out = stats.contrast_statistics(cfg.results, cfg.analysis, alpha=cfg.alpha,
-                                        overwrite=cfg.overwrite)
+                                        overwrite=cfg.overwrite, progress=cfg.progress)
         lines = [f"{where}  ({out['group']}: {out['n_pairs']} image pairs)",
                  f"units with BY q < {cfg.alpha} per layer:"]
         lines += [f"  {layer:<14} " + ", ".join(f"{a} {c}" for a, c in counts.items())
@@ -529,7 +650,7 @@ def _statistics(method: str, cfg: Namespace) -> tuple[list[str], Record | None]:
         return lines, lambda: contrast_stats_record(out, cfg.alpha)
     if method == "correlation":
         out = stats.correlation_statistics(cfg.results, cfg.analysis, values=cfg.value_types,
-                                           overwrite=cfg.overwrite)
+                                           overwrite=cfg.overwrite, progress=cfg.progress)
         lines = [f"{where}  ({out['group']}: {', '.join(out['values'])} x "
                  f"{len(out['layers'])} layers)"]
         return lines, lambda: correlation_record(
@@ -537,7 +658,7 @@ def _statistics(method: str, cfg: Namespace) -> tuple[list[str], Record | None]:
         )
     out = stats.lda_statistics(cfg.results, cfg.analysis, values=cfg.value_types,
                                n_folds=cfg.folds, n_repeats=cfg.repeats, seed=cfg.seed,
-                               overwrite=cfg.overwrite)
+                               overwrite=cfg.overwrite, progress=cfg.progress)
     lines = [f"{where}  ({out['group']})", f"LDA accuracy (chance {out['chance']:.3f}):"]
     for layer, values in out["accuracy"].items():
         lines += [f"  {layer:<14} {key} {mean:.3f} +- {sd:.3f}"
@@ -647,7 +768,7 @@ def _run_masking(cfg: Namespace, inputs: dict[str, Any]) -> tuple[list[str], Rec
         inputs["augmentations"], value=inputs["value"], analysis=inputs["name"],
         mask_variables=options.variables, k=options.k, seed=cfg.seed,
         problem=inputs["problem"], ties=options.ties, batch_images=options.batch_images,
-        reuse_prefix=options.reuse_prefix, valid=inputs["valid"],
+        reuse_prefix=options.reuse_prefix, valid=inputs["valid"], progress=cfg.progress,
     )
     store = inputs["store"]
     group = masking.write_masking(store, inputs["output"], out, overwrite=cfg.overwrite)
@@ -685,7 +806,7 @@ def _run_single_class(cfg: Namespace, inputs: dict[str, Any]) -> tuple[list[str]
         problem=inputs["problem"], ties=cfg.masking.ties, trials=cfg.single_class.trials,
         batch_images=cfg.masking.batch_images, reuse_prefix=cfg.masking.reuse_prefix,
         value=inputs["value"], analysis=inputs["name"], layer=head, valid=inputs["valid"],
-        head_valid=head_valid[head],
+        head_valid=head_valid[head], progress=cfg.progress,
     )
     store = inputs["store"]
     group = single_class.write_single_class(store, inputs["output"], out,

@@ -10,6 +10,11 @@ by val/acc1, last.ckpt the final state) and wandb/ (the W&B run: offline, for ``
 unless WANDB_MODE=online or --wandb_project is given). The demo config also analyses the
 network after every epoch with ``callbacks.SensitivityCallback``: sensitivity.h5 (one
 /analyses/epoch_XXXX per epoch), sensitivity_activations/ and sensitivity/*.png.
+
+Settings that cannot work with the data are found before the run directory or the W&B run
+exists: a callback's probe set larger than a split (e.g. the demo's 4 validation images per
+class on a small image folder) or data that cannot be set up exit with status 2 and a message
+naming the option to change; a failed attempt leaves no version directory behind.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -27,7 +33,9 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks import SensitivityCallback
+from callbacks.masking import MaskingCallback
 from lightning_modules import ImageClassifier
+from sensitivity.problem import AugmentationProblem
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -42,6 +50,67 @@ def next_version_dir(parent: Path) -> Path:
         if p.name.removeprefix("version_").isdigit()
     }
     return parent / f"version_{next(n for n in range(len(used) + 1) if n not in used)}"
+
+
+class InputError(ValueError):
+    """Settings or data that cannot work, found before anything is written: train.py exits
+    with status 2 and the message."""
+
+
+def probe_splits(callback: SensitivityCallback | MaskingCallback) -> tuple[str, ...]:
+    """The splits whose classes each give the callback ``images_per_class`` probe images:
+    both with a ``partition`` auxiliary (SensitivityCallback), else the callback's split."""
+    if isinstance(callback, SensitivityCallback):
+        problem = AugmentationProblem.from_config(
+            callback.problem_config, n_classes=1, images_per_class=1
+        )
+        if "partition" in problem.auxiliaries:
+            return ("train", "val")
+    return (callback.split,)
+
+
+def check_probes(callbacks: Sequence[pl.Callback], datamodule: Any) -> None:
+    """InputError when a callback's probe set (``images_per_class`` images of every class of a
+    split) is larger than the data, or the data cannot be set up; a no-op for datamodules
+    without ``class_counts``. Sets the datamodule up (it is set up once: fit reuses it)."""
+    if not hasattr(datamodule, "class_counts"):
+        return
+    for index, callback in enumerate(callbacks):
+        if not isinstance(callback, SensitivityCallback | MaskingCallback):
+            continue
+        for split in probe_splits(callback):
+            try:
+                counts = datamodule.class_counts(split)
+            except ValueError as error:
+                raise InputError(f"the data cannot be used: {error}") from error
+            if min(counts) < callback.images_per_class:
+                last = index == len(callbacks) - 1
+                raise InputError(probe_message(callback, index, last, split, counts, datamodule))
+
+
+def probe_message(
+    callback: SensitivityCallback | MaskingCallback, index: int, last: bool, split: str,
+    counts: list[int], datamodule: Any,
+) -> str:
+    """Why the probe does not fit and the options that fix it: a smaller images_per_class
+    (the most every class has), more images in the split, or no callback."""
+    fewest = min(counts)
+    names = getattr(datamodule, "class_names", None) or [str(c) for c in range(len(counts))]
+    where = f"{type(callback).__name__} (trainer.callbacks[{index}])"
+    fixes = []
+    if fewest >= 1:
+        # On the command line the dotted option changes the last callback of the list.
+        option = (f"--trainer.callbacks.images_per_class={fewest}" if last else
+                  f"init_args.images_per_class: {fewest} of trainer.callbacks[{index}] in the "
+                  f"config")
+        fixes.append(f"lower its images_per_class ({option})")
+    fixes.append(f"give the {split} split more images ({datamodule.more_images_hint(split)})")
+    fixes.append("train without the analysis callbacks (--trainer.callbacks=[])")
+    return (
+        f"{where} takes {callback.images_per_class} probe images of every class from the "
+        f"{split} split, but class {names[counts.index(fewest)]!r} has only {fewest} there; "
+        + "; or ".join(fixes)
+    )
 
 
 def wandb_offline(project: str | None) -> bool:
@@ -78,6 +147,9 @@ class TrainCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         config = self.config.get(str(self.subcommand), self.config)
         trainer_config = self._get(self.config_init, "trainer", default={})
+        if self.subcommand == "fit":
+            # Before the run directory and the W&B run exist: a failed attempt leaves nothing.
+            check_probes(list(trainer_config.get("callbacks") or []), self.datamodule)
         self.run_dir = next_version_dir(Path(config.runs_dir).resolve() / config.run_name)
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         if trainer_config.get("logger") in (None, True):
@@ -180,6 +252,15 @@ def main(args: Sequence[str] | None = None) -> TrainCLI:
         sys.argv[1:] = with_subcommand(sys.argv[1:])
     else:
         args = with_subcommand(args)
+    try:
+        return make_cli(args)
+    except InputError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def make_cli(args: Sequence[str] | None) -> TrainCLI:
+    """The TrainCLI on ``args`` (None: sys.argv), configs/demo.yaml the default config."""
     defaults = {"default_config_files": [str(DEMO_CONFIG)]}
     return TrainCLI(
         ImageClassifier,

@@ -83,6 +83,8 @@ class MaskingCallback(pl.Callback):
         images_per_class, split: the probe set (``datamodule.probe_set``).
         ties: "strict" | "inclusive" (``sensitivity.masking.quantile_mask``).
         batch_images, reuse_prefix, seed: as ``evaluate_masking``.
+        progress: report the image forwards on rank zero (stderr), as ``evaluate_masking``;
+            off by default: the training's own progress bar shares the terminal.
         figures_dir: PNG folder, relative to the run directory.
         output_dir: the run directory; None: ``trainer.default_root_dir``.
     """
@@ -103,6 +105,7 @@ class MaskingCallback(pl.Callback):
         batch_images: int = 16,
         reuse_prefix: bool = True,
         seed: int = 0,
+        progress: bool = False,
         figures_dir: str = "sensitivity",
         output_dir: str | None = None,
     ) -> None:
@@ -135,6 +138,7 @@ class MaskingCallback(pl.Callback):
         self.batch_images = batch_images
         self.reuse_prefix = reuse_prefix
         self.seed = seed
+        self.progress = progress
         self.figures_dir = figures_dir
         self.output_dir = output_dir
         self.results: list[masking.MaskingResult] = []
@@ -211,7 +215,7 @@ class MaskingCallback(pl.Callback):
             analysis=name, mask_variables=self.variables, k=self.k, seed=self.seed,
             problem=problem, ties=self.ties, batch_images=self.batch_images,
             reuse_prefix=self.reuse_prefix, rank=trainer.global_rank,
-            world_size=trainer.world_size, valid=valid,
+            world_size=trainer.world_size, valid=valid, progress=self.progress,
         )
         result.epoch = epoch
         self.results.append(result)

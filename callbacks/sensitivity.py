@@ -10,7 +10,8 @@ Outputs (rank zero), in the run directory (``output_dir``, default ``trainer.def
 which train.py sets to ``runs/<run_name>/version_<n>``):
 
 - ``sensitivity.h5`` (``results_file``): /analyses/epoch_XXXX per analysis (docs/RESULTS_FORMAT.md;
-  attributes epoch and global_step), the root metadata and /problem;
+  attributes epoch, global_step and the provenance, with the SHA-256 of that epoch's state
+  dict), the root metadata and /problem;
 - ``sensitivity_activations/epoch_XXXX.h5`` with ``store_activations``: every design row's
   captured outputs, linked from the results file as /activations/epoch_XXXX;
 - ``sensitivity/`` (``figures_dir``): ``epoch_XXXX_<key>.png`` heatmaps (layers x variables)
@@ -50,6 +51,7 @@ from callbacks.wandb_logging import (
     log_results_artifact,
     wandb_run,
 )
+from lightning_modules.weights import state_dict_sha256
 from sensitivity.engine import (
     EngineConfig,
     analysis_attrs,
@@ -60,7 +62,13 @@ from sensitivity.engine import (
 from sensitivity.problem import PAPER_METHODS, AugmentationProblem
 from sensitivity.report import save_heatmaps, save_history
 from sensitivity.results import PER_VARIABLE_KEYS, AnalysisResult
-from sensitivity.store import ActivationWriter, ResultsStore, check_name, merge_shards
+from sensitivity.store import (
+    ActivationWriter,
+    ResultsStore,
+    check_name,
+    merge_shards,
+    provenance,
+)
 
 # 2: history summaries hold median, p10, p90, mean and valid_fraction per layer and variable.
 STATE_VERSION = 2
@@ -356,10 +364,12 @@ class SensitivityCallback(pl.Callback):
     ) -> None:
         """Rank zero: results file (+ merged activations), PNGs, W&B."""
         store = ResultsStore(self.results_path)
+        metadata = self._metadata(trainer, pl_module)
         if not self._metadata_written:
-            store.write_metadata(problem=self.problem, **self._metadata(trainer, pl_module))
+            store.write_metadata(problem=self.problem, **metadata)
             self._metadata_written = True
-        store.write_analysis(name, result, attrs=self._analysis_attrs(), overwrite=True)
+        store.write_analysis(name, result, attrs=self._analysis_attrs(metadata, pl_module),
+                             overwrite=True)
         if self.store_activations:
             merged = self._activation_file(name, 0, 1)
             if trainer.world_size > 1:
@@ -430,9 +440,18 @@ class SensitivityCallback(pl.Callback):
             },
         }
 
-    def _analysis_attrs(self) -> dict[str, Any]:
+    def _analysis_attrs(
+        self, metadata: Mapping[str, Any], pl_module: pl.LightningModule
+    ) -> dict[str, Any]:
+        """Settings and provenance of one epoch's analysis: the weights change every epoch, so
+        each analysis records the SHA-256 of the state dict it analysed."""
         return {
             **analysis_attrs(self.config, self.problem),
+            **provenance(
+                model=metadata["model"], weights=metadata["weights"],
+                weights_sha256=state_dict_sha256(pl_module), dataset=metadata["dataset"],
+                image_size=metadata["image_size"], problem=self.problem,
+            ),
             "split": self.split,
             "images_per_class": self.images_per_class,
         }

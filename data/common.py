@@ -103,6 +103,19 @@ class LabelledSplitsDataModule(pl.LightningDataModule):
         """(len(idx), 3, S, S) float32 in [0, 1]: the images at ``idx`` of the set-up ``split``."""
         raise NotImplementedError
 
+    def more_images_hint(self, split: str) -> str:
+        """How a user gives ``split`` more images per class, for error messages: the
+        datamodule options (as ``--data.<option>``) or the data to change."""
+        check_split(split)
+        return f"see the options of {type(self).__name__}"
+
+    def class_counts(self, split: str) -> list[int]:
+        """Images of each class in ``split``: num_classes counts, class order (sets up the
+        data first: ValueError for data that cannot be set up)."""
+        check_split(split)
+        self.setup()
+        return torch.bincount(self._labels(split), minlength=self.num_classes).tolist()
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 

@@ -232,3 +232,11 @@ class ImageFolderDataModule(LabelledSplitsDataModule):
     def _images(self, split: str, idx: torch.Tensor) -> torch.Tensor:
         data = self.datasets[split]
         return torch.stack([data[i][0] for i in idx.tolist()])
+
+    def more_images_hint(self, split: str) -> str:
+        check_split(split)
+        change = "raise" if split == "val" else "lower"  # val_fraction moves images to val
+        options = [f"{change} --data.val_fraction (now {self.val_fraction})"]
+        if self.images_per_class is not None:
+            options.append(f"raise --data.images_per_class (now {self.images_per_class})")
+        return f"{', '.join(options)} or add images to the class folders of {self.root}"

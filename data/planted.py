@@ -311,3 +311,7 @@ class PlantedFactorDataModule(LabelledSplitsDataModule):
 
     def _images(self, split: str, idx: torch.Tensor) -> torch.Tensor:
         return self.datasets[split].tensors[0][idx]
+
+    def more_images_hint(self, split: str) -> str:
+        check_split(split)
+        return f"raise --data.{split}_per_class (now {self.per_class[split]})"

@@ -1,7 +1,7 @@
 """AnalysisModule: Lightning launches the processes, ``sensitivity.engine`` does the analysis.
 
 ``trainer.predict(AnalysisModule(...), dataloaders=one_step_loader())`` runs one predict step
-per process. Lightning's strategy (ddp, ddp_spawn, torchrun, SLURM) starts the processes, sets
+per process. Lightning's strategy (ddp, torchrun, SLURM) starts the processes, sets
 their device and the process group; each process calls ``run_analysis`` on its shard of the
 design, the accumulators' sync gives every process the global result, and rank zero writes the
 results file, the heatmaps and (with activation storage) the merged activation file.
@@ -51,8 +51,10 @@ class AnalysisOutputs:
     name: analysis name (/analyses/<name>, file names). output: run directory, or None for
     ``<runs_dir>/analysis/<name>/version_<n>`` (chosen by rank zero, broadcast to the others).
     metadata: keyword arguments of ``ResultsStore.write_metadata`` (model, dataset, image_size,
-    seed, config, weights, attrs). analysis_attrs: extra attributes of the analysis group.
-    config_text: the run's configuration, also saved as ``config.yaml`` in the run directory.
+    seed, config, weights, weights_sha256, attrs). analysis_attrs: extra attributes of the
+    analysis group. config_text: the run's configuration, saved as ``config.yaml`` in the run
+    directory with the results (never before: a refused or killed run leaves the folder's
+    config.yaml that of its results and of any pending resume state).
     """
 
     name: str
@@ -109,8 +111,6 @@ class AnalysisModule(pl.LightningModule):
             else:
                 parent = Path(self.outputs.runs_dir) / "analysis" / self.outputs.name
                 chosen = next_version_dir(parent)
-            if self.outputs.config_text:
-                (chosen / "config.yaml").write_text(self.outputs.config_text)
             print(f"analysing into {chosen}", flush=True)
         return Path(self.trainer.strategy.broadcast(str(chosen) if chosen else None, src=0))
 
@@ -161,7 +161,7 @@ class AnalysisModule(pl.LightningModule):
         return written
 
     def _store(self, run_dir: Path, result: Any, world_size: int) -> dict[str, Any]:
-        """Rank zero: activations (merged), results file, heatmaps."""
+        """Rank zero: activations (merged), results file, config.yaml, heatmaps."""
         name, out = self.outputs.name, self.outputs
         store = ResultsStore(run_dir / RESULTS_FILE)
         activations = None
@@ -177,6 +177,8 @@ class AnalysisModule(pl.LightningModule):
         store.write_analysis(name, result, attrs=out.analysis_attrs, overwrite=out.overwrite)
         if activations is not None:
             store.add_activations(name, activations, overwrite=out.overwrite)
+        if out.config_text:
+            (run_dir / "config.yaml").write_text(out.config_text)
         figures = save_heatmaps(result, run_dir / "figures", name)
         return {
             "results": str(store.path),

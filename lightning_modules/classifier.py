@@ -20,7 +20,12 @@ from lightning_modules.architectures import (
     has_small_input_variant,
     make_small_input,
 )
-from lightning_modules.weights import load_network_state, read_weights
+from lightning_modules.weights import (
+    CORRUPT_FILE_ERRORS,
+    load_network_state,
+    read_weights,
+    unreadable_file,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -155,8 +160,10 @@ class ImageClassifier(pl.LightningModule):
         """Restore a module saved by Lightning (e.g. by ``train.py``'s ModelCheckpoint).
 
         Reads with ``torch.load(weights_only=True)`` by default (Lightning checkpoints of this
-        module hold only tensors and primitive types). The ``weights`` hyperparameter is kept
-        as a record but not read: the checkpoint already holds every parameter.
+        module hold only tensors and primitive types); a file that cannot be read that way
+        (random or damaged bytes, other pickled objects) is a ValueError naming it. The
+        ``weights`` hyperparameter is kept as a record but not read: the checkpoint already
+        holds every parameter.
         """
         token = _RESTORING_CHECKPOINT.set(True)
         try:
@@ -168,6 +175,8 @@ class ImageClassifier(pl.LightningModule):
                 weights_only=weights_only,
                 **kwargs,
             )
+        except CORRUPT_FILE_ERRORS:
+            raise unreadable_file(checkpoint_path, "checkpoint") from None
         finally:
             _RESTORING_CHECKPOINT.reset(token)
 

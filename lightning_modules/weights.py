@@ -6,10 +6,14 @@ stores them (``<torch.hub.get_dir()>/checkpoints/<file name of the weights URL>`
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
+import struct
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -18,6 +22,57 @@ from torch import nn
 
 # Suffixes that mark a weights argument as a file path rather than an enum name.
 _FILE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".safetensors"}
+# What torch.load(weights_only=True) raises on bytes that are no torch file (random or damaged
+# data, or pickled objects other than tensors and plain values); a truncated zip archive is a
+# RuntimeError (ambiguous in a checkpoint load: also a state-dict mismatch, so not listed).
+CORRUPT_FILE_ERRORS = (pickle.UnpicklingError, EOFError, IndexError, UnicodeDecodeError,
+                       struct.error)
+_HASH_BLOCK = 1 << 20
+
+
+def unreadable_file(path: str | os.PathLike, what: str) -> ValueError:
+    """The error for a ``what`` ("checkpoint", "weights file") that torch cannot read safely.
+
+    torch's own message advises ``weights_only=False``, which would run code stored in the file:
+    this message replaces it, and nothing here ever loads that way.
+    """
+    return ValueError(
+        f"{what} {path} is not a readable torch file: it is truncated or corrupt, or it holds "
+        "Python objects other than tensors and plain values, which are never unpickled here; "
+        "pass a file written by torch.save (train.py checkpoints, model.state_dict())"
+    )
+
+
+def load_tensors(path: Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU; ValueError naming the file (as
+    ``what``) when it is not a readable torch file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (*CORRUPT_FILE_ERRORS, RuntimeError):
+        raise unreadable_file(path, what) from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in blocks: checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """Hex SHA-256 of a module's state dict: every name, dtype, shape and value, in order.
+
+    Identifies weights that have no file of their own (random initialisation, weights during
+    training); equal state dicts give equal digests on any device.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def hub_cache_file(url: str) -> Path:
@@ -59,16 +114,16 @@ def resolve_enum(arch: str, name: str) -> torchvision.models.WeightsEnum:
     return enum[name]
 
 
-def read_weights(arch: str, weights: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
-    """Read a plain torchvision state dict from a file or from the hub cache of an enum name.
+def weights_file(arch: str, weights: str | os.PathLike) -> tuple[Path, str]:
+    """The file behind a weights argument: (path, description of the source).
 
-    Returns (state dict, description of the source). Files are read with
-    ``torch.load(weights_only=True)``. FileNotFoundError when the file (or the cached enum file)
-    is missing: the enum message says where to put the file, since nothing is downloaded.
+    ``weights`` is a state-dict file, or a weights enum name of ``arch`` whose file is looked up
+    in the torch hub cache. FileNotFoundError when the file (or the cached enum file) is
+    missing: the enum message says where to put the file, since nothing is downloaded.
     """
     path = Path(weights)
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True), f"weights file {path}"
+        return path, f"weights file {path}"
     text = str(weights)
     if path.suffix in _FILE_SUFFIXES or os.sep in text:
         raise FileNotFoundError(f"weights file {text!r} does not exist")
@@ -81,10 +136,18 @@ def read_weights(arch: str, weights: str | os.PathLike) -> tuple[dict[str, torch
             f"Copy the file from {member.url} to {cached} (or set TORCH_HOME to a directory whose "
             "checkpoints/ folder holds it), or pass weights=<path to a state-dict file>"
         )
-    return (
-        torch.load(cached, map_location="cpu", weights_only=True),
-        f"{type(member).__name__}.{member.name} ({cached})",
-    )
+    return cached, f"{type(member).__name__}.{member.name} ({cached})"
+
+
+def read_weights(arch: str, weights: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """Read a plain torchvision state dict from a file or from the hub cache of an enum name.
+
+    Returns (state dict, description of the source). Files are read with
+    ``torch.load(weights_only=True)``; a file torch cannot read that way is a ValueError naming
+    it. FileNotFoundError as ``weights_file``.
+    """
+    path, source = weights_file(arch, weights)
+    return load_tensors(path, "weights file"), source
 
 
 def _is_head(own: torch.Size, theirs: torch.Size, num_classes: int) -> bool:

@@ -21,6 +21,15 @@ A state file whose fingerprint differs is a ValueError naming the differing fiel
 silent restart: the file may hold days of work). The state file is removed when the analysis
 completes. With several processes each rank keeps its own file, ``<stem>.rank<r>-of-<W><suffix>``.
 
+Seconds: ``AnalysisResult.seconds`` is the wall time of the analysis as rank zero measures it,
+from the call of ``run_analysis`` to its result, summed over an interrupted run (up to its last
+saved checkpoint: the work after it is lost and redone) and the runs that resume it. Every rank
+returns rank zero's number, so it means the same for one process and for DDP.
+
+Progress (``EngineConfig.progress``, rank zero, stderr; ``sensitivity.progress``): first the work
+("320 rows (32 blocks of 10 rows, 25 blocks per batch)") and, resumed, "resuming at row N of M"
+(rows of this rank's shard), then a bar with rows/s and ETA on a terminal, plain lines otherwise.
+
 This module imports torch, numpy and the rest of ``sensitivity``; never Lightning or wandb.
 """
 
@@ -34,7 +43,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 import uuid
 import warnings
@@ -66,8 +74,9 @@ from sensitivity.estimators import (
     SobolAccumulator,
 )
 from sensitivity.problem import AugmentationProblem, DecodedRows
+from sensitivity.progress import Progress
 from sensitivity.results import AnalysisResult
-from sensitivity.store import ActivationWriter
+from sensitivity.store import ActivationWriter, describe_differences
 
 METHODS = ("sobol", "shapley", "variance", "contrast")
 SHAPLEY_METHODS = ("goda", "permutation")
@@ -112,7 +121,8 @@ class EngineConfig:
         always float64. docs/PERFORMANCE.md gives the speed and the effect on the indices.
     num_workers: DataLoader workers decoding rows and loading probe images (0: in process). With
         workers the next batches are prepared (and pinned, on CUDA) while the device works.
-    progress: a progress bar with rows/s and ETA on rank zero (stderr).
+    progress: on rank zero (stderr): the work up front, then a progress bar with rows/s and ETA
+        on a terminal, a plain line per tenth of the rows (or 30 s) otherwise.
     conf_level: confidence level of the ``*_conf`` half-widths.
     deduplicate: forward each distinct augmented image of a batch once. Rows that decode to the
         same probe image with the same active augmentations, in the same relative order, with
@@ -785,17 +795,18 @@ def _load_state(path: Path, fields: dict[str, Any], fingerprint: str) -> dict[st
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file gets the same advice
+        # Only the type: torch's text for a corrupt file advises weights_only=False (unsafe).
         raise ValueError(
-            f"cannot read the resume state {path} ({error}); delete it to start afresh"
+            f"cannot read the resume state {path} ({type(error).__name__}: truncated or "
+            f"corrupt); delete it to start afresh"
         ) from error
     if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION:
         raise ValueError(f"{path} is not a resume state of this engine; delete it to start afresh")
     if saved.get("fingerprint") != fingerprint:
-        old = saved.get("fields", {})
-        differ = sorted(k for k in set(fields) | set(old) if fields.get(k) != old.get(k))
+        differ = describe_differences(saved.get("fields", {}), fields)
         raise ValueError(
             f"the resume state {path} was written by a different analysis (differs in: "
-            f"{', '.join(differ) or 'unknown'}); rerun with the same model, probe, problem and "
+            f"{differ or 'unknown'}); rerun with the same model, probe, problem and "
             f"settings to continue it, or delete the file to start afresh"
         )
     return saved
@@ -875,20 +886,33 @@ def _resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def _progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="row",
-        unit_scale=True,
-        dynamic_ncols=True,
-        mininterval=1.0,
-        file=sys.stderr,
-        disable=not enabled,
+def _progress(
+    config: EngineConfig, design: Design, shard: tuple[int, int], next_block: int,
+    rank: int, world_size: int,
+) -> Progress:
+    """Rank zero's progress over the rows of its shard [start, stop) (blocks), from
+    ``next_block`` on (a resumed run); its work line says what the run will forward."""
+    start, stop = shard
+    per_batch = min(max(1, config.batch_rows // design.block_size), max(1, stop - start))
+    rows = (stop - start) * design.block_size
+    work = (f"{rows} rows ({stop - start} blocks of {design.block_size} rows, {per_batch} "
+            f"blocks per batch)")
+    if world_size > 1:
+        work += f": this process's shard of {design.n_rows} rows over {world_size} processes"
+    return Progress(
+        f"{config.method} rank {rank}" if world_size > 1 else config.method, rows, "rows",
+        work=work, initial=(next_block - start) * design.block_size,
+        enabled=config.progress and rank == 0,
     )
+
+
+def _rank_zero_seconds(seconds: float, world_size: int, device: torch.device) -> float:
+    """``seconds`` as rank zero measured it, on every rank (one broadcast under DDP)."""
+    if world_size == 1:
+        return seconds
+    value = torch.tensor([seconds], dtype=torch.float64, device=device)
+    torch.distributed.broadcast(value, src=0)
+    return float(value.item())
 
 
 def run_analysis(
@@ -998,8 +1022,9 @@ def run_analysis(
             accumulators.load_state(saved["states"])
             next_block, seconds_before = int(saved["next_block"]), float(saved["seconds"])
             log.info(
-                "resuming %s from %s: blocks [%d, %d) of this shard already done",
-                config.method, path, shard_start, next_block,
+                "resuming %s from %s at row %d of %d: blocks [%d, %d) of this shard already "
+                "done", config.method, path, (next_block - shard_start) * design.block_size,
+                (shard_stop - shard_start) * design.block_size, shard_start, next_block,
             )
 
     batches = _batches(shard_start, shard_stop, per_batch, next_block)
@@ -1018,12 +1043,7 @@ def run_analysis(
     )
     image_format = torch.channels_last if config.channels_last else torch.contiguous_format
     modes = {module: module.training for module in model.modules()}
-    bar = _progress_bar(
-        (shard_stop - shard_start) * design.block_size,
-        (next_block - shard_start) * design.block_size,
-        f"{config.method} rank {rank}" if world_size > 1 else config.method,
-        config.progress and rank == 0,
-    )
+    bar = _progress(config, design, (shard_start, shard_stop), next_block, rank, world_size)
     last_saved = next_block
     expanded: dict[str, Tensor] = {}  # reused across batches (deduplicate)
     watch = _Stopwatch(timings, device, started)
@@ -1094,6 +1114,8 @@ def run_analysis(
         bar.close()
         for module, mode in modes.items():
             module.training = mode
+    seconds = _rank_zero_seconds(seconds_before + time.perf_counter() - started, world_size,
+                                 device)
 
     layers: dict[str, dict[str, np.ndarray]] = {}
     n_constant: dict[str, int] = {}
@@ -1111,7 +1133,7 @@ def run_analysis(
         layers=layers,
         n=config.n,
         evaluations=design.n_rows,
-        seconds=seconds_before + time.perf_counter() - started,
+        seconds=seconds,
         n_constant=n_constant,
         flags=flags,
         interval=(moments if main is None else main).interval,

@@ -43,6 +43,9 @@ by image).
 Distributed. Images are sharded over ranks (contiguous, ``engine.shard_range``); accuracies are
 sums in a torchmetrics Metric (``dist_reduce_fx="sum"``), so every rank gets the global result.
 
+Progress (``progress=True``, rank zero, stderr; ``sensitivity.progress``): the image forwards
+of the masked part up front, then a bar (terminal) or plain lines (logs) with rate and ETA.
+
 This module imports torch, numpy, scipy and matplotlib; never Lightning or wandb.
 """
 
@@ -71,6 +74,7 @@ from sensitivity.capture import ActivationCapture, model_device
 from sensitivity.designs import ContrastDesign
 from sensitivity.engine import hooked_module, shard_range
 from sensitivity.problem import AugmentationProblem
+from sensitivity.progress import Progress
 from sensitivity.results import AnalysisResult
 from sensitivity.store import ResultsStore
 
@@ -586,6 +590,16 @@ def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
+def plan_forwards(
+    inputs: ProbeInputs, plans: Sequence[Sequence[tuple[int, Mask | None]]], images: int
+) -> int:
+    """Image forwards of the masked part (one image through the suffix) for ``images`` probe
+    images: per input set, its inputs (the images, ``k`` draws each for augmented sets) times
+    its plans."""
+    return sum(len(plan) * images * (1 if i == 0 else inputs.k)
+               for i, plan in enumerate(plans[:len(inputs.names)]))
+
+
 def run_plans(
     network: MaskedNetwork,
     inputs: ProbeInputs,
@@ -596,20 +610,30 @@ def run_plans(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
+    progress: bool = False,
+    desc: str = "masking",
+    work: str = "",
 ) -> None:
     """For every batch of this rank's images and every input set i: run the prefix once, then
     for each (plan index, mask) of ``plans[i]`` the suffix, and ``consume(i, plan index,
     logits, labels)``. The model runs in eval mode under inference mode; its train/eval flags
-    are restored afterwards."""
+    are restored afterwards. progress: rank zero reports its image forwards (``desc``; ``work``
+    says what they are, after their count)."""
     if batch_images < 1:
         raise ValueError(f"batch_images must be >= 1, got {batch_images}")
     start, stop = shard_range(inputs.n_images, rank, world_size)
     model = network.model
     dtype = model_device(model)[1]
     modes = {module: module.training for module in model.modules()}
+    total = plan_forwards(inputs, plans, stop - start)
+    if world_size > 1:
+        work += f"; this process: images {start}-{stop - 1} of {inputs.n_images}"
     model.eval()
     try:
-        with torch.inference_mode(), network:
+        with torch.inference_mode(), network, Progress(
+            desc, total, "image forwards", work=f"{total} image forwards ({work})",
+            enabled=progress and rank == 0,
+        ) as bar:
             for first in range(start, stop, batch_images):
                 batches = inputs.batch(first, min(first + batch_images, stop), device, dtype)
                 for i, (x, labels) in enumerate(batches):
@@ -618,6 +642,7 @@ def run_plans(
                     state = network.prefix(x)
                     for index, mask in plans[i]:
                         consume(i, index, network.suffix(state, mask), labels)
+                        bar.update(len(x))
     finally:
         for module, mode in modes.items():
             module.training = mode
@@ -823,6 +848,7 @@ def evaluate_masking(
     rank: int | None = None,
     world_size: int | None = None,
     valid: Mapping[str, np.ndarray] | None = None,
+    progress: bool = True,
 ) -> MaskingResult:
     """Accuracy of ``model`` under every mask configuration of every mask variable.
 
@@ -832,7 +858,8 @@ def evaluate_masking(
     (module docstring); augmentations: input augmentations (each alone, ``k`` draws per
     image); problem: the analysed problem (bounds, postprocessing of the inputs);
     configurations: default the 17 of ``default_configurations``. ``value``/``analysis``
-    are recorded. Every rank must call it (DDP); every rank gets the global result.
+    are recorded. progress: rank zero reports the image forwards (module docstring). Every
+    rank must call it (DDP); every rank gets the global result.
     """
     started = time.perf_counter()
     rank, world_size = resolve_world(rank, world_size)
@@ -853,8 +880,12 @@ def evaluate_masking(
                  for c, config in enumerate(configs)]
     n_classes = _class_count(network, inputs, device)
     metric = MaskedAccuracy(len(inputs.names), len(plan), min(5, n_classes)).to(device)
+    work = (f"{inputs.n_images} probe images, each as the original and {inputs.k} draws of "
+            f"each of {len(inputs.augmentations)} augmentations, x {len(plan)} passes: "
+            f"unmasked and {len(chosen)} mask variables x {len(configs)} configurations")
     run_plans(network, inputs, [plan] * len(inputs.names), metric.update,
-              batch_images=batch_images, device=device, rank=rank, world_size=world_size)
+              batch_images=batch_images, device=device, rank=rank, world_size=world_size,
+              progress=progress, desc="masking", work=work)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was called before the ``update``")
         accuracy = metric.compute().cpu().numpy()  # (I, 1 + V M, 2)

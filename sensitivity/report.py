@@ -157,17 +157,20 @@ def save_heatmaps(
     """One heatmap PNG per value key of ``result`` (``result.value_keys``), written as
     ``<out_dir>/<name>_<key>.png`` (name defaults to the method), then ``<name>_S2.png``
     (``pair_figure``) when the result has second-order indices; returns {key: path} in that
-    order ("S2" for the second-order figure)."""
+    order ("S2" for the second-order figure). ``out_dir`` is created only when there is a
+    figure (a variance analysis has none)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = _file_part(name or result.method)
-    paths = {}
-    for key in result.value_keys:
-        paths[key] = out / f"{stem}_{key}.png"
-        heatmap_figure(result, key).savefig(paths[key])
+    keys = list(result.value_keys)
     if all("S2" in values for values in result.layers.values()):
-        paths["S2"] = out / f"{stem}_S2.png"
-        pair_figure(result).savefig(paths["S2"])
+        keys.append("S2")
+    if keys:
+        out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for key in keys:
+        paths[key] = out / f"{stem}_{key}.png"
+        figure = pair_figure(result) if key == "S2" else heatmap_figure(result, key)
+        figure.savefig(paths[key])
     return paths
 
 

@@ -71,7 +71,7 @@ class AnalysisResult:
         Conf arrays are confidence-interval half-widths (95% unless the analysis says otherwise).
     n: base size (Sobol base points, Shapley trajectories or permutations, probe images).
     evaluations: forward rows evaluated.
-    seconds: wall time of the analysis.
+    seconds: wall time of the analysis on rank zero, a resumed run's earlier part included.
     epoch, global_step: training position when analysed (None outside training).
     n_constant: layer -> number of units with zero variance (their indices are reported as 0);
         completed with 0 for every layer not given.

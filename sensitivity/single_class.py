@@ -298,6 +298,7 @@ def evaluate_single_class(
     world_size: int | None = None,
     valid: Mapping[str, np.ndarray] | None = None,
     head_valid: np.ndarray | None = None,
+    progress: bool = True,
 ) -> SingleClassResult:
     """Self-masking Jaccard indices of every augmentation variable (module docstring).
 
@@ -307,7 +308,8 @@ def evaluate_single_class(
     unflagged classes, the only possible candidates (None: all);
     augmentations: the variables to analyse (default: every variable that is an
     augmentation); images, labels: the probe (class-balanced: s = images / C per class);
-    n: candidate classes and predictions compared (n < C). Every rank must call it (DDP).
+    n: candidate classes and predictions compared (n < C). progress: rank zero reports the
+    image forwards (as ``masking.run_plans``). Every rank must call it (DDP).
     """
     started = time.perf_counter()
     rank, world_size = resolve_world(rank, world_size)
@@ -361,8 +363,12 @@ def evaluate_single_class(
         else:
             metric.update(plan, jaccard(top, candidates[i - 1]))
 
+    work = (f"{inputs.n_images} probe images: the originals unmasked, and {inputs.k} draws "
+            f"of each of {len(chosen)} augmentations, unmasked and under that augmentation's "
+            f"{len(configs)} mask configurations")
     run_plans(network, inputs, plans, consume, batch_images=batch_images, device=device,
-              rank=rank, world_size=world_size)
+              rank=rank, world_size=world_size, progress=progress, desc="single-class",
+              work=work)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was called before the ``update``")
         means = metric.compute().cpu().numpy().reshape(len(chosen), stride)

@@ -15,7 +15,9 @@ The array functions (``paired_differences``, ``signed_rank_test``, ``by_correcti
 pure numpy/scipy/scikit-learn; the ``*_statistics`` functions read an analysis from a results
 file and write their result next to it (``ResultsStore.write_group``: /wilcoxon, /correlation,
 /lda, one subgroup per layer (and value type); layout in docs/RESULTS_FORMAT.md);
-``read_tree`` reads them back. No Lightning, no wandb.
+``read_tree`` reads them back. With ``progress`` (default) the ``*_statistics`` functions report
+their work up front and then per layer (Wilcoxon), per layer and value type (correlation) or per
+LDA fit, on stderr (``sensitivity.progress``). No Lightning, no wandb.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import h5py
 import numpy as np
 from scipy import stats as sps
 
+from sensitivity.progress import Progress
 from sensitivity.results import PER_VARIABLE_KEYS, AnalysisResult
 from sensitivity.store import ResultsStore
 
@@ -302,8 +305,32 @@ def _layer_differences(rows: h5py.Dataset, n_augmentations: int, k: int) -> np.n
     return out
 
 
+def _wilcoxon_layer(
+    rows: h5py.Dataset, n_augmentations: int, k: int, alpha: float
+) -> dict[str, np.ndarray]:
+    """The /wilcoxon arrays of one layer from its stored contrast rows: p- and BY q-values,
+    rank-biserial correlations and R+ (augmentations, *unit), and per augmentation the count
+    of units with q < alpha and of each test method (``contrast_statistics``)."""
+    test = signed_rank_test(_layer_differences(rows, n_augmentations, k))
+    q = by_correction(test.pvalue.reshape(n_augmentations, -1)).reshape(test.pvalue.shape)
+    counts = (q < alpha).reshape(n_augmentations, -1).sum(axis=1)
+    methods = np.stack([
+        (test.method == code).reshape(n_augmentations, -1).sum(axis=1)
+        for code in range(len(TEST_METHODS))
+    ], axis=1)
+    return {
+        "wilcoxon_p": test.pvalue,
+        "wilcoxon_q": q,
+        "rank_biserial": test.rank_biserial,
+        "r_plus": test.r_plus,
+        "n_significant": counts.astype(np.int64),
+        "test_methods": methods.astype(np.int64),
+    }
+
+
 def contrast_statistics(
-    results: str | Path, name: str, *, alpha: float = 0.05, overwrite: bool = False
+    results: str | Path, name: str, *, alpha: float = 0.05, overwrite: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Wilcoxon tests of the contrast analysis ``name`` on its stored activations.
 
@@ -336,27 +363,19 @@ def contrast_statistics(
             )
         k = _contrast_layout(group, augmentations)
         n_pairs = int(group.attrs["rows"]) // (1 + len(augmentations) * k)
-        for layer in result.layer_names:
-            if layer not in group:
-                raise ValueError(f"layer {layer!r} of analysis {name!r} has no stored rows")
-            test = signed_rank_test(_layer_differences(group[layer], len(augmentations), k))
-            q = by_correction(test.pvalue.reshape(len(augmentations), -1)).reshape(
-                test.pvalue.shape
-            )
-            counts = (q < alpha).reshape(len(augmentations), -1).sum(axis=1)
-            methods = np.stack([
-                (test.method == code).reshape(len(augmentations), -1).sum(axis=1)
-                for code in range(len(TEST_METHODS))
-            ], axis=1)
-            tree[layer] = {
-                "wilcoxon_p": test.pvalue,
-                "wilcoxon_q": q,
-                "rank_biserial": test.rank_biserial,
-                "r_plus": test.r_plus,
-                "n_significant": counts.astype(np.int64),
-                "test_methods": methods.astype(np.int64),
-            }
-            significant[layer] = {a: int(c) for a, c in zip(augmentations, counts, strict=True)}
+        layers = result.layer_names
+        with Progress("contrast-stats", len(layers), "layers", enabled=progress,
+                      work=f"{len(layers)} layers: per unit, signed-rank tests of {n_pairs} "
+                           f"image pairs x {len(augmentations)} augmentations") as bar:
+            for layer in layers:
+                if layer not in group:
+                    raise ValueError(f"layer {layer!r} of analysis {name!r} has no stored rows")
+                tree[layer] = _wilcoxon_layer(group[layer], len(augmentations), k, alpha)
+                counts = tree[layer]["n_significant"]
+                significant[layer] = {
+                    a: int(c) for a, c in zip(augmentations, counts, strict=True)
+                }
+                bar.update()
     _write(
         store, WILCOXON_GROUP, name, tree, overwrite=overwrite,
         attrs={
@@ -529,12 +548,24 @@ def _covariates(values: dict[str, np.ndarray]) -> np.ndarray | None:
     return np.stack([values["mean"], values["var"], cv])
 
 
+def _correlation_arrays(corr: MapCorrelation) -> dict[str, np.ndarray]:
+    """The /correlation arrays of one layer and value type."""
+    return {
+        "variables": corr.variables,
+        "covariates": corr.covariates,
+        "defined_positions": corr.defined.astype(np.int64),
+        "n_positions": np.int64(corr.n_positions),
+        "valid_units": np.int64(corr.valid_units),
+    }
+
+
 def correlation_statistics(
     results: str | Path,
     name: str,
     *,
     values: Sequence[str] | None = None,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Spearman correlation matrices of analysis ``name`` per layer and value type, written
     atomically as /correlation/<name> (docs/RESULTS_FORMAT.md).
@@ -548,18 +579,17 @@ def correlation_statistics(
     keys = _value_keys(result, values, "correlation")
     _check_overwrite(store, CORRELATION_GROUP, name, overwrite)
     tree: dict[str, dict[str, dict[str, np.ndarray]]] = {}
-    for layer, arrays in result.layers.items():
-        covariates = _covariates(arrays)
-        tree[layer] = {}
-        for key in keys:
-            corr = map_correlations(arrays[key], covariates, result.valid(layer))
-            tree[layer][key] = {
-                "variables": corr.variables,
-                "covariates": corr.covariates,
-                "defined_positions": corr.defined.astype(np.int64),
-                "n_positions": np.int64(corr.n_positions),
-                "valid_units": np.int64(corr.valid_units),
-            }
+    total = len(result.layers) * len(keys)
+    with Progress("correlation", total, "maps", enabled=progress,
+                  work=f"{total} maps: {len(result.layers)} layers x {len(keys)} value types "
+                       f"({', '.join(keys)})") as bar:
+        for layer, arrays in result.layers.items():
+            covariates = _covariates(arrays)
+            tree[layer] = {}
+            for key in keys:
+                corr = map_correlations(arrays[key], covariates, result.valid(layer))
+                tree[layer][key] = _correlation_arrays(corr)
+                bar.update()
     _write(
         store, CORRELATION_GROUP, name, tree, overwrite=overwrite,
         attrs={"analysis": name, "variables": result.group_names, "layers": result.layer_names,
@@ -635,6 +665,7 @@ def lda_channel_maps(
     n_folds: int = 5,
     n_repeats: int = 3,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> LdaResult:
     """Can a channel's spatial map tell which variable it belongs to? (METHOD.md 10)
 
@@ -649,6 +680,7 @@ def lda_channel_maps(
     the pooled within-class covariance is singular; then the solver is "lsqr" with
     Ledoit-Wolf shrinkage (shrinkage="auto"), a well-conditioned covariance estimate, instead
     of the default "svd" solver (which would fit the noise of a rank-deficient covariance).
+    progress: counts each of the n_folds * n_repeats fits.
     """
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
     from sklearn.metrics import confusion_matrix
@@ -684,6 +716,8 @@ def lda_channel_maps(
             predicted = model.fit(x[train], y[train]).predict(x[test])
         accuracy.append(float(np.mean(predicted == y[test])))
         confusion += confusion_matrix(y[test], predicted, labels=np.arange(n_vars))
+        if progress is not None:
+            progress.update()
     return LdaResult(
         accuracy=np.asarray(accuracy), confusion=confusion, chance=1.0 / n_vars,
         solver="lsqr+shrinkage" if shrink else "svd", n_samples=len(y), n_features=x.shape[1],
@@ -700,6 +734,7 @@ def lda_statistics(
     n_repeats: int = 3,
     seed: int = 0,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """LDA of analysis ``name``'s conv maps per layer and value type, written atomically as
     /lda/<name> (docs/RESULTS_FORMAT.md). Layers without spatial maps (channel means, fully
@@ -721,18 +756,23 @@ def lda_statistics(
     tree: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     accuracy: dict[str, dict[str, tuple[float, float]]] = {}
     solvers: dict[str, str] = {}
-    for layer in layers:
-        tree[layer], accuracy[layer] = {}, {}
-        for key in keys:
-            try:
-                lda = lda_channel_maps(result.layers[layer][key], valid=result.valid(layer),
-                                       n_folds=n_folds, n_repeats=n_repeats, seed=seed)
-            except ValueError as error:
-                raise ValueError(f"LDA of layer {layer!r} ({key}): {error}") from error
-            tree[layer][key] = {"accuracy": lda.accuracy, "confusion": lda.confusion,
-                                "n_channels": np.int64(lda.n_channels)}
-            accuracy[layer][key] = (lda.mean, lda.sd)
-            solvers[f"{layer}/{key}"] = lda.solver
+    fits = len(layers) * len(keys) * n_repeats * n_folds
+    with Progress("lda", fits, "fits", enabled=progress,
+                  work=f"{fits} LDA fits: {len(layers)} layers x {len(keys)} value types x "
+                       f"{n_repeats} repeats x {n_folds} folds") as bar:
+        for layer in layers:
+            tree[layer], accuracy[layer] = {}, {}
+            for key in keys:
+                try:
+                    lda = lda_channel_maps(result.layers[layer][key], valid=result.valid(layer),
+                                           n_folds=n_folds, n_repeats=n_repeats, seed=seed,
+                                           progress=bar)
+                except ValueError as error:
+                    raise ValueError(f"LDA of layer {layer!r} ({key}): {error}") from error
+                tree[layer][key] = {"accuracy": lda.accuracy, "confusion": lda.confusion,
+                                    "n_channels": np.int64(lda.n_channels)}
+                accuracy[layer][key] = (lda.mean, lda.sd)
+                solvers[f"{layer}/{key}"] = lda.solver
     chance = 1.0 / len(result.group_names)
     _write(
         store, LDA_GROUP, name, tree, overwrite=overwrite,

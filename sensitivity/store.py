@@ -120,6 +120,89 @@ def _optional_int(value: Any) -> int | None:
     return None if value == NONE_INT else value
 
 
+# --------------------------------------------------------------------------- differences
+_MISSING = object()
+_SHOWN_DIFFERENCES = 5
+_SHORT_TEXT = 40
+
+
+def _short(value: Any) -> str:
+    """A value for a message: compact JSON (strings as they are); long ones keep their start
+    and end, so that digests sharing a prefix still show where they differ."""
+    if value is _MISSING:
+        return "absent"
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= _SHORT_TEXT else f"{text[:16]}...{text[-16:]}"
+
+
+def _leaf_differences(old: Any, new: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
+    """(dotted path, old, new) of every leaf where two JSON-like values differ, in key order;
+    mappings are followed key by key, anything else (a list, a number) is one leaf."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for key in [*old, *(key for key in new if key not in old)]:
+            where = f"{path}.{key}" if path else str(key)
+            yield from _leaf_differences(old.get(key, _MISSING), new.get(key, _MISSING), where)
+    elif _plain(old) != _plain(new):
+        yield path, old, new
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists (recursively): a tuple equals the list of its items, as in JSON."""
+    return [_plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+
+def describe_differences(old: Any, new: Any, labels: tuple[str, str] = ("saved", "now")) -> str:
+    """Where two JSON-like values (nested dicts) differ, leaf by leaf, for an error message:
+    "config.seed (saved 5, now 3); image_size (saved [64, 64], now [32, 32])", at most five
+    leaves then "and k more"; "" when they are equal (a tuple equals the list of its items)."""
+    found = list(_leaf_differences(old, new, ""))
+    shown = [
+        f"{path or 'value'} ({labels[0]} {_short(a)}, {labels[1]} {_short(b)})"
+        for path, a, b in found[:_SHOWN_DIFFERENCES]
+    ]
+    if len(found) > _SHOWN_DIFFERENCES:
+        shown.append(f"and {len(found) - _SHOWN_DIFFERENCES} more")
+    return "; ".join(shown)
+
+
+# --------------------------------------------------------------------------- provenance
+def _image_size(image_size: int | Sequence[int]) -> list[int]:
+    """[height, width] of an int side or a (height, width) pair; ValueError otherwise."""
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    size = [int(s) for s in image_size]
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
+    return size
+
+
+def provenance(
+    *,
+    model: str,
+    weights: str | None,
+    weights_sha256: str,
+    dataset: str,
+    image_size: int | Sequence[int],
+    problem: AugmentationProblem,
+) -> dict[str, Any]:
+    """What an analysis was computed from, as attributes of its /analyses/<name> group
+    (``write_analysis(attrs=...)``), so that every analysis describes itself.
+
+    model: architecture; weights: their source (None: random initialisation, stored "none");
+    weights_sha256: hex SHA-256 of the checkpoint or weights file, or of the state dict when
+    the weights have no file (random initialisation, weights during training); dataset;
+    image_size: side or (height, width); problem: stored as JSON text of its ``to_config()``.
+    """
+    return {
+        "model": str(model),
+        "weights": "none" if weights is None else str(weights),
+        "weights_sha256": str(weights_sha256),
+        "dataset": str(dataset),
+        "image_size": _image_size(image_size),
+        "problem": json.dumps(problem.to_config(), sort_keys=True),
+    }
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -239,6 +322,7 @@ class ResultsStore:
         seed: int | None,
         config: str | Mapping[str, Any] | None = None,
         weights: str | None = None,
+        weights_sha256: str | None = None,
         problem: AugmentationProblem | None = None,
         attrs: Mapping[str, Any] | None = None,
     ) -> None:
@@ -246,16 +330,15 @@ class ResultsStore:
 
         model: architecture name ("resnet18"); weights: where the weights came from (a path,
         a torchvision enum name, a checkpoint) or None for random initialisation ("none");
-        dataset: a description ("planted:colour", an image folder path); image_size: side or
-        (height, width) in pixels; seed: the run's seed (None: -1); config: the run's YAML
-        text or a mapping dumped to YAML; attrs: extra root attributes (str, numbers, lists).
-        Calling it again overwrites these attributes; "created" keeps the file's creation time.
+        weights_sha256: hex SHA-256 of those weights (see ``provenance``), None ("") when they
+        are not one set (a training run); dataset: a description ("planted:colour", an image
+        folder path); image_size: side or (height, width) in pixels; seed: the run's seed
+        (None: -1); config: the run's YAML text or a mapping dumped to YAML; attrs: extra root
+        attributes (str, numbers, lists). Calling it again overwrites these attributes
+        ("created" keeps the file's creation time): callers that add analyses of another run
+        check ``provenance_differences`` first.
         """
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
-        size = [int(s) for s in image_size]
-        if len(size) != 2 or min(size) < 1:
-            raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
+        size = _image_size(image_size)
         if isinstance(config, Mapping):
             config = yaml.safe_dump(dict(config), sort_keys=False)
         values: dict[str, Any] = {
@@ -263,6 +346,7 @@ class ResultsStore:
             "seed": NONE_INT if seed is None else int(seed),
             "model": str(model),
             "weights": "none" if weights is None else str(weights),
+            "weights_sha256": weights_sha256 or "",
             "dataset": str(dataset),
             "image_size": np.asarray(size, dtype=np.int64),
         }
@@ -317,6 +401,28 @@ class ResultsStore:
             if "problem" in f:
                 meta["problem"] = {k: _python(v) for k, v in f["problem"].attrs.items()}
         return meta
+
+    def provenance_differences(self, given: Mapping[str, Any]) -> str:
+        """How the provenance ``given`` (``provenance()``) differs from this file's root
+        metadata: model, dataset, image size, problem and weights, the weights by their SHA-256
+        when both sides have one (a moved checkpoint keeps it), else by their description.
+
+        Returns ``describe_differences`` text, "" when they agree or there is no file yet.
+        Attributes the file lacks (written by older versions) are not compared.
+        """
+        if not self.path.exists():
+            return ""
+        meta = self.read_metadata()
+        weights = "weights"
+        if meta.get("weights_sha256") and given.get("weights_sha256"):
+            weights = "weights_sha256"
+        keys = ("model", weights, "dataset", "image_size")
+        stored = {key: meta[key] for key in keys if meta.get(key) not in (None, "")}
+        now = {key: given[key] for key in stored}
+        if "config" in meta.get("problem", {}):
+            stored["problem"] = json.loads(meta["problem"]["config"])
+            now["problem"] = json.loads(given["problem"])
+        return describe_differences(stored, now, labels=("in the file", "now"))
 
     # ------------------------------------------------------------------------- analyses
     def write_analysis(

@@ -6,6 +6,7 @@ launches the second process, gloo); everything else calls ``analyze.main`` in th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import torch
 
 import analyze
 from lightning_modules import ImageClassifier
+from sensitivity import engine
 from sensitivity.engine import EngineConfig, build_design
 from sensitivity.problem import AugmentationProblem
 from sensitivity.store import ResultsStore
@@ -163,12 +165,21 @@ def test_killed_run_resumes_to_the_uninterrupted_result(checkpoint, tmp_path, on
     assert store.analyses() == []
     saved = torch.load(state, weights_only=True)
     assert 1 <= saved["next_block"] < 64
+    started = time.monotonic()
     with caplog.at_level(logging.INFO, logger="sensitivity.engine"):
         assert cli(*args, "--output", out, "--checkpoint_every", "1") == 0
-    assert f"blocks [0, {saved['next_block']}) of this shard already done" in caplog.text
+    resumed = time.monotonic() - started
+    problem = AugmentationProblem(1, n_classes=4, images_per_class=2)
+    block = build_design(problem, EngineConfig(method="shapley", n=64)).block_size
+    done = saved["next_block"]
+    assert (f"at row {done * block} of {64 * block}: blocks [0, {done}) of this shard already "
+            f"done") in caplog.text
     assert not state.exists()
     reference = ResultsStore(tmp_path / "reference" / "results.h5").read_analysis("shapley")
-    assert_same_indices(reference, store.read_analysis("shapley"))
+    result = store.read_analysis("shapley")
+    assert_same_indices(reference, result)
+    # seconds: the killed run up to its last checkpoint plus the resumed run
+    assert saved["seconds"] < result.seconds <= saved["seconds"] + resumed
 
 
 @pytest.mark.parametrize("method, key", [("variance", "var"), ("contrast", "effect_size")])
@@ -177,6 +188,7 @@ def test_other_methods_run_from_the_cli(checkpoint, tmp_path, method, key):
     assert cli(method, "--checkpoint", checkpoint, "--output", out, "--n", "4", *COMMON) == 0
     result = ResultsStore(out / "results.h5").read_analysis(method)
     assert result.method == method and key in result.layers["fc"]
+    assert (out / "figures").is_dir() == (method != "variance")  # no empty folder
 
 
 def test_engine_options_reach_the_engine_config():
@@ -215,7 +227,7 @@ def test_bad_input_exits_non_zero_without_results(checkpoint, tmp_path, capsys):
     cases = {
         "layer": (["--layers", "[layer9]"], r"unknown layer name\(s\) \['layer9'\].*layer1"),
         "n": (["--n", "12"], "n must be a power of two"),
-        "architecture": (["--arch", "alexnet"], "holds a resnet18, not a alexnet"),
+        "architecture": (["--arch", "alexnet"], "holds architecture resnet18, not alexnet"),
         "folder": (["--data.root", empty], "has no class subfolders"),
         "precision": (["--precision", "fp8"], r"one of \['32', 'bf16', '16'\], got 'fp8'"),
     }
@@ -264,3 +276,106 @@ def test_presets_parse_and_ask_for_the_image_folder(capsys):
     assert (cfg.data.image_size, cfg.reduction, cfg.problem.preset) == (224, "none", "paper")
     cfg = parser.parse_args(analyze.normalise_args(["--config", "imagenet_vgg11_shapley"]))
     assert (cfg.shapley_method, cfg.n, cfg.n_outer, cfg.n_inner) == ("permutation", 256, 64, 16)
+
+
+def test_each_analysis_carries_its_provenance_and_other_runs_are_refused(checkpoint, tmp_path,
+                                                                         capsys):
+    out = tmp_path / "run"
+    assert cli("sobol", "--checkpoint", checkpoint, "--output", out, "--n", "8", *COMMON) == 0
+    results = out / "results.h5"
+    before = ResultsStore(results).read_metadata()
+    # Another model, image size and augmentation set into the same folder: refused up front.
+    code = cli("variance", "--name", "other", "--output", out, "--n", "4", *COMMON,
+               "--data.image_size", "64", "--set", "2")
+    err = capsys.readouterr().err
+    assert code == 2 and "pass another --output" in err, err
+    for part in ("weights_sha256 (in the file ", "image_size (in the file [32, 32], now "
+                 "[64, 64])", "problem.augmentations (in the file ["):
+        assert part in err, err
+    store = ResultsStore(results)
+    assert store.read_metadata() == before and store.analyses() == ["sobol"]
+    # The same model and data: a second analysis, each describing itself.
+    assert cli("variance", "--checkpoint", checkpoint, "--output", out, "--n", "4", *COMMON) == 0
+    meta = store.read_metadata()
+    assert meta["weights_sha256"] == hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    for name in ("sobol", "variance"):
+        attrs = store.analysis_attrs(name)
+        for key in ("model", "weights", "weights_sha256", "dataset", "image_size"):
+            assert attrs[key] == meta[key], (name, key)
+        assert json.loads(attrs["problem"]) == json.loads(meta["problem"]["config"])
+        assert f"method: {name}" in attrs["config"]
+    assert "method: variance" in (out / "config.yaml").read_text()
+
+
+def test_random_initialisations_of_other_seeds_are_other_weights(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli("variance", "--output", out, "--n", "4", *COMMON) == 0
+    capsys.readouterr()
+    assert cli("variance", "--name", "seed1", "--seed", "1", "--output", out, "--n", "4",
+               *COMMON) == 2
+    err = capsys.readouterr().err
+    assert "weights_sha256" in err and "random initialisation is set by --seed" in err
+    attrs = ResultsStore(out / "results.h5").analysis_attrs("variance")
+    assert attrs["weights"] == "none" and len(attrs["weights_sha256"]) == 64
+
+
+class StopAfterFirstSave(Exception):
+    """Stands in for a killed process once the first resume state is on disk."""
+
+
+def test_refused_resume_names_the_field_and_leaves_the_config(checkpoint, tmp_path, capsys,
+                                                              monkeypatch):
+    out = tmp_path / "run"
+    args = ["sobol", "--checkpoint", checkpoint, "--output", out, "--n", "8", "--batch_rows",
+            "20", "--checkpoint_every", "1", *COMMON]
+    save_state = engine._save_state
+
+    def save_then_stop(path, payload):
+        save_state(path, payload)
+        raise StopAfterFirstSave
+
+    with monkeypatch.context() as patched:
+        patched.setattr(engine, "_save_state", save_then_stop)
+        with pytest.raises(StopAfterFirstSave):
+            cli(*args)
+    assert (out / "sobol.resume.pt").exists() and not (out / "config.yaml").exists()
+    assert cli(*args, "--seed", "3") == 2
+    err = capsys.readouterr().err
+    assert "differs in: config.seed (saved 0, now 3))" in err, err
+    assert not (out / "config.yaml").exists()  # the rejected config is not written anywhere
+    assert cli(*args) == 0  # the pending state continues
+    assert "seed: 0" in (out / "config.yaml").read_text()
+    assert not (out / "sobol.resume.pt").exists()
+
+
+def test_spawning_strategies_are_refused_before_any_output(checkpoint, tmp_path, capsys):
+    assert "ddp_spawn" not in analyze.build_parser().format_help()
+    out = tmp_path / "run"
+    for strategy in ("ddp_spawn", "ddp_fork"):
+        assert cli("sobol", "--checkpoint", checkpoint, "--output", out, "--strategy", strategy,
+                   *COMMON) == 2
+        err = capsys.readouterr().err
+        assert f"--strategy {strategy} is not supported" in err and "use --strategy ddp" in err
+    assert not out.exists()
+
+
+def test_unreadable_checkpoint_or_weights_is_a_clean_input_error(tmp_path, capsys):
+    garbage = tmp_path / "random.ckpt"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    for option in ("--checkpoint", "--weights"):
+        out = tmp_path / option.strip("-")
+        assert cli("sobol", option, garbage, "--output", out, *COMMON) == 2, option
+        err = capsys.readouterr().err
+        assert f"{garbage} is not a readable torch file" in err, err
+        assert "weights_only" not in err and "Traceback" not in err
+        assert not out.exists()
+
+
+def test_output_that_is_a_file_is_refused_before_any_compute(checkpoint, tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("keep me")
+    for out in (taken, taken / "run"):
+        assert cli("sobol", "--checkpoint", checkpoint, "--output", out, *COMMON) == 2
+        err = capsys.readouterr().err
+        assert f"--output {out}: {taken} is a file, not a directory" in err, err
+    assert taken.read_text() == "keep me"

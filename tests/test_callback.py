@@ -27,10 +27,12 @@ from wandb_records import (
     same_summary,
 )
 
+import analyze
 from callbacks import SensitivityCallback
 from callbacks.wandb_logging import STEP_METRIC, TABLE_COLUMNS
 from data import PlantedFactorDataModule
 from lightning_modules import ImageClassifier
+from lightning_modules.weights import state_dict_sha256
 from sensitivity.capture import DEFAULT_LAYERS
 from sensitivity.engine import EngineConfig, run_analysis
 from sensitivity.problem import AugmentationProblem
@@ -304,3 +306,30 @@ def test_two_process_ddp_fit_equals_one_process_analysis(tmp_path):
     with h5py.File(run_dir / "sensitivity.h5", "r") as f:  # both shards merged, every row once
         np.testing.assert_array_equal(f["activations/epoch_0000/row_index"][()],
                                       np.arange(8 * (len(GROUPS) + 2)))
+
+
+def test_each_epoch_records_the_weights_it_analysed(fits):
+    first, _ = fits
+    model = ImageClassifier.load_from_checkpoint(first.run_dir / "checkpoints/last.ckpt")
+    with h5py.File(first.run_dir / "sensitivity.h5", "r") as f:
+        g = f["analyses/epoch_0000"].attrs
+        assert g["weights_sha256"] == state_dict_sha256(model)
+        assert (g["model"], g["dataset"]) == ("resnet18", "planted:colour")
+        assert g["weights"] == f.attrs["weights"] and list(g["image_size"]) == [SIZE, SIZE]
+        assert json.loads(g["problem"]) == json.loads(f["problem"].attrs["config"])
+
+
+def test_analyze_reuses_the_callbacks_probe_from_the_checkpoint(fits):
+    """analyze.py --data.checkpoint_split val takes exactly the probe the callback analysed;
+    the --data options alone (same seed) do not: the planted splits depend on their sizes."""
+    first, _ = fits
+    parser = analyze.build_parser()
+    checkpoint = str(first.run_dir / "checkpoints/last.ckpt")
+    options = ["sobol", "--checkpoint", checkpoint, "--images-per-class", str(PER_CLASS),
+               "--data.num_classes", str(CLASSES), "--data.image_size", str(SIZE)]
+    cfg = parser.parse_args(analyze.normalise_args([*options, "--data.checkpoint_split", "val"]))
+    probe, n_classes, class_names, dataset = analyze.build_probe(cfg, partition=False)
+    assert torch.equal(probe, first.callback.probe)
+    assert (n_classes, class_names, dataset) == (CLASSES, ["red", "green"], "planted:colour")
+    plain, *_ = analyze.build_probe(parser.parse_args(analyze.normalise_args(options)), False)
+    assert not torch.equal(plain, first.callback.probe)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+
+import numpy as np
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 from lightning_modules import ImageClassifier
+from lightning_modules.weights import file_sha256, state_dict_sha256
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -165,3 +170,33 @@ def test_enum_weights_come_only_from_the_hub_cache(tmp_path, monkeypatch):
         model = ImageClassifier("resnet18", num_classes=4, weights="IMAGENET1K_V1", image_size=64)
     assert not model.small_input  # pretrained weights keep the stock network
     assert_same_tensors(state, model.net.state_dict(), skip=("fc.",))
+
+
+def test_unreadable_files_fail_without_suggesting_unsafe_loading(tmp_path):
+    """Random bytes and pickled objects other than tensors are ValueErrors naming the file;
+    torch's advice to load with weights_only=False (running the file's code) never shows."""
+    garbage = tmp_path / "random.ckpt"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    pickled = tmp_path / "namespace.pth"
+    torch.save(argparse.Namespace(lr=0.1), pickled)  # a Python object, not tensors
+    for path in (garbage, pickled):
+        with pytest.raises(ValueError, match="not a readable torch file") as failure:
+            ImageClassifier("resnet18", weights=str(path))
+        assert str(path) in str(failure.value) and "weights_only" not in str(failure.value)
+    with pytest.raises(ValueError, match=f"checkpoint {garbage} is not a readable") as failure:
+        ImageClassifier.load_from_checkpoint(garbage)
+    assert "weights_only" not in str(failure.value) and failure.value.__cause__ is None
+
+
+def test_weight_digests_identify_files_and_state_dicts(tmp_path):
+    torch.manual_seed(0)
+    a = ImageClassifier("resnet18", num_classes=4)
+    torch.manual_seed(0)
+    same = ImageClassifier("resnet18", num_classes=4)
+    assert state_dict_sha256(a) == state_dict_sha256(same)
+    with torch.no_grad():
+        same.net.fc.bias[0] += 1e-6
+    assert state_dict_sha256(a) != state_dict_sha256(same)
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"abc")
+    assert file_sha256(path) == hashlib.sha256(b"abc").hexdigest()

@@ -301,6 +301,21 @@ def test_folder_probe_set(photo_folder):
         dm.probe_set(3)  # cat: 5 images, round(2.5) = 2 in val
 
 
+def test_class_counts_and_how_to_grow_a_split(photo_folder):
+    dm = ImageFolderDataModule(photo_folder, val_fraction=0.4)
+    # cat 5, dog 6, emu 7 images: round(2.0), round(2.4), round(2.8) in val
+    assert dm.class_counts("val") == [2, 2, 3] and dm.class_counts("train") == [3, 4, 4]
+    assert dm.more_images_hint("val").startswith("raise --data.val_fraction (now 0.4) or add")
+    assert dm.more_images_hint("train").startswith("lower --data.val_fraction (now 0.4) or add")
+    subset = ImageFolderDataModule(photo_folder, images_per_class=4, val_fraction=0.25)
+    assert "raise --data.images_per_class (now 4)" in subset.more_images_hint("val")
+    planted = small_planted(num_classes=3)
+    assert planted.class_counts("train") == [12] * 3 and planted.class_counts("val") == [6] * 3
+    assert planted.more_images_hint("val") == "raise --data.val_per_class (now 6)"
+    with pytest.raises(ValueError, match="split must be one of"):
+        planted.class_counts("test")
+
+
 def test_folder_bad_input(tmp_path, photo_folder):
     with pytest.raises(ValueError, match="does not exist"):
         ImageFolderDataModule(tmp_path / "missing")

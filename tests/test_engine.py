@@ -4,9 +4,17 @@ evaluated directly and against what the augmentations must do."""
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import math
+import os
+import re
+import socket
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -23,6 +31,7 @@ from sensitivity.engine import (
     VarianceDesign,
     build_design,
     layer_shapes,
+    rank_state_path,
     run_analysis,
     shard_range,
 )
@@ -288,7 +297,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(problem, probe, tmp_pa
     assert state.exists()
     saved = torch.load(state, weights_only=True)
     assert saved["next_block"] == 20  # 5 batches of 4 blocks done before the crash
-    with pytest.raises(ValueError, match=r"different analysis \(differs in: config\)"):
+    with pytest.raises(ValueError, match=r"differs in: config\.seed \(saved 0, now 1\)\)"):
         run_analysis(AnalyticNet(), problem, probe,
                      EngineConfig(layers=["stats"], progress=False, **{**settings, "seed": 1}),
                      state_path=state)
@@ -302,6 +311,92 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(problem, probe, tmp_pa
     assert not state.exists()  # removed once the analysis is complete
     for key, value in reference.layers["stats"].items():
         np.testing.assert_allclose(resumed.layers["stats"][key], value, rtol=1e-12, atol=1e-15)
+
+
+# 64 Sobol' base points of 9 rows (4 augmentations + order, class, image), 4 per batch.
+PROGRESS_SETTINGS = {"method": "sobol", "n": 64, "batch_rows": 36}
+
+
+def test_progress_gives_the_work_then_plain_lines_off_a_terminal(problem, probe, capsys):
+    run(problem, probe, progress=True, **PROGRESS_SETTINGS)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "sobol: 576 rows (64 blocks of 9 rows, 4 blocks per batch)"
+    middle = [re.fullmatch(r"sobol: (\d+)/576 rows \(\d+%\), [\d.]+/s, ETA \d+ s", line)
+              for line in lines[1:-1]]
+    assert all(middle) and len(middle) == 9  # one line per tenth of the rows
+    assert re.fullmatch(r"sobol: 576/576 rows \(100%\), [\d.]+/s, done in \d+ s", lines[-1])
+    run(problem, probe, progress=False, **PROGRESS_SETTINGS)
+    assert capsys.readouterr().err == ""
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_counts_whole_rows(problem, probe, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    run(problem, probe, progress=True, **PROGRESS_SETTINGS)
+    text = sys.stderr.getvalue()
+    assert "0/576" in text and "576/576" in text and " rows/s" in text
+    assert not re.search(r"\d\.\d\d/576", text)  # tqdm's unit_scale printed "0.00/576"
+
+
+def test_a_resumed_run_says_where_and_adds_the_seconds_of_both_parts(
+    problem, probe, tmp_path, capsys
+):
+    config = EngineConfig(layers=["stats"], checkpoint_every=4, **PROGRESS_SETTINGS)
+    state = tmp_path / "state.pt"
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_analysis(AnalyticNet(fail_after=5), problem, probe, config, state_path=state)
+    interrupted = time.perf_counter() - started
+    saved = torch.load(state, weights_only=True)
+    assert saved["next_block"] == 20 and 0 < saved["seconds"] <= interrupted
+    capsys.readouterr()
+    started = time.perf_counter()
+    result = run_analysis(AnalyticNet(), problem, probe, config, state_path=state)
+    resumed = time.perf_counter() - started
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:2] == ["sobol: 576 rows (64 blocks of 9 rows, 4 blocks per batch)",
+                         "sobol: resuming at row 180 of 576"]
+    # The interrupted run up to its last checkpoint plus all of the resumed run.
+    assert 0.5 * resumed < result.seconds - saved["seconds"] <= resumed
+
+
+def _ddp_resume_worker(rank: int, world_size: int, port: int, problem, probe, out: str) -> None:
+    """One rank of a gloo group: a sobol run crashing after 3 batches, then its resumption."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        config = EngineConfig(layers=["stats"], progress=False, checkpoint_every=4,
+                              **PROGRESS_SETTINGS)
+        state = Path(out) / "state.pt"
+        if rank == 1:
+            time.sleep(0.3)  # the ranks' clocks start apart, as processes launched one by one
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_analysis(AnalyticNet(fail_after=3), problem, probe, config, state_path=state)
+        saved = torch.load(rank_state_path(state, rank, world_size), weights_only=True)
+        result = run_analysis(AnalyticNet(), problem, probe, config, state_path=state)
+        record = {"seconds": result.seconds, "saved": float(saved["seconds"])}
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_resume_gives_every_rank_rank_zeros_seconds(problem, probe, tmp_path):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    # fork: the children reuse this process's imports (spawn would re-import them, slowly)
+    torch.multiprocessing.start_processes(
+        _ddp_resume_worker, args=(2, port, problem, probe, str(tmp_path)), nprocs=2,
+        start_method="fork",
+    )
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert zero["seconds"] == one["seconds"]  # rank zero's number, not each rank its own
+    assert zero["seconds"] > zero["saved"] > 0 and one["saved"] != zero["saved"]
 
 
 def test_activation_writer_gets_every_row_with_its_outputs(problem, probe, tmp_path):

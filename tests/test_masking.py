@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -384,8 +385,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def small_masking_run():
-    """Masking of an untrained TinyNet on 10 random images (the same on every process)."""
+def small_masking_run(**options):
+    """Masking of an untrained TinyNet on 10 random images (the same on every process);
+    ``options`` go to evaluate_masking."""
     torch.manual_seed(0)
     net = TinyNet(4).eval()
     shapes = layer_output_shapes(net, LAYERS, (SIZE, SIZE))
@@ -394,7 +396,25 @@ def small_masking_run():
     images = torch.rand(10, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
     labels = torch.arange(10) % 4
     return evaluate_masking(net, maps, ["hue", "hflip"], images, labels, ["hue", "hflip"], k=2,
-                            batch_images=3)
+                            batch_images=3, **options)
+
+
+def test_masking_gives_its_image_forwards_up_front_then_plain_lines(capsys):
+    small_masking_run()
+    lines = capsys.readouterr().err.splitlines()
+    # Per image: the original and 2 draws of 2 augmentations, each unmasked and under 2 mask
+    # variables x 17 configurations: 5 x 35 forwards.
+    assert lines[0] == (
+        "masking: 1750 image forwards (10 probe images, each as the original and 2 draws of "
+        "each of 2 augmentations, x 35 passes: unmasked and 2 mask variables x 17 "
+        "configurations)"
+    )
+    assert all(re.fullmatch(r"masking: \d+/1750 image forwards \(\d+%\), [\d.]+/s, ETA .+", line)
+               for line in lines[1:-1]) and len(lines) > 3
+    assert re.fullmatch(r"masking: 1750/1750 image forwards \(100%\), [\d.]+/s, done in .+",
+                        lines[-1])
+    small_masking_run(progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_two_processes_give_the_single_process_accuracies(tmp_path):

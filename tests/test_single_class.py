@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,35 @@ def test_self_masking_jaccard_equals_a_direct_computation():
             candidates[torch.as_tensor(classes)] = True
             augmented = jaccard(net(sets[1 + v][0]).topk(2).indices, candidates).mean()
             assert flagged.jaccard_augmented[v] == pytest.approx(float(augmented), abs=1e-12)
+
+
+def test_single_class_gives_its_image_forwards_up_front_then_plain_lines(capsys):
+    torch.manual_seed(0)
+    net = SmallNet().eval()
+    layers = ["features.1", "features.4"]
+    maps = {layer: np.full((3, *shape), 0.5)
+            for layer, shape in layer_output_shapes(net, layers, (SIZE, SIZE)).items()}
+    head = np.arange(18, dtype=np.float64).reshape(3, 6) % 5
+    images, labels = torch.rand(12, 3, SIZE, SIZE), torch.arange(6).repeat_interleave(2)
+
+    def evaluate(**options):
+        return evaluate_single_class(net, maps, ["hue", "hflip", "class"], head, images, labels,
+                                     n=2, k=2, configurations=[MaskConfig("soft")],
+                                     trials=2000, **options)
+
+    evaluate()
+    lines = capsys.readouterr().err.splitlines()
+    # 12 originals once; 2 draws x 12 images per augmentation, unmasked and soft-masked: 2 x 48.
+    assert lines[0] == (
+        "single-class: 108 image forwards (12 probe images: the originals unmasked, and 2 draws "
+        "of each of 2 augmentations, unmasked and under that augmentation's 1 mask "
+        "configurations)"
+    )
+    assert re.fullmatch(r"single-class: 108/108 image forwards \(100%\), [\d.]+/s, done in .+",
+                        lines[-1])
+    assert all(re.match(r"single-class: \d+/108 image forwards", line) for line in lines[1:])
+    evaluate(progress=False)
+    assert capsys.readouterr().err == ""
 
 
 # ---------------------------------------------------------------------------------- the CLI

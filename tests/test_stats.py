@@ -201,6 +201,18 @@ def test_wilcoxon_on_stored_activations_equals_scipy_per_unit(contrast_run, caps
         "wilcoxon_p"], tree["fc"]["wilcoxon_p"])
 
 
+def test_contrast_stats_reports_its_layers(contrast_run, capsys):
+    args = ["contrast-stats", "--results", str(contrast_run), "--analysis", "contrast",
+            "--alpha", "0.1", "--overwrite"]
+    assert analyze.main(args) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == ("contrast-stats: 3 layers: per unit, signed-rank tests of 8 image "
+                        f"pairs x {len(AUGMENTATIONS)} augmentations")
+    assert re.fullmatch(r"contrast-stats: 3/3 layers \(100%\), [\d.]+/s, done in .+", lines[-1])
+    assert analyze.main([*args, "--no_progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -397,6 +409,21 @@ def test_correlation_command_writes_spearman_matrices(tmp_path, capsys):
         scipy.stats.spearmanr(head["S1"][1], head["S1"][3]).statistic, abs=1e-10)
 
 
+def test_correlation_command_reports_its_maps(tmp_path, capsys):
+    results = tmp_path / "results.h5"
+    synthetic_sobol(results, np.random.default_rng(3))
+    args = ["correlation", "--results", str(results), "--analysis", "sobol"]
+    assert analyze.main(args) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "correlation: 4 maps: 2 layers x 2 value types (S1, ST)"
+    assert [line.split(" (")[0] for line in lines[1:]] == [
+        f"correlation: {n}/4 maps" for n in (1, 2, 3, 4)
+    ]
+    assert re.search(r"done in \d+ s$", lines[-1])
+    assert analyze.main([*args, "--overwrite", "--no_progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 # ------------------------------------------------------------------------ LDA
 def test_lda_planted_difference_beats_chance_shuffled_labels_do_not():
     rng = np.random.default_rng(4)
@@ -488,6 +515,20 @@ def test_lda_command_records_channels_and_names_a_layer_without_enough(tmp_path)
     tree, _ = read_tree(store.path, "lda", "good")
     assert int(tree["good"]["S1"]["n_channels"]) == 9
     assert tree["good"]["S1"]["confusion"].sum() == 2 * 9
+
+
+def test_lda_command_reports_its_fits(tmp_path, capsys):
+    results = tmp_path / "results.h5"
+    synthetic_sobol(results, np.random.default_rng(6))
+    args = ["lda", "--results", str(results), "--analysis", "sobol", "--repeats", "2"]
+    assert analyze.main(args) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "lda: 20 LDA fits: 1 layers x 2 value types x 2 repeats x 5 folds"
+    steps = [int(re.match(r"lda: (\d+)/20 fits \(", line).group(1)) for line in lines[1:]]
+    assert steps == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]  # a line per tenth, then the end
+    assert re.fullmatch(r"lda: 20/20 fits \(100%\), [\d.]+/s, done in \d+ s", lines[-1])
+    assert analyze.main([*args, "--overwrite", "--no_progress"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_lda_command_writes_accuracy_and_confusion(tmp_path, capsys):

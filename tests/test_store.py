@@ -17,7 +17,13 @@ import yaml
 
 from sensitivity.problem import AugmentationProblem
 from sensitivity.results import AnalysisResult
-from sensitivity.store import ActivationWriter, ResultsStore, merge_shards
+from sensitivity.store import (
+    ActivationWriter,
+    ResultsStore,
+    describe_differences,
+    merge_shards,
+    provenance,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ["erasing", "rolling", "order"]
@@ -123,6 +129,49 @@ def test_metadata_and_problem_attributes(tmp_path):
     # Metadata written after an analysis keeps it.
     store.write_metadata(model="resnet18", dataset="planted:colour", image_size=(64, 48), seed=7)
     assert store.analyses() == ["final"] and store.read_metadata()["image_size"] == [64, 48]
+
+
+def test_differences_name_each_differing_leaf():
+    saved = {"config": {"seed": 5, "n": 8}, "layers": ["layer1", "fc"], "model": "a" * 64}
+    now = {"config": {"seed": 3, "n": 8}, "layers": ["layer1", "layer3"], "model": "a" * 63 + "b"}
+    assert describe_differences(saved, now) == (
+        'config.seed (saved 5, now 3); layers (saved ["layer1", "fc"], now ["layer1", '
+        '"layer3"]); '
+        f"model (saved {'a' * 16}...{'a' * 16}, now {'a' * 16}...{'a' * 15}b)"
+    )
+    assert describe_differences(saved, saved) == ""
+    assert describe_differences({"size": (32, 32)}, {"size": [32, 32]}) == ""
+    missing = describe_differences({"a": 1}, {"b": 1})
+    assert missing == "a (saved 1, now absent); b (saved absent, now 1)"
+    many = describe_differences(dict.fromkeys("abcdefg", 0), dict.fromkeys("abcdefg", 1))
+    assert many.endswith("e (saved 0, now 1); and 2 more")
+
+
+def test_provenance_differences_against_the_root_metadata(tmp_path):
+    store = ResultsStore(tmp_path / "results.h5")
+    set2 = AugmentationProblem(2, n_classes=4, images_per_class=2)
+    record = provenance(model="resnet18", weights="checkpoint /a/last.ckpt",
+                        weights_sha256="1" * 64, dataset="planted:colour", image_size=64,
+                        problem=set2)
+    assert store.provenance_differences(record) == ""  # no file yet
+    store.write_metadata(model="resnet18", weights="checkpoint /a/last.ckpt",
+                         weights_sha256="1" * 64, dataset="planted:colour", image_size=64,
+                         seed=0, problem=set2)
+    assert store.read_metadata()["weights_sha256"] == "1" * 64
+    moved = {**record, "weights": "checkpoint /b/last.ckpt"}  # same digest: same weights
+    assert store.provenance_differences(moved) == ""
+    other = provenance(model="alexnet", weights=None, weights_sha256="2" * 64,
+                       dataset="planted:colour", image_size=32,
+                       problem=AugmentationProblem(1, n_classes=4, images_per_class=2))
+    differences = store.provenance_differences(other)
+    for part in ("image_size (in the file [64, 64], now [32, 32])", "model (in the file "
+                 "resnet18, now alexnet)", "problem.augmentations (in the file [", "and "):
+        assert part in differences, differences
+    assert differences.startswith("model (in the file resnet18, now alexnet); weights_sha256 (")
+    # Without a digest on one side the weights are compared by their description.
+    assert "weights (in the file checkpoint /a/last.ckpt, now none)" in (
+        store.provenance_differences({**other, "weights_sha256": ""})
+    )
 
 
 def test_bad_names_and_overwrites_are_refused(tmp_path):

@@ -8,13 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from wandb_records import read_wandb_records
 
 import train
-from data import PlantedFactorDataModule
+from callbacks import SensitivityCallback
+from callbacks.masking import MaskingCallback
+from data import ImageFolderDataModule, PlantedFactorDataModule
 from lightning_modules import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +116,64 @@ def test_class_count_mismatch_fails_at_fit_start():
     data = PlantedFactorDataModule(num_classes=4, image_size=32, train_per_class=2, val_per_class=1)
     with pytest.raises(ValueError, match="predicts 3 classes but the data"):
         trainer.fit(ImageClassifier("resnet18", num_classes=3, image_size=32), datamodule=data)
+
+
+def image_folder(root: Path, per_class: dict[str, int]) -> Path:
+    """root/<class>/<i>.png: ``per_class[class]`` random 40 px PNGs per class."""
+    rng = np.random.default_rng(0)
+    for name, count in per_class.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_probe_larger_than_the_folder_stops_before_any_run_directory(tmp_path, capsys):
+    # 3 images per class, val_fraction 0.2: 1 val image each; the demo's callback wants 4.
+    folder = image_folder(tmp_path / "images", {"cat": 3, "dog": 3})
+    runs = tmp_path / "runs"
+    args = [f"--runs_dir={runs}", "--run_name=mine", "--data=data.ImageFolderDataModule",
+            f"--data.root={folder}", "--data.image_size=32", "--trainer.max_epochs=1",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    with pytest.raises(SystemExit) as exit_:
+        train.main(args)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("train.py: error: SensitivityCallback (trainer.callbacks[0]) takes 4 "
+                            "probe images of every class from the val split, but class 'cat' "
+                            "has only 1 there")
+    assert "--trainer.callbacks.images_per_class=1" in error and "--data.val_fraction" in error
+    assert not runs.exists()  # no version directory, no W&B run
+    # The option the message names makes the same command work, in version_0.
+    with contextlib.redirect_stdout(io.StringIO()):
+        cli = train.main([*args, "--trainer.callbacks.images_per_class=1"])
+    assert cli.run_dir == runs / "mine" / "version_0"
+    assert [p.name for p in (runs / "mine").iterdir()] == ["version_0"]
+    assert (cli.run_dir / "sensitivity.h5").is_file()
+
+
+def test_probe_checks_name_the_split_and_the_data_option(tmp_path):
+    planted = PlantedFactorDataModule(num_classes=2, image_size=32, train_per_class=1,
+                                      val_per_class=2)
+    masking = MaskingCallback(images_per_class=3)
+    with pytest.raises(train.InputError, match=r"MaskingCallback \(trainer.callbacks\[0\]\) "
+                       r"takes 3 .* val split, but class 'red' has only 2 there; lower its "
+                       r"images_per_class \(--trainer.callbacks.images_per_class=2\); or .*"
+                       r"raise --data.val_per_class \(now 2\)"):
+        train.check_probes([masking], planted)
+    # A partition probe takes images_per_class images from train too; not the last callback:
+    # the command-line option would change the last one, so the config path is named.
+    partition = SensitivityCallback(
+        images_per_class=2, problem={"augmentations": 1, "auxiliaries": ["class", "partition"]}
+    )
+    with pytest.raises(train.InputError, match=r"from the train split, .* has only 1 there; .*"
+                       r"init_args.images_per_class: 1 of trainer.callbacks\[0\] in the config"):
+        train.check_probes([partition, MaskingCallback(images_per_class=2)], planted)
+    train.check_probes([MaskingCallback(images_per_class=2)], planted)  # fits
+    lonely = image_folder(tmp_path / "lonely", {"cat": 1, "dog": 3})
+    with pytest.raises(train.InputError, match=r"the data cannot be used: .* at least 2 per class"):
+        train.check_probes([masking], ImageFolderDataModule(lonely, image_size=32))
 
 
 def test_fit_is_the_default_subcommand():
