@@ -79,12 +79,14 @@ from lightning_modules.weights import (
     state_dict_sha256,
     weights_file,
 )
-from sensitivity import html_report, masking, single_class, stats
+from sensitivity import html_report, masking, report, single_class, stats
 from sensitivity.augmentations import AUGMENTATIONS
 from sensitivity.capture import classification_layer
-from sensitivity.engine import METHODS, EngineConfig, analysis_attrs, check_inputs
+from sensitivity.config import METHODS, EngineConfig, analysis_attrs
+from sensitivity.plan import check_inputs
 from sensitivity.problem import AugmentationProblem
-from sensitivity.store import ResultsStore, check_name, provenance
+from sensitivity.provenance import provenance
+from sensitivity.store import ResultsStore, check_name
 
 ROOT = Path(__file__).resolve().parent
 PRESETS = ROOT / "configs" / "analyze"
@@ -771,8 +773,9 @@ def _run_masking(cfg: Namespace, inputs: dict[str, Any]) -> tuple[list[str], Rec
         reuse_prefix=options.reuse_prefix, valid=inputs["valid"], progress=cfg.progress,
     )
     store = inputs["store"]
-    group = masking.write_masking(store, inputs["output"], out, overwrite=cfg.overwrite)
-    figure = masking.save_specificity(out, store.path.parent / "figures", inputs["output"])
+    group = store.write_result(masking.GROUP_KIND, inputs["output"], out,
+                               overwrite=cfg.overwrite)
+    figure = report.save_specificity(out, store.path.parent / "figures", inputs["output"])
     lines = [
         f"results file    {store.path}  (/{group}: {len(out.variables)} mask variables x "
         f"{len(out.configurations)} configurations, {out.n_images} images x {out.k} draws, "
@@ -809,8 +812,8 @@ def _run_single_class(cfg: Namespace, inputs: dict[str, Any]) -> tuple[list[str]
         head_valid=head_valid[head], progress=cfg.progress,
     )
     store = inputs["store"]
-    group = single_class.write_single_class(store, inputs["output"], out,
-                                            overwrite=cfg.overwrite)
+    group = store.write_result(single_class.GROUP_KIND, inputs["output"], out,
+                               overwrite=cfg.overwrite)
     t = out.threshold
     lines = [
         f"results file    {store.path}  (/{group}: {len(out.variables)} variables x "

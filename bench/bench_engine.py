@@ -47,7 +47,8 @@ from common import (
     write_json,
 )
 
-from sensitivity.engine import EngineConfig, build_design, run_analysis
+from sensitivity.config import EngineConfig, build_design
+from sensitivity.engine import run_analysis
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {},

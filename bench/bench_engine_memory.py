@@ -49,7 +49,8 @@ def measure(n: int, device: str, threads: int, layers: list[str] | None, batch_r
 
     from data import PlantedFactorDataModule
     from lightning_modules import ImageClassifier
-    from sensitivity.engine import EngineConfig, run_analysis
+    from sensitivity.config import EngineConfig
+    from sensitivity.engine import run_analysis
     from sensitivity.problem import AugmentationProblem
 
     torch.set_num_threads(threads)

@@ -7,7 +7,7 @@ its peak resident set size (ru_maxrss) is its own:
 - streaming: ``sensitivity.engine.run_analysis``; the only file is the results file
   (``ResultsStore.write_analysis``), whose size depends on the units, never on N;
 - store, vectorised: the published approach's sampling step - every design row forwarded and
-  its activations appended to HDF5 (``store.ActivationWriter``, lzf) - then the file read back
+  its activations appended to HDF5 (``activations.ActivationWriter``, lzf) - then the file read back
   layer by layer and analysed with ``gsa.sobol_from_outputs`` (the same streaming accumulators,
   fed the stored rows): the fastest store-then-analyse there can be;
 - store, SALib per unit: the same stored file analysed as the published code did, one
@@ -42,9 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_case, machine, median, results_dir, set_threads, write_json
 
 from sensitivity import gsa
+from sensitivity.activations import ActivationWriter
 from sensitivity.capture import ActivationCapture
-from sensitivity.engine import EngineConfig, build_design, layer_shapes, run_analysis
-from sensitivity.store import ActivationWriter, ResultsStore
+from sensitivity.config import EngineConfig, build_design
+from sensitivity.engine import run_analysis
+from sensitivity.plan import layer_shapes
+from sensitivity.store import ResultsStore
 
 ARCH, SIZE, SET = "resnet18", 64, 1
 

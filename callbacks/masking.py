@@ -33,7 +33,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from callbacks.schedule import epoch_is_due, run_directory
 from callbacks.sensitivity import _broadcast_buffers, analysis_name
 from callbacks.wandb_logging import STEP_METRIC, wandb_run
-from sensitivity import masking
+from sensitivity import masking, report
 from sensitivity.augmentations import AUGMENTATIONS
 from sensitivity.problem import AugmentationProblem
 from sensitivity.results import AnalysisResult
@@ -225,8 +225,8 @@ class MaskingCallback(pl.Callback):
 
     def _write(self, trainer: pl.Trainer, name: str, result: masking.MaskingResult) -> None:
         store = ResultsStore(self.results_path)
-        group = masking.write_masking(store, name, result, overwrite=True)
-        heatmap = masking.save_specificity(
+        group = store.write_result(masking.GROUP_KIND, name, result, overwrite=True)
+        heatmap = report.save_specificity(
             result, self.results_path.parent / self.figures_dir, name
         )
         rank_zero_info(

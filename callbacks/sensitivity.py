@@ -52,23 +52,16 @@ from callbacks.wandb_logging import (
     wandb_run,
 )
 from lightning_modules.weights import state_dict_sha256
-from sensitivity.engine import (
-    EngineConfig,
-    analysis_attrs,
-    build_design,
-    check_inputs,
-    run_analysis,
-)
+from sensitivity.activations import ActivationWriter, merge_shards
+from sensitivity.config import EngineConfig, analysis_attrs, build_design
+from sensitivity.distributed import shard_path
+from sensitivity.engine import run_analysis
+from sensitivity.plan import check_inputs
 from sensitivity.problem import PAPER_METHODS, AugmentationProblem
+from sensitivity.provenance import provenance
 from sensitivity.report import save_heatmaps, save_history
 from sensitivity.results import PER_VARIABLE_KEYS, AnalysisResult
-from sensitivity.store import (
-    ActivationWriter,
-    ResultsStore,
-    check_name,
-    merge_shards,
-    provenance,
-)
+from sensitivity.store import ResultsStore, check_name
 
 # 2: history summaries hold median, p10, p90, mean and valid_fraction per layer and variable.
 STATE_VERSION = 2
@@ -342,8 +335,7 @@ class SensitivityCallback(pl.Callback):
         return result
 
     def _activation_file(self, name: str, rank: int, world_size: int) -> Path:
-        shard = "" if world_size == 1 else f".rank{rank}-of-{world_size}"
-        return self.activations_path / f"{name}{shard}.h5"
+        return shard_path(self.activations_path / f"{name}.h5", rank, world_size)
 
     def _activation_writer(
         self, name: str, rank: int, world_size: int, epoch: int

@@ -18,10 +18,14 @@ import pytorch_lightning as pl
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from sensitivity.engine import EngineConfig, build_design, layer_shapes, run_analysis
+from sensitivity.activations import ActivationWriter, merge_shards
+from sensitivity.config import EngineConfig, build_design
+from sensitivity.distributed import shard_path
+from sensitivity.engine import run_analysis
+from sensitivity.plan import layer_shapes
 from sensitivity.problem import AugmentationProblem
 from sensitivity.report import save_heatmaps
-from sensitivity.store import ActivationWriter, ResultsStore, merge_shards
+from sensitivity.store import ResultsStore
 
 RESULTS_FILE = "results.h5"
 
@@ -118,10 +122,7 @@ class AnalysisModule(pl.LightningModule):
         if not self.outputs.store_activations:
             return None
         name = self.outputs.name
-        path = run_dir / (
-            f"activations_{name}.h5" if world_size == 1
-            else f"activations_{name}.rank{self.global_rank}-of-{world_size}.h5"
-        )
+        path = shard_path(run_dir / f"activations_{name}.h5", self.global_rank, world_size)
         height, width = _probe_size(self.probe)
         design_rows, row_kinds = _design_layout(self.problem, self.config)
         return ActivationWriter(
@@ -168,10 +169,7 @@ class AnalysisModule(pl.LightningModule):
         if out.store_activations:
             activations = run_dir / f"activations_{name}.h5"
             if world_size > 1:
-                shards = [
-                    run_dir / f"activations_{name}.rank{r}-of-{world_size}.h5"
-                    for r in range(world_size)
-                ]
+                shards = [shard_path(activations, r, world_size) for r in range(world_size)]
                 merge_shards(shards, activations, remove_shards=True)
         store.write_metadata(problem=self.problem, **out.metadata)
         store.write_analysis(name, result, attrs=out.analysis_attrs, overwrite=out.overwrite)

@@ -3,131 +3,41 @@
 ``apply(name, images, params)`` takes images ``(B, 3, H, W)`` float in [0, 1] and per-sample
 parameters ``dict[str, Tensor[B]]`` in natural units *at this image size*, and returns
 ``(B, 3, H, W)``; each sample matches torchvision.transforms.v2.functional applied to it alone
-(tests/test_augmentations.py). Bounds in ``AUGMENTATIONS`` are stated at 224 px;
-``AugmentationSpec.bounds(h, w)`` scales the spatial ones to another image size.
-``validate(images, {name: params, ...})`` checks a batch for several augmentations at once, so
-that a pipeline (``AugmentationProblem.augment``) pays the checks once and then calls ``apply``
-with ``validated=True``. ``minmax_rescale`` is the reference's optional per-image, per-channel
-post-processing.
+(tests/test_augmentations.py). The parameter specs (``AUGMENTATIONS``, bounds at 224 px) and the
+checks of a batch (``validate``) are in ``sensitivity.augmentation_specs`` and re-exported here.
+``minmax_rescale`` is the reference's optional per-image, per-channel post-processing.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 
-REFERENCE_SIDE = 224
+from sensitivity.augmentation_specs import (
+    AUGMENTATION_SETS,
+    AUGMENTATIONS,
+    REFERENCE_SIDE,
+    AugmentationSpec,
+    ParamSpec,
+    augmentation_spec,
+    validate,
+)
 
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One parameter of an augmentation.
-
-    ``low``/``high`` are the bounds at 224 px. ``axis`` says how the parameter scales with the
-    image: ``"y"`` with the height, ``"x"`` with the width, ``"xy"`` with the smaller side, and
-    ``None`` not at all (factors, angles, ratios).
-    """
-
-    name: str
-    low: float
-    high: float
-    integer: bool = False
-    axis: str | None = None
-
-    def bounds(self, height: int, width: int) -> tuple[float, float]:
-        """Bounds at an image of ``height x width`` pixels (spatial ones scale linearly)."""
-        scale = _axis_scale(self.axis, height, width)
-        low, high = self.low * scale, self.high * scale
-        if self.integer:
-            low, high = float(round(low)), float(round(high))
-        return low, high
-
-
-@dataclass(frozen=True)
-class AugmentationSpec:
-    """An augmentation: ordered parameters and the parameter values at which it is the identity.
-
-    ``identity`` is ``None`` for augmentations that are off when not applied (erasing, blur,
-    flips...); for the others it maps each parameter to its identity value (brightness 1, ...).
-    """
-
-    name: str
-    params: tuple[ParamSpec, ...]
-    identity: dict[str, float] | None
-
-    @property
-    def param_names(self) -> tuple[str, ...]:
-        return tuple(p.name for p in self.params)
-
-    def bounds(self, height: int, width: int) -> list[tuple[float, float]]:
-        """Per-parameter bounds at an image of ``height x width`` pixels, in parameter order."""
-        return [p.bounds(height, width) for p in self.params]
-
-
-def _axis_scale(axis: str | None, height: int, width: int) -> float:
-    if axis is None:
-        return 1.0
-    if axis == "y":
-        return height / REFERENCE_SIDE
-    if axis == "x":
-        return width / REFERENCE_SIDE
-    if axis == "xy":
-        return min(height, width) / REFERENCE_SIDE
-    raise ValueError(f"unknown axis {axis!r}; expected 'x', 'y', 'xy' or None")
-
-
-AUGMENTATIONS: dict[str, AugmentationSpec] = {
-    spec.name: spec
-    for spec in (
-        AugmentationSpec(
-            "erasing",
-            (
-                ParamSpec("center_y", 44.0, 180.0, axis="y"),
-                ParamSpec("center_x", 44.0, 180.0, axis="x"),
-                ParamSpec("scale", 0.02, 0.33),
-                ParamSpec("log_ratio", math.log(0.3), math.log(3.3)),
-            ),
-            None,
-        ),
-        AugmentationSpec("sharpness", (), None),
-        AugmentationSpec(
-            "rolling",
-            (
-                ParamSpec("shift_y", -44.0, 44.0, integer=True, axis="y"),
-                ParamSpec("shift_x", -44.0, 44.0, integer=True, axis="x"),
-            ),
-            {"shift_y": 0.0, "shift_x": 0.0},
-        ),
-        AugmentationSpec("grayscale", (), None),
-        AugmentationSpec("gaussian_blur", (ParamSpec("sigma", 0.1, 2.0, axis="xy"),), None),
-        AugmentationSpec("brightness", (ParamSpec("factor", 0.1, 2.5),), {"factor": 1.0}),
-        AugmentationSpec("contrast", (ParamSpec("factor", 0.01, 3.5),), {"factor": 1.0}),
-        AugmentationSpec("saturation", (ParamSpec("factor", 0.01, 3.5),), {"factor": 1.0}),
-        AugmentationSpec("hue", (ParamSpec("factor", -0.5, 0.5),), {"factor": 0.0}),
-        AugmentationSpec("hflip", (), None),
-        AugmentationSpec("rotation", (ParamSpec("angle", -10.0, 10.0),), {"angle": 0.0}),
-        AugmentationSpec(
-            "elliptic_local_blur",
-            (
-                ParamSpec("a", 10.0, 32.0, axis="x"),
-                ParamSpec("b", 10.0, 32.0, axis="y"),
-                ParamSpec("shift_x", -32.0, 32.0, axis="x"),
-                ParamSpec("shift_y", -32.0, 32.0, axis="y"),
-                ParamSpec("angle", -15.0, 15.0),
-            ),
-            None,
-        ),
-    )
-}
-
-AUGMENTATION_SETS: dict[int, list[str]] = {
-    1: ["erasing", "sharpness", "rolling", "grayscale", "gaussian_blur"],
-    2: ["brightness", "contrast", "saturation", "hue", "hflip", "rotation", "elliptic_local_blur"],
-}
-
+__all__ = [
+    "AUGMENTATIONS",
+    "AUGMENTATION_SETS",
+    "REFERENCE_SIDE",
+    "AugmentationSpec",
+    "ParamSpec",
+    "apply",
+    "gaussian_blur_kernel_size",
+    "local_blur_kernel_size",
+    "local_blur_sigma",
+    "minmax_rescale",
+    "rotation_zoom",
+    "validate",
+]
 
 GAUSSIAN_BLUR_HALF_WIDTH = 3
 """Half-width of the ``gaussian_blur`` kernel at 224 px (kernel 7), scaled with the smaller side."""
@@ -137,8 +47,6 @@ LOCAL_BLUR_SIGMA = 3.0
 
 SHARPNESS_FACTOR = 1.5
 
-_IMAGE_TOLERANCE = 1e-4  # float32 round-off of earlier augmentations may leave [0, 1] by ~1e-7
-_BOUND_TOLERANCE = 1e-5  # relative; bounds mapped from the unit cube in float32 may overshoot
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
 
@@ -162,10 +70,17 @@ def local_blur_kernel_size(height: int, width: int) -> int:
 
 
 def rotation_zoom(angle: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Smallest zoom that leaves no empty corner after rotating by ``angle`` degrees, shape (B,).
+    """Smallest zoom that leaves no empty corner after rotating by ``angle``.
 
     ``|cos a| + max(H/W, W/H) * |sin a|``, which is METHOD.md's ``|cos a| + |sin a|`` for square
     images and stays border-free for rectangular ones.
+
+    Args:
+        angle: (B,) degrees.
+        height, width: image size in px.
+
+    Returns:
+        (B,) zoom factors >= 1.
     """
     radians = torch.deg2rad(angle)
     aspect = max(height / width, width / height)
@@ -204,7 +119,7 @@ def apply(
             where the spec says integer.
     """
     if validated:
-        spec = _spec(name)
+        spec = augmentation_spec(name)
         # float64 as ``validate`` returns them: rounding of pixel extents depends on it
         values = {p: (params or {})[p].to(images.device, torch.float64) for p in spec.param_names}
     else:
@@ -215,75 +130,18 @@ def apply(
     return _KERNELS[name](work, values).to(images.dtype)
 
 
-def validate(
-    images: torch.Tensor, params: Mapping[str, Mapping[str, torch.Tensor] | None]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Check a batch of images and the parameters of one or more augmentations for it.
-
-    images: (B, 3, H, W) floating point in [0, 1]. params: augmentation name -> its parameters,
-    each a (B,) tensor in natural units at H x W (as for ``apply``). Gathers every statistic into
-    one small tensor, so the whole check costs one pass over the images and a single device
-    synchronisation. Returns the parameters as float64 (B,) tensors on the images' device.
-
-    Raises:
-        ValueError: naming the augmentation and what is wrong (see ``apply``).
-    """
-    label = ", ".join(params) or "augmentation"
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{label}: images must be a (B, 3, H, W) tensor, got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(
-            f"{label}: images must be floating point in [0, 1], got {images.dtype}; "
-            "convert with images.float() / 255"
-        )
-    batch, _, height, width = images.shape
-    if height < 3 or width < 3:
-        raise ValueError(f"{label}: images must be at least 3 x 3 px, got {height} x {width}")
-    specs = [_spec(name) for name in params]
-    values = {
-        spec.name: _check_param_shapes(spec, params[spec.name], batch, images.device)
-        for spec in specs
-    }
-    if batch == 0:
-        return values
-
-    stats = [torch.stack(images.aminmax()).to(torch.float64)]
-    for spec in specs:
-        if spec.params:
-            stacked = torch.stack([values[spec.name][p] for p in spec.param_names])
-            low, high = stacked.aminmax(dim=1)
-            stats += [low, high, (stacked - stacked.round()).abs().amax(dim=1)]
-    flat = torch.cat(stats).tolist()
-
-    img_low, img_high = flat[0], flat[1]
-    if not (img_low >= -_IMAGE_TOLERANCE and img_high <= 1 + _IMAGE_TOLERANCE):
-        raise ValueError(
-            f"{label}: image values must lie in [0, 1], got [{img_low:.4g}, {img_high:.4g}]; "
-            "scale uint8 images by 1/255 and apply ImageNet normalisation only after augmenting"
-        )
-    start = 2
-    for spec in specs:
-        n = len(spec.params)
-        lows, highs = flat[start : start + n], flat[start + n : start + 2 * n]
-        frac = flat[start + 2 * n : start + 3 * n]
-        start += 3 * n
-        _check_param_values(spec, lows, highs, frac, height, width)
-    return values
-
-
-def _spec(name: str) -> AugmentationSpec:
-    spec = AUGMENTATIONS.get(name)
-    if spec is None:
-        raise ValueError(f"unknown augmentation {name!r}; valid names: {', '.join(AUGMENTATIONS)}")
-    return spec
-
-
 def minmax_rescale(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Rescale every image and channel to span [0, 1] (the reference's ``postprocess: minmax``).
 
     ``(x - min) / (max - min)`` over each (H, W) plane; a plane whose range is below ``eps``
-    is only shifted to 0, as the reference did. images: (B, C, H, W) float -> same shape.
+    is only shifted to 0, as the reference did.
+
+    Args:
+        images: (B, C, H, W) float.
+        eps: smallest range that is rescaled, in image units.
+
+    Returns:
+        (B, C, H, W), a new tensor.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
@@ -292,64 +150,6 @@ def minmax_rescale(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     span = high - low
     span = torch.where(span < eps, torch.ones_like(span), span)
     return ((flat - low) / span).view_as(images)
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _check_param_shapes(
-    spec: AugmentationSpec,
-    params: Mapping[str, torch.Tensor] | None,
-    batch: int,
-    device: torch.device,
-) -> dict[str, torch.Tensor]:
-    """Names and shapes of one augmentation's parameters; returns them float64 on ``device``."""
-    params = {} if params is None else params
-    if not isinstance(params, Mapping):
-        raise ValueError(f"{spec.name}: params must be a dict of (B,) tensors, got {type(params)}")
-    expected = spec.param_names
-    if set(params) != set(expected):
-        missing = [p for p in expected if p not in params]
-        extra = [p for p in params if p not in expected]
-        raise ValueError(
-            f"{spec.name}: expected parameters {list(expected)}; missing {missing}, extra {extra}"
-        )
-    for pname in expected:
-        value = params[pname]
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch,):
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(
-                f"{spec.name}: parameter {pname!r} must be a tensor of shape ({batch},) "
-                f"(one value per image), got {shape}"
-            )
-    return {p: params[p].to(device, torch.float64) for p in expected}
-
-
-def _check_param_values(
-    spec: AugmentationSpec,
-    lows: list[float],
-    highs: list[float],
-    frac: list[float],
-    height: int,
-    width: int,
-) -> None:
-    """Per-parameter minimum, maximum and largest distance to an integer against the spec."""
-    for i, (pspec, (lo, hi)) in enumerate(
-        zip(spec.params, spec.bounds(height, width), strict=True)
-    ):
-        if not (math.isfinite(lows[i]) and math.isfinite(highs[i])):
-            raise ValueError(f"{spec.name}: parameter {pspec.name!r} has non-finite values")
-        tol = _BOUND_TOLERANCE * max(1.0, abs(lo), abs(hi))
-        if lows[i] < lo - tol or highs[i] > hi + tol:
-            raise ValueError(
-                f"{spec.name}: parameter {pspec.name!r} has values in [{lows[i]:.6g}, "
-                f"{highs[i]:.6g}], outside its bounds [{lo:.6g}, {hi:.6g}] at {height} x {width} "
-                "px; pass natural units scaled to this size (AUGMENTATIONS[name].bounds(H, W))"
-            )
-        if pspec.integer and frac[i] > 0:
-            raise ValueError(
-                f"{spec.name}: parameter {pspec.name!r} must be integral (whole pixels); round it"
-            )
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -578,3 +578,23 @@ class ContrastDesign(Design):
         return ["original"] + [
             f"{name}_{i}" for name in self.problem.augmentations for i in range(self.k)
         ]
+
+
+class VarianceDesign(Design):
+    """Rows for method "variance": i.i.d. uniform (its moments' intervals assume independence).
+
+    Args:
+        d: columns of a row.
+        n: rows (blocks of one row).
+        seed: key of the ``uniform_rows`` stream: any block range is regenerated alone.
+    """
+
+    def __init__(self, d: int, n: int, seed: int = 0) -> None:
+        self.d, self.n_blocks, self.seed, self.block_size = int(d), int(n), int(seed), 1
+        self.groups = [[c] for c in range(self.d)]
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        return uniform_rows([self.seed], start, stop, self.d)
+
+    def row_kinds(self) -> list[str]:
+        return ["row"]

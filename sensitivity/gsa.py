@@ -43,8 +43,12 @@ _CHUNK_VALUES = 1 << 21
 class Problem:
     """Input variables of a model: names, bounds (low < high, uniform) and optional groups.
 
-    groups: None (every variable its own group) or one group name per variable, as in SALib;
-    groups are ordered by first appearance. ``group_columns[j]`` lists the variables of group j.
+    Groups are ordered by first appearance; ``group_columns[j]`` lists the variables of group j.
+
+    Args:
+        names: the d variables' names, unique.
+        bounds: (low, high) of every variable, finite with low < high.
+        groups: None (every variable its own group) or one group name per variable, as in SALib.
     """
 
     def __init__(
@@ -153,6 +157,30 @@ def _blocks(Y: np.ndarray, block_size: int) -> tuple[torch.Tensor, int]:
     return blocks, chunk
 
 
+def _stream(
+    acc: Any, problem: Problem, blocks: torch.Tensor, chunk: int, labels: torch.Tensor | None
+) -> Any:
+    """Feed ``blocks`` to an accumulator ``chunk`` blocks at a time and compute its result.
+
+    Args:
+        acc: a fresh accumulator of ``sensitivity.estimators``.
+        problem: names the result's groups.
+        blocks: (n_blocks, block_size, *unit) outputs.
+        chunk: blocks per update.
+        labels: (n_blocks, ...) what ``acc.update`` takes with each block (group orders,
+            replicate ids), or None.
+
+    Returns:
+        ``acc.compute()`` with ``names`` set to the problem's group names.
+    """
+    for start in range(0, blocks.shape[0], chunk):
+        stop = min(start + chunk, blocks.shape[0])
+        acc.update(blocks[start:stop], None if labels is None else labels[start:stop])
+    result = acc.compute()
+    result.names = list(problem.group_names)
+    return result
+
+
 def _evaluate(func: Callable[[np.ndarray], Any], X: np.ndarray) -> np.ndarray:
     Y = _outputs(func(X), "func(X)")
     if Y.shape[0] != X.shape[0]:
@@ -172,13 +200,22 @@ def sobol_from_outputs(
 ) -> SobolResult:
     """Sobol' indices from outputs of a Saltelli design in SALib's interleaved layout.
 
-    Y: (N * (G + 2),) or (N * (G + 2), U) outputs (N * (2G + 2) rows with ``second_order``).
-    Returns S1, ST, S1_conf, ST_conf (G,) or (G, U), S2/S2_conf (G, G[, U]) with second order;
-    the indices equal ``SALib.analyze.sobol.analyze`` column by column. The intervals are ours:
+    The indices equal ``SALib.analyze.sobol.analyze`` column by column. The intervals are ours:
     with ``replicates=1`` the delta method over base points (right for i.i.d. points, off by
     factors for one scrambled Sobol' sequence such as SALib's); with R > 1 the base points are R
     consecutive replicates of N / R points (``SobolDesign(replicates=R)``) and the intervals
-    come from Student's t over the replicate estimates (``sensitivity.estimators``).
+    come from Student's t over the replicate estimates (``sensitivity.estimators.sobol``).
+
+    Args:
+        problem: the variables and groups (G groups).
+        Y: (N * (G + 2),) or (N * (G + 2), U) outputs (N * (2G + 2) rows with
+            ``second_order``), a numpy array or tensor.
+        second_order: the design has BA_j rows; compute S2.
+        conf_level: confidence level of the half-widths, in (0, 1).
+        replicates: R, a divisor of N.
+
+    Returns:
+        S1, ST, S1_conf, ST_conf (G,) or (G, U); S2, S2_conf (G, G[, U]) with second order.
     """
     Y = _outputs(Y, "Y")
     g = problem.n_groups
@@ -205,13 +242,8 @@ def sobol_from_outputs(
         g, Y.shape[1:], second_order=second_order, conf_level=conf_level, replicates=replicates
     )
     size = blocks.shape[0] // replicates
-    for start in range(0, blocks.shape[0], chunk):
-        stop = min(start + chunk, blocks.shape[0])
-        ids = torch.arange(start, stop) // size if replicates > 1 else None
-        acc.update(blocks[start:stop], ids)
-    result = acc.compute()
-    result.names = list(problem.group_names)
-    return result
+    ids = torch.arange(blocks.shape[0]) // size if replicates > 1 else None
+    return _stream(acc, problem, blocks, chunk, ids)
 
 
 def sobol_analyze(
@@ -223,12 +255,22 @@ def sobol_analyze(
     conf_level: float = 0.95,
     replicates: int = 16,
 ) -> SobolResult:
-    """Sample a Saltelli design of ``n`` base points (a power of two), evaluate, analyse.
+    """Sample a Saltelli design of ``n`` base points, evaluate ``func``, analyse.
 
-    func: X (m, d) float64 within the bounds -> (m,) or (m, U). replicates: the design's
-    randomised quasi-Monte-Carlo replicates (min(replicates, n) are used; a power of two),
-    whose spread gives the intervals; 1 samples SALib's design (one scrambled sequence,
-    ``SALib.sample.sobol.sample``) with delta-method intervals, which assume i.i.d. points.
+    Args:
+        problem: the variables and groups.
+        func: X (m, d) float64 within the bounds -> (m,) or (m, U).
+        n: base points, a power of two.
+        seed: the design's scrambling seed.
+        second_order: also sample BA_j rows and compute S2.
+        conf_level: confidence level of the half-widths, in (0, 1).
+        replicates: the design's randomised quasi-Monte-Carlo replicates (min(replicates, n)
+            are used; a power of two), whose spread gives the intervals; 1 samples SALib's
+            design (one scrambled sequence, ``SALib.sample.sobol.sample``) with delta-method
+            intervals, which assume i.i.d. points.
+
+    Returns:
+        As ``sobol_from_outputs``.
     """
     design = SobolDesign(
         problem.d, n, seed=seed, groups=problem.group_columns, second_order=second_order,
@@ -276,11 +318,18 @@ def shapley_from_outputs(
 ) -> ShapleyResult:
     """Goda's Shapley effects from trajectories in ``SALib.sample.shapley``'s layout.
 
-    X: (N * (G + 1), d) inputs; Y: (N * (G + 1),) or (N * (G + 1), U); permutations: (N, G) the
-    group changed at each step of each trajectory (``ShapleyDesign.permutations()``), or None to
-    read it from X as SALib does (which needs every step to change its group's values). Returns
-    shapley (variance units), shapley_normalized and their half-widths, (G,) or (G, U);
-    ungrouped they equal ``SALib.analyze.shapley.analyze``.
+    Args:
+        problem: the variables and groups (G groups).
+        X: (N * (G + 1), d) inputs.
+        Y: (N * (G + 1),) or (N * (G + 1), U) outputs.
+        permutations: (N, G) the group changed at each step of each trajectory
+            (``ShapleyDesign.permutations()``), or None to read it from X as SALib does (which
+            needs every step to change its group's values).
+        conf_level: confidence level of the half-widths, in (0, 1).
+
+    Returns:
+        shapley (output-variance units), shapley_normalized and their half-widths, (G,) or
+        (G, U); ungrouped they equal ``SALib.analyze.shapley.analyze``.
     """
     g = problem.n_groups
     X = np.asarray(X, dtype=np.float64)
@@ -305,14 +354,9 @@ def shapley_from_outputs(
 
 
 def _goda(problem: Problem, Y: np.ndarray, perms: torch.Tensor, conf_level: float) -> ShapleyResult:
-    g = problem.n_groups
-    blocks, chunk = _blocks(Y, g + 1)
-    acc = ShapleyAccumulator(g, Y.shape[1:], conf_level=conf_level)
-    for start in range(0, blocks.shape[0], chunk):
-        acc.update(blocks[start : start + chunk], perms[start : start + chunk])
-    result = acc.compute()
-    result.names = list(problem.group_names)
-    return result
+    """Goda's effects of outputs Y (N (G + 1), *unit) with group orders perms (N, G)."""
+    acc = ShapleyAccumulator(problem.n_groups, Y.shape[1:], conf_level=conf_level)
+    return _stream(acc, problem, *_blocks(Y, problem.n_groups + 1), perms)
 
 
 def shapley_analyze(
@@ -327,9 +371,18 @@ def shapley_analyze(
 ) -> ShapleyResult:
     """Shapley effects of the problem's groups: sample, evaluate ``func``, analyse.
 
-    method "goda": ``n`` trajectories, n (G + 1) evaluations. method "permutation": Song, Nelson
-    and Staum with ``n`` permutations, ``n_outer`` x ``n_inner`` rows per position,
-    n G n_outer n_inner evaluations (the reference's estimator).
+    Args:
+        problem: the variables and groups (G groups).
+        func: X (m, d) float64 within the bounds -> (m,) or (m, U).
+        n: trajectories ("goda": n (G + 1) evaluations) or permutations ("permutation":
+            n G n_outer n_inner evaluations).
+        seed: the design's seed.
+        method: "goda", or "permutation" (Song, Nelson and Staum, the reference's estimator).
+        n_outer, n_inner: rows per position of the permutation estimator.
+        conf_level: confidence level of the half-widths, in (0, 1).
+
+    Returns:
+        As ``shapley_from_outputs``.
     """
     g = problem.n_groups
     if method == "goda":
@@ -342,11 +395,6 @@ def shapley_analyze(
         problem.d, n, n_outer, n_inner, seed=seed, groups=problem.group_columns
     )
     Y = _evaluate(func, problem.scale(design.rows()))
-    blocks, chunk = _blocks(Y, design.block_size)
-    perms = torch.from_numpy(design.permutations())
     acc = PermutationShapleyAccumulator(g, n_outer, n_inner, Y.shape[1:], conf_level=conf_level)
-    for start in range(0, blocks.shape[0], chunk):
-        acc.update(blocks[start : start + chunk], perms[start : start + chunk])
-    result = acc.compute()
-    result.names = list(problem.group_names)
-    return result
+    perms = torch.from_numpy(design.permutations())
+    return _stream(acc, problem, *_blocks(Y, design.block_size), perms)

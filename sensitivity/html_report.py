@@ -28,32 +28,35 @@ import html
 import io
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sensitivity.engine import MIN_TOGGLES
+from sensitivity.config import MIN_TOGGLES
 from sensitivity.estimators import FLAG_NAMES
-from sensitivity.masking import GROUP_KIND as MASKING_GROUP
-from sensitivity.masking import read_masking, specificity_figure
-from sensitivity.report import heatmap_figure, pair_figure
+from sensitivity.masking.result import GROUP_KIND as MASKING_GROUP
+from sensitivity.masking.result import MaskingResult
+from sensitivity.report import (
+    SIGNED_KEYS,
+    colour_scale,
+    file_part,
+    grid_axes,
+    heatmap_figure,
+    new_figure,
+    pair_figure,
+    specificity_figure,
+)
 from sensitivity.results import AnalysisResult
 from sensitivity.single_class import GROUP_KIND as SINGLE_CLASS_GROUP
-from sensitivity.single_class import read_single_class
+from sensitivity.single_class import SingleClassResult
 from sensitivity.stats import CORRELATION_GROUP, COVARIATES, LDA_GROUP, WILCOXON_GROUP, read_tree
 from sensitivity.store import ResultsStore
 
 DPI = 100
 TOP_UNITS = 3
-# Value types whose sign matters: units ranked by magnitude, maps on a symmetric scale.
-_SIGNED = ("effect_size", "mean_diff")
-_SHARES = ("S1", "ST", "shapley_normalized")
 # Value types in the activations' own units (any magnitude): significant digits, not decimals.
 _SCALED = ("shapley", "mean_diff")
 
@@ -72,25 +75,6 @@ td small { color: #666; white-space: nowrap; }
 
 
 # ------------------------------------------------------------------------------- helpers
-def _slug(text: str) -> str:
-    """``text`` as a file-name part (module names keep their dots)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
-
-
-def _figure(width: float, height: float) -> Figure:
-    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(figure)  # Agg canvas, never pyplot: no GUI, no global figure registry
-    return figure
-
-
-def _grid(figure: Figure, panels: int, columns: int) -> list[Any]:
-    rows = -(-panels // columns)
-    axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    for ax in axes[panels:]:
-        ax.set_visible(False)
-    return list(axes[:panels])
-
-
 def _esc(value: Any) -> str:
     return html.escape(str(value))
 
@@ -151,7 +135,7 @@ class _Page:
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png")
         data = buffer.getvalue()
-        path = self.out_dir / f"{_slug(name)}.png"
+        path = self.out_dir / f"{file_part(name)}.png"
         path.write_bytes(data)
         self.pngs.append(path)
         encoded = base64.b64encode(data).decode("ascii")
@@ -172,16 +156,6 @@ class _Page:
         )
 
 
-def _complete_groups(path: Path, kind: str) -> list[str]:
-    """Names of the complete groups /<kind>/<name> of the results file."""
-    with h5py.File(path, "r") as f:
-        group = f.get(kind)
-        if not isinstance(group, h5py.Group):
-            return []
-        return [name for name, g in group.items()
-                if isinstance(g, h5py.Group) and g.attrs.get("status") == "complete"]
-
-
 # ------------------------------------------------------------------------------- figures
 def _finite(values: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(values), values, np.nan)
@@ -199,7 +173,7 @@ def unit_scores(maps: np.ndarray, key: str) -> np.ndarray:
     over its spatial positions of ``key`` (magnitude for signed values); non-finite values are
     left out."""
     values = _finite(np.asarray(maps, dtype=np.float64))
-    if key in _SIGNED:
+    if key in SIGNED_KEYS:
         values = np.abs(values)
     values = values.reshape(values.shape[0], values.shape[1], -1)
     count = np.isfinite(values).sum(axis=2)
@@ -223,18 +197,9 @@ def specialised_units_figure(
     scores = unit_scores(maps, key)
     chosen = top_units(scores, top)
     n_vars, top = chosen.shape
-    figure = _figure(1.2 + 1.6 * top, 0.6 + 1.5 * n_vars)
+    figure = new_figure(1.2 + 1.6 * top, 0.6 + 1.5 * n_vars, dpi=DPI)
     axes = figure.subplots(n_vars, top, squeeze=False)
-    finite = maps[np.isfinite(maps)]
-    if key in _SHARES:
-        low, high, cmap = 0.0, 1.0, "viridis"
-    elif key in _SIGNED:
-        high = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
-        low, cmap = -high, "RdBu_r"
-    else:
-        low = float(finite.min()) if finite.size else 0.0
-        high = float(finite.max()) if finite.size and finite.max() > low else low + 1.0
-        cmap = "viridis"
+    low, high, cmap = colour_scale(maps, key, extend_shares=False)
     image = None
     for g, variable in enumerate(result.group_names):
         for j, channel in enumerate(chosen[g]):
@@ -269,8 +234,8 @@ def matrix_figure(
     cell = 0.42
     width = columns_per_row * (1.6 + cell * len(columns)) + 1.0
     height = -(-n_panels // columns_per_row) * (1.4 + cell * len(rows)) + 0.6
-    figure = _figure(max(5.0, width), max(3.0, height))
-    axes = _grid(figure, n_panels, columns_per_row)
+    figure = new_figure(max(5.0, width), max(3.0, height), dpi=DPI)
+    axes = list(grid_axes(figure, n_panels, columns_per_row).ravel()[:n_panels])
     image = None
     for ax, matrix, panel in zip(axes, matrices, titles, strict=True):
         matrix = np.asarray(matrix, dtype=np.float64)
@@ -503,7 +468,7 @@ def _lda_section(page: _Page, path: Path, name: str) -> None:
 
 
 def _masking_section(page: _Page, store: ResultsStore, group: str) -> None:
-    result = read_masking(store, group)
+    result = store.read_result(MaskingResult, MASKING_GROUP, group)
     page.heading(2, f"Guided masking {group} ({result.value} maps of {result.analysis})")
     page.note(
         f"{result.n_images} images, {result.k} draws per input augmentation, "
@@ -521,7 +486,7 @@ def _masking_section(page: _Page, store: ResultsStore, group: str) -> None:
 
 
 def _single_class_section(page: _Page, store: ResultsStore, group: str) -> None:
-    result = read_single_class(store, group)
+    result = store.read_result(SingleClassResult, SINGLE_CLASS_GROUP, group)
     t = result.threshold
     page.heading(2, f"Single-class analysis {group} ({result.value} maps of {result.analysis})")
     page.note(
@@ -574,7 +539,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     page = _Page(out)
     _overview(page, store, names)
-    groups = {kind: _complete_groups(store.path, kind) for kind in (
+    groups = {kind: store.groups(kind) for kind in (
         WILCOXON_GROUP, CORRELATION_GROUP, LDA_GROUP, MASKING_GROUP, SINGLE_CLASS_GROUP)}
     sections = ((WILCOXON_GROUP, _wilcoxon_section), (CORRELATION_GROUP, _correlation_section),
                 (LDA_GROUP, _lda_section))

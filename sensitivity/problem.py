@@ -30,6 +30,7 @@ from torch import Tensor
 
 from sensitivity import augmentations as augs
 from sensitivity.augmentations import AUGMENTATION_SETS, AUGMENTATIONS, ParamSpec
+from sensitivity.pipeline import compose
 
 AUXILIARIES = ("order", "class", "image", "partition")
 POSTPROCESSES = ("minmax",)
@@ -52,14 +53,16 @@ class Group:
 class DecodedRows:
     """Design rows decoded at one image size; R rows, K augmentations (problem order).
 
-    image_index: (R,) int64 index into the probe set (class-major: class c owns images
-        c * images_per_class ... (c + 1) * images_per_class - 1); within ``partition`` if any.
-    class_index: (R,) int64.  partition: (R,) int64 in {0, 1}, or None.
-    order: (R, K) int64 augmentation indices in application order (a permutation per row).
-    active: (R, K) bool, active[r, a] iff augmentation a is switched on in row r.
-    params: {augmentation: {parameter: (R,) tensor}} in natural units at the decoded size;
-        float32, or int64 for integer parameters. Values of switched-off augmentations are
-        decoded too but never used.
+    Attributes:
+        image_index: (R,) int64 index into the probe set (class-major: class c owns images
+            c * images_per_class ... (c + 1) * images_per_class - 1); within ``partition``.
+        class_index: (R,) int64.
+        partition: (R,) int64 in {0, 1}, or None.
+        order: (R, K) int64 augmentation indices in application order (a permutation per row).
+        active: (R, K) bool, active[r, a] iff augmentation a is switched on in row r.
+        params: {augmentation: {parameter: (R,) tensor}} in natural units at the decoded size
+            (pixels, degrees, factors); float32, or int64 for integer parameters. Values of
+            switched-off augmentations are decoded too but never used.
     """
 
     image_index: Tensor
@@ -98,7 +101,15 @@ class DecodedRows:
 
 
 def lehmer_permutations(codes: np.ndarray, k: int) -> np.ndarray:
-    """Permutations of range(k) with lexicographic ranks ``codes`` (R,) int -> (R, k) int64."""
+    """Permutations of range(k) with lexicographic ranks ``codes``.
+
+    Args:
+        codes: (R,) int Lehmer codes in [0, k!).
+        k: the permutations' length.
+
+    Returns:
+        (R, k) int64.
+    """
     codes = np.asarray(codes, dtype=np.int64).copy()
     remaining = np.tile(np.arange(k, dtype=np.int64), (codes.shape[0], 1))
     out = np.empty((codes.shape[0], k), dtype=np.int64)
@@ -192,15 +203,17 @@ def _resolve_params(
 class AugmentationProblem:
     """Groups and columns of an augmentation-sensitivity problem, and row decoding.
 
-    augmentations: a set number (1 or 2) or augmentation names, in problem order.
-    p_on: probability each augmentation is applied, one number or {name: p} (missing: 0.5);
-        p_on == 1 drops the switch column (always on).
-    auxiliaries: any of "order", "class", "image", "partition", as extra groups in that order.
-    n_classes, images_per_class: probe-set size, class-major.
-    postprocess: None or "minmax" (per-image, per-channel min-max after augmenting, as the
-        reference did; it cancels most of brightness and contrast).
-    bounds: optional {augmentation: {parameter: (low, high)}} at 224 px, inside the published
-        ranges, to narrow a parameter.
+    Args:
+        augmentations: a set number (1 or 2) or augmentation names, in problem order.
+        p_on: probability each augmentation is applied, one number or {name: p} (missing:
+            0.5); p_on == 1 drops the switch column (always on).
+        auxiliaries: any of "order", "class", "image", "partition", as extra groups in that
+            order.
+        n_classes, images_per_class: probe-set size, class-major.
+        postprocess: None or "minmax" (per-image, per-channel min-max after augmenting, as the
+            reference did; it cancels most of brightness and contrast).
+        bounds: optional {augmentation: {parameter: (low, high)}} at 224 px, inside the
+            published ranges, to narrow a parameter.
     """
 
     def __init__(
@@ -321,13 +334,19 @@ class AugmentationProblem:
         return dict(sorted(out.items()))
 
     def changed_groups(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-        """(R, G) bool: whether each group decodes differently in rows ``first`` and ``second``.
+        """Whether each group decodes differently in rows ``first`` and ``second``.
 
-        first, second: (R, d) design rows in [0, 1). An augmentation changes when its switch
-        differs, or when it is on in both and a parameter column differs (an integer parameter
-        can round to the same value: counted as a change); an auxiliary when its cell differs.
-        For a Sobol' design with first = A and second = B this is where AB_j differs from A in
-        group j: the base points that inform group j's indices.
+        An augmentation changes when its switch differs, or when it is on in both and a
+        parameter column differs (an integer parameter can round to the same value: counted as
+        a change); an auxiliary when its cell differs. For a Sobol' design with first = A and
+        second = B this is where AB_j differs from A in group j: the base points that inform
+        group j's indices.
+
+        Args:
+            first, second: (R, d) design rows in [0, 1).
+
+        Returns:
+            (R, G) bool.
         """
         first, second = self._check_rows(first), self._check_rows(second)
         if first.shape != second.shape:
@@ -479,7 +498,15 @@ class AugmentationProblem:
         return x
 
     def decode(self, x: np.ndarray | Tensor, height: int, width: int) -> DecodedRows:
-        """Decode design rows (R, d) in [0, 1) for images of ``height x width`` pixels."""
+        """Decode design rows for images of ``height x width`` pixels.
+
+        Args:
+            x: (R, d) design rows in [0, 1), numpy or tensor.
+            height, width: image size in px (parameters scale with it).
+
+        Returns:
+            The decoded rows (image, class, partition, order, switches, parameters).
+        """
         for label, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
@@ -528,12 +555,15 @@ class AugmentationProblem:
     def augment(self, images: Tensor, decoded: DecodedRows) -> Tensor:
         """Apply each row's switched-on augmentations in that row's order, batched.
 
-        images: (R, 3, H, W) float in [0, 1], row r showing the image ``decoded`` names for row r
-        (decoded at this H, W). Returns (R, 3, H, W); ``images`` is not modified. For each
-        position in the order and each augmentation, the rows with that augmentation at that
-        position (and switched on) are augmented together: at most K^2 batched calls. On the
-        CPU the rows go through in blocks of about ``CPU_BLOCK_BYTES`` of images, so that the
-        intermediate tensors of all K^2 calls stay in cache; results do not depend on blocking.
+        At most K^2 batched calls (``pipeline.compose``), then the problem's ``postprocess``.
+
+        Args:
+            images: (R, 3, H, W) float in [0, 1], row r showing the image ``decoded`` names for
+                row r; not modified.
+            decoded: these rows decoded at this H, W by this problem.
+
+        Returns:
+            (R, 3, H, W) augmented images, the input dtype and device.
         """
         k = len(self.augmentations)
         if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
@@ -545,64 +575,8 @@ class AugmentationProblem:
                 f"{decoded.order.shape[1]} augmentations (this problem has {k}); decode the "
                 f"same rows with this problem"
             )
-        device = images.device
-        on_device = decoded.to(device)
-        params = augs.validate(images, on_device.params)  # once for all K^2 calls below
-        # Which rows take which augmentation is decided on the CPU: tests of device tensors
-        # would stall an accelerator's queue once per (position, augmentation).
-        order, active = decoded.order.cpu(), decoded.active.cpu()
-        blocks = _cache_blocks(images)
-        if len(blocks) == 1:
-            out = self._augment_block(images, order, active, params)
-        else:
-            out = torch.empty_like(images)
-            for rows in blocks:
-                out[rows] = self._augment_block(
-                    images[rows],
-                    order[rows],
-                    active[rows],
-                    {a: {p: t[rows] for p, t in ps.items()} for a, ps in params.items()},
-                )
+        on_device = decoded.to(images.device)
+        out = compose(images, self.augmentations, decoded.order, decoded.active, on_device.params)
         if self.postprocess == "minmax":
             out = augs.minmax_rescale(out)
         return out
-
-    def _augment_block(
-        self,
-        images: Tensor,
-        order: Tensor,
-        active: Tensor,
-        params: dict[str, dict[str, Tensor]],
-    ) -> Tensor:
-        """``augment`` on rows whose images and (validated, float64) params are given."""
-        out = images.clone()
-        for position in range(len(self.augmentations)):
-            at_position = order[:, position]
-            for a, name in enumerate(self.augmentations):
-                selected = active[:, a] & (at_position == a)
-                if bool(selected.all()):
-                    out = augs.apply(name, out, params[name], validated=True)
-                elif bool(selected.any()):
-                    index = selected.nonzero().squeeze(1).to(images.device, non_blocking=True)
-                    out[index] = augs.apply(
-                        name,
-                        out[index],
-                        {p: t[index] for p, t in params[name].items()},
-                        validated=True,
-                    )
-        return out
-
-
-CPU_BLOCK_BYTES = 4 * 2**20
-"""Size of the row blocks ``AugmentationProblem.augment`` works through on the CPU (4 MiB:
-6 images at 224 px, 85 at 64 px). A whole batch streams every intermediate tensor through
-main memory, which on CPU costs more than the arithmetic of the pointwise augmentations."""
-
-
-def _cache_blocks(images: Tensor) -> list[slice]:
-    """Row slices of ``images`` (R, 3, H, W): blocks of ``CPU_BLOCK_BYTES`` on CPU, else one."""
-    rows = images.shape[0]
-    if images.device.type != "cpu" or rows == 0:
-        return [slice(0, rows)]
-    step = max(1, CPU_BLOCK_BYTES // (images[0].numel() * images.element_size()))
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]

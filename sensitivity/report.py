@@ -1,4 +1,5 @@
-"""PNG figures of analysis results: heatmaps (layers x variables) and index-over-epochs lines.
+"""PNG figures of results: heatmaps (layers x variables), index-over-epochs lines and the
+guided-masking specificity; the figure helpers the HTML report shares.
 
 Figures are built on ``matplotlib.figure.Figure`` and rendered by the Agg canvas, never through
 pyplot: no global backend switch, no GUI, no figure registry to leak from long training runs.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -17,10 +19,13 @@ from matplotlib.ticker import MaxNLocator
 
 from sensitivity.results import PER_VARIABLE_KEYS, SUMMARY_STATISTICS, AnalysisResult
 
-# Keys whose values are shares of variance, drawn on a fixed [0, 1] colour scale.
-_SHARE_KEYS = ("S1", "ST", "shapley_normalized")
+if TYPE_CHECKING:
+    from sensitivity.masking.result import MaskingResult
+
+# Keys whose values are shares of variance, drawn on a [0, 1] colour scale.
+SHARE_KEYS = ("S1", "ST", "shapley_normalized")
 # Keys whose sign matters: a diverging colour map centred on 0.
-_SIGNED_KEYS = ("effect_size", "mean_diff")
+SIGNED_KEYS = ("effect_size", "mean_diff")
 _LABELS = {
     "S1": "first-order Sobol index S1",
     "ST": "total Sobol index ST",
@@ -36,13 +41,42 @@ def _label(key: str) -> str:
     return _LABELS.get(key, key)
 
 
-def _new_figure(width: float, height: float) -> Figure:
-    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+def new_figure(width: float, height: float, dpi: int = DPI) -> Figure:
+    """An empty figure of ``width`` x ``height`` inches on its own Agg canvas (module
+    docstring), constrained layout."""
+    figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
 
 
-def _file_part(text: str) -> str:
+def grid_axes(figure: Figure, panels: int, columns: int) -> np.ndarray:
+    """(rows, columns) axes for ``panels`` panels filled row by row, the unused ones hidden."""
+    axes = figure.subplots(-(-panels // columns), columns, squeeze=False)
+    for ax in axes.ravel()[panels:]:
+        ax.set_visible(False)
+    return axes
+
+
+def colour_scale(values: np.ndarray, key: str, *, extend_shares: bool) -> tuple[float, float, str]:
+    """(low, high, colour map) for values of ``key``: shares of variance on [0, 1] (widened
+    to the finite values' range when ``extend_shares``: estimates can leave it), signed keys
+    on a symmetric diverging scale, other keys over their finite range."""
+    finite = values[np.isfinite(values)]
+    if key in SHARE_KEYS:
+        if not extend_shares:
+            return 0.0, 1.0, "viridis"
+        low = min(0.0, float(finite.min())) if finite.size else 0.0
+        high = max(1.0, float(finite.max())) if finite.size else 1.0
+        return low, high, "viridis"
+    if key in SIGNED_KEYS:
+        high = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
+        return -high, high, "RdBu_r"
+    low = float(finite.min()) if finite.size else 0.0
+    high = float(finite.max()) if finite.size and finite.max() > low else low + 1.0
+    return low, high, "viridis"
+
+
+def file_part(text: str) -> str:
     """``text`` as a safe file-name part (module names keep their dots)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
@@ -75,21 +109,9 @@ def heatmap_figure(result: AnalysisResult, key: str, statistic: str = "median") 
     _check_statistic(statistic)
     values = result.layer_statistics(key)[statistic]  # (L, G)
     n_layers, n_vars = values.shape
-    figure = _new_figure(max(5.0, 1.0 + 0.75 * n_vars), max(3.0, 1.6 + 0.45 * n_layers))
+    figure = new_figure(max(5.0, 1.0 + 0.75 * n_vars), max(3.0, 1.6 + 0.45 * n_layers))
     ax = figure.add_subplot()
-    finite = values[np.isfinite(values)]
-    if key in _SHARE_KEYS:
-        low = min(0.0, float(finite.min())) if finite.size else 0.0
-        high = max(1.0, float(finite.max())) if finite.size else 1.0
-        cmap = "viridis"
-    elif key in _SIGNED_KEYS:
-        high = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
-        low, cmap = -high, "RdBu_r"
-    else:
-        low = float(finite.min()) if finite.size else 0.0
-        high = float(finite.max()) if finite.size else 1.0
-        high = high if high > low else low + 1.0
-        cmap = "viridis"
+    low, high, cmap = colour_scale(values, key, extend_shares=True)
     image = ax.imshow(values, cmap=cmap, vmin=low, vmax=high, aspect="auto")
     colourmap = image.get_cmap()
     for i in range(n_layers):
@@ -122,8 +144,8 @@ def pair_figure(result: AnalysisResult, statistic: str = "median") -> Figure:
     columns = min(3, n_layers)
     rows = -(-n_layers // columns)
     side = max(3.2, 0.45 * g + 1.5)
-    figure = _new_figure(side * columns + 1.0, side * rows + 0.6)
-    axes = figure.subplots(rows, columns, squeeze=False)
+    figure = new_figure(side * columns + 1.0, side * rows + 0.6)
+    axes = grid_axes(figure, n_layers, columns)
     finite = s2[np.isfinite(s2)]
     high = max(0.05, float(np.abs(finite).max())) if finite.size else 1.0
     image = None
@@ -139,8 +161,6 @@ def pair_figure(result: AnalysisResult, statistic: str = "median") -> Figure:
         ax.set_xticks(range(g), result.group_names, rotation=90, fontsize=6)
         ax.set_yticks(range(g), result.group_names, fontsize=6)
         ax.set_title(label, fontsize=8)
-    for index in range(n_layers, rows * columns):
-        axes[index // columns][index % columns].set_visible(False)
     when = f", epoch {result.epoch}" if result.epoch is not None else ""
     figure.suptitle(
         f"second-order Sobol indices S2 (± half-width), {statistic} over valid units{when} "
@@ -160,7 +180,7 @@ def save_heatmaps(
     order ("S2" for the second-order figure). ``out_dir`` is created only when there is a
     figure (a variance analysis has none)."""
     out = Path(out_dir)
-    stem = _file_part(name or result.method)
+    stem = file_part(name or result.method)
     keys = list(result.value_keys)
     if all("S2" in values for values in result.layers.values()):
         keys.append("S2")
@@ -220,8 +240,8 @@ def history_figure(
             )
     columns = min(3, len(layers))
     rows = -(-len(layers) // columns)
-    figure = _new_figure(4.2 * columns + 1.8, 3.0 * rows + 0.6)
-    axes = figure.subplots(rows, columns, squeeze=False)
+    figure = new_figure(4.2 * columns + 1.8, 3.0 * rows + 0.6)
+    axes = grid_axes(figure, len(layers), columns)
     names = results[0].group_names
     tables = [
         dict(zip(r.layer_names, r.layer_statistics(key)["median"], strict=True)) for r in results
@@ -236,8 +256,6 @@ def history_figure(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(_label(key))
         ax.grid(alpha=0.3)
-    for index in range(len(layers), rows * columns):
-        axes[index // columns][index % columns].set_visible(False)
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside right upper", title="variable")
     figure.suptitle(
@@ -258,10 +276,52 @@ def save_history(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     keys = [k for k in results[0].value_keys if all(k in r.value_keys for r in results)]
-    suffix = f"_{_file_part(layer)}" if layer is not None else ""
+    suffix = f"_{file_part(layer)}" if layer is not None else ""
     paths = []
     for key in keys:
-        path = out / f"{_file_part(name)}_{key}{suffix}.png"
+        path = out / f"{file_part(name)}_{key}{suffix}.png"
         history_figure(results, key, layer).savefig(path)
         paths.append(path)
     return paths
+
+
+def specificity_figure(result: MaskingResult, top5: bool = False) -> Figure:
+    """Heatmap input augmentation x mask variable of the guided-masking specificity.
+
+    Args:
+        result: a masking result.
+        top5: draw the top-k (k = ``result.top_k``) specificity instead of the top-1 one.
+
+    Returns:
+        The figure: Spearman correlations in [-1, 1], low values on the diagonal meaning that
+        masking v's units hurts v-augmented inputs specifically.
+    """
+    values = result.specificity_top5 if top5 else result.specificity
+    rows, columns = values.shape
+    figure = new_figure(max(5.0, 1.2 + 0.8 * columns), max(3.0, 1.6 + 0.5 * rows))
+    ax = figure.add_subplot()
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-1.0, vmax=1.0, aspect="auto")
+    for i in range(rows):
+        for j in range(columns):
+            text = "n/a" if not np.isfinite(values[i, j]) else f"{values[i, j]:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="white" if np.isfinite(values[i, j]) and abs(values[i, j]) > 0.6
+                    else "black")
+    ax.set_xticks(range(columns), result.variables, rotation=45, ha="right")
+    ax.set_yticks(range(rows), result.inputs[1:])
+    ax.set_xlabel(f"mask variable ({result.value} maps)")
+    ax.set_ylabel("input augmentation")
+    ax.set_title(f"masking specificity (top-{5 if top5 else 1} accuracy)\nSpearman vs original "
+                 f"inputs over {len(result.configurations)} configurations", fontsize=10)
+    figure.colorbar(image, ax=ax, label="Spearman correlation")
+    return figure
+
+
+def save_specificity(result: MaskingResult, out_dir: str | Path, name: str) -> Path:
+    """Write ``specificity_figure(result)`` as ``<out_dir>/<name>_masking_specificity.png``
+    (``out_dir`` created when missing); returns the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}_masking_specificity.png"
+    specificity_figure(result).savefig(path)
+    return path

@@ -12,10 +12,11 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-METHODS = ("sobol", "shapley", "variance", "contrast")
+from sensitivity.config import METHODS
 
 # Arrays (G, *u): one map per variable (group, or augmentation for contrast).
 PER_VARIABLE_KEYS = (
@@ -83,6 +84,9 @@ class AnalysisResult:
         quasi-Monte-Carlo replicates behind them (1: none).
     toggles: variable -> base points (trajectories) in which that variable changes between the
         two rows of a pair (Sobol: A and AB_j; Goda: x1 and x2): what its indices rest on.
+    settings: the run's settings as the results file records them (``config.analysis_attrs``:
+        design, block_size, seed, reduction, precision, conf_level, sampling, ...), filled by
+        the engine; empty for results made otherwise.
 
     Construction validates names and shapes (ValueError) and converts arrays to float64.
     """
@@ -100,6 +104,7 @@ class AnalysisResult:
     interval: str = ""
     replicates: int = 1
     toggles: dict[str, int] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -134,6 +139,7 @@ class AnalysisResult:
         if unknown_toggles:
             raise ValueError(f"toggles name {unknown_toggles}, which are not variables")
         self.toggles = {str(k): int(v) for k, v in self.toggles.items()}
+        self.settings = dict(self.settings)
 
     def _check_layer(self, layer: str, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not values:
@@ -283,9 +289,10 @@ class AnalysisResult:
 
     def allclose(self, other: AnalysisResult, rtol: float = 1e-6, atol: float = 0.0) -> bool:
         """Same metadata, layers, keys and shapes, and arrays equal within ``rtol``/``atol``
-        (NaN equals NaN). ``seconds`` is compared with ``rtol`` too."""
+        (NaN equals NaN). ``seconds`` is compared with ``rtol`` too; ``settings`` not at all (a
+        result read back from a results file has them among the group's other attributes)."""
         for f in dataclasses.fields(self):
-            if f.name in ("layers", "seconds", "flags"):
+            if f.name in ("layers", "seconds", "flags", "settings"):
                 continue
             if getattr(self, f.name) != getattr(other, f.name):
                 return False

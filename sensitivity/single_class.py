@@ -28,8 +28,7 @@ This module imports torch, numpy and scipy; never Lightning or wandb.
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,27 +40,34 @@ from torch.utils.data import Dataset
 from torchmetrics import Metric
 
 from sensitivity.augmentations import AUGMENTATIONS
+from sensitivity.distributed import resolve_world
 from sensitivity.masking import (
-    Mask,
     MaskConfig,
-    MaskedNetwork,
+    MaskedRun,
+    PlanItem,
     ProbeInputs,
+    computed,
     default_configurations,
-    prepare_masks,
-    resolve_world,
     run_plans,
 )
 from sensitivity.problem import AugmentationProblem
-from sensitivity.store import ResultsStore
+from sensitivity.units import unit_mask
 
+# The group kind of single-class results in a results file: /single_class/<name>.
 GROUP_KIND = "single_class"
 
 
 # ---------------------------------------------------------------------------------- chance
 @dataclass(frozen=True)
 class ChanceThreshold:
-    """threshold = Q3 + 1.5 IQR of the simulated mean Jaccard index; mean: its expectation
-    (simulated); standard_error: Monte Carlo standard error of ``threshold`` (batch means)."""
+    """The chance threshold of the mean Jaccard index (``chance_threshold``).
+
+    Attributes:
+        threshold: Q3 + 1.5 IQR of the simulated mean Jaccard index.
+        mean: its expectation (simulated).
+        standard_error: Monte Carlo standard error of ``threshold`` (batch means).
+        n_classes, samples_per_class, n, trials, seed: the simulation's arguments.
+    """
 
     threshold: float
     mean: float
@@ -89,8 +95,17 @@ def chance_threshold(
     """The chance threshold of the mean Jaccard index of two random n-subsets of
     ``n_classes`` classes over ``n_classes * samples_per_class`` samples (module docstring).
 
-    ``trials`` simulated experiments from ``np.random.default_rng(seed)``; the standard error
-    is the spread of the threshold over ``batches`` equal parts of the trials / sqrt(batches).
+    Args:
+        n_classes: C, at least 2.
+        samples_per_class: s, probe images per class.
+        n: the size of the subsets, below C.
+        trials: simulated experiments, drawn from ``np.random.default_rng(seed)``.
+        seed: the simulation's seed.
+        batches: equal parts of the trials; the standard error is the spread of the
+            threshold over them / sqrt(batches).
+
+    Returns:
+        The threshold, the simulated mean and the threshold's standard error.
     """
     for label, value, low in (("n_classes", n_classes, 2), ("samples_per_class",
                               samples_per_class, 1), ("n", n, 1), ("trials", trials, 2 * batches),
@@ -121,20 +136,23 @@ def chance_threshold(
 def candidate_classes(
     head_maps: np.ndarray, n: int, valid: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(classes (V, n) int64, values (V, n)): per variable the n valid classes with the
-    largest sensitivity, largest first (ties: lower class index first). head_maps: (V, C);
-    valid: (C,) bool, the classes not flagged (default all); ValueError when fewer than n are
-    valid."""
+    """Per variable the n valid classes with the largest sensitivity.
+
+    Args:
+        head_maps: (V, C) sensitivities at the classification layer.
+        n: candidates per variable.
+        valid: (C,) bool, the classes not flagged (default all).
+
+    Returns:
+        (classes (V, n) int64, values (V, n)), largest first (ties: lower class index
+        first); ValueError when fewer than n classes are valid.
+    """
     if head_maps.ndim != 2 or not 1 <= n <= head_maps.shape[1]:
         raise ValueError(
             f"need classification-layer maps (variables, classes) and 1 <= n <= classes; got "
             f"shape {head_maps.shape}, n = {n}"
         )
-    if valid is None:
-        valid = np.ones(head_maps.shape[1], dtype=bool)
-    valid = np.asarray(valid, dtype=bool)
-    if valid.shape != head_maps.shape[1:]:
-        raise ValueError(f"valid has shape {valid.shape}, the classes {head_maps.shape[1:]}")
+    valid = unit_mask(valid, head_maps.shape[1:], "the classes")
     if np.count_nonzero(valid) < n:
         raise ValueError(
             f"n = {n} candidate classes but only {np.count_nonzero(valid)} of "
@@ -178,11 +196,14 @@ class JaccardMean(Metric):
 class SingleClassResult:
     """Self-masking Jaccard indices against the candidate classes.
 
-    variables: the augmentations analysed (V); configurations: mask labels (M);
-    candidates: (V, n) class indices (``candidate_names`` their names), candidate_scores
-    (V, n) their sensitivities; jaccard: (V, M) mean J under self-masking;
-    jaccard_original, jaccard_augmented: (V,) unmasked, on original / v-augmented inputs;
-    threshold: the chance threshold (``chance_threshold``).
+    Attributes:
+        variables: the augmentations analysed (V); configurations: mask labels (M).
+        candidates: (V, n) class indices (``candidate_names`` their names).
+        candidate_scores: (V, n) their sensitivities.
+        jaccard: (V, M) mean J in [0, 1] under self-masking.
+        jaccard_original, jaccard_augmented: (V,) unmasked, on original / v-augmented inputs.
+        threshold: the chance threshold (``chance_threshold``).
+        seconds: wall time of the evaluation, in seconds.
     """
 
     value: str
@@ -239,11 +260,14 @@ class SingleClassResult:
               "n_images", "k", "seed", "ties", "prefix_reuse", "seconds")
 
     def arrays(self) -> dict[str, np.ndarray]:
+        """The datasets of the /single_class/<name> group (docs/RESULTS_FORMAT.md)."""
         arrays = {key: np.asarray(getattr(self, key)) for key in self._ARRAYS}
         arrays.update(candidate_names=self.candidate_names, matched=self.matched)
         return arrays
 
     def attrs(self) -> dict[str, Any]:
+        """The attributes of the /single_class/<name> group, the chance threshold's among
+        them (epoch -1: not known)."""
         attrs = {key: getattr(self, key) for key in self._ATTRS}
         t = self.threshold
         attrs.update(
@@ -258,6 +282,7 @@ class SingleClassResult:
     def from_group(
         cls, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any]
     ) -> SingleClassResult:
+        """The result back from a stored group's (arrays, attrs) (``ResultsStore.read_group``)."""
         threshold = ChanceThreshold(
             threshold=attrs["threshold"], mean=attrs["chance_mean"],
             standard_error=attrs["threshold_se"], n_classes=attrs["n_classes"],
@@ -300,28 +325,78 @@ def evaluate_single_class(
     head_valid: np.ndarray | None = None,
     progress: bool = True,
 ) -> SingleClassResult:
-    """Self-masking Jaccard indices of every augmentation variable (module docstring).
+    """Self-masking Jaccard indices of every augmentation variable (module docstring); every
+    rank must call it (DDP) and gets the global result.
 
-    maps: {masked layer: (G, *u)} in [0, 1] and valid: {masked layer: (*u) bool}
-    (``masking.sensitivity_maps``; None: every unit) for the G ``variables``; head_maps:
-    (G, C) the same value type at the classification layer, head_valid: (C,) bool its
-    unflagged classes, the only possible candidates (None: all);
-    augmentations: the variables to analyse (default: every variable that is an
-    augmentation); images, labels: the probe (class-balanced: s = images / C per class);
-    n: candidate classes and predictions compared (n < C). progress: rank zero reports the
-    image forwards (as ``masking.run_plans``). Every rank must call it (DDP).
+    Args:
+        maps, valid: {masked layer: (G, *u)} in [0, 1] and {masked layer: (*u) bool}
+            (``masking.sensitivity_maps``; valid None: every unit) of the G ``variables``.
+        head_maps, head_valid: (G, C) the same value type at the classification layer and
+            (C,) bool its unflagged classes, the only possible candidates (None: all).
+        augmentations: the variables analysed (default: every augmentation variable).
+        images, labels: the probe, class-balanced (s = images / C per class).
+        n: candidates and predictions compared (n < C); class_names: default the indices.
+        trials: simulated experiments of the chance threshold.
+        value, analysis, layer: recorded (value type, analysis, classification layer).
+        progress: rank zero reports the image forwards (as ``masking.run_plans``).
+        model, configurations, k, seed, problem, ties, batch_images, reuse_prefix,
+            layer_root, rank, world_size: as ``masking.evaluate_masking``.
+
+    Returns:
+        Mean Jaccard indices (variables, configurations), references, candidates, threshold.
     """
     started = time.perf_counter()
     rank, world_size = resolve_world(rank, world_size)
-    variables = list(variables)
+    chosen = _analysed_variables(variables, augmentations)
+    head_maps, names = _classification_maps(head_maps, variables, class_names)
+    configs = list(configurations or default_configurations())
+    inputs = ProbeInputs(images, labels, chosen, k, seed, problem)
+    threshold = chance_threshold(len(names), max(1, round(inputs.n_images / len(names))), n,
+                                 trials, seed)
+    classes, scores = candidate_classes(head_maps[[list(variables).index(v) for v in chosen]],
+                                        n, head_valid)
+    run = MaskedRun.prepare(model, maps, variables, chosen, inputs, configs, ties=ties,
+                            reuse_prefix=reuse_prefix, layer_root=layer_root, valid=valid)
+    stride = len(configs) + 2  # per variable: unmasked original, unmasked augmented, configs
+    metric = JaccardMean(len(chosen) * stride).to(run.device)
+    work = (f"{inputs.n_images} probe images: the originals unmasked, and {inputs.k} draws "
+            f"of each of {len(chosen)} augmentations, unmasked and under that augmentation's "
+            f"{len(configs)} mask configurations")
+    run_plans(run.network, inputs, _self_masking_plans(run, chosen, configs, stride),
+              _jaccard_updates(metric, classes, len(names), n, stride, run.device),
+              batch_images=batch_images, device=run.device, rank=rank, world_size=world_size,
+              progress=progress, desc="single-class", work=work)
+    means = computed(metric).reshape(len(chosen), stride)
+    return SingleClassResult(
+        value=value, analysis=analysis, layer=layer, variables=chosen,
+        configurations=[c.label for c in configs], class_names=names, n=n, candidates=classes,
+        candidate_scores=scores, jaccard=means[:, 2:], jaccard_original=means[:, 0],
+        jaccard_augmented=means[:, 1], threshold=threshold, n_images=inputs.n_images,
+        k=inputs.k, seed=seed, ties=ties, prefix_reuse=run.network.split_note,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _analysed_variables(
+    variables: Sequence[str], augmentations: Sequence[str] | None
+) -> list[str]:
+    """The augmentation variables to analyse: ``augmentations``, default every variable that
+    is an augmentation; ValueError for none or for one that is not such a variable."""
     chosen = [v for v in variables if v in AUGMENTATIONS] if augmentations is None else list(
         augmentations)
     bad = [v for v in chosen if v not in variables or v not in AUGMENTATIONS]
     if bad or not chosen:
         raise ValueError(
             f"single-class needs augmentation variables of the analysis; got {bad or chosen}, "
-            f"the analysis has {variables}"
+            f"the analysis has {list(variables)}"
         )
+    return chosen
+
+
+def _classification_maps(
+    head_maps: np.ndarray, variables: Sequence[str], class_names: Sequence[str] | None
+) -> tuple[np.ndarray, list[str]]:
+    """(head_maps (G, C) float64, the C class names), checked against the G variables."""
     head_maps = np.asarray(head_maps, dtype=np.float64)
     n_classes = head_maps.shape[1] if head_maps.ndim == 2 else 0
     if head_maps.ndim != 2 or head_maps.shape[0] != len(variables):
@@ -332,64 +407,41 @@ def evaluate_single_class(
     names = [str(c) for c in (class_names or range(n_classes))]
     if len(names) != n_classes:
         raise ValueError(f"{len(names)} class names for {n_classes} classes")
-    configs = list(configurations or default_configurations())
-    inputs = ProbeInputs(images, labels, chosen, k, seed, problem)
-    threshold = chance_threshold(n_classes, max(1, round(inputs.n_images / n_classes)), n,
-                                 trials, seed)
-    index = [variables.index(v) for v in chosen]
-    classes, scores = candidate_classes(head_maps[index], n, head_valid)
-    quantiles = sorted({c.q for c in configs if c.kind == "quantile"})
-    masks = prepare_masks(model, maps, variables, chosen, (inputs.height, inputs.width),
-                          quantiles, ties, layer_root, valid)
-    network = MaskedNetwork(model, list(maps), reuse_prefix, layer_root)
-    device = next(model.parameters()).device
-    candidates = torch.zeros(len(chosen), n_classes, dtype=torch.bool, device=device)
-    candidates[torch.arange(len(chosen))[:, None], torch.as_tensor(classes)] = True
-    stride = len(configs) + 2  # per variable: unmasked original, unmasked augmented, configs
-    # Input set 0 (original) runs once unmasked for all variables (plan -1); input set 1 + v
-    # runs unmasked and under each of v's masks.
-    plans: list[list[tuple[int, Mask | None]]] = [[(-1, None)]]
+    return head_maps, names
+
+
+def _self_masking_plans(
+    run: MaskedRun, chosen: Sequence[str], configs: Sequence[MaskConfig], stride: int
+) -> list[list[PlanItem]]:
+    """The passes per input set. Input set 0 (original) runs once unmasked for all variables
+    (plan -1); input set 1 + v runs unmasked (plan v * stride + 1) and under each of v's
+    masks (plans v * stride + 2 + c)."""
+    plans: list[list[PlanItem]] = [[(-1, None)]]
     for v, variable in enumerate(chosen):
-        plans.append([(v * stride + 1, None)] + [
-            (v * stride + 2 + c, masks[variable].mask(config)) for c, config in enumerate(configs)
-        ])
-    metric = JaccardMean(len(chosen) * stride).to(device)
+        plans.append([(v * stride + 1, None), *run.masks[variable].plan(configs, v * stride + 2)])
+    return plans
+
+
+def _jaccard_updates(
+    metric: JaccardMean,
+    classes: np.ndarray,
+    n_classes: int,
+    n: int,
+    stride: int,
+    device: torch.device,
+) -> Callable[[int, int, Tensor, Tensor], None]:
+    """The ``run_plans`` consumer: the Jaccard index of each pass's top-n predictions with the
+    candidates (classes (V, n)) of the input set's variable; the unmasked originals (plan -1)
+    count for every variable, at plan v * stride."""
+    candidates = torch.zeros(len(classes), n_classes, dtype=torch.bool, device=device)
+    candidates[torch.arange(len(classes))[:, None], torch.as_tensor(classes)] = True
 
     def consume(i: int, plan: int, logits: Tensor, labels: Tensor) -> None:
         top = logits.topk(n, dim=1).indices
         if plan < 0:
-            for v in range(len(chosen)):
+            for v in range(len(classes)):
                 metric.update(v * stride, jaccard(top, candidates[v]))
         else:
             metric.update(plan, jaccard(top, candidates[i - 1]))
 
-    work = (f"{inputs.n_images} probe images: the originals unmasked, and {inputs.k} draws "
-            f"of each of {len(chosen)} augmentations, unmasked and under that augmentation's "
-            f"{len(configs)} mask configurations")
-    run_plans(network, inputs, plans, consume, batch_images=batch_images, device=device,
-              rank=rank, world_size=world_size, progress=progress, desc="single-class",
-              work=work)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*was called before the ``update``")
-        means = metric.compute().cpu().numpy().reshape(len(chosen), stride)
-    return SingleClassResult(
-        value=value, analysis=analysis, layer=layer, variables=chosen,
-        configurations=[c.label for c in configs], class_names=names, n=n, candidates=classes,
-        candidate_scores=scores, jaccard=means[:, 2:], jaccard_original=means[:, 0],
-        jaccard_augmented=means[:, 1], threshold=threshold, n_images=inputs.n_images,
-        k=inputs.k, seed=seed, ties=ties, prefix_reuse=network.split_note,
-        seconds=time.perf_counter() - started,
-    )
-
-
-def write_single_class(
-    store: ResultsStore, name: str, result: SingleClassResult, *, overwrite: bool = False
-) -> str:
-    """Store ``result`` as /single_class/<name> (atomic); returns the group path."""
-    path = f"{GROUP_KIND}/{name}"
-    store.write_group(path, result.arrays(), result.attrs(), overwrite=overwrite)
-    return path
-
-
-def read_single_class(store: ResultsStore, name: str) -> SingleClassResult:
-    return SingleClassResult.from_group(*store.read_group(f"{GROUP_KIND}/{name}"))
+    return consume

@@ -8,10 +8,8 @@ HDF5, plus at worst a stray temporary file that ``ResultsStore.cleanup()`` remov
 place would not do: HDF5 has no journal, and a process killed while the file is open for writing
 can leave its metadata inconsistent and every analysis in it unreadable.
 
-Raw activations are large, so they never go through the copy: ``ActivationWriter`` fills its own
-file (temporary name until ``finalize``), ``merge_shards`` joins per-rank files, and
-``ResultsStore.add_activations`` links the finished file in as ``/activations/<name>`` (an HDF5
-external link, which plain h5py follows).
+Raw activations never go through the copy: ``sensitivity.activations`` writes their own files
+and ``ResultsStore.add_activations`` links a finished one in as ``/activations/<name>``.
 
 One writer per results file (rank zero); a lock on the directory serialises writers of one
 machine. Readers open the file read-only per call and always see a complete file.
@@ -20,234 +18,133 @@ machine. Readers open the file read-only per call and always see a complete file
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import fcntl
-import importlib.metadata
 import json
-import math
 import os
 import shutil
-import tomllib
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 import h5py
 import numpy as np
 import yaml
 
+from sensitivity.activations import check_finalized
+from sensitivity.h5files import (
+    COMPLETE,
+    NONE_INT,
+    STRING_DTYPE,
+    WRITING,
+    check_format,
+    check_name,
+    directory_lock,
+    from_attr,
+    is_complete,
+    optional_int,
+    publish,
+    software_version,
+    stamp_root,
+    temporary_path,
+    to_attr,
+    utc_now,
+)
+from sensitivity.provenance import describe_differences, height_width
 from sensitivity.results import AnalysisResult
 
 if TYPE_CHECKING:
-    from torch import Tensor
-
     from sensitivity.problem import AugmentationProblem
 
 RESULTS_FORMAT = "augsens-results"
-ACTIVATIONS_FORMAT = "augsens-activations"
-FORMAT_VERSION = 1
-COMPLETE = "complete"
-WRITING = "writing"
-NONE_INT = -1  # epoch, global_step or seed that is not known (HDF5 attributes cannot be None)
 # Per-layer dataset of unit flags (uint8 codes of sensitivity.estimators.FLAG_*).
 FLAG_DATASET = "flag"
 
-_STR = h5py.string_dtype()
-_TARGET_CHUNK_BYTES = 1 << 20  # activation chunks of about 1 MiB: cheap row-batch reads
-_MERGE_BATCH_BYTES = 64 << 20
+# --------------------------------------------------------------------------- groups
+class StoredResult(Protocol):
+    """A result stored as one group (``ResultsStore.write_result``/``read_result``):
+    ``MaskingResult``, ``SingleClassResult``."""
+
+    def arrays(self) -> Mapping[str, Any]:
+        """{dataset name: array} of the group."""
+        ...
+
+    def attrs(self) -> Mapping[str, Any]:
+        """{attribute: value} of the group (str, numbers, lists)."""
+        ...
+
+    @classmethod
+    def from_group(cls, arrays: Mapping[str, Any], attrs: Mapping[str, Any]) -> Self:
+        """The result back from ``read_group``'s (arrays, attrs)."""
+        ...
 
 
-def software_version() -> str:
-    """Version of this project: installed metadata, else pyproject.toml, else "unknown"."""
-    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        return importlib.metadata.version("augsens")
-    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-    with contextlib.suppress(OSError, tomllib.TOMLDecodeError, KeyError):
-        return str(tomllib.loads(pyproject.read_text())["project"]["version"])
-    return "unknown"
+ResultT = TypeVar("ResultT", bound=StoredResult)
+
+# Attributes every /analyses/<name> group has (``_analysis_attrs``, the status).
+_ANALYSIS_ATTRS = frozenset({
+    "method", "n", "evaluations", "epoch", "global_step", "seconds", "status", "group_names",
+    "layers", "created", "interval", "replicates", "toggles",
+})
 
 
-def _utc_now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def check_name(kind: str, name: str) -> str:
-    """Validate an analysis or layer name for use as an HDF5 link name.
-
-    "/" separates HDF5 paths, so it is refused (torchvision module names never contain it);
-    "." inside a name is fine ("features.2"). Names may not be empty, "." or "..", or start
-    with "." (reserved for temporary objects).
-    """
-    if not isinstance(name, str) or not name or name.startswith(".") or "/" in name:
-        raise ValueError(
-            f"invalid {kind} name {name!r}: it must be a non-empty string without '/' that does "
-            "not start with '.' (module names such as 'layer1' or 'features.2' are fine)"
-        )
-    return name
-
-
-def _attr(value: Any) -> Any:
-    """A Python value as an HDF5 attribute: str lists become variable-length string arrays."""
-    if isinstance(value, str | bool | int | float | np.generic):
-        return value
-    if isinstance(value, Mapping):
-        return json.dumps(value, sort_keys=True)
-    array = np.asarray(value)
-    if array.dtype.kind in "US" or (array.dtype == object and array.size == 0):
-        return np.asarray(array, dtype=object).astype(_STR)
-    if array.dtype == object:
-        raise ValueError(f"cannot store {value!r} as an HDF5 attribute; use str, numbers or lists")
-    return array
-
-
-def _python(value: Any) -> Any:
-    """An HDF5 attribute as a plain Python value (lists of str, ints, floats)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        if value.dtype == object or value.dtype.kind == "S":
-            return [v.decode() if isinstance(v, bytes) else str(v) for v in value.ravel()]
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _optional_int(value: Any) -> int | None:
-    value = int(value)
-    return None if value == NONE_INT else value
-
-
-# --------------------------------------------------------------------------- differences
-_MISSING = object()
-_SHOWN_DIFFERENCES = 5
-_SHORT_TEXT = 40
-
-
-def _short(value: Any) -> str:
-    """A value for a message: compact JSON (strings as they are); long ones keep their start
-    and end, so that digests sharing a prefix still show where they differ."""
-    if value is _MISSING:
-        return "absent"
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= _SHORT_TEXT else f"{text[:16]}...{text[-16:]}"
-
-
-def _leaf_differences(old: Any, new: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
-    """(dotted path, old, new) of every leaf where two JSON-like values differ, in key order;
-    mappings are followed key by key, anything else (a list, a number) is one leaf."""
-    if isinstance(old, Mapping) and isinstance(new, Mapping):
-        for key in [*old, *(key for key in new if key not in old)]:
-            where = f"{path}.{key}" if path else str(key)
-            yield from _leaf_differences(old.get(key, _MISSING), new.get(key, _MISSING), where)
-    elif _plain(old) != _plain(new):
-        yield path, old, new
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists (recursively): a tuple equals the list of its items, as in JSON."""
-    return [_plain(v) for v in value] if isinstance(value, list | tuple) else value
-
-
-def describe_differences(old: Any, new: Any, labels: tuple[str, str] = ("saved", "now")) -> str:
-    """Where two JSON-like values (nested dicts) differ, leaf by leaf, for an error message:
-    "config.seed (saved 5, now 3); image_size (saved [64, 64], now [32, 32])", at most five
-    leaves then "and k more"; "" when they are equal (a tuple equals the list of its items)."""
-    found = list(_leaf_differences(old, new, ""))
-    shown = [
-        f"{path or 'value'} ({labels[0]} {_short(a)}, {labels[1]} {_short(b)})"
-        for path, a, b in found[:_SHOWN_DIFFERENCES]
-    ]
-    if len(found) > _SHOWN_DIFFERENCES:
-        shown.append(f"and {len(found) - _SHOWN_DIFFERENCES} more")
-    return "; ".join(shown)
-
-
-# --------------------------------------------------------------------------- provenance
-def _image_size(image_size: int | Sequence[int]) -> list[int]:
-    """[height, width] of an int side or a (height, width) pair; ValueError otherwise."""
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
-    size = [int(s) for s in image_size]
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
-    return size
-
-
-def provenance(
-    *,
-    model: str,
-    weights: str | None,
-    weights_sha256: str,
-    dataset: str,
-    image_size: int | Sequence[int],
-    problem: AugmentationProblem,
-) -> dict[str, Any]:
-    """What an analysis was computed from, as attributes of its /analyses/<name> group
-    (``write_analysis(attrs=...)``), so that every analysis describes itself.
-
-    model: architecture; weights: their source (None: random initialisation, stored "none");
-    weights_sha256: hex SHA-256 of the checkpoint or weights file, or of the state dict when
-    the weights have no file (random initialisation, weights during training); dataset;
-    image_size: side or (height, width); problem: stored as JSON text of its ``to_config()``.
-    """
-    return {
-        "model": str(model),
-        "weights": "none" if weights is None else str(weights),
-        "weights_sha256": str(weights_sha256),
-        "dataset": str(dataset),
-        "image_size": _image_size(image_size),
-        "problem": json.dumps(problem.to_config(), sort_keys=True),
+def _analysis_attrs(result: AnalysisResult) -> dict[str, Any]:
+    """The standard attributes of an analysis group (docs/RESULTS_FORMAT.md), status aside."""
+    standard: dict[str, Any] = {
+        "method": result.method,
+        "n": int(result.n),
+        "evaluations": int(result.evaluations),
+        "epoch": NONE_INT if result.epoch is None else int(result.epoch),
+        "global_step": NONE_INT if result.global_step is None else int(result.global_step),
+        "seconds": float(result.seconds),
+        "group_names": result.group_names,
+        "layers": result.layer_names,
+        "created": utc_now(),
+        "interval": result.interval,
+        "replicates": int(result.replicates),
     }
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Durably replace ``final`` by the closed file ``tmp`` (atomic rename)."""
-    _fsync(tmp)
-    os.replace(tmp, final)
-    _fsync(final.parent)
-
-
-def _temporary(final: Path) -> Path:
-    return final.parent / f".{final.name}.tmp-{uuid.uuid4().hex}"
-
-
-@contextlib.contextmanager
-def _directory_lock(directory: Path) -> Iterator[None]:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def _stamp_root(f: h5py.File, file_format: str) -> None:
-    f.attrs["format"] = file_format
-    f.attrs["format_version"] = FORMAT_VERSION
-    f.attrs["software_version"] = software_version()
-    f.attrs["created"] = _utc_now()
-
-
-def _check_format(f: h5py.File, file_format: str, path: Path) -> None:
-    found = _python(f.attrs.get("format", ""))
-    if found != file_format:
-        raise ValueError(f"{path} is not an {file_format} file (format attribute {found!r})")
-    version = int(f.attrs.get("format_version", 0))
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format version {version}; this software reads up to {FORMAT_VERSION}"
+    if result.toggles:
+        standard["toggles"] = np.asarray(
+            [result.toggles.get(g, NONE_INT) for g in result.group_names], dtype=np.int64
         )
+    return standard
+
+
+def _write_layer(
+    lg: h5py.Group, result: AnalysisResult, layer: str, values: Mapping[str, np.ndarray]
+) -> None:
+    """One layer of an analysis: unit shape and validity counts, the value arrays (float32)
+    and the unit flags (uint8)."""
+    lg.attrs["unit_shape"] = np.asarray(result.unit_shape(layer), dtype=np.int64)
+    lg.attrs["n_constant"] = int(result.n_constant.get(layer, 0))
+    flag = result.flags[layer]
+    lg.attrs["n_valid"] = int(np.count_nonzero(flag == 0))
+    lg.attrs["valid_fraction"] = float(np.mean(flag == 0))
+    for key, array in values.items():
+        lg.create_dataset(key, data=np.asarray(array, dtype=np.float32))
+    lg.create_dataset(FLAG_DATASET, data=flag.astype(np.uint8))
+
+
+def _complete_names(f: h5py.File, kind: str) -> list[str]:
+    """Names of the complete groups under /<kind> of the open file, in creation order."""
+    parent = f.get(kind)
+    if not isinstance(parent, h5py.Group):
+        return []
+    return [name for name, g in parent.items()
+            if not name.startswith(".") and isinstance(g, h5py.Group) and is_complete(g)]
+
+
+def _datasets(group: h5py.Group, nested: bool) -> dict[str, Any]:
+    """{name: array} of a group's datasets (strings as str arrays), {name: {...}} of its
+    subgroups when ``nested``."""
+    out: dict[str, Any] = {}
+    for key, item in group.items():
+        if isinstance(item, h5py.Group):
+            if nested:
+                out[key] = _datasets(item, nested)
+        elif item.dtype.kind == "O":
+            out[key] = item.asstr()[()].astype(str)
+        else:
+            out[key] = item[()]
+    return out
 
 
 class ResultsStore:
@@ -268,19 +165,19 @@ class ResultsStore:
     def _transaction(self) -> Iterator[h5py.File]:
         """Copy-on-write: yield a writable copy of the file, then publish it atomically."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _directory_lock(self.path.parent):
-            tmp = _temporary(self.path)
+        with directory_lock(self.path.parent):
+            tmp = temporary_path(self.path)
             try:
                 if self.path.exists():
                     shutil.copyfile(self.path, tmp)
                     with h5py.File(tmp, "r+") as f:
-                        _check_format(f, RESULTS_FORMAT, self.path)
+                        check_format(f, RESULTS_FORMAT, self.path)
                         yield f
                 else:
                     with h5py.File(tmp, "w") as f:
-                        _stamp_root(f, RESULTS_FORMAT)
+                        stamp_root(f, RESULTS_FORMAT)
                         yield f
-                _publish(tmp, self.path)
+                publish(tmp, self.path)
             finally:
                 tmp.unlink(missing_ok=True)
 
@@ -289,7 +186,7 @@ class ResultsStore:
         if not self.path.exists():
             raise FileNotFoundError(f"no results file at {self.path}; nothing has been written")
         with h5py.File(self.path, "r") as f:
-            _check_format(f, RESULTS_FORMAT, self.path)
+            check_format(f, RESULTS_FORMAT, self.path)
             yield f
 
     def _new_group(
@@ -338,7 +235,7 @@ class ResultsStore:
         ("created" keeps the file's creation time): callers that add analyses of another run
         check ``provenance_differences`` first.
         """
-        size = _image_size(image_size)
+        size = height_width(image_size)
         if isinstance(config, Mapping):
             config = yaml.safe_dump(dict(config), sort_keys=False)
         values: dict[str, Any] = {
@@ -356,7 +253,7 @@ class ResultsStore:
             raise ValueError(f"attrs {clash} would overwrite standard root attributes; rename them")
         with self._transaction() as f:
             for key, value in {**values, **(attrs or {})}.items():
-                f.attrs[key] = _attr(value)
+                f.attrs[key] = to_attr(value)
             f.attrs["software_version"] = software_version()
             if problem is not None:
                 if "problem" in f:
@@ -392,14 +289,14 @@ class ResultsStore:
             "config": json.dumps(problem.to_config(), sort_keys=True),
         }
         for key, value in values.items():
-            g.attrs[key] = _attr(value)
+            g.attrs[key] = to_attr(value)
 
     def read_metadata(self) -> dict[str, Any]:
         """Root attributes as plain Python values, with "problem": {...} when /problem exists."""
         with self._read() as f:
-            meta = {key: _python(value) for key, value in f.attrs.items()}
+            meta = {key: from_attr(value) for key, value in f.attrs.items()}
             if "problem" in f:
-                meta["problem"] = {k: _python(v) for k, v in f["problem"].attrs.items()}
+                meta["problem"] = {k: from_attr(v) for k, v in f["problem"].attrs.items()}
         return meta
 
     def provenance_differences(self, given: Mapping[str, Any]) -> str:
@@ -435,61 +332,37 @@ class ResultsStore:
     ) -> None:
         """Store ``result`` as /analyses/<name> (arrays as float32), atomically.
 
-        attrs: extra attributes of the analysis group (design, reduction, seed, ...).
-        An existing analysis of that name is a ValueError unless ``overwrite``.
+        Args:
+            name: the analysis name (``check_name``).
+            result: the analysis. Its ``settings`` (the engine's analysis settings: design,
+                reduction, seed, ...; results made without them have none) become group
+                attributes after the standard ones.
+            attrs: further group attributes (provenance, the run's config text); on a key
+                that ``result.settings`` has too, ``attrs`` wins.
+            overwrite: replace an existing analysis of that name instead of a ValueError.
+
+        Raises:
+            ValueError: a settings or attrs key would overwrite a standard attribute, or the
+                analysis exists and ``overwrite`` is False.
         """
         check_name("analysis", name)
         for layer in result.layers:
             check_name("layer", layer)
-        reserved = {"method", "n", "evaluations", "epoch", "global_step", "seconds", "status",
-                    "group_names", "layers", "created", "interval", "replicates", "toggles"}
-        clash = sorted(reserved & set(attrs or {}))
+        extra = {**result.settings, **(attrs or {})}
+        clash = sorted(_ANALYSIS_ATTRS & set(extra))
         if clash:
             raise ValueError(f"attrs {clash} would overwrite standard attributes; rename them")
         with self._transaction() as f:
             g = self._new_group(f, "analyses", name, f"analysis {name!r}", overwrite)
-            standard = {
-                "method": result.method,
-                "n": int(result.n),
-                "evaluations": int(result.evaluations),
-                "epoch": NONE_INT if result.epoch is None else int(result.epoch),
-                "global_step": NONE_INT if result.global_step is None else int(result.global_step),
-                "seconds": float(result.seconds),
-                "group_names": result.group_names,
-                "layers": result.layer_names,
-                "created": _utc_now(),
-                "interval": result.interval,
-                "replicates": int(result.replicates),
-            }
-            if result.toggles:
-                standard["toggles"] = np.asarray(
-                    [result.toggles.get(g, NONE_INT) for g in result.group_names], dtype=np.int64
-                )
-            for key, value in {**standard, **(attrs or {})}.items():
-                g.attrs[key] = _attr(value)
+            for key, value in {**_analysis_attrs(result), **extra}.items():
+                g.attrs[key] = to_attr(value)
             for layer, values in result.layers.items():
-                lg = g.create_group(layer, track_order=True)
-                lg.attrs["unit_shape"] = np.asarray(result.unit_shape(layer), dtype=np.int64)
-                lg.attrs["n_constant"] = int(result.n_constant.get(layer, 0))
-                flag = result.flags[layer]
-                lg.attrs["n_valid"] = int(np.count_nonzero(flag == 0))
-                lg.attrs["valid_fraction"] = float(np.mean(flag == 0))
-                for key, array in values.items():
-                    lg.create_dataset(key, data=np.asarray(array, dtype=np.float32))
-                lg.create_dataset(FLAG_DATASET, data=flag.astype(np.uint8))
+                _write_layer(g.create_group(layer, track_order=True), result, layer, values)
             g.attrs["status"] = COMPLETE
 
     def analyses(self) -> list[str]:
         """Names of the complete analyses, in the order they were first written."""
-        if not self.path.exists():
-            return []
-        with self._read() as f:
-            if "analyses" not in f:
-                return []
-            return [
-                name for name, g in f["analyses"].items()
-                if not name.startswith(".") and _python(g.attrs.get("status")) == COMPLETE
-            ]
+        return self.groups("analyses")
 
     def has_analysis(self, name: str) -> bool:
         """Whether a complete analysis ``name`` exists."""
@@ -498,28 +371,30 @@ class ResultsStore:
     def analysis_attrs(self, name: str) -> dict[str, Any]:
         """Attributes of /analyses/<name> as plain Python values (the extra ``attrs`` too)."""
         with self._read() as f:
-            return {k: _python(v) for k, v in self._complete_group(f, name).attrs.items()}
+            return {k: from_attr(v) for k, v in self._analysis_group(f, name).attrs.items()}
 
-    def _complete_group(self, f: h5py.File, name: str) -> h5py.Group:
-        group = f.get(f"analyses/{check_name('analysis', name)}")
-        if group is None or _python(group.attrs.get("status")) != COMPLETE:
-            available = [
-                n for n, g in f.get("analyses", {}).items()
-                if _python(g.attrs.get("status")) == COMPLETE
-            ]
+    def _analysis_group(self, f: h5py.File, name: str) -> h5py.Group:
+        check_name("analysis", name)
+        return self._complete(f, "analyses", name, f"analysis {name!r}", "available")
+
+    def _complete(self, f: h5py.File, kind: str, name: str, label: str, listing: str) -> Any:
+        """The complete group /<kind>/<name> of the open file ``f``; else a ValueError naming
+        it as ``label`` and listing the complete groups of ``kind`` after ``listing``."""
+        group = f.get(f"{kind}/{name}")
+        if group is None or not is_complete(group):
             raise ValueError(
-                f"no complete analysis {name!r} in {self.path}; available: {available}"
+                f"no complete {label} in {self.path}; {listing}: {_complete_names(f, kind)}"
             )
         return group
 
     def read_analysis(self, name: str) -> AnalysisResult:
         """The complete analysis ``name`` as an AnalysisResult (arrays back to float64)."""
         with self._read() as f:
-            g = self._complete_group(f, name)
+            g = self._analysis_group(f, name)
             layers: dict[str, dict[str, np.ndarray]] = {}
             n_constant: dict[str, int] = {}
             flags: dict[str, np.ndarray] = {}
-            for layer in _python(g.attrs["layers"]):
+            for layer in from_attr(g.attrs["layers"]):
                 lg = g[layer]
                 layers[layer] = {
                     key: lg[key][()].astype(np.float64) for key in lg if key != FLAG_DATASET
@@ -527,20 +402,20 @@ class ResultsStore:
                 n_constant[layer] = int(lg.attrs.get("n_constant", 0))
                 if FLAG_DATASET in lg:
                     flags[layer] = lg[FLAG_DATASET][()]
-            names = _python(g.attrs["group_names"])
+            names = from_attr(g.attrs["group_names"])
             toggles = g.attrs.get("toggles")
             return AnalysisResult(
-                method=_python(g.attrs["method"]),
+                method=from_attr(g.attrs["method"]),
                 group_names=names,
                 layers=layers,
                 n=int(g.attrs["n"]),
                 evaluations=int(g.attrs["evaluations"]),
                 seconds=float(g.attrs["seconds"]),
-                epoch=_optional_int(g.attrs["epoch"]),
-                global_step=_optional_int(g.attrs["global_step"]),
+                epoch=optional_int(g.attrs["epoch"]),
+                global_step=optional_int(g.attrs["global_step"]),
                 n_constant=n_constant,
                 flags=flags,
-                interval=_python(g.attrs.get("interval", "")),
+                interval=from_attr(g.attrs.get("interval", "")),
                 replicates=int(g.attrs.get("replicates", 1)),
                 toggles={} if toggles is None else {
                     name: int(c) for name, c in zip(names, toggles, strict=True) if c >= 0
@@ -561,6 +436,14 @@ class ResultsStore:
         check_name("group", parts[1])
         return path
 
+    def groups(self, kind: str) -> list[str]:
+        """Names of the complete groups /<kind>/<name> ("analyses", "masking", ...), in the
+        order they were first written; [] without a file or a /<kind> group."""
+        if not self.path.exists():
+            return []
+        with self._read() as f:
+            return _complete_names(f, kind)
+
     def write_group(
         self,
         path: str,
@@ -572,11 +455,15 @@ class ResultsStore:
         """Store derived results (masking, single-class, ...) as the group ``path`` =
         "<kind>/<name>", atomically (copy-on-write, like ``write_analysis``).
 
-        arrays: {dataset name: array}; a name with "/" ("layer1/S1/variables") creates the
-        intermediate groups; numbers keep their dtype, strings become UTF-8 string datasets.
-        attrs: group attributes (str, numbers, lists). The group gets
-        ``status = "complete"`` and ``created`` as its last step. An existing group is a
-        ValueError unless ``overwrite``.
+        The group gets ``status = "complete"`` and ``created`` as its last step.
+
+        Args:
+            path: "<kind>/<name>", a kind other than analyses, activations, problem.
+            arrays: {dataset name: array}; a name with "/" ("layer1/S1/variables") creates
+                the intermediate groups; numbers keep their dtype, strings become UTF-8
+                string datasets.
+            attrs: group attributes (str, numbers, lists).
+            overwrite: replace an existing group instead of a ValueError.
         """
         self._group_path(path)
         clash = sorted({"status", "created"} & set(attrs or {}))
@@ -586,44 +473,62 @@ class ResultsStore:
             kind, name = path.split("/")
             g = self._new_group(f, kind, name, repr(path), overwrite)
             for key, value in (attrs or {}).items():
-                g.attrs[key] = _attr(value)
+                g.attrs[key] = to_attr(value)
             for key, value in arrays.items():
                 array = np.asarray(value)
                 if array.dtype.kind in "US" or array.dtype == object:
-                    array = np.asarray(array, dtype=object).astype(_STR)
+                    array = np.asarray(array, dtype=object).astype(STRING_DTYPE)
                 g.create_dataset(key, data=array)
-            g.attrs["created"] = _utc_now()
+            g.attrs["created"] = utc_now()
             g.attrs["status"] = COMPLETE
 
     def has_group(self, path: str) -> bool:
         """Whether a complete group ``path`` ("<kind>/<name>") exists."""
-        self._group_path(path)
-        if not self.path.exists():
-            return False
-        with self._read() as f:
-            g = f.get(path)
-            return g is not None and _python(g.attrs.get("status")) == COMPLETE
+        kind, name = self._group_path(path).split("/")
+        return name in self.groups(kind)
 
-    def read_group(self, path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """(arrays, attrs) of the complete group ``path``: its top-level datasets (strings
-        as str arrays) and attributes as plain Python values."""
-        self._group_path(path)
+    def read_group(
+        self, path: str, *, nested: bool = False
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The datasets and attributes of the complete group ``path`` ("<kind>/<name>").
+
+        Args:
+            path: the group, as given to ``write_group``.
+            nested: also read the subgroups (the /wilcoxon, /correlation, /lda layouts), as
+                nested dicts; else only the group's own datasets.
+
+        Returns:
+            (arrays, attrs): {dataset: array} (string datasets as str arrays; with
+            ``nested``, {subgroup: {...}} too) and the attributes as plain Python values.
+            ValueError when the group does not exist or is incomplete.
+        """
+        kind, name = self._group_path(path).split("/")
         with self._read() as f:
-            g = f.get(path)
-            if g is None or _python(g.attrs.get("status")) != COMPLETE:
-                kind = path.split("/")[0]
-                available = [n for n, h in f.get(kind, {}).items()
-                             if _python(h.attrs.get("status")) == COMPLETE]
-                raise ValueError(f"no complete group {path!r} in {self.path}; {kind}: {available}")
-            arrays = {}
-            for key, dataset in g.items():
-                if not isinstance(dataset, h5py.Dataset):
-                    continue  # nested groups: sensitivity.stats.read_tree reads those
-                value = dataset[()]
-                if dataset.dtype.kind == "O":
-                    value = dataset.asstr()[()].astype(str)
-                arrays[key] = value
-            return arrays, {k: _python(v) for k, v in g.attrs.items()}
+            g = self._complete(f, kind, name, f"group {path!r}", kind)
+            return _datasets(g, nested), {k: from_attr(v) for k, v in g.attrs.items()}
+
+    def write_result(
+        self, kind: str, name: str, result: StoredResult, *, overwrite: bool = False
+    ) -> str:
+        """Store a result object as the group /<kind>/<name> (``write_group``), atomically.
+
+        Args:
+            kind: the group kind, e.g. "masking" or "single_class" (docs/RESULTS_FORMAT.md).
+            name: the group name (``check_name``).
+            result: its ``arrays()`` become the datasets, its ``attrs()`` the attributes.
+            overwrite: replace an existing group instead of a ValueError.
+
+        Returns:
+            The group path "<kind>/<name>".
+        """
+        path = f"{kind}/{name}"
+        self.write_group(path, result.arrays(), result.attrs(), overwrite=overwrite)
+        return path
+
+    def read_result(self, cls: type[ResultT], kind: str, name: str) -> ResultT:
+        """The group /<kind>/<name> as a ``cls`` (``cls.from_group(arrays, attrs)``), the
+        inverse of ``write_result``; ValueError when the group does not exist."""
+        return cls.from_group(*self.read_group(f"{kind}/{name}"))
 
     # ------------------------------------------------------------------------- activations
     def add_activations(
@@ -636,12 +541,7 @@ class ResultsStore:
         """
         check_name("analysis", name)
         target = Path(activation_path)
-        with h5py.File(target, "r") as af:
-            _check_format(af, ACTIVATIONS_FORMAT, target)
-            if _python(af.attrs.get("status")) != COMPLETE or f"activations/{name}" not in af:
-                raise ValueError(
-                    f"{target} holds no finalized activations {name!r}; call finalize() first"
-                )
+        check_finalized(target, name)
         relative = os.path.relpath(target.resolve(), self.path.parent.resolve())
         with self._transaction() as f:
             group = f.require_group("activations")
@@ -662,312 +562,10 @@ class ResultsStore:
         directory = self.path.parent
         if not directory.exists():
             return []
-        with _directory_lock(directory):
+        with directory_lock(directory):
             removed = sorted(p for p in directory.glob(".*.tmp-*") if p.is_file())
             for path in removed:
                 path.unlink(missing_ok=True)
         return removed
 
 
-# --------------------------------------------------------------------------- raw activations
-def _rows_per_chunk(unit_shape: Sequence[int], itemsize: int = 4) -> int:
-    return int(min(4096, max(1, _TARGET_CHUNK_BYTES // (itemsize * max(1, math.prod(unit_shape))))))
-
-
-def _as_numpy(values: Any, dtype: type) -> np.ndarray:
-    """A numpy array or a torch tensor on any device (duck-typed: no torch import) as numpy."""
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=dtype)
-
-
-class ActivationWriter:
-    """Raw activation rows of one analysis, appended in batches to a standalone HDF5 file.
-
-    Layout (docs/RESULTS_FORMAT.md), under /activations/<name>:
-    ``<layer>`` (rows, *unit_shape) float32, chunked by rows and compressed; ``design`` (rows, d)
-    float64 rows of the unit hypercube; ``row_index`` (rows,) int64 global row indices;
-    ``row_kind`` (rows,) int32 codes into the group attribute ``row_kind_names``
-    (= ``row_kinds``, the labels of the rows inside one design block, so
-    ``row_kind == row_index % block_size``).
-
-    Args:
-        path: the finished file; until ``finalize`` the rows go to a temporary sibling
-            ``.<file name>.tmp-<uuid>``, so a killed writer never leaves a file at ``path``.
-        name: analysis name (as in /analyses/<name>).
-        unit_shapes: {layer: unit shape} of the captured outputs, in checkpoint order.
-        d: columns of the design rows.
-        row_kinds: labels of the rows inside a design block (``Design.row_kinds()``).
-        n_rows: rows of the whole design (all shards), or None when unknown; ``merge_shards``
-            checks the merged file against it.
-        compression: "lzf" (fast), "gzip" or None.
-        attrs: extra attributes of the /activations/<name> group.
-
-    Rows must arrive in strictly increasing ``row_index`` (gaps are fine: a rank holds a
-    subset of the rows). Use it as a context manager: leaving the block finalizes, an
-    exception aborts (the temporary file is removed).
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        name: str,
-        unit_shapes: Mapping[str, Sequence[int]],
-        d: int,
-        row_kinds: Sequence[str],
-        *,
-        n_rows: int | None = None,
-        compression: str | None = "lzf",
-        attrs: Mapping[str, Any] | None = None,
-    ) -> None:
-        check_name("analysis", name)
-        if not unit_shapes:
-            raise ValueError("unit_shapes is empty; give {layer: unit shape} of every layer")
-        for layer in unit_shapes:
-            check_name("layer", layer)
-        reserved = {"design", "row_index", "row_kind"} & set(unit_shapes)
-        if reserved:
-            raise ValueError(f"layer names {sorted(reserved)} clash with the row datasets")
-        if compression not in ("lzf", "gzip", None):
-            raise ValueError(f"compression must be 'lzf', 'gzip' or None, got {compression!r}")
-        if int(d) < 1 or not row_kinds:
-            raise ValueError(f"need d >= 1 and at least one row kind, got d={d}, {row_kinds!r}")
-        self.path = Path(path)
-        self.name = name
-        self.unit_shapes = {k: tuple(int(s) for s in v) for k, v in unit_shapes.items()}
-        self.d = int(d)
-        self.row_kinds = [str(k) for k in row_kinds]
-        self.rows = 0
-        self._last_index = -1
-        self._tmp = _temporary(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: h5py.File | None = h5py.File(self._tmp, "w")
-        _stamp_root(self._file, ACTIVATIONS_FORMAT)
-        self._file.attrs["status"] = WRITING
-        g = self._file.create_group(f"activations/{name}", track_order=True)
-        group_attrs = {
-            "d": self.d,
-            "block_size": len(self.row_kinds),
-            "row_kind_names": self.row_kinds,
-            "n_rows": NONE_INT if n_rows is None else int(n_rows),
-            "layers": list(self.unit_shapes),
-            **(attrs or {}),
-        }
-        for key, value in group_attrs.items():
-            g.attrs[key] = _attr(value)
-        g.create_dataset("design", (0, self.d), np.float64, maxshape=(None, self.d),
-                         chunks=(4096, self.d), compression=compression)
-        for key, dtype in (("row_index", np.int64), ("row_kind", np.int32)):
-            g.create_dataset(key, (0,), dtype, maxshape=(None,), chunks=(16384,),
-                             compression=compression)
-        for layer, shape in self.unit_shapes.items():
-            g.create_dataset(layer, (0, *shape), np.float32, maxshape=(None, *shape),
-                             chunks=(_rows_per_chunk(shape), *shape), compression=compression)
-        self._group = g
-
-    def append(
-        self,
-        row_index: np.ndarray | Tensor | Sequence[int],
-        design: np.ndarray | Tensor,
-        outputs: Mapping[str, np.ndarray | Tensor],
-    ) -> None:
-        """Append b rows: global ``row_index`` (b,), ``design`` (b, d) and
-        ``outputs`` {layer: (b, *unit_shape)} (tensors may live on any device)."""
-        if self._file is None:
-            raise ValueError("this ActivationWriter is closed; open a new one")
-        index = _as_numpy(row_index, np.int64).reshape(-1)
-        b = len(index)
-        design = _as_numpy(design, np.float64)
-        if design.shape != (b, self.d):
-            raise ValueError(f"design has shape {design.shape}; expected ({b}, {self.d})")
-        if set(outputs) != set(self.unit_shapes):
-            raise ValueError(
-                f"outputs have layers {sorted(outputs)}; expected {sorted(self.unit_shapes)}"
-            )
-        if b == 0:
-            return
-        if index[0] <= self._last_index or np.any(np.diff(index) <= 0):
-            raise ValueError(
-                "row_index must increase strictly across appends (append rows in design order); "
-                f"got {index[:5].tolist()}... after row {self._last_index}"
-            )
-        arrays = {}
-        for layer, shape in self.unit_shapes.items():
-            arrays[layer] = _as_numpy(outputs[layer], np.float32)
-            if arrays[layer].shape != (b, *shape):
-                raise ValueError(
-                    f"outputs[{layer!r}] has shape {arrays[layer].shape}; expected {(b, *shape)}"
-                )
-        start, stop = self.rows, self.rows + b
-        g = self._group
-        for key, values in (
-            ("design", design),
-            ("row_index", index),
-            ("row_kind", (index % len(self.row_kinds)).astype(np.int32)),
-            *arrays.items(),
-        ):
-            g[key].resize(stop, axis=0)
-            g[key][start:stop] = values
-        self.rows = stop
-        self._last_index = int(index[-1])
-
-    def finalize(self) -> Path:
-        """Mark the file complete, close it and move it to ``path`` atomically; returns path."""
-        if self._file is None:
-            raise ValueError("this ActivationWriter is already closed")
-        self._group.attrs["rows"] = self.rows
-        self._file.attrs["status"] = COMPLETE
-        self._file.close()
-        self._file = None
-        try:
-            _publish(self._tmp, self.path)
-        finally:
-            self._tmp.unlink(missing_ok=True)
-        return self.path
-
-    def abort(self) -> None:
-        """Close and delete the temporary file; ``path`` is left as it was."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> ActivationWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif self._file is not None:
-            self.finalize()
-
-
-def _shard_info(f: h5py.File, path: Path) -> dict[str, dict[str, Any]]:
-    _check_format(f, ACTIVATIONS_FORMAT, path)
-    if _python(f.attrs.get("status")) != COMPLETE:
-        raise ValueError(f"shard {path} was not finalized; its writer did not finish")
-    info = {}
-    for name, g in f["activations"].items():
-        layers = _python(g.attrs["layers"])
-        info[name] = {
-            "d": int(g.attrs["d"]),
-            "row_kind_names": _python(g.attrs["row_kind_names"]),
-            "n_rows": int(g.attrs["n_rows"]),
-            "layers": {layer: g[layer].shape[1:] for layer in layers},
-        }
-    return info
-
-
-def merge_shards(
-    shard_paths: Sequence[str | os.PathLike[str]],
-    out_path: str | os.PathLike[str],
-    *,
-    remove_shards: bool = False,
-) -> Path:
-    """Merge finalized per-rank activation files into one, rows ordered by global row index.
-
-    Every analysis of the shards is merged; shards must agree on layers, unit shapes, d and
-    row kinds. Each row must appear exactly once: a row index in two shards is a ValueError
-    (duplicates), and so is a missing index in 0..n_rows-1 (gaps; n_rows from the writers, or
-    the largest index + 1 when they did not know it). The output is written to a temporary
-    sibling and renamed; ``remove_shards`` deletes the shards after success.
-    """
-    paths = [Path(p) for p in shard_paths]
-    if not paths:
-        raise ValueError("merge_shards needs at least one shard path")
-    out = Path(out_path)
-    if out.resolve() in {p.resolve() for p in paths}:
-        raise ValueError(f"out_path {out} is one of the shards; write the merge elsewhere")
-    with contextlib.ExitStack() as stack:
-        shards = [stack.enter_context(h5py.File(p, "r")) for p in paths]
-        infos = [_shard_info(f, p) for f, p in zip(shards, paths, strict=True)]
-        for path, info in zip(paths[1:], infos[1:], strict=True):
-            if info != infos[0]:
-                raise ValueError(
-                    f"shard {path} does not match {paths[0]} (analyses, layers, unit shapes, d, "
-                    "row kinds or n_rows differ); merge shards of one run only"
-                )
-        tmp = _temporary(out)
-        try:
-            with h5py.File(tmp, "w") as merged:
-                _stamp_root(merged, ACTIVATIONS_FORMAT)
-                for name, info in infos[0].items():
-                    _merge_analysis(name, info, shards, paths, merged)
-                merged.attrs["status"] = COMPLETE
-            _publish(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
-    if remove_shards:
-        for path in paths:
-            path.unlink()
-    return out
-
-
-def _merge_analysis(
-    name: str,
-    info: dict[str, Any],
-    shards: list[h5py.File],
-    paths: list[Path],
-    merged: h5py.File,
-) -> None:
-    sources = [f[f"activations/{name}"] for f in shards]
-    indices = [g["row_index"][()] for g in sources]
-    for path, index in zip(paths, indices, strict=True):
-        if np.any(np.diff(index) <= 0):
-            raise ValueError(f"shard {path}: row_index is not strictly increasing; not a shard")
-    everything = np.concatenate(indices)
-    unique, counts = np.unique(everything, return_counts=True)
-    if np.any(counts > 1):
-        duplicated = unique[counts > 1]
-        owners = [
-            str(p) for p, i in zip(paths, indices, strict=True) if np.isin(duplicated, i).any()
-        ]
-        raise ValueError(
-            f"activations {name!r}: {len(duplicated)} row(s) appear in more than one shard, "
-            f"e.g. rows {duplicated[:5].tolist()} in {owners}; each row must be written once"
-        )
-    n_rows = info["n_rows"]
-    if n_rows == NONE_INT:
-        n_rows = int(unique[-1]) + 1 if len(unique) else 0
-    if len(unique) != n_rows or (len(unique) and (unique[0] != 0 or unique[-1] != n_rows - 1)):
-        missing = np.setdiff1d(np.arange(n_rows), unique)
-        extra = unique[unique >= n_rows]
-        raise ValueError(
-            f"activations {name!r}: the shards hold {len(unique)} distinct rows but the design has "
-            f"{n_rows}; missing rows e.g. {missing[:5].tolist()}, rows beyond it "
-            f"{extra[:5].tolist()}; merge the shards of every rank"
-        )
-    g = merged.create_group(f"activations/{name}", track_order=True)
-    for key, value in sources[0].attrs.items():
-        g.attrs[key] = _attr(_python(value))
-    g.attrs["rows"] = n_rows
-    keys = ["design", "row_index", "row_kind", *info["layers"]]
-    for key in keys:
-        src = sources[0][key]
-        g.create_dataset(key, (n_rows, *src.shape[1:]), src.dtype, chunks=src.chunks,
-                         maxshape=(None, *src.shape[1:]), compression=src.compression)
-    # Shards are sorted, so the rows a shard contributes to any range of merged positions are
-    # a contiguous run of its own rows: read slices, scatter them.
-    owner = np.concatenate([np.full(len(i), s, dtype=np.int64) for s, i in enumerate(indices)])
-    order = np.argsort(everything, kind="stable")
-    owner_sorted = owner[order]
-    row_bytes = 8 * info["d"] + sum(4 * math.prod(s) for s in info["layers"].values()) + 10
-    batch = max(1, _MERGE_BATCH_BYTES // row_bytes)
-    consumed = [0] * len(sources)
-    for start in range(0, n_rows, batch):
-        stop = min(n_rows, start + batch)
-        block_owner = owner_sorted[start:stop]
-        for key in keys:
-            buffer = np.empty((stop - start, *g[key].shape[1:]), dtype=g[key].dtype)
-            for s, src in enumerate(sources):
-                where = np.flatnonzero(block_owner == s)
-                if len(where):
-                    buffer[where] = src[key][consumed[s]:consumed[s] + len(where)]
-            g[key][start:stop] = buffer
-        for s in range(len(sources)):
-            consumed[s] += int(np.count_nonzero(block_owner == s))

@@ -24,8 +24,8 @@ import torch
 
 import analyze
 from lightning_modules import ImageClassifier
-from sensitivity import engine
-from sensitivity.engine import EngineConfig, build_design
+from sensitivity import resume
+from sensitivity.config import EngineConfig, build_design
 from sensitivity.problem import AugmentationProblem
 from sensitivity.store import ResultsStore
 
@@ -328,14 +328,14 @@ def test_refused_resume_names_the_field_and_leaves_the_config(checkpoint, tmp_pa
     out = tmp_path / "run"
     args = ["sobol", "--checkpoint", checkpoint, "--output", out, "--n", "8", "--batch_rows",
             "20", "--checkpoint_every", "1", *COMMON]
-    save_state = engine._save_state
+    save_state = resume.save_state
 
     def save_then_stop(path, payload):
         save_state(path, payload)
         raise StopAfterFirstSave
 
     with monkeypatch.context() as patched:
-        patched.setattr(engine, "_save_state", save_then_stop)
+        patched.setattr(resume, "save_state", save_then_stop)
         with pytest.raises(StopAfterFirstSave):
             cli(*args)
     assert (out / "sobol.resume.pt").exists() and not (out / "config.yaml").exists()

@@ -118,7 +118,9 @@ def test_masking_on_the_results_file_logs_the_masking_keys(sobol_run, capsys):
     (directory,) = [d for d in (run_dir / "wandb").glob("offline-run-*") if str(d) in printed]
     assert step_metrics(records)["masking/*"] == STEP_METRIC
     row = logged_row(records)
-    stored = masking.read_masking(ResultsStore(run_dir / "results.h5"), "sobol")
+    stored = ResultsStore(run_dir / "results.h5").read_result(
+        masking.MaskingResult, masking.GROUP_KIND, "sobol"
+    )
     for i, name in enumerate(stored.inputs):
         assert row[f"masking/unmasked/{name}/acc1"] == pytest.approx(stored.unmasked_acc1[i])
         assert row[f"masking/unmasked/{name}/acc5"] == pytest.approx(stored.unmasked_acc5[i])

@@ -23,8 +23,8 @@ import torch
 from test_gsa import ISH_S1, ISH_SHAPLEY, ISH_ST, ISHIGAMI, V_ISH, ishigami
 
 from sensitivity.augmentations import AUGMENTATIONS
+from sensitivity.config import EngineConfig, build_design
 from sensitivity.designs import ShapleyDesign, SobolDesign
-from sensitivity.engine import EngineConfig, build_design
 from sensitivity.estimators import SobolAccumulator
 from sensitivity.gsa import shapley_from_outputs
 from sensitivity.problem import AugmentationProblem

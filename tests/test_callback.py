@@ -34,7 +34,8 @@ from data import PlantedFactorDataModule
 from lightning_modules import ImageClassifier
 from lightning_modules.weights import state_dict_sha256
 from sensitivity.capture import DEFAULT_LAYERS
-from sensitivity.engine import EngineConfig, run_analysis
+from sensitivity.config import EngineConfig
+from sensitivity.engine import run_analysis
 from sensitivity.problem import AugmentationProblem
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,6 +16,7 @@ from sensitivity.designs import (
     PermutationDesign,
     ShapleyDesign,
     SobolDesign,
+    VarianceDesign,
     saltelli_rows,
 )
 from sensitivity.problem import AugmentationProblem
@@ -55,6 +56,7 @@ DESIGNS = {
     "shapley_grouped": lambda: ShapleyDesign(6, 12, seed=4, groups=GROUPS),
     "permutation": lambda: PermutationDesign(6, 5, n_outer=3, n_inner=2, seed=4, groups=GROUPS),
     "contrast": lambda: ContrastDesign(_contrast_problem(), n_images=6, k=3, seed=4),
+    "variance": lambda: VarianceDesign(6, 20, seed=4),
 }
 
 
@@ -72,6 +74,14 @@ def test_blocks_regenerate_alone(kind):
     # A fresh object with the same seed gives the same design; another seed does not.
     np.testing.assert_array_equal(DESIGNS[kind]().rows(), full)
     assert design.rows(3, 3).shape == (0, design.d)
+
+
+def test_variance_design_regenerates_any_slice():
+    design = VarianceDesign(d=9, n=100, seed=5)
+    whole = design.rows()
+    assert whole.shape == (100, 9) and 0.0 <= whole.min() and whole.max() < 1.0
+    assert design.block_size == 1 and design.row_kinds() == ["row"]
+    np.testing.assert_array_equal(design.rows(37, 81), whole[37:81])
 
 
 def test_other_seed_changes_every_design():

@@ -23,18 +23,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from sensitivity import config as config_module
 from sensitivity import gsa
-from sensitivity.engine import (
-    MIN_TOGGLES,
-    EngineConfig,
-    SmallSampleWarning,
-    VarianceDesign,
-    build_design,
-    layer_shapes,
-    rank_state_path,
-    run_analysis,
-    shard_range,
-)
+from sensitivity import plan as plan_module
+from sensitivity.activations import ActivationWriter
+from sensitivity.config import MIN_TOGGLES, EngineConfig, analysis_attrs, build_design
+from sensitivity.distributed import resolve_world, shard_path, shard_range
+from sensitivity.engine import run_analysis
 from sensitivity.estimators import (
     FLAG_CONSTANT,
     FLAG_NEGLIGIBLE,
@@ -43,8 +38,9 @@ from sensitivity.estimators import (
     ContrastAccumulator,
     PermutationShapleyAccumulator,
 )
+from sensitivity.plan import SmallSampleWarning, layer_shapes, plan_analysis
 from sensitivity.problem import AugmentationProblem
-from sensitivity.store import ActivationWriter, ResultsStore
+from sensitivity.store import ResultsStore
 
 SIZE = 16
 AUGS = ["saturation", "grayscale", "brightness", "rolling"]
@@ -226,13 +222,6 @@ def test_permutation_shapley_contrast_and_variance_equal_direct_accumulation(pro
         assert result.evaluations == design.n_rows
 
 
-def test_variance_design_regenerates_any_slice():
-    design = VarianceDesign(d=9, n=100, seed=5)
-    whole = design.rows()
-    assert whole.shape == (100, 9) and 0.0 <= whole.min() and whole.max() < 1.0
-    np.testing.assert_array_equal(design.rows(37, 81), whole[37:81])
-
-
 def test_partition_selects_the_second_half_of_the_probe(probe):
     problem = AugmentationProblem(AUGS, auxiliaries=("class", "image", "partition"),
                                   n_classes=2, images_per_class=2)
@@ -377,7 +366,7 @@ def _ddp_resume_worker(rank: int, world_size: int, port: int, problem, probe, ou
             time.sleep(0.3)  # the ranks' clocks start apart, as processes launched one by one
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_analysis(AnalyticNet(fail_after=3), problem, probe, config, state_path=state)
-        saved = torch.load(rank_state_path(state, rank, world_size), weights_only=True)
+        saved = torch.load(shard_path(state, rank, world_size), weights_only=True)
         result = run_analysis(AnalyticNet(), problem, probe, config, state_path=state)
         record = {"seconds": result.seconds, "saved": float(saved["seconds"])}
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
@@ -420,6 +409,74 @@ def test_activation_writer_gets_every_row_with_its_outputs(problem, probe, tmp_p
         run_analysis(model, problem, probe,
                      EngineConfig(n=8, layers=["stats", "head"], checkpoint_every=1),
                      state_path=tmp_path / "s.pt", activation_writer=writer)
+
+
+class DryCounting(AnalyticNet):
+    """AnalyticNet that also counts its one-image (dry) forwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dry = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.dry += x.shape[0] == 1
+        return super().forward(x)
+
+
+def count_design_builds(monkeypatch) -> list[int]:
+    """Counts every ``build_design`` call (plan_analysis's and analysis_attrs's)."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return build_design(*args, **kwargs)
+
+    monkeypatch.setattr(config_module, "build_design", counted)
+    monkeypatch.setattr(plan_module, "build_design", counted)
+    return calls
+
+
+def test_a_run_with_a_writer_builds_its_design_once_and_forwards_one_dry_image(
+    problem, probe, tmp_path, monkeypatch
+):
+    config = EngineConfig(method="sobol", n=32, layers=["stats", "head"], progress=False,
+                          batch_rows=36)
+    builds, model = count_design_builds(monkeypatch), DryCounting()
+    plan = plan_analysis(model, problem, probe, config)
+    assert plan.unit_shapes == {"stats": (2,), "head": (3,)} and plan.image_size == (SIZE, SIZE)
+    assert sum(plan.toggles.values()) > 0 and model.dry == 1
+    with ActivationWriter(tmp_path / "act.h5", "t", plan.unit_shapes, problem.d,
+                          plan.design.row_kinds(), n_rows=plan.design.n_rows) as writer:
+        result = run_analysis(model, problem, probe, config, plan=plan, activation_writer=writer)
+    assert (len(builds), model.dry) == (1, 1)
+    assert result.settings == analysis_attrs(config, plan.design)
+    assert result.settings["design"] == "SobolDesign" and result.settings["block_size"] == 9
+    assert result.toggles == plan.toggles and result.evaluations == plan.design.n_rows
+    # Without a plan the run makes its own: still one design and one dry forward.
+    alone = DryCounting()
+    again = run_analysis(alone, problem, probe, config)
+    assert (len(builds), alone.dry) == (2, 1)
+    for key, value in result.layers["stats"].items():
+        np.testing.assert_array_equal(again.layers["stats"][key], value)
+    with pytest.raises(ValueError, match="plan was made for another problem, probe or config"):
+        run_analysis(model, problem, probe, EngineConfig(method="sobol", n=32, seed=1,
+                                                          layers=["stats", "head"]), plan=plan)
+
+
+def test_results_file_attributes_are_the_same_from_settings_and_from_attrs(
+    problem, probe, tmp_path
+):
+    """The settings the engine returns are what callers passed as attrs (docs/RESULTS_FORMAT.md):
+    a results file written either way holds the same analysis attributes."""
+    result, config = run(problem, probe, method="shapley", n=16, shapley_method="permutation",
+                         n_inner=2)
+    assert result.settings == analysis_attrs(config, problem)  # the planless form
+    from_settings, from_attrs = ResultsStore(tmp_path / "a.h5"), ResultsStore(tmp_path / "b.h5")
+    from_settings.write_analysis("x", result)
+    from_attrs.write_analysis("x", result, attrs=analysis_attrs(config, problem))
+    first, second = from_settings.analysis_attrs("x"), from_attrs.analysis_attrs("x")
+    del first["created"], second["created"]  # the time of writing
+    assert first == second and first["n_outer"] == 1 and first["design"] == "PermutationDesign"
 
 
 def test_eval_mode_during_the_run_and_train_mode_restored(problem, probe):
@@ -563,6 +620,19 @@ def test_shards_cover_every_block_once():
     for n_blocks, world in [(64, 2), (10, 3), (2, 4)]:
         covered = [b for r in range(world) for b in range(*shard_range(n_blocks, r, world))]
         assert covered == list(range(n_blocks))
+
+
+def test_shard_path_names_each_ranks_file_and_resolve_world_defaults_to_one_process():
+    path = Path("runs/x/activations_sobol.h5")
+    assert shard_path(path, 0, 1) == path
+    assert shard_path(path, 1, 4) == Path("runs/x/activations_sobol.rank1-of-4.h5")
+    assert shard_path(Path("sobol.resume.pt"), 0, 2) == Path("sobol.resume.rank0-of-2.pt")
+    assert resolve_world(None, None) == (0, 1) == resolve_world(0, None)
+    for rank, world_size in ((1, 1), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match="need 0 <= rank < world_size"):
+            resolve_world(rank, world_size)
+    with pytest.raises(ValueError, match=r"world_size=2 but torch\.distributed is not initialised"):
+        resolve_world(1, 2)
 
 
 def test_toggle_counts_are_the_base_points_where_ab_j_differs_from_a(problem, probe):

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from data import PlantedFactorDataModule
-from sensitivity.engine import EngineConfig, run_analysis
+from sensitivity.config import EngineConfig
+from sensitivity.engine import run_analysis
 from sensitivity.problem import AugmentationProblem
 
 SIZE = 32

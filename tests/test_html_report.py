@@ -24,9 +24,11 @@ import pytest
 
 import analyze
 from sensitivity.html_report import top_units
-from sensitivity.masking import MaskingResult, write_masking
+from sensitivity.masking import GROUP_KIND as MASKING_GROUP
+from sensitivity.masking import MaskingResult
 from sensitivity.results import AnalysisResult
-from sensitivity.single_class import ChanceThreshold, SingleClassResult, write_single_class
+from sensitivity.single_class import GROUP_KIND as SINGLE_CLASS_GROUP
+from sensitivity.single_class import ChanceThreshold, SingleClassResult
 from sensitivity.stats import read_tree
 from sensitivity.store import ResultsStore
 
@@ -47,7 +49,7 @@ def write_masking_group(store: ResultsStore) -> None:
     """A masking result of the sobol analysis, in the masking module's stored layout."""
     rng = np.random.default_rng(0)
     inputs, configurations = ["original", *VARIABLES[:3]], ["q0.5 a0", "q0.9 a0", "soft"]
-    write_masking(store, "sobol_masking", MaskingResult(
+    store.write_result(MASKING_GROUP, "sobol_masking", MaskingResult(
         value="S1", analysis="sobol", inputs=inputs, variables=VARIABLES[:3],
         configurations=configurations, layers=["layer1"], quantiles=[0.5, 0.9],
         acc1=rng.uniform(size=(4, 3, 3)), acc5=rng.uniform(size=(4, 3, 3)),
@@ -61,7 +63,7 @@ def write_single_class_group(store: ResultsStore) -> None:
     """A single-class result of the sobol analysis, in the single-class module's layout."""
     threshold = ChanceThreshold(threshold=0.0081, mean=0.002, standard_error=1e-5, n_classes=4,
                                 samples_per_class=2, n=2, trials=1000, seed=0)
-    write_single_class(store, "sobol", SingleClassResult(
+    store.write_result(SINGLE_CLASS_GROUP, "sobol", SingleClassResult(
         value="S1", analysis="sobol", layer="fc", variables=VARIABLES[:2],
         configurations=["q0.5 a0", "soft"], class_names=["c0", "c1", "c2", "c3"], n=2,
         candidates=np.array([[0, 2], [1, 3]]), candidate_scores=np.full((2, 2), 0.5),

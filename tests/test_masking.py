@@ -26,20 +26,21 @@ from callbacks.sensitivity import SensitivityCallback
 from data import PlantedFactorDataModule
 from lightning_modules import ImageClassifier
 from sensitivity.capture import ActivationCapture
-from sensitivity.engine import EngineConfig, run_analysis
+from sensitivity.config import EngineConfig
+from sensitivity.engine import run_analysis
 from sensitivity.estimators import FLAG_CONSTANT, FLAG_NEGLIGIBLE, FLAG_UNSUPPORTED
 from sensitivity.masking import (
+    GROUP_KIND,
     MaskConfig,
     MaskedNetwork,
+    MaskingResult,
     VariableMasks,
     default_configurations,
     evaluate_masking,
     layer_output_shapes,
     quantile_mask,
-    read_masking,
     sensitivity_maps,
     top_units_mask,
-    write_masking,
 )
 from sensitivity.problem import AugmentationProblem
 from sensitivity.results import AnalysisResult
@@ -326,8 +327,8 @@ def test_masking_results_count_valid_units_and_store_them(tmp_path):
     np.testing.assert_allclose(out.masked_fraction[0, :, 0], out.valid_fraction[0])
     assert out.tied[0, :, 0].all() and out.fully_masked_layers == 5
     store = ResultsStore(tmp_path / "results.h5")
-    write_masking(store, "flagged", out)
-    stored = read_masking(store, "flagged")
+    assert store.write_result(GROUP_KIND, "flagged", out) == "masking/flagged"
+    stored = store.read_result(MaskingResult, GROUP_KIND, "flagged")
     np.testing.assert_array_equal(stored.valid_fraction, out.valid_fraction)
     assert stored.fully_masked_layers == 5
 
@@ -470,7 +471,7 @@ def test_callback_writes_masking_of_the_epoch_analysis(tmp_path):
     assert result.epoch == 0 and result.analysis == "epoch_0000" and result.value == "ST"
     assert result.inputs == ["original", "hue", "hflip"] and result.layers == LAYERS
     store = ResultsStore(tmp_path / "sensitivity.h5")
-    stored = read_masking(store, "epoch_0000")
+    stored = store.read_result(MaskingResult, GROUP_KIND, "epoch_0000")
     np.testing.assert_array_equal(stored.acc1, result.acc1)
     analysis = store.read_analysis("epoch_0000")
     np.testing.assert_array_equal(stored.valid_fraction, analysis.valid_fraction()[:3])
@@ -528,7 +529,7 @@ def test_cli_writes_masking_into_the_results_file(checkpoint, tmp_path, capsys):
     figure = tmp_path / "figures" / "sobol_masking_specificity.png"
     assert str(results) in printed and str(figure) in printed
     assert "prefix up to 'maxpool'" in printed
-    out = read_masking(ResultsStore(results), "sobol")
+    out = ResultsStore(results).read_result(MaskingResult, GROUP_KIND, "sobol")
     assert out.variables == ["hue"] and out.inputs == ["original", "hue", "hflip"]
     assert out.layers == ["maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
     assert out.acc1.shape == (3, 1, 17) and out.specificity.shape == (2, 1)

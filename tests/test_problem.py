@@ -11,7 +11,7 @@ import pytest
 import SALib.sample.sobol as salib_sobol
 import torch
 
-from sensitivity import problem as problem_module
+from sensitivity import pipeline
 from sensitivity.augmentations import AUGMENTATION_SETS, AUGMENTATIONS, apply, minmax_rescale
 from sensitivity.designs import SobolDesign
 from sensitivity.problem import AugmentationProblem, lehmer_permutations
@@ -227,8 +227,8 @@ def test_cpu_blocks_do_not_change_the_composition(monkeypatch):
     decoded = problem.decode(rows, H, W)
     images = torch.rand(23, 3, H, W, generator=torch.Generator().manual_seed(1))
     whole = problem.augment(images, decoded)
-    monkeypatch.setattr(problem_module, "CPU_BLOCK_BYTES", 5 * images[0].nbytes)
-    assert [s.stop - s.start for s in problem_module._cache_blocks(images)] == [5] * 4 + [3]
+    monkeypatch.setattr(pipeline, "CPU_BLOCK_BYTES", 5 * images[0].nbytes)
+    assert [s.stop - s.start for s in pipeline._cache_blocks(images)] == [5] * 4 + [3]
     blocked = problem.augment(images, decoded)
     # per-sample ops on other batch splits: only vectorised vs scalar float32 math may differ
     torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=0)

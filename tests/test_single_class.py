@@ -19,11 +19,12 @@ from sensitivity.masking import MaskConfig, ProbeInputs, layer_output_shapes, se
 from sensitivity.problem import AugmentationProblem
 from sensitivity.results import AnalysisResult
 from sensitivity.single_class import (
+    GROUP_KIND,
+    SingleClassResult,
     candidate_classes,
     chance_threshold,
     evaluate_single_class,
     jaccard,
-    read_single_class,
 )
 from sensitivity.store import ResultsStore
 
@@ -228,7 +229,7 @@ def test_cli_single_class_and_its_bad_input(checkpoint, tmp_path, capsys):
     results = write_results(tmp_path / "results.h5", ["layer1", "layer4", "fc"])
     assert cli(checkpoint, results, "--single_class.n", "2") == 0
     printed = capsys.readouterr().out
-    out = read_single_class(ResultsStore(results), "sobol")
+    out = ResultsStore(results).read_result(SingleClassResult, GROUP_KIND, "sobol")
     assert out.variables == ["hue", "hflip"] and out.layer == "fc" and out.n == 2
     assert out.class_names == ["red", "green", "blue", "yellow"]
     assert out.jaccard.shape == (2, 17) and out.threshold.samples_per_class == 2

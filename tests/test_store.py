@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -15,15 +16,11 @@ import pytest
 import torch
 import yaml
 
+from sensitivity.activations import ActivationWriter, merge_shards
 from sensitivity.problem import AugmentationProblem
+from sensitivity.provenance import describe_differences, provenance
 from sensitivity.results import AnalysisResult
-from sensitivity.store import (
-    ActivationWriter,
-    ResultsStore,
-    describe_differences,
-    merge_shards,
-    provenance,
-)
+from sensitivity.store import ResultsStore
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ["erasing", "rolling", "order"]
@@ -201,8 +198,9 @@ def test_bad_names_and_overwrites_are_refused(tmp_path):
 CHILD = """
 import os, sys, time
 import h5py, numpy as np
+from sensitivity.activations import ActivationWriter
 from sensitivity.results import AnalysisResult
-from sensitivity.store import ActivationWriter, ResultsStore
+from sensitivity.store import ResultsStore
 
 path, mode = sys.argv[1], sys.argv[2]
 def result(seed):
@@ -377,3 +375,59 @@ def test_analysis_result_validates_and_summarises():
                        evaluations=1)
     with pytest.raises(ValueError, match="unknown key"):
         AnalysisResult("sobol", GROUPS, {"fc": {"S3": fc["S1"]}}, n=1, evaluations=1)
+
+
+def test_analysis_settings_are_stored_under_the_callers_attrs(tmp_path):
+    store = ResultsStore(tmp_path / "results.h5")
+    result = synthetic_result()
+    result.settings = {"design": "SobolDesign", "seed": 5, "reduction": "none"}
+    store.write_analysis("a", result, attrs={"seed": 7, "model": "tiny"})
+    attrs = store.analysis_attrs("a")
+    assert attrs["design"] == "SobolDesign" and attrs["reduction"] == "none"
+    assert attrs["seed"] == 7 and attrs["model"] == "tiny"  # the caller's attrs win
+    result.settings = {"method": "shapley"}
+    with pytest.raises(ValueError, match=r"attrs \['method'\] would overwrite"):
+        store.write_analysis("b", result)
+    assert store.analyses() == ["a"]
+
+
+@dataclass
+class _Counts:
+    """A result stored as one group, as MaskingResult and SingleClassResult are."""
+
+    label: str
+    counts: np.ndarray
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"counts": self.counts, "names": np.array(["x", "y"])}
+
+    def attrs(self) -> dict[str, object]:
+        return {"label": self.label}
+
+    @classmethod
+    def from_group(cls, arrays, attrs) -> _Counts:
+        assert list(arrays["names"]) == ["x", "y"]
+        return cls(attrs["label"], arrays["counts"])
+
+
+def test_write_result_and_read_result_round_trip_one_group(tmp_path):
+    store = ResultsStore(tmp_path / "results.h5")
+    assert store.groups("counts") == []
+    path = store.write_result("counts", "first", _Counts("a", np.arange(3)))
+    assert path == "counts/first" and store.has_group(path)
+    back = store.read_result(_Counts, "counts", "first")
+    assert back.label == "a" and back.counts.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="already exists"):
+        store.write_result("counts", "first", _Counts("b", np.zeros(2)))
+    store.write_result("counts", "first", _Counts("b", np.zeros(2)), overwrite=True)
+    store.write_result("counts", "second", _Counts("c", np.ones(1)))
+    assert store.groups("counts") == ["first", "second"]
+    assert store.read_result(_Counts, "counts", "first").label == "b"
+    with pytest.raises(ValueError, match=r"no complete group 'counts/third'.*\['first', "):
+        store.read_result(_Counts, "counts", "third")
+    # Nested groups (the statistics' layout) come back as nested dicts with nested=True.
+    store.write_group("tree/x", {"layer1/S1/variables": np.eye(2), "top": np.int64(3)})
+    flat, _ = store.read_group("tree/x")
+    nested, attrs = store.read_group("tree/x", nested=True)
+    assert set(flat) == {"top"} and attrs["status"] == "complete"
+    np.testing.assert_array_equal(nested["layer1"]["S1"]["variables"], np.eye(2))

@@ -1,0 +1,254 @@
+"""The settings of one analysis: ``EngineConfig``, the values it accepts, the design it builds
+and what a results file records of it (docs/RESULTS_FORMAT.md).
+
+The one definition of the engine's settings: the command line (analyze.py), the training
+callback, the Lightning module and the engine all take an ``EngineConfig``; ``build_design``
+turns it into the sampling design and ``analysis_attrs`` into the attributes of
+/analyses/<name>. Imports numpy and ``sensitivity.designs`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sensitivity.designs import (
+    ContrastDesign,
+    Design,
+    PermutationDesign,
+    ShapleyDesign,
+    SobolDesign,
+    VarianceDesign,
+)
+
+if TYPE_CHECKING:
+    from sensitivity.problem import AugmentationProblem
+
+METHODS = ("sobol", "shapley", "variance", "contrast")
+SHAPLEY_METHODS = ("goda", "permutation")
+SAMPLINGS = ("rqmc", "mc")
+PRECISIONS = ("32", "bf16", "16")
+# The fewest base points (trajectories) in which a variable may change for its indices: a
+# mean of k non-zero terms has a relative standard error of about 1 / sqrt(k), so 16 keeps it
+# near 25% (a 95% interval of about +-50% of the index). Fewer: a warning with the n to use.
+MIN_TOGGLES = 16
+# The smallest value of each integer setting (validate); below it the design or the loop
+# would be empty or meaningless.
+_MINIMUM = {"n": 2, "n_outer": 1, "n_inner": 2, "contrast_k": 1, "batch_rows": 1,
+            "checkpoint_every": 0, "num_workers": 0, "seed": 0, "replicates": 2}
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one analysis run; construction validates them (ValueError).
+
+    Attributes:
+        method: "sobol" | "shapley" | "variance" | "contrast".
+        n: Sobol base points (a power of two), Shapley trajectories (goda) or permutations
+            (permutation), variance rows, or contrast probe images.
+        seed: design seed; the same seed and inputs give the same result.
+        sampling: Sobol base points: "rqmc" (randomised quasi-Monte Carlo: ``replicates``
+            independently scrambled Sobol' sequences, half-widths from Student's t over the
+            replicate estimates) or "mc" (i.i.d. uniform points, half-widths from the delta
+            method over base points). Either way the switch, class, image (and short order)
+            columns are drawn balanced (``designs.BalancedPairs``).
+        replicates: rqmc replicates (a power of two >= 2; at most n are used).
+        second_order: Sobol S2 (2G + 2 rows per base point instead of G + 2).
+        shapley_method: "goda" (trajectories, G + 1 rows each) or "permutation" (Song, Nelson
+            and Staum: G * n_outer * n_inner rows per permutation).
+        n_outer: outer draws per position of a permutation ("permutation" only).
+        n_inner: inner draws per outer draw ("permutation" only; >= 2 for a variance).
+        contrast_k: parameter draws per augmentation and image for "contrast".
+        layers: checkpoint module names of the hooked module; None -> capture.default_layers.
+        reduction: "none" (every element a unit) | "channel_mean", or {layer: reduction}.
+        batch_rows: rows per forward pass. Batches hold whole design blocks (as many as fit, at
+            least one); a block larger than batch_rows is forwarded in chunks of batch_rows
+            rows, its captured outputs (block_size x units) held until the block is complete.
+        checkpoint_every: design blocks between resume checkpoints; 0 = off.
+        precision: "32", "bf16" or "16" (float16): autocast on the forward only; accumulation
+            is always float64. docs/PERFORMANCE.md gives the speed and the effect on the
+            indices.
+        num_workers: DataLoader workers decoding rows and loading probe images (0: in
+            process). With workers the next batches are prepared (and pinned, on CUDA) while
+            the device works.
+        progress: on rank zero (stderr): the work up front, then a progress bar with rows/s and
+            ETA on a terminal, a plain line per tenth of the rows (or 30 s) otherwise.
+        conf_level: confidence level of the ``*_conf`` half-widths.
+        deduplicate: forward each distinct augmented image of a batch once. Rows that decode to
+            the same probe image with the same active augmentations, in the same relative
+            order, with the same parameters (e.g. AB_j of an augmentation switched off in both
+            A and B) give the same outputs: 22-24% of a Sobol' design's rows at p_on = 0.5.
+            Outputs equal those of a full forward up to the batch-composition round-off of the
+            kernels (none on the CPUs measured: bit-identical results).
+        channels_last: run the forward in channels-last memory format (faster convolutions on
+            most CPUs and GPUs); the model's parameters are converted back afterwards. Outputs
+            change by float round-off (another summation order), and so do the indices.
+        compile: ``torch.compile`` the model's forward for this run. The compile time (seconds
+            to minutes) is paid by the first run in a process (later runs reuse the compiled
+            code), and the capture hooks break the compiled graph at every checkpoint, so it
+            rarely pays off (docs/PERFORMANCE.md). Outputs change by float round-off.
+    """
+
+    method: str = "sobol"
+    n: int = 64
+    seed: int = 0
+    sampling: str = "rqmc"
+    replicates: int = 16
+    second_order: bool = False
+    shapley_method: str = "goda"
+    n_outer: int = 1
+    n_inner: int = 3
+    contrast_k: int = 4
+    layers: list[str] | None = None
+    reduction: str | dict[str, str] = "none"
+    batch_rows: int = 256
+    checkpoint_every: int = 0
+    precision: str = "32"
+    num_workers: int = 0
+    progress: bool = True
+    conf_level: float = 0.95
+    deduplicate: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every setting; normalises ``precision`` to a string.
+
+        Raises:
+            ValueError: naming the first invalid setting and the valid values.
+        """
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; valid: {list(METHODS)}")
+        if self.shapley_method not in SHAPLEY_METHODS:
+            raise ValueError(
+                f"unknown shapley_method {self.shapley_method!r}; valid: {list(SHAPLEY_METHODS)}"
+            )
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(
+                f"unknown sampling {self.sampling!r}; valid: {list(SAMPLINGS)} (rqmc: replicated "
+                f"scrambled Sobol' points, mc: i.i.d. points)"
+            )
+        if str(self.precision) not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        self.precision = str(self.precision)
+        for name, low in _MINIMUM.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("n", "replicates") if self.method == "sobol" else ():
+            value = getattr(self, name)
+            if value & (value - 1):
+                lower = 1 << (value.bit_length() - 1)
+                raise ValueError(
+                    f"{name} must be a power of two for Sobol indices, got {value}: a Sobol' "
+                    f"sequence is balanced only over its first 2^m points; use {lower} or "
+                    f"{lower * 2}"
+                )
+        if not 0.0 < float(self.conf_level) < 1.0:
+            raise ValueError(f"conf_level must lie strictly between 0 and 1, got {self.conf_level}")
+        if isinstance(self.layers, str):
+            raise ValueError(f"layers must be a list of module names, got {self.layers!r}")
+        for name in ("deduplicate", "channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain mapping of the settings (for metadata and resume fingerprints).
+
+        Returns:
+            {field name: value}, every field of the dataclass.
+        """
+        return dataclasses.asdict(self)
+
+    @property
+    def effective_replicates(self) -> int:
+        """Replicates the Sobol' design uses: min(replicates, n) with rqmc, else 1."""
+        if self.method != "sobol" or self.sampling != "rqmc":
+            return 1
+        return min(self.replicates, self.n)
+
+
+def build_design(problem: AugmentationProblem, config: EngineConfig) -> Design:
+    """The design of ``config.method`` over ``problem``'s columns and groups.
+
+    Args:
+        problem: the augmentation problem (its d columns, groups and discrete columns).
+        config: the analysis settings; validated again here.
+
+    Returns:
+        A ``SobolDesign``, ``ShapleyDesign``, ``PermutationDesign``, ``VarianceDesign`` or
+        ``ContrastDesign`` of ``config.n`` blocks.
+
+    Raises:
+        ValueError: for invalid settings or a problem the design cannot take (e.g. contrast
+            with an always-on augmentation).
+    """
+    config.validate()
+    groups = problem.group_columns
+    if config.method == "sobol":
+        return SobolDesign(
+            problem.d, config.n, config.seed, groups, config.second_order,
+            replicates=config.effective_replicates,
+            sampling="sobol" if config.sampling == "rqmc" else "random",
+            discrete=problem.discrete_columns(),
+        )
+    if config.method == "shapley" and config.shapley_method == "goda":
+        return ShapleyDesign(
+            problem.d, config.n, config.seed, groups, discrete=problem.discrete_columns()
+        )
+    if config.method == "shapley":
+        return PermutationDesign(
+            problem.d, config.n, config.n_outer, config.n_inner, config.seed, groups
+        )
+    if config.method == "variance":
+        return VarianceDesign(problem.d, config.n, config.seed)
+    return ContrastDesign(problem, config.n, config.contrast_k, config.seed)
+
+
+def analysis_attrs(
+    config: EngineConfig, design: Design | AugmentationProblem
+) -> dict[str, Any]:
+    """What the results file records of an analysis's settings (docs/RESULTS_FORMAT.md).
+
+    Args:
+        config: the analysis settings.
+        design: the run's design (``AnalysisPlan.design``). An ``AugmentationProblem`` instead
+            builds the design from it, for callers that hold no plan.
+
+    Returns:
+        The attributes of /analyses/<name> besides the standard ones, as plain values:
+        "design" (class name) and "block_size" (rows per block) of the design, "seed",
+        "min_toggles", "reduction", "precision", "conf_level", the forward options
+        "deduplicate", "channels_last", "compile", and the method's own settings
+        ("second_order" and "sampling" for Sobol; "shapley_method", plus "n_outer" and
+        "n_inner" for permutations; "contrast_k").
+    """
+    if not isinstance(design, Design):
+        design = build_design(design, config)
+    attrs: dict[str, Any] = {
+        "design": type(design).__name__,
+        "block_size": design.block_size,
+        "seed": config.seed,
+        "min_toggles": MIN_TOGGLES,
+        "reduction": config.reduction,
+        "precision": config.precision,
+        "conf_level": config.conf_level,
+        "deduplicate": config.deduplicate,
+        "channels_last": config.channels_last,
+        "compile": config.compile,
+    }
+    if config.method == "sobol":
+        attrs.update(second_order=config.second_order, sampling=config.sampling)
+    if config.method == "shapley":
+        attrs["shapley_method"] = config.shapley_method
+        if config.shapley_method == "permutation":
+            attrs.update(n_outer=config.n_outer, n_inner=config.n_inner)
+    if config.method == "contrast":
+        attrs["contrast_k"] = config.contrast_k
+    return attrs

@@ -1,0 +1,93 @@
+"""Processes of one run: which rank this is, its share of the work, its files, rank zero's clock.
+
+Every long loop of the framework (the engine's analyses, masking) shards its work the same way:
+``resolve_world`` gives (rank, world size), ``shard_range`` this rank's contiguous block range,
+``shard_path`` its own file next to the merged one, and ``rank_zero_seconds`` makes every rank
+report the same wall time. Without an initialised process group everything is one process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """This process's rank and the number of processes.
+
+    Args:
+        rank, world_size: given values, or None for torch.distributed's when it is
+            initialised, else 0 and 1.
+
+    Returns:
+        (rank, world_size) with 0 <= rank < world_size.
+
+    Raises:
+        ValueError: for an impossible pair, or world_size > 1 without an initialised process
+            group (the shards' sums are reduced through it, so each process would report its
+            shard alone).
+    """
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if rank is None:
+        rank = torch.distributed.get_rank() if initialised else 0
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if initialised else 1
+    if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if world_size > 1 and not initialised:
+        raise ValueError(
+            f"world_size={world_size} but torch.distributed is not initialised: the shards' "
+            f"sums are reduced through the process group; initialise it (Lightning's DDP does) "
+            f"or run with world_size=1"
+        )
+    return rank, world_size
+
+
+def shard_range(n_blocks: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The blocks of ``rank`` among ``world_size``: contiguous, sizes differ by at most one.
+
+    Args:
+        n_blocks: blocks of the whole work (design blocks, probe images).
+        rank, world_size: as ``resolve_world`` returns them.
+
+    Returns:
+        (start, stop): blocks [start, stop), deterministic in its arguments.
+    """
+    return n_blocks * rank // world_size, n_blocks * (rank + 1) // world_size
+
+
+def shard_path(path: Path, rank: int, world_size: int) -> Path:
+    """The file of one rank: ``path`` itself in a single process, else
+    ``<stem>.rank<r>-of-<W><suffix>`` next to it (resume states, activation shards).
+
+    Args:
+        path: the file of the whole run, e.g. runs/x/activations_sobol.h5.
+        rank, world_size: as ``resolve_world`` returns them.
+
+    Returns:
+        e.g. runs/x/activations_sobol.rank1-of-4.h5.
+    """
+    path = Path(path)
+    if world_size == 1:
+        return path
+    return path.with_name(f"{path.stem}.rank{rank}-of-{world_size}{path.suffix}")
+
+
+def rank_zero_seconds(seconds: float, world_size: int, device: torch.device) -> float:
+    """``seconds`` as rank zero measured it, on every rank (one broadcast under DDP), so that a
+    run's time means the same for one process and for several.
+
+    Args:
+        seconds: this rank's wall time, in seconds.
+        world_size: processes; 1 returns ``seconds`` without communication.
+        device: where the process group's collectives run (CUDA for NCCL).
+
+    Returns:
+        Rank zero's seconds.
+    """
+    if world_size == 1:
+        return seconds
+    value = torch.tensor([seconds], dtype=torch.float64, device=device)
+    torch.distributed.broadcast(value, src=0)
+    return float(value.item())

@@ -1,0 +1,163 @@
+"""The device side of an analysis: a batch's images augmented, forwarded, their outputs captured.
+
+``BatchForward`` takes a ``batches.Batch`` (CPU, possibly pinned) to the model's device, applies
+each row's augmentations, runs the model under autocast (``precision``) in the chosen memory
+format with the capture hooks active, and returns every row's captured outputs (copies of
+deduplicated rows expanded). ``channels_last_weights`` converts the model's weights for
+channels-last and back; ``Stopwatch`` charges the time to the engine's phases
+(``run_analysis(timings=)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from sensitivity.batches import Batch
+from sensitivity.capture import ActivationCapture, model_device
+from sensitivity.plan import AnalysisPlan
+
+
+class Stopwatch:
+    """Adds the seconds since the previous mark to ``timings[phase]``; no-op without a dict.
+
+    Args:
+        timings: the caller's dict (``run_analysis``'s ``timings``), or None.
+        device: a CUDA device is synchronised at every mark, charging each phase its kernels.
+        start: ``time.perf_counter()`` at the start of the analysis.
+    """
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device, start: float):
+        self.timings = timings
+        self.sync = timings is not None and device.type == "cuda"
+        self.device = device
+        self.last = start
+
+    def mark(self, phase: str) -> None:
+        """Charge the seconds since the previous mark to ``phase``."""
+        if self.timings is None:
+            return
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def count(self, rows: int, forwarded: int) -> None:
+        """Add a batch's rows and the rows actually forwarded."""
+        if self.timings is not None:
+            self.timings["rows"] = self.timings.get("rows", 0) + rows
+            self.timings["forwarded"] = self.timings.get("forwarded", 0) + forwarded
+
+
+class BatchForward:
+    """The device side of a batch: its images augmented and forwarded, the outputs captured.
+
+    Args:
+        model: the analysed model, on ``device``.
+        plan: the analysis plan (problem, batch_rows, precision, memory format).
+        capture: the hooks, entered around the whole loop.
+        device: the model's device.
+        watch: the phases' timings.
+    """
+
+    def __init__(
+        self, model: nn.Module, plan: AnalysisPlan, capture: ActivationCapture,
+        device: torch.device, watch: Stopwatch,
+    ) -> None:
+        config = plan.config
+        self.problem, self.capture = plan.problem, capture
+        self.device, self.dtype, self.watch = device, model_device(model)[1], watch
+        self.batch_rows = config.batch_rows
+        self.autocast = torch.autocast(
+            device.type,
+            dtype=torch.float16 if config.precision == "16" else torch.bfloat16,
+            enabled=config.precision != "32",
+        )
+        self.format = torch.channels_last if config.channels_last else torch.contiguous_format
+        # The model or, with ``compile``, its compiled forward (set inside the loop's context).
+        self.module: nn.Module = model
+        self.expanded: dict[str, Tensor] = {}  # reused across batches (deduplicate)
+
+    def __call__(self, batch: Batch) -> dict[str, Tensor]:
+        """The captured outputs of every row of ``batch``: {layer: (R, *unit_shape)}."""
+        unique = batch.images.to(self.device, self.dtype, non_blocking=True)
+        rows_of, decoded = batch.forwarded()
+        rows_of = rows_of.to(self.device)
+        self.watch.mark("data")
+        # A block larger than batch_rows (a permutation-Shapley block) is forwarded in chunks;
+        # the accumulators still receive whole blocks.
+        chunks = []
+        for first in range(0, len(rows_of), self.batch_rows):
+            rows = slice(first, first + self.batch_rows)
+            augmented = self.problem.augment(
+                unique[rows_of[rows]], decoded.select(rows)
+            ).contiguous(memory_format=self.format)
+            self.watch.mark("augment")
+            with self.autocast:
+                self.module(augmented)
+            chunks.append(self.capture.pop())
+            self.watch.mark("forward")
+        outputs = (
+            chunks[0] if len(chunks) == 1
+            else {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+        )
+        if batch.copies is not None:
+            copies = batch.copies.to(self.device)
+            outputs = {k: rows_into(self.expanded, k, v, copies) for k, v in outputs.items()}
+        self.watch.count(len(batch.rows), len(rows_of))
+        return outputs
+
+
+def rows_into(buffers: dict[str, Tensor], key: str, values: Tensor, index: Tensor) -> Tensor:
+    """``values[index]``, written into a buffer kept in ``buffers[key]`` from batch to batch: a
+    fresh outputs-sized tensor per batch costs page faults on CPU (hundreds of MB).
+
+    Args:
+        buffers: the kept buffers, by key; a buffer too small or of another kind is replaced.
+        key: the layer.
+        values: (F, *u) outputs of the forwarded rows.
+        index: (R,) int64 row -> index into ``values``, on ``values``' device.
+
+    Returns:
+        (R, *u): a view of the buffer, valid until the next call with ``key``.
+    """
+    buffer = buffers.get(key)
+    if (
+        buffer is None
+        or buffer.shape[0] < len(index)
+        or buffer.shape[1:] != values.shape[1:]
+        or buffer.dtype != values.dtype
+        or buffer.device != values.device
+    ):
+        buffer = buffers[key] = values.new_empty((len(index), *values.shape[1:]))
+    return torch.index_select(values, 0, index, out=buffer[: len(index)])
+
+
+@contextlib.contextmanager
+def channels_last_weights(model: nn.Module, channels_last: bool) -> Iterator[None]:
+    """Inside: the model's 4-D parameters and buffers in channels-last format (when asked).
+
+    The ones converted are made contiguous again on exit, also after an error: the model may
+    go on training.
+
+    Args:
+        model: the analysed model.
+        channels_last: False leaves the model as it is.
+    """
+    converted = []
+    if channels_last:
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.ndim == 4 and tensor.is_contiguous():
+                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+                converted.append(tensor)
+    try:
+        yield
+    finally:
+        for tensor in converted:
+            tensor.data = tensor.data.contiguous()

@@ -1,0 +1,95 @@
+"""Guided masking (METHOD.md section 8): damage the units most sensitive to a variable and
+measure top-1/top-5 accuracy on original and on singly-augmented inputs.
+
+One concern per module:
+
+- ``masks``: mask configurations, sensitivity maps, quantile/top/random unit selections, the
+  masks of one variable (``VariableMasks``);
+- ``network``: the masked network, split with torch.fx so that the unmasked prefix runs once
+  per input batch (``MaskedNetwork``);
+- ``inputs``: the probe inputs, each image original and singly augmented (``ProbeInputs``);
+- ``evaluation``: the loop of masked forwards and the accuracies (``run_plans``,
+  ``evaluate_masking``);
+- ``result``: ``MaskingResult`` and its specificity; stored with
+  ``ResultsStore.write_result(GROUP_KIND, name, result)``, drawn by
+  ``sensitivity.report.specificity_figure``.
+
+This package imports torch, numpy and scipy; never Lightning or wandb.
+"""
+
+from sensitivity.masking.evaluation import (
+    MaskedAccuracy,
+    MaskedRun,
+    computed,
+    evaluate_masking,
+    plan_forwards,
+    run_plans,
+)
+from sensitivity.masking.inputs import ORIGINAL, ProbeInputs, input_problem, load_images
+from sensitivity.masking.masks import (
+    ALPHAS,
+    KINDS,
+    QUANTILES,
+    TIES,
+    VALUE_KEYS,
+    MaskConfig,
+    PlanItem,
+    VariableMasks,
+    broadcast_shape,
+    configuration_quantiles,
+    default_configurations,
+    default_value,
+    factor_mask,
+    prepare_masks,
+    quantile_mask,
+    random_units_mask,
+    selection_mask,
+    sensitivity_maps,
+    top_units_mask,
+)
+from sensitivity.masking.network import (
+    Mask,
+    MaskedNetwork,
+    convolutional_layers,
+    layer_output_shapes,
+)
+from sensitivity.masking.result import GROUP_KIND, MaskingResult, specificity_matrix
+
+__all__ = [
+    "ALPHAS",
+    "GROUP_KIND",
+    "KINDS",
+    "ORIGINAL",
+    "QUANTILES",
+    "TIES",
+    "VALUE_KEYS",
+    "Mask",
+    "MaskConfig",
+    "MaskedAccuracy",
+    "MaskedNetwork",
+    "MaskedRun",
+    "MaskingResult",
+    "PlanItem",
+    "ProbeInputs",
+    "VariableMasks",
+    "broadcast_shape",
+    "computed",
+    "configuration_quantiles",
+    "convolutional_layers",
+    "default_configurations",
+    "default_value",
+    "evaluate_masking",
+    "factor_mask",
+    "input_problem",
+    "layer_output_shapes",
+    "load_images",
+    "plan_forwards",
+    "prepare_masks",
+    "quantile_mask",
+    "random_units_mask",
+    "run_plans",
+    "selection_mask",
+    "sensitivity_maps",
+    "specificity_matrix",
+    "top_units_mask",
+]

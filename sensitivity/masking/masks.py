@@ -1,0 +1,357 @@
+"""Mask maths of guided masking (METHOD.md section 8): which units a mask touches and by what
+factor.
+
+Masks. For a value type ("S1" or "ST" clipped to [0, 1], or "shapley_normalized" clipped to
+[0, 1]) and a variable v, every masked layer gets its map M_v. Quantile masks: t = q-quantile of
+M_v over the layer's valid units (numpy's linear interpolation); valid units with M_v >= t are
+multiplied by alpha, for alpha in ALPHAS x q in QUANTILES. Soft masks multiply every valid unit
+by M_v ("soft") or by 1 - M_v ("soft_inverse"). 15 + 2 = 17 configurations; one variable's mask
+is applied at every masked layer at once. Default masked layers: the convolutional checkpoints,
+i.e. the analysed layers whose output per image is (C, H, W).
+
+Flagged units. Units the analysis flagged (``AnalysisResult.flags``: zero, unsupported or
+negligible variance) have no meaningful M_v; their raw values can be anything. They are left out
+of the quantile, never selected by a quantile mask, and left untouched (factor 1) by the soft
+masks; ``sensitivity_maps`` returns which units are valid next to the maps.
+
+Map shapes. A map of reduction "none" has the layer's output shape (C, H, W) and masks units one
+by one. A channel-mean map (C,) masks whole channels: its factor is broadcast over H and W and
+the quantile is taken over the C channels. Anything else is a ValueError.
+
+Ties. When many map values are equal to the layer's minimum (typically 0: clipped negative S1
+estimates, dead units), the quantile can equal the minimum and "M_v >= t" would select the whole
+layer. ``ties="strict"`` (default) then masks only M_v > t; ``ties="inclusive"`` keeps the
+published rule. Either way the result counts those layers (``tied``) and reports the fraction
+of units each quantile mask selects, so fully masked layers are visible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sensitivity.capture import model_device
+from sensitivity.masking.network import Mask, layer_output_shapes
+from sensitivity.results import AnalysisResult
+from sensitivity.units import unit_mask
+
+ALPHAS = (0.0, 0.5, 1.5)
+QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9)
+VALUE_KEYS = ("S1", "ST", "shapley_normalized")
+TIES = ("strict", "inclusive")
+KINDS = ("quantile", "soft", "soft_inverse")
+
+# What one pass of the network does: (plan index, mask or None for unmasked).
+PlanItem = tuple[int, Mask | None]
+
+
+# ------------------------------------------------------------------------------ configurations
+@dataclass(frozen=True)
+class MaskConfig:
+    """One mask configuration.
+
+    Attributes:
+        kind: "quantile" (units with M >= the q-quantile times ``alpha``), "soft"
+            (activation * M) or "soft_inverse" (activation * (1 - M)).
+        alpha: the factor of the selected units (quantile masks), >= 0.
+        q: the quantile in [0, 1] (quantile masks).
+    """
+
+    kind: str
+    alpha: float = 1.0
+    q: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown mask kind {self.kind!r}; valid: {list(KINDS)}")
+        if self.kind == "quantile" and not (0.0 <= self.q <= 1.0 and self.alpha >= 0.0):
+            raise ValueError(f"quantile masks need 0 <= q <= 1 and alpha >= 0, got {self}")
+
+    @property
+    def label(self) -> str:
+        """"alpha=0,q=0.5", "soft" or "soft_inverse"."""
+        return f"alpha={self.alpha:g},q={self.q:g}" if self.kind == "quantile" else self.kind
+
+
+def default_configurations(
+    alphas: Sequence[float] = ALPHAS, quantiles: Sequence[float] = QUANTILES, soft: bool = True
+) -> list[MaskConfig]:
+    """Quantile masks alpha-major (alpha 0: q 0.5..0.9, then alpha 0.5, ...), then the two
+    soft masks: the published 17 configurations by default."""
+    configs = [MaskConfig("quantile", float(a), float(q)) for a in alphas for q in quantiles]
+    if soft:
+        configs += [MaskConfig("soft"), MaskConfig("soft_inverse")]
+    if not configs:
+        raise ValueError("no mask configurations: give alphas and quantiles, or soft=True")
+    return configs
+
+
+def configuration_quantiles(configs: Sequence[MaskConfig]) -> list[float]:
+    """The distinct quantiles of the quantile masks among ``configs``, ascending."""
+    return sorted({c.q for c in configs if c.kind == "quantile"})
+
+
+# ------------------------------------------------------------------------------------- maps
+def default_value(result: AnalysisResult) -> str:
+    """The value type masking uses by default: ST (Sobol; never negative, so fewer ties than
+    S1), else normalised Shapley effects."""
+    for key in ("ST", "S1", "shapley_normalized"):
+        if all(key in values for values in result.layers.values()):
+            return key
+    raise ValueError(
+        f"analysis of method {result.method!r} has no sensitivity maps ({list(VALUE_KEYS)}); "
+        "masking needs a sobol (S1, ST) or shapley (shapley_normalized) analysis"
+    )
+
+
+def sensitivity_maps(
+    result: AnalysisResult, value: str, layers: Sequence[str]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The maps masks are made of, and which of their units are valid.
+
+    Args:
+        result: the analysis.
+        value: its value type, one of ``VALUE_KEYS``.
+        layers: the analysed layers to take maps of.
+
+    Returns:
+        (maps, valid): maps {layer: (G, *u) float64}, the ``value`` maps clipped to [0, 1] (a
+        non-finite value, never expected, counts as 0); valid {layer: (*u) bool}, the units
+        not flagged in ``result.flags`` (the only ones masks may rank or select).
+    """
+    if value not in VALUE_KEYS:
+        raise ValueError(f"value must be one of {list(VALUE_KEYS)}, got {value!r}")
+    missing = [layer for layer in layers if layer not in result.layers]
+    if missing:
+        raise ValueError(
+            f"layers {missing} were not analysed; the analysis has {result.layer_names}"
+        )
+    maps = {}
+    for layer in layers:
+        if value not in result.layers[layer]:
+            raise ValueError(
+                f"layer {layer!r} has no {value} maps (a {result.method} analysis has "
+                f"{sorted(result.layers[layer])}); choose a value among {list(VALUE_KEYS)} "
+                "that the analysis computed"
+            )
+        values = np.nan_to_num(result.layers[layer][value], nan=0.0, posinf=1.0, neginf=0.0)
+        maps[layer] = np.clip(values, 0.0, 1.0)
+    return maps, {layer: result.valid(layer) for layer in layers}
+
+
+def broadcast_shape(
+    layer: str, map_shape: tuple[int, ...], output_shape: tuple[int, ...]
+) -> tuple[int, ...]:
+    """The shape a map takes to multiply the layer's output.
+
+    Args:
+        layer: the layer's name, for the error message.
+        map_shape: the map's unit shape.
+        output_shape: the layer's output shape per image (without batch).
+
+    Returns:
+        The output shape itself, or (C, 1, 1) for a channel map (C,) of a (C, H, W) output;
+        ValueError for any other pair.
+    """
+    if tuple(map_shape) == tuple(output_shape):
+        return tuple(output_shape)
+    if len(map_shape) == 1 and len(output_shape) == 3 and map_shape[0] == output_shape[0]:
+        return (map_shape[0], 1, 1)
+    raise ValueError(
+        f"the maps of layer {layer!r} have unit shape {tuple(map_shape)} but the model's layer "
+        f"outputs {tuple(output_shape)} per image: the results belong to another model or "
+        "image size; pass the model and --data.image_size the analysis used (masking needs "
+        "maps of reduction 'none' or 'channel_mean')"
+    )
+
+
+# ------------------------------------------------------------------------------------ masks
+def quantile_mask(
+    values: np.ndarray, q: float, ties: str = "strict", valid: np.ndarray | None = None
+) -> tuple[np.ndarray, bool]:
+    """The valid units at or above the q-quantile of the valid units' values.
+
+    Args:
+        values: (*u) one map.
+        q: the quantile in [0, 1].
+        ties: "strict" or "inclusive" (module docstring).
+        valid: (*u) bool, default every unit; flagged units are never selected and do not
+            move the threshold t.
+
+    Returns:
+        (selected (*u) bool, tied): tied means t equals the valid units' minimum, so
+        ``values >= t`` selects every valid unit; with ``ties="strict"`` the selection is then
+        ``values > t`` (units at the minimum, typically zeros, stay). Without valid units
+        nothing is selected (not tied).
+    """
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {list(TIES)}, got {ties!r}")
+    mask = unit_mask(valid, values.shape, "the map")
+    pool = values[mask]
+    if pool.size == 0:
+        return np.zeros(values.shape, dtype=bool), False
+    threshold = float(np.quantile(pool, q))
+    tied = threshold <= float(pool.min())
+    if tied and ties == "strict":
+        return (values > threshold) & mask, True
+    return (values >= threshold) & mask, tied
+
+
+def top_units_mask(
+    values: np.ndarray, count: int, valid: np.ndarray | None = None
+) -> np.ndarray:
+    """Exactly ``count`` valid units with the largest ``values``.
+
+    Args:
+        values: (*u) one map.
+        count: units to select.
+        valid: (*u) bool, default every unit.
+
+    Returns:
+        (*u) bool (ties: lower flat index first); ValueError when fewer than ``count`` units
+        are valid.
+    """
+    order = np.argsort(-values.ravel(), kind="stable")
+    order = order[unit_mask(valid, values.shape, "the map").ravel()[order]]
+    if count > len(order):
+        raise ValueError(f"{count} units requested but only {len(order)} are valid")
+    flat = np.zeros(values.size, dtype=bool)
+    flat[order[:count]] = True
+    return flat.reshape(values.shape)
+
+
+def random_units_mask(shape: tuple[int, ...], count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` units chosen uniformly at random without replacement."""
+    flat = np.zeros(math.prod(shape), dtype=bool)
+    flat[rng.choice(flat.size, size=count, replace=False)] = True
+    return flat.reshape(shape)
+
+
+def selection_mask(selected: Mapping[str, Tensor], alpha: float) -> Mask:
+    """Multiply the selected units (bool tensors broadcastable to each layer's output) by
+    ``alpha``; the others are left as they are."""
+    return {
+        layer: (lambda out, m=m: torch.where(m, out * alpha, out)) for layer, m in selected.items()
+    }
+
+
+def factor_mask(factors: Mapping[str, Tensor]) -> Mask:
+    """Multiply each layer's output by a factor tensor broadcastable to it."""
+    return {layer: (lambda out, w=w: out * w) for layer, w in factors.items()}
+
+
+class VariableMasks:
+    """The masks of one variable at every masked layer, on the model's device.
+
+    Quantile selections are computed once per q and shared by every alpha. The soft factors
+    are M_v and 1 - M_v at valid units, 1 at flagged ones.
+
+    Args:
+        maps: {layer: M_v (map shape)} in [0, 1].
+        shapes: {layer: the shape M_v takes against the layer's output} (``broadcast_shape``).
+        quantiles: the q of the quantile masks.
+        ties: "strict" or "inclusive" (``quantile_mask``).
+        device: where the masks live.
+        valid: {layer: (map shape) bool} the units masks may touch (default: every unit).
+
+    Attributes:
+        fraction: fraction[q][layer], the share of the layer's map units the q mask selects
+            (flagged units are never selected).
+        tied: tied[q][layer], the quantile fell on the minimum of the layer's valid units.
+    """
+
+    def __init__(
+        self,
+        maps: Mapping[str, np.ndarray],
+        shapes: Mapping[str, tuple[int, ...]],
+        quantiles: Sequence[float],
+        ties: str,
+        device: torch.device,
+        valid: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        masks = {layer: unit_mask(None if valid is None else valid[layer], m.shape, "the map")
+                 for layer, m in maps.items()}
+        self.soft: dict[str, Tensor] = {}
+        self.soft_inverse: dict[str, Tensor] = {}
+        for layer, m in maps.items():
+            weight = torch.as_tensor(m, dtype=torch.float32, device=device)
+            keep = torch.as_tensor(masks[layer], device=device)
+            self.soft[layer] = torch.where(keep, weight, 1.0).reshape(shapes[layer])
+            self.soft_inverse[layer] = torch.where(keep, 1.0 - weight, 1.0).reshape(shapes[layer])
+        self.selected: dict[float, dict[str, Tensor]] = {}
+        self.fraction: dict[float, dict[str, float]] = {}
+        self.tied: dict[float, dict[str, bool]] = {}
+        for q in quantiles:
+            self.selected[q], self.fraction[q], self.tied[q] = {}, {}, {}
+            for layer, m in maps.items():
+                chosen, tied = quantile_mask(m, q, ties, masks[layer])
+                self.selected[q][layer] = torch.as_tensor(chosen, device=device).reshape(
+                    shapes[layer]
+                )
+                self.fraction[q][layer] = float(chosen.mean())
+                self.tied[q][layer] = tied
+
+    def mask(self, config: MaskConfig) -> Mask:
+        """The mask of one configuration at every layer."""
+        if config.kind == "quantile":
+            return selection_mask(self.selected[config.q], config.alpha)
+        return factor_mask(self.soft if config.kind == "soft" else self.soft_inverse)
+
+    def plan(self, configs: Sequence[MaskConfig], start: int) -> list[PlanItem]:
+        """[(start + c, mask of configs[c])]: one pass per configuration, numbered from
+        ``start`` (``run_plans``)."""
+        return [(start + c, self.mask(config)) for c, config in enumerate(configs)]
+
+
+def prepare_masks(
+    model: nn.Module,
+    maps: Mapping[str, np.ndarray],
+    variables: Sequence[str],
+    mask_variables: Sequence[str],
+    image_size: tuple[int, int],
+    quantiles: Sequence[float],
+    ties: str,
+    layer_root: nn.Module | None = None,
+    valid: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, VariableMasks]:
+    """The masks of each mask variable, fitted to the model's layer outputs.
+
+    Args:
+        model: the network (one dry forward finds its layers' output shapes).
+        maps: {layer: (V, *u)} in [0, 1], one map per variable of ``variables``.
+        variables: the V variables of the maps, in order.
+        mask_variables: the variables to build masks for.
+        image_size: (height, width) of the inputs in pixels.
+        quantiles, ties: as ``VariableMasks``.
+        layer_root: where the layers are named (default ``model.net`` or ``model``).
+        valid: {layer: (*u) bool} the units masks may touch (``sensitivity_maps``; default
+            every unit).
+
+    Returns:
+        {variable: VariableMasks} on the model's device; ValueError when a map does not fit
+        its layer (``broadcast_shape``).
+    """
+    missing = [layer for layer in maps if valid is not None and layer not in valid]
+    if missing:
+        raise ValueError(f"valid units are not given for the masked layers {missing}")
+    device = model_device(model)[0]
+    outputs = layer_output_shapes(model, list(maps), image_size, layer_root)
+    shapes = {}
+    for layer, values in maps.items():
+        if values.shape[0] != len(variables):
+            raise ValueError(
+                f"maps of layer {layer!r} have {values.shape[0]} variables, expected "
+                f"{len(variables)} ({list(variables)})"
+            )
+        shapes[layer] = broadcast_shape(layer, values.shape[1:], outputs[layer])
+    index = {v: i for i, v in enumerate(variables)}
+    return {
+        v: VariableMasks({layer: m[index[v]] for layer, m in maps.items()}, shapes, quantiles,
+                         ties, device, valid)
+        for v in mask_variables
+    }

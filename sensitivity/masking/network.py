@@ -1,0 +1,213 @@
+"""The masked network: masks at named layers, and the network split so that the unmasked part
+runs once per input batch (METHOD.md section 8, "prefix reuse").
+
+All configurations of all variables share the network up to the first masked layer. The network
+(``model.net`` of an ImageClassifier, whose forward is ``net(normalize(x))``, or a plain
+network) is traced with torch.fx, the masked layers kept as leaf modules, and split at the first
+masked layer in execution order: the prefix graph returns every value the rest of the network
+still needs (the first masked layer's output and anything else live there, e.g. a skip
+connection) and the suffix graph takes them as inputs. Per input batch the prefix runs once; per
+configuration only the suffix runs, the first layer's mask applied to the cached (unmasked)
+output, the other layers' masks by forward hooks, which fire in the suffix because it calls the
+very same module objects. A network fx cannot trace (data-dependent control flow) falls back to
+full masked forwards with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from sensitivity.capture import ActivationCapture
+from sensitivity.plan import hooked_module
+
+# A mask: layer name -> function of the layer's output (B, *shape) returning the masked output.
+Mask = dict[str, Callable[[Tensor], Tensor]]
+
+
+def layer_output_shapes(
+    model: nn.Module,
+    layers: Sequence[str],
+    image_size: tuple[int, int],
+    layer_root: nn.Module | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """{layer: output shape per image} of ``model``'s named layers (one dry forward)."""
+    capture = ActivationCapture(hooked_module(model, layer_root), list(layers), "none", [])
+    return capture.unit_shapes(image_size, forward=model)
+
+
+def convolutional_layers(output_shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """The layers whose output per image is (C, H, W)."""
+    return [layer for layer, shape in output_shapes.items() if len(shape) == 3]
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Traces a network keeping the masked layers as call_module nodes."""
+
+    def __init__(self, leaves: set[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaves or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+
+class _Split:
+    """``net`` cut after the first masked layer: ``prefix(x)`` returns the values still needed
+    later (a tuple); ``suffix(*values)`` computes the output from them."""
+
+    def __init__(self, net: nn.Module, layers: Sequence[str]) -> None:
+        graph = _LeafTracer(set(layers)).trace(net)
+        nodes = list(graph.nodes)
+        index = {node: i for i, node in enumerate(nodes)}
+        calls: dict[str, list[torch.fx.Node]] = {layer: [] for layer in layers}
+        for node in nodes:
+            if node.op == "call_module" and node.target in calls:
+                calls[node.target].append(node)
+        odd = {layer: len(found) for layer, found in calls.items() if len(found) != 1}
+        if odd:
+            raise ValueError(f"masked layers not called exactly once in the traced graph: {odd}")
+        cut = min((found[0] for found in calls.values()), key=index.__getitem__)
+        c = index[cut]
+        live = [
+            node for node in nodes[: c + 1]
+            if node.op != "get_attr" and any(index[user] > c for user in node.users)
+        ]
+        prefix = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        for node in nodes[: c + 1]:
+            env[node] = prefix.node_copy(node, env.__getitem__)
+        prefix.output(tuple(env[node] for node in live))
+        suffix = torch.fx.Graph()
+        senv = {node: suffix.placeholder(f"live_{i}") for i, node in enumerate(live)}
+
+        def arg(node: torch.fx.Node) -> torch.fx.Node:
+            if node not in senv:  # a parameter read before the cut: read it again
+                senv[node] = suffix.node_copy(node, arg)
+            return senv[node]
+
+        for node in nodes[c + 1:]:
+            if node.op == "output":
+                suffix.output(torch.fx.map_arg(node.args[0], arg))
+            else:
+                senv[node] = suffix.node_copy(node, arg)
+        self.layer = str(cut.target)
+        self.cut = live.index(cut)
+        self.prefix = torch.fx.GraphModule(net, prefix)
+        self.prefix.graph.eliminate_dead_code()
+        self.prefix.recompile()
+        self.suffix = torch.fx.GraphModule(net, suffix)
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+class MaskedNetwork:
+    """``model`` with masks at named layers, optionally split at the first of them.
+
+    Use inside ``with``: the hooks exist only there. ``prefix(x)`` -> the state computed once
+    per input batch; ``suffix(state, mask)`` -> logits with ``mask`` (None: unmasked);
+    ``forward(x, mask)`` the plain masked forward.
+
+    Args:
+        model: ``model(x)`` maps images (B, 3, H, W) in [0, 1] to logits.
+        layers: the masked layers, as named under the hooked module.
+        reuse_prefix: split the network (module docstring) when ``model`` is an
+            ImageClassifier (``net`` and ``normalize``, forward ``net(normalize(x))``) or the
+            hooked module itself.
+        layer_root: where the hooks go (default ``model.net`` if it exists, else ``model``).
+
+    Attributes:
+        split_note: how the network runs: where it is split, or why it is not.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        reuse_prefix: bool = True,
+        layer_root: nn.Module | None = None,
+    ) -> None:
+        self.model = model
+        self.layers = list(layers)
+        root = hooked_module(model, layer_root)
+        modules = dict(root.named_modules())
+        unknown = [layer for layer in self.layers if layer not in modules or not layer]
+        if unknown:
+            raise ValueError(f"unknown layer name(s) {unknown} for {type(root).__name__}")
+        self._modules = {layer: modules[layer] for layer in self.layers}
+        self._mask: Mask | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.split: _Split | None = None
+        self.split_note = "prefix reuse disabled"
+        self._preprocess: Callable[[Tensor], Tensor] = _identity
+        if reuse_prefix:
+            self._try_split(root)
+
+    def _try_split(self, root: nn.Module) -> None:
+        normalize = getattr(self.model, "normalize", None)
+        if root is getattr(self.model, "net", None) and callable(normalize):
+            self._preprocess = normalize
+        elif root is not self.model:
+            self.split_note = "the hooked module is neither the model nor an ImageClassifier's net"
+            return
+        try:
+            self.split = _Split(root, self.layers)
+            self.split_note = f"prefix up to {self.split.layer!r} computed once per batch"
+        except Exception as error:  # tracing fails in many ways; every one means "no split"
+            self.split_note = f"torch.fx could not split the network ({error}); full forwards"
+            warnings.warn(f"masking: {self.split_note}", stacklevel=3)
+
+    def _hook(self, layer: str) -> Callable[[nn.Module, Any, Tensor], Tensor | None]:
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
+            transform = None if self._mask is None else self._mask.get(layer)
+            return None if transform is None else transform(output)
+
+        return hook
+
+    def __enter__(self) -> MaskedNetwork:
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self._modules.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._mask = None
+
+    def forward(self, x: Tensor, mask: Mask | None) -> Tensor:
+        """Logits of ``x`` with ``mask`` applied by the hooks (the plain path)."""
+        self._mask = mask
+        try:
+            return self.model(x)
+        finally:
+            self._mask = None
+
+    def prefix(self, x: Tensor) -> Any:
+        """The unmasked state of ``x`` at the split (the images themselves without a split)."""
+        if self.split is None:
+            return x
+        return self.split.prefix(self._preprocess(x))
+
+    def suffix(self, state: Any, mask: Mask | None) -> Tensor:
+        """Logits from a ``prefix`` state with ``mask`` (the state is not modified)."""
+        if self.split is None:
+            return self.forward(state, mask)
+        # Clones: the suffix may modify its inputs in place (e.g. ReLU(inplace=True)).
+        values = [v.clone() if isinstance(v, Tensor) else v for v in state]
+        first = None if mask is None else mask.get(self.split.layer)
+        if first is not None:
+            values[self.split.cut] = first(state[self.split.cut])
+        self._mask = mask
+        try:
+            return self.split.suffix(*values)
+        finally:
+            self._mask = None
