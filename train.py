@@ -34,22 +34,13 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks import SensitivityCallback
 from callbacks.masking import MaskingCallback
+from callbacks.wandb_logging import DEFAULT_PROJECT
 from lightning_modules import ImageClassifier
 from sensitivity.problem import AugmentationProblem
+from sensitivity.publish import next_version_dir
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-DEFAULT_WANDB_PROJECT = "augsens"
-
-
-def next_version_dir(parent: Path) -> Path:
-    """``parent/version_<n>`` with the smallest n not yet used (not created here)."""
-    used = {
-        int(p.name.removeprefix("version_"))
-        for p in parent.glob("version_*")
-        if p.name.removeprefix("version_").isdigit()
-    }
-    return parent / f"version_{next(n for n in range(len(used) + 1) if n not in used)}"
 
 
 class InputError(ValueError):
@@ -133,7 +124,8 @@ class TrainCLI(LightningCLI):
             "--wandb_project",
             type=str | None,
             default=None,
-            help="W&B project; setting it logs online (default: offline run under the run dir)",
+            help=f"W&B project; setting it logs online (default: offline run under the run dir, "
+                 f"project {DEFAULT_PROJECT})",
         )
         # The small-input choice and the head size follow the data.
         parser.link_arguments("data.init_args.image_size", "model.image_size")
@@ -159,7 +151,7 @@ class TrainCLI(LightningCLI):
                 WandbLogger(
                     name=f"{config.run_name}/{self.run_dir.name}",
                     save_dir=str(self.run_dir),
-                    project=project or DEFAULT_WANDB_PROJECT,
+                    project=project or DEFAULT_PROJECT,
                     offline=wandb_offline(project),
                     log_model=False,
                 ),

@@ -22,7 +22,6 @@ results file (e.g. the SensitivityCallback runs less often) is skipped with a wa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,12 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.schedule import epoch_is_due, run_directory
-from callbacks.sensitivity import _broadcast_buffers, analysis_name
-from callbacks.wandb_logging import STEP_METRIC, wandb_run
+from callbacks.sensitivity import analysis_name
+from callbacks.wandb_logging import STEP_METRIC, define_metrics, wandb_run
 from sensitivity import masking, report
 from sensitivity.augmentations import AUGMENTATIONS
-from sensitivity.problem import AugmentationProblem
-from sensitivity.results import AnalysisResult
+from sensitivity.distributed import broadcast_buffers
+from sensitivity.probe import probe_size
 from sensitivity.store import ResultsStore
 
 PREFIX = "masking"
@@ -170,16 +169,12 @@ class MaskingCallback(pl.Callback):
         if epoch_is_due(trainer, self.every_n_epochs):
             self.evaluate(trainer, pl_module)
 
-    def _read(self, name: str) -> tuple[AnalysisResult, AugmentationProblem | None] | None:
+    def _read(self, name: str) -> masking.StoredAnalysis | None:
         """Rank zero: the analysis and its problem, or None when the file lacks it."""
         store = ResultsStore(self.results_path)
         if not store.path.is_file() or not store.has_analysis(name):
             return None
-        meta = store.read_metadata()
-        problem = None
-        if "problem" in meta:
-            problem = AugmentationProblem.from_config(json.loads(meta["problem"]["config"]))
-        return store.read_analysis(name), problem
+        return masking.read_stored_analysis(store, name)
 
     def evaluate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
@@ -190,32 +185,27 @@ class MaskingCallback(pl.Callback):
             raise ValueError("MaskingCallback.evaluate runs during fit, after setup")
         epoch = trainer.current_epoch
         name = self.analysis or analysis_name(epoch)
-        found = trainer.strategy.broadcast(
+        stored = trainer.strategy.broadcast(
             self._read(name) if trainer.is_global_zero else None, src=0
         )
-        if found is None:
+        if stored is None:
             rank_zero_warn(f"MaskingCallback: no analysis {name!r} in {self.results_path} at "
                            f"epoch {epoch}; skipped")
             return None
-        analysis, problem = found
         # Every shard must see rank zero's BatchNorm statistics (DDP leaves each rank its own).
-        _broadcast_buffers(pl_module, trainer.world_size)
-        value = self.value or masking.default_value(analysis)
+        broadcast_buffers(pl_module, trainer.world_size)
         images, labels = self._probe
-        size = (int(images.shape[-2]), int(images.shape[-1]))
-        layers = self.layers or masking.convolutional_layers(
-            masking.layer_output_shapes(pl_module, analysis.layer_names, size)
+        chosen = masking.masking_maps(
+            stored.result, pl_module, probe_size(images), value=self.value, layers=self.layers,
+            augmentations=self.augmentations,
         )
-        augmentations = self.augmentations
-        if augmentations is None:
-            augmentations = [v for v in analysis.group_names if v in AUGMENTATIONS]
-        maps, valid = masking.sensitivity_maps(analysis, value, layers)
         result = masking.evaluate_masking(
-            pl_module, maps, analysis.group_names, images, labels, augmentations, value=value,
-            analysis=name, mask_variables=self.variables, k=self.k, seed=self.seed,
-            problem=problem, ties=self.ties, batch_images=self.batch_images,
-            reuse_prefix=self.reuse_prefix, rank=trainer.global_rank,
-            world_size=trainer.world_size, valid=valid, progress=self.progress,
+            pl_module, chosen.maps, stored.result.group_names, images, labels,
+            chosen.augmentations, value=chosen.value, analysis=name,
+            mask_variables=self.variables, k=self.k, seed=self.seed, problem=stored.problem,
+            ties=self.ties, batch_images=self.batch_images, reuse_prefix=self.reuse_prefix,
+            rank=trainer.global_rank, world_size=trainer.world_size, valid=chosen.valid,
+            progress=self.progress,
         )
         result.epoch = epoch
         self.results.append(result)
@@ -236,7 +226,6 @@ class MaskingCallback(pl.Callback):
         run = wandb_run(trainer)
         if run is not None:
             if not self._wandb_ready:
-                run.define_metric(STEP_METRIC)
-                run.define_metric(f"{PREFIX}/*", step_metric=STEP_METRIC)
+                define_metrics(run, PREFIX)
                 self._wandb_ready = True
             run.log(masking_record(result, heatmap))

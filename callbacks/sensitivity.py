@@ -52,14 +52,15 @@ from callbacks.wandb_logging import (
     wandb_run,
 )
 from lightning_modules.weights import state_dict_sha256
-from sensitivity.activations import ActivationWriter, merge_shards
-from sensitivity.config import EngineConfig, analysis_attrs, build_design
-from sensitivity.distributed import shard_path
+from sensitivity.activations import ActivationWriter
+from sensitivity.config import EngineConfig
+from sensitivity.distributed import broadcast_buffers, shard_path
 from sensitivity.engine import run_analysis
-from sensitivity.plan import check_inputs
+from sensitivity.plan import AnalysisPlan, plan_analysis
 from sensitivity.problem import PAPER_METHODS, AugmentationProblem
 from sensitivity.provenance import provenance
-from sensitivity.report import save_heatmaps, save_history
+from sensitivity.publish import publish_analysis
+from sensitivity.report import save_history
 from sensitivity.results import PER_VARIABLE_KEYS, AnalysisResult
 from sensitivity.store import ResultsStore, check_name
 
@@ -81,9 +82,12 @@ class SensitivityCallback(pl.Callback):
 
     Args:
         every_n_epochs: analyse after epochs k-1, 2k-1, ... (0-based) and after the last epoch.
-        method: "sobol" | "shapley" | "variance" | "contrast" (EngineConfig.method).
-        n: Sobol base points (a power of two), Shapley trajectories, variance rows or contrast
-            images.
+        engine: the analysis settings (``sensitivity.config.EngineConfig``: method, n, seed,
+            layers, reduction, ...), the same object analyze.py builds from its options; None:
+            ``EngineConfig()``'s defaults. The seed fixes the design: every analysis of a fit
+            uses the same design rows, so the epochs differ only by the weights. In YAML a
+            mapping of its fields: ``engine: {method: shapley, n: 64, reduction:
+            channel_mean}``.
         problem: the AugmentationProblem as a mapping of its constructor's keys:
             ``augmentations`` (1, 2 or a list of names), ``p_on``, ``auxiliaries``,
             ``postprocess``, ``bounds``, or ``preset: paper``. None: augmentation set 1 with
@@ -91,68 +95,30 @@ class SensitivityCallback(pl.Callback):
         images_per_class: probe images per class, from ``split``; with a ``partition``
             auxiliary that many from train followed by that many from val.
         split: "val" or "train".
-        layers: checkpoint module names of the network (None: its default checkpoints).
-        reduction: "channel_mean" (one unit per channel) | "none" (every element), or
-            {layer: reduction}.
-        seed: design seed: every analysis of a fit uses the same design rows, so the epochs
-            differ only by the weights.
-        sampling, replicates, second_order, shapley_method, n_outer, n_inner, contrast_k,
-            batch_rows, num_workers, conf_level, progress: as EngineConfig.
-        precision: "32" | "bf16" | "16": float32, or bfloat16 / float16 autocast on the
-            forward only (faster on GPUs and bf16-capable CPUs; bf16 shifts indices by about
-            1e-3); accumulation stays float64.
-        deduplicate: forward each distinct augmented image of a batch once: fewer forwards
-            (Sobol at p_on 0.5: 22-24% fewer), results bit-identical (on CPU).
-        channels_last: channels-last forward: faster convolutions on CPU; indices change by
-            float round-off. The model's parameters are converted back after each analysis.
-        compile: ``torch.compile`` the forward: the compile time is paid by the first analysis
-            of each process and the capture hooks break the graph at every layer, so it rarely
-            helps; indices change by float round-off.
         store_activations: also store every design row's captured outputs (one file per
             analysis; keep n small).
         results_file: results file name, relative to the run directory.
         figures_dir: PNG folder, relative to the run directory.
         output_dir: the run directory; None: ``trainer.default_root_dir``.
 
-    Every argument is a plain value so that LightningCLI can build the callback from YAML
-    (``trainer.callbacks: [{class_path: callbacks.SensitivityCallback, init_args: {...}}]``).
-    Bad settings are a ValueError here, or at the start of ``fit`` for those that need the
-    model and data (layer names, probe size): before any training step.
+    LightningCLI builds the callback from YAML (``trainer.callbacks: [{class_path:
+    callbacks.SensitivityCallback, init_args: {engine: {...}, ...}}]``). Bad settings are a
+    ValueError here, or at the start of ``fit`` for those that need the model and data (layer
+    names, probe size): before any training step.
     """
 
     def __init__(
         self,
         every_n_epochs: int = 1,
-        method: str = "sobol",
-        n: int = 32,
+        engine: EngineConfig | None = None,
         problem: dict[str, Any] | None = None,
         images_per_class: int = 4,
         split: str = "val",
-        layers: list[str] | None = None,
-        reduction: str | dict[str, str] = "channel_mean",
-        seed: int = 0,
-        sampling: str = "rqmc",
-        replicates: int = 16,
-        second_order: bool = False,
-        shapley_method: str = "goda",
-        n_outer: int = 1,
-        n_inner: int = 3,
-        contrast_k: int = 4,
-        batch_rows: int = 256,
-        precision: str | int = "32",
-        num_workers: int = 0,
-        conf_level: float = 0.95,
-        progress: bool = False,
-        deduplicate: bool = False,
-        channels_last: bool = False,
-        compile: bool = False,
         store_activations: bool = False,
         results_file: str = "sensitivity.h5",
         figures_dir: str = "sensitivity",
         output_dir: str | None = None,
     ) -> None:
-        # Recorded in the results file: the arguments exactly as given.
-        self.settings = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         for label, value in (("every_n_epochs", every_n_epochs),
                              ("images_per_class", images_per_class)):
@@ -162,6 +128,16 @@ class SensitivityCallback(pl.Callback):
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         if not results_file.endswith((".h5", ".hdf5")):
             raise ValueError(f"results_file must end in .h5 or .hdf5, got {results_file!r}")
+        # A deep copy (asdict), validated again: later changes to the caller's object (or its
+        # layers list) do not reach the fit.
+        self.config = EngineConfig(**(engine or EngineConfig()).to_dict())
+        # Recorded in the results file: the arguments as given, the engine as used.
+        self.settings = {
+            "engine": self.config.to_dict(), "every_n_epochs": every_n_epochs,
+            "problem": problem, "images_per_class": images_per_class, "split": split,
+            "store_activations": store_activations, "results_file": results_file,
+            "figures_dir": figures_dir, "output_dir": output_dir,
+        }
         self.every_n_epochs = every_n_epochs
         self.images_per_class = images_per_class
         self.split = split
@@ -169,23 +145,14 @@ class SensitivityCallback(pl.Callback):
         self.results_file = results_file
         self.figures_dir = figures_dir
         self.output_dir = output_dir
-        self.config = EngineConfig(
-            method=method, n=n, seed=seed, sampling=sampling, replicates=replicates,
-            second_order=second_order, shapley_method=shapley_method, n_outer=n_outer,
-            n_inner=n_inner, contrast_k=contrast_k, layers=None if layers is None else list(layers),
-            reduction=reduction if isinstance(reduction, str) else dict(reduction),
-            batch_rows=batch_rows, precision=str(precision), num_workers=num_workers,
-            progress=progress, conf_level=conf_level, deduplicate=deduplicate,
-            channels_last=channels_last, compile=compile,
-        )
-        self.problem_config = self._problem_config(problem, method)
+        self.problem_config = self._problem_config(problem, self.config.method)
         # Fail now on a bad problem; the real one needs the data's class count.
         AugmentationProblem.from_config(self.problem_config, n_classes=1, images_per_class=1)
         self._history: list[dict[str, Any]] = []
         self.problem: AugmentationProblem | None = None
         self.probe: Tensor | None = None
+        self.plan: AnalysisPlan | None = None
         self.run_dir: Path | None = None
-        self._shapes: dict[str, tuple[int, ...]] = {}
         self._config_file: Path | None = None
         self._metadata_written = False
         self._wandb_ready = False
@@ -280,8 +247,9 @@ class SensitivityCallback(pl.Callback):
         self.probe = torch.cat(
             [datamodule.probe_set(self.images_per_class, split=s)[0] for s in splits]
         )
-        self._shapes = check_inputs(pl_module, self.problem, self.probe, self.config)
-        for layer in self._shapes:
+        # One design and one dry forward per fit: every epoch's analysis runs from this plan.
+        self.plan = plan_analysis(pl_module, self.problem, self.probe, self.config)
+        for layer in self.plan.unit_shapes:
             check_name("layer", layer)
         # Every rank writes its activation shard where rank zero merges it.
         self.run_dir = run_directory(trainer, self.output_dir)
@@ -303,17 +271,17 @@ class SensitivityCallback(pl.Callback):
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> AnalysisResult:
         """Analyse the current weights as epoch ``trainer.current_epoch``; every rank calls it
         and gets the global result; rank zero stores and logs it."""
-        if self.problem is None or self.probe is None:
+        if self.problem is None or self.probe is None or self.plan is None:
             raise ValueError("SensitivityCallback.analyse runs during fit, after setup")
         epoch = trainer.current_epoch
         name = analysis_name(epoch)
         world_size = trainer.world_size
-        _broadcast_buffers(pl_module, world_size)
+        broadcast_buffers(pl_module, world_size)
         writer = self._activation_writer(name, trainer.global_rank, world_size, epoch)
         # the writer publishes its shard on success and deletes it on any error
         with nullcontext() if writer is None else writer:
             result = run_analysis(
-                pl_module, self.problem, self.probe, self.config,
+                pl_module, self.problem, self.probe, self.config, plan=self.plan,
                 device=pl_module.device, activation_writer=writer,
                 rank=trainer.global_rank, world_size=world_size,
             )
@@ -340,12 +308,13 @@ class SensitivityCallback(pl.Callback):
     def _activation_writer(
         self, name: str, rank: int, world_size: int, epoch: int
     ) -> ActivationWriter | None:
+        """This rank's activation shard writer for one epoch, built from the fit's plan."""
         if not self.store_activations:
             return None
-        design = build_design(self.problem, self.config)
+        design = self.plan.design
         return ActivationWriter(
-            self._activation_file(name, rank, world_size), name, self._shapes, self.problem.d,
-            design.row_kinds(), n_rows=design.n_rows,
+            self._activation_file(name, rank, world_size), name, self.plan.unit_shapes,
+            self.problem.d, design.row_kinds(), n_rows=design.n_rows,
             attrs={"method": self.method, "epoch": epoch, "rank": rank,
                    "world_size": world_size},
         )
@@ -355,23 +324,16 @@ class SensitivityCallback(pl.Callback):
         result: AnalysisResult,
     ) -> None:
         """Rank zero: results file (+ merged activations), PNGs, W&B."""
-        store = ResultsStore(self.results_path)
         metadata = self._metadata(trainer, pl_module)
-        if not self._metadata_written:
-            store.write_metadata(problem=self.problem, **metadata)
-            self._metadata_written = True
-        store.write_analysis(name, result, attrs=self._analysis_attrs(metadata, pl_module),
-                             overwrite=True)
-        if self.store_activations:
-            merged = self._activation_file(name, 0, 1)
-            if trainer.world_size > 1:
-                shards = [
-                    self._activation_file(name, r, trainer.world_size)
-                    for r in range(trainer.world_size)
-                ]
-                merge_shards(shards, merged, remove_shards=True)
-            store.add_activations(name, merged, overwrite=True)
-        heatmaps = save_heatmaps(result, self.figures_path, name)
+        published = publish_analysis(
+            ResultsStore(self.results_path), name, result, figures=self.figures_path,
+            attrs=self._analysis_attrs(metadata, pl_module), overwrite=True,
+            # the root metadata once per fit: it describes the run, not an epoch
+            metadata=None if self._metadata_written else {"problem": self.problem, **metadata},
+            activations=self._activation_file(name, 0, 1) if self.store_activations else None,
+            world_size=trainer.world_size,
+        )
+        self._metadata_written = True
         history = self._history_results()
         if history:
             save_history(history, self.figures_path)
@@ -385,7 +347,7 @@ class SensitivityCallback(pl.Callback):
             if not self._wandb_ready:
                 define_metrics(run)
                 self._wandb_ready = True
-            run.log(analysis_record(result, heatmaps))
+            run.log(analysis_record(result, published.heatmaps))
 
     def _history_results(self) -> list[AnalysisResult]:
         """The history as AnalysisResults of per-layer medians over valid units (unit shape
@@ -423,7 +385,7 @@ class SensitivityCallback(pl.Callback):
             "model": str(hparams.get("arch", type(pl_module).__name__)),
             "weights": f"trained from {source}",
             "dataset": _describe_data(datamodule),
-            "image_size": (int(self.probe.shape[-2]), int(self.probe.shape[-1])),
+            "image_size": self.plan.image_size,
             "seed": None if seed is None else int(seed),
             "config": config_file.read_text() if config_file and config_file.is_file() else None,
             "attrs": {
@@ -436,9 +398,9 @@ class SensitivityCallback(pl.Callback):
         self, metadata: Mapping[str, Any], pl_module: pl.LightningModule
     ) -> dict[str, Any]:
         """Settings and provenance of one epoch's analysis: the weights change every epoch, so
-        each analysis records the SHA-256 of the state dict it analysed."""
+        each analysis records the SHA-256 of the state dict it analysed. The engine's settings
+        come with the result (``AnalysisResult.settings``)."""
         return {
-            **analysis_attrs(self.config, self.problem),
             **provenance(
                 model=metadata["model"], weights=metadata["weights"],
                 weights_sha256=state_dict_sha256(pl_module), dataset=metadata["dataset"],
@@ -447,14 +409,6 @@ class SensitivityCallback(pl.Callback):
             "split": self.split,
             "images_per_class": self.images_per_class,
         }
-
-
-def _broadcast_buffers(module: torch.nn.Module, world_size: int) -> None:
-    """Give every rank rank zero's buffers (DDP leaves each rank with the BatchNorm statistics
-    of its own last batches until the next synchronising forward)."""
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        for buffer in module.buffers():
-            torch.distributed.broadcast(buffer, src=0)
 
 
 def _describe_data(datamodule: Any) -> str:

@@ -54,7 +54,7 @@ TABLE_COLUMNS = ["epoch", "layer", "variable", "index", "median", "p10", "p90", 
 # median; second-order indices go to the table only (one per pair of variables).
 _SCALARS = {"value": ("median", "mean"), "conf": ("median",), "pair": ()}
 ARTIFACT_TYPE = "sensitivity-results"
-DEFAULT_PROJECT = "augsens"  # train.py's default project too
+DEFAULT_PROJECT = "augsens"  # of analyze.py and train.py runs alike
 
 
 def metric_key(method: str, layer: str, variable: str, key: str) -> str:

@@ -18,29 +18,16 @@ import pytorch_lightning as pl
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from sensitivity.activations import ActivationWriter, merge_shards
-from sensitivity.config import EngineConfig, build_design
+from sensitivity.activations import ActivationWriter
+from sensitivity.config import EngineConfig
 from sensitivity.distributed import shard_path
 from sensitivity.engine import run_analysis
-from sensitivity.plan import layer_shapes
+from sensitivity.plan import AnalysisPlan, plan_analysis
 from sensitivity.problem import AugmentationProblem
-from sensitivity.report import save_heatmaps
+from sensitivity.publish import next_version_dir, publish_analysis
 from sensitivity.store import ResultsStore
 
 RESULTS_FILE = "results.h5"
-
-
-def next_version_dir(parent: Path) -> Path:
-    """Create and return ``parent/version_<n>`` with the smallest unused n."""
-    parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    while True:
-        candidate = parent / f"version_{n}"
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            n += 1
 
 
 def one_step_loader() -> DataLoader:
@@ -52,13 +39,21 @@ def one_step_loader() -> DataLoader:
 class AnalysisOutputs:
     """Where rank zero stores an analysis and what it records.
 
-    name: analysis name (/analyses/<name>, file names). output: run directory, or None for
-    ``<runs_dir>/analysis/<name>/version_<n>`` (chosen by rank zero, broadcast to the others).
-    metadata: keyword arguments of ``ResultsStore.write_metadata`` (model, dataset, image_size,
-    seed, config, weights, weights_sha256, attrs). analysis_attrs: extra attributes of the
-    analysis group. config_text: the run's configuration, saved as ``config.yaml`` in the run
-    directory with the results (never before: a refused or killed run leaves the folder's
-    config.yaml that of its results and of any pending resume state).
+    Attributes:
+        name: analysis name (/analyses/<name>, file names).
+        output: run directory, or None for ``<runs_dir>/analysis/<name>/version_<n>`` (chosen
+            by rank zero, broadcast to the others).
+        runs_dir: root of the default run directories.
+        overwrite: replace an analysis of the same name.
+        store_activations: also store every design row's captured outputs
+            (``activations_<name>.h5`` in the run directory).
+        metadata: keyword arguments of ``ResultsStore.write_metadata`` besides the problem
+            (model, dataset, image_size, seed, config, weights, weights_sha256, attrs).
+        analysis_attrs: attributes of the analysis group besides the settings its result
+            carries (provenance, the run's config text).
+        config_text: the run's configuration, saved as ``config.yaml`` in the run directory
+            with the results (never before: a refused or killed run leaves the folder's
+            config.yaml that of its results and of any pending resume state).
     """
 
     name: str
@@ -74,12 +69,23 @@ class AnalysisOutputs:
         """The engine's resume file for this analysis (one per rank under DDP)."""
         return run_dir / f"{self.name}.resume.pt"
 
+    def activations_path(self, run_dir: Path) -> Path:
+        """The merged raw-activation file of this analysis in ``run_dir``."""
+        return run_dir / f"activations_{self.name}.h5"
+
 
 class AnalysisModule(pl.LightningModule):
     """Run ``sensitivity.engine.run_analysis`` in Lightning's predict loop and store the result.
 
-    network: the model, ``network(x in [0, 1]) -> logits`` (an ImageClassifier); hooks go on
-    ``layer_root`` (default ``network.net``). problem, probe, config: as ``run_analysis``.
+    Args:
+        network: the model, ``network(x in [0, 1]) -> logits`` (an ImageClassifier).
+        problem, probe, config: as ``run_analysis``.
+        outputs: where rank zero stores the result and what it records.
+        layer_root: the module that names the layers (default ``network.net``).
+        plan: ``plan_analysis(network, problem, probe, config, layer_root)`` made by the caller
+            while checking its inputs; None plans in the predict step. Either way each process
+            builds the design and makes the dry forward once.
+
     The predict step returns {"run_dir"} on every rank; on rank zero also "results", "figures"
     (PNG paths), "heatmaps" ({value key: PNG path}), "activations" (paths as str), "method",
     "epoch", "summary" (``AnalysisResult.summary()``), "seconds" and "evaluations".
@@ -93,6 +99,7 @@ class AnalysisModule(pl.LightningModule):
         config: EngineConfig,
         outputs: AnalysisOutputs,
         layer_root: nn.Module | None = None,
+        plan: AnalysisPlan | None = None,
     ) -> None:
         super().__init__()
         self.network = network
@@ -101,6 +108,7 @@ class AnalysisModule(pl.LightningModule):
         self.config = config
         self.outputs = outputs
         self.layer_root = layer_root
+        self.plan = plan
 
     def forward(self, x: Tensor) -> Tensor:
         return self.network(x)
@@ -114,24 +122,20 @@ class AnalysisModule(pl.LightningModule):
                 chosen.mkdir(parents=True, exist_ok=True)
             else:
                 parent = Path(self.outputs.runs_dir) / "analysis" / self.outputs.name
-                chosen = next_version_dir(parent)
+                chosen = next_version_dir(parent, create=True)
             print(f"analysing into {chosen}", flush=True)
         return Path(self.trainer.strategy.broadcast(str(chosen) if chosen else None, src=0))
 
-    def _writer(self, run_dir: Path, world_size: int) -> ActivationWriter | None:
+    def _writer(
+        self, plan: AnalysisPlan, run_dir: Path, world_size: int
+    ) -> ActivationWriter | None:
+        """This rank's activation shard writer, built from the plan (None: no storage)."""
         if not self.outputs.store_activations:
             return None
-        name = self.outputs.name
-        path = shard_path(run_dir / f"activations_{name}.h5", self.global_rank, world_size)
-        height, width = _probe_size(self.probe)
-        design_rows, row_kinds = _design_layout(self.problem, self.config)
+        path = shard_path(self.outputs.activations_path(run_dir), self.global_rank, world_size)
         return ActivationWriter(
-            path,
-            name,
-            layer_shapes(self.network, (height, width), self.config, self.layer_root),
-            self.problem.d,
-            row_kinds,
-            n_rows=design_rows,
+            path, self.outputs.name, plan.unit_shapes, self.problem.d, plan.design.row_kinds(),
+            n_rows=plan.design.n_rows,
             attrs={"method": self.config.method, "rank": self.global_rank,
                    "world_size": world_size},
         )
@@ -139,20 +143,17 @@ class AnalysisModule(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         run_dir = self._run_dir()
         world_size = self.trainer.world_size
-        writer = self._writer(run_dir, world_size)
+        plan = self.plan or plan_analysis(
+            self.network, self.problem, self.probe, self.config, self.layer_root
+        )
+        writer = self._writer(plan, run_dir, world_size)
         # the writer publishes its shard on success and deletes it on any error
         with nullcontext() if writer is None else writer:
             result = run_analysis(
-                self.network,
-                self.problem,
-                self.probe,
-                self.config,
-                layer_root=self.layer_root,
-                device=self.device,
+                self.network, self.problem, self.probe, self.config, plan=plan,
+                layer_root=self.layer_root, device=self.device,
                 state_path=None if writer is not None else self.outputs.state_path(run_dir),
-                activation_writer=writer,
-                rank=self.global_rank,
-                world_size=world_size,
+                activation_writer=writer, rank=self.global_rank, world_size=world_size,
             )
         # Every shard is on disk before rank zero merges them.
         self.trainer.strategy.barrier("analysis_shards_written")
@@ -163,25 +164,19 @@ class AnalysisModule(pl.LightningModule):
 
     def _store(self, run_dir: Path, result: Any, world_size: int) -> dict[str, Any]:
         """Rank zero: activations (merged), results file, config.yaml, heatmaps."""
-        name, out = self.outputs.name, self.outputs
-        store = ResultsStore(run_dir / RESULTS_FILE)
-        activations = None
-        if out.store_activations:
-            activations = run_dir / f"activations_{name}.h5"
-            if world_size > 1:
-                shards = [shard_path(activations, r, world_size) for r in range(world_size)]
-                merge_shards(shards, activations, remove_shards=True)
-        store.write_metadata(problem=self.problem, **out.metadata)
-        store.write_analysis(name, result, attrs=out.analysis_attrs, overwrite=out.overwrite)
-        if activations is not None:
-            store.add_activations(name, activations, overwrite=out.overwrite)
-        if out.config_text:
-            (run_dir / "config.yaml").write_text(out.config_text)
-        figures = save_heatmaps(result, run_dir / "figures", name)
+        out = self.outputs
+        published = publish_analysis(
+            ResultsStore(run_dir / RESULTS_FILE), out.name, result,
+            figures=run_dir / "figures", attrs=out.analysis_attrs, overwrite=out.overwrite,
+            metadata={"problem": self.problem, **out.metadata},
+            activations=out.activations_path(run_dir) if out.store_activations else None,
+            world_size=world_size, config_text=out.config_text,
+        )
+        activations = published.activations
         return {
-            "results": str(store.path),
-            "figures": [str(p) for p in figures.values()],
-            "heatmaps": {key: str(p) for key, p in figures.items()},
+            "results": str(published.results),
+            "figures": [str(p) for p in published.heatmaps.values()],
+            "heatmaps": {key: str(p) for key, p in published.heatmaps.items()},
             "method": result.method,
             "epoch": result.epoch,
             "activations": None if activations is None else str(activations),
@@ -189,16 +184,3 @@ class AnalysisModule(pl.LightningModule):
             "seconds": result.seconds,
             "evaluations": result.evaluations,
         }
-
-
-def _probe_size(probe: Tensor | Dataset) -> tuple[int, int]:
-    if isinstance(probe, Tensor):
-        return int(probe.shape[2]), int(probe.shape[3])
-    item = probe[0]
-    image = item[0] if isinstance(item, tuple | list) else item
-    return int(image.shape[1]), int(image.shape[2])
-
-
-def _design_layout(problem: AugmentationProblem, config: EngineConfig) -> tuple[int, list[str]]:
-    design = build_design(problem, config)
-    return design.n_rows, design.row_kinds()

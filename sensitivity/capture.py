@@ -16,6 +16,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from sensitivity.provenance import height_width
+
 REDUCTIONS = ("none", "channel_mean")
 
 # METHOD.md section 4. The small-input variants keep these names (ResNet's maxpool becomes an
@@ -58,16 +60,6 @@ def model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        size = (image_size, image_size)
-    else:
-        size = tuple(int(s) for s in image_size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size must be an int or (height, width) >= 1, got {image_size!r}")
-    return size
-
-
 def _dry_forward(
     model: nn.Module,
     image_size: int | Sequence[int],
@@ -76,7 +68,7 @@ def _dry_forward(
 ) -> None:
     """One forward of a zero batch (1, channels, H, W) in eval mode, without gradients;
     restores the training flags afterwards."""
-    height, width = _image_hw(image_size)
+    height, width = height_width(image_size)
     device, dtype = model_device(model)
     modes = {m: m.training for m in model.modules()}
     model.eval()

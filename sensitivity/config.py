@@ -70,7 +70,8 @@ class EngineConfig:
         checkpoint_every: design blocks between resume checkpoints; 0 = off.
         precision: "32", "bf16" or "16" (float16): autocast on the forward only; accumulation
             is always float64. docs/PERFORMANCE.md gives the speed and the effect on the
-            indices.
+            indices. The integers 32 and 16 are read as their strings (YAML reads an unquoted
+            16 as a number).
         num_workers: DataLoader workers decoding rows and loading probe images (0: in
             process). With workers the next batches are prepared (and pinned, on CUDA) while
             the device works.
@@ -106,7 +107,8 @@ class EngineConfig:
     reduction: str | dict[str, str] = "none"
     batch_rows: int = 256
     checkpoint_every: int = 0
-    precision: str = "32"
+    # int too: configuration files (YAML) and the command line give 16 and 32 as numbers.
+    precision: str | int = "32"
     num_workers: int = 0
     progress: bool = True
     conf_level: float = 0.95
@@ -211,15 +213,12 @@ def build_design(problem: AugmentationProblem, config: EngineConfig) -> Design:
     return ContrastDesign(problem, config.n, config.contrast_k, config.seed)
 
 
-def analysis_attrs(
-    config: EngineConfig, design: Design | AugmentationProblem
-) -> dict[str, Any]:
+def analysis_attrs(config: EngineConfig, design: Design) -> dict[str, Any]:
     """What the results file records of an analysis's settings (docs/RESULTS_FORMAT.md).
 
     Args:
         config: the analysis settings.
-        design: the run's design (``AnalysisPlan.design``). An ``AugmentationProblem`` instead
-            builds the design from it, for callers that hold no plan.
+        design: the run's design (``AnalysisPlan.design``, ``build_design``).
 
     Returns:
         The attributes of /analyses/<name> besides the standard ones, as plain values:
@@ -229,8 +228,6 @@ def analysis_attrs(
         ("second_order" and "sampling" for Sobol; "shapley_method", plus "n_outer" and
         "n_inner" for permutations; "contrast_k").
     """
-    if not isinstance(design, Design):
-        design = build_design(design, config)
     attrs: dict[str, Any] = {
         "design": type(design).__name__,
         "block_size": design.block_size,

@@ -3,7 +3,9 @@
 Every long loop of the framework (the engine's analyses, masking) shards its work the same way:
 ``resolve_world`` gives (rank, world size), ``shard_range`` this rank's contiguous block range,
 ``shard_path`` its own file next to the merged one, and ``rank_zero_seconds`` makes every rank
-report the same wall time. Without an initialised process group everything is one process.
+report the same wall time; ``broadcast_buffers`` gives every rank rank zero's buffers before
+the training callbacks analyse a model. Without an initialised process group everything is one
+process.
 """
 
 from __future__ import annotations
@@ -91,3 +93,19 @@ def rank_zero_seconds(seconds: float, world_size: int, device: torch.device) -> 
     value = torch.tensor([seconds], dtype=torch.float64, device=device)
     torch.distributed.broadcast(value, src=0)
     return float(value.item())
+
+
+def broadcast_buffers(module: torch.nn.Module, world_size: int) -> None:
+    """Give every rank rank zero's buffers, in place (a collective: every rank calls it).
+
+    DDP leaves each rank with the BatchNorm statistics of its own last batches until the next
+    synchronising forward, so shards analysed or masked on each rank would otherwise see other
+    weights than the checkpoint stores.
+
+    Args:
+        module: the model; its buffers (e.g. BatchNorm running mean and variance) change.
+        world_size: processes; 1 (or no initialised process group) does nothing.
+    """
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)

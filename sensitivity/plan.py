@@ -138,27 +138,6 @@ def plan_analysis(
     return AnalysisPlan(problem, config, design, source, shapes, toggle_counts(problem, design))
 
 
-def check_inputs(
-    model: nn.Module,
-    problem: AugmentationProblem,
-    probe: Tensor | Dataset,
-    config: EngineConfig,
-    layer_root: nn.Module | None = None,
-) -> dict[str, tuple[int, ...]]:
-    """The checks of ``plan_analysis`` for a caller that needs only the unit shapes.
-
-    Args:
-        model, problem, probe, config, layer_root: as ``plan_analysis``.
-
-    Returns:
-        {layer: unit shape} (``AnalysisPlan.unit_shapes``).
-
-    Raises:
-        ValueError: as ``plan_analysis``.
-    """
-    return plan_analysis(model, problem, probe, config, layer_root).unit_shapes
-
-
 def toggle_counts(problem: AugmentationProblem, design: Design) -> dict[str, int]:
     """What each variable's indices rest on.
 

@@ -55,6 +55,23 @@ def _check_range(images: Tensor, what: str) -> None:
         )
 
 
+def probe_size(probe: Tensor | Dataset) -> tuple[int, int]:
+    """The size of a probe's images, read from its first image (``ProbeImages`` checks that
+    the others agree).
+
+    Args:
+        probe: a tensor (N, 3, H, W) or a Dataset of (3, H, W) images or (image, label) tuples.
+
+    Returns:
+        (H, W) in pixels.
+
+    Raises:
+        ValueError: when a Dataset's first item is no image tensor (3, H, W).
+    """
+    image = probe[0] if isinstance(probe, Tensor) else _as_image(probe[0], 0)
+    return int(image.shape[-2]), int(image.shape[-1])
+
+
 def partition_count(problem: AugmentationProblem) -> int:
     """Probe splits: 2 with a ``partition`` auxiliary (split p owns images p * n_images ...)."""
     return 2 if "partition" in problem.auxiliaries else 1

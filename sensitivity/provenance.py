@@ -63,12 +63,22 @@ def describe_differences(old: Any, new: Any, labels: tuple[str, str] = ("saved",
 
 # --------------------------------------------------------------------------- provenance
 def height_width(image_size: int | Sequence[int]) -> list[int]:
-    """[height, width] of an int side or a (height, width) pair; ValueError otherwise."""
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
-    size = [int(s) for s in image_size]
+    """An image size as [height, width] in pixels: the one reading of an image size for the
+    dry forwards (``capture``), the provenance and the results file's metadata.
+
+    Args:
+        image_size: one side (square images) or a (height, width) pair, in pixels.
+
+    Returns:
+        [height, width], ints >= 1.
+
+    Raises:
+        ValueError: for anything else.
+    """
+    size = [image_size, image_size] if isinstance(image_size, int) else image_size
+    size = [int(s) for s in size]
     if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
+        raise ValueError(f"image_size must be an int or (height, width) >= 1, got {image_size!r}")
     return size
 
 

@@ -6,6 +6,7 @@ launches the second process, gloo); everything else calls ``analyze.main`` in th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -191,21 +192,17 @@ def test_other_methods_run_from_the_cli(checkpoint, tmp_path, method, key):
     assert (out / "figures").is_dir() == (method != "variance")  # no empty folder
 
 
-def test_engine_options_reach_the_engine_config():
+def test_engine_options_are_the_engine_config_fields():
+    """analyze.py's engine options are generated from EngineConfig: one per field (the method
+    is the command), with its docstring as help and its switches as --x / --no_x."""
     parser = analyze.build_parser()
-
-    def options(*args: str) -> dict:
-        config = analyze.engine_config(parser.parse_args(analyze.normalise_args(["sobol", *args])))
-        return {name: getattr(config, name) for name in ENGINE_OPTIONS}
-
-    off = {"deduplicate": False, "channels_last": False, "compile": False}
-    on = dict.fromkeys(off, True)
-    assert options() == {"precision": "32", **off}
-    for precision in ("32", "bf16", "16"):
-        flags = ["--precision", precision, "--deduplicate", "--channels-last", "--compile"]
-        assert options(*flags) == {"precision": precision, **on}
-    flags = ["--deduplicate", "--no_deduplicate", "--no_channels_last", "--no_compile"]
-    assert options(*flags) == {"precision": "32", **off}
+    known = set(parser._option_string_actions)
+    for field in dataclasses.fields(EngineConfig):
+        if field.name != "method":
+            assert f"--{field.name}" in known, field.name
+    assert {"--no_progress", "--channels-last", "--no_second_order"} <= known
+    help_text = parser._option_string_actions["--conf_level"].help
+    assert help_text.startswith("confidence level of the ``*_conf`` half-widths")
 
 
 def test_engine_options_are_recorded_with_the_analysis(checkpoint, tmp_path):
@@ -266,16 +263,19 @@ def test_image_folder_probe_is_loaded_lazily_in_workers(checkpoint, tmp_path):
 
 def test_presets_parse_and_ask_for_the_image_folder(capsys):
     presets = sorted(p.stem for p in analyze.PRESETS.glob("imagenet_*.yaml"))
-    assert len(presets) == 6
+    assert presets == ["imagenet_shapley", "imagenet_sobol"]
     for name in presets:
-        assert cli("--config", name, "--no_progress") == 2
-        assert "pass --data.root" in capsys.readouterr().err
+        for arch in ("alexnet", "vgg11", "resnet18"):
+            assert cli("--config", name, "--arch", arch, "--no_progress") == 2
+            assert "pass --data.root" in capsys.readouterr().err
     parser = analyze.build_parser()
-    cfg = parser.parse_args(analyze.normalise_args(["--config", "imagenet_alexnet_sobol"]))
+    args = ["--config", "imagenet_sobol", "--arch", "alexnet"]
+    cfg = parser.parse_args(analyze.normalise_args(args))
     assert (cfg.method, cfg.n, cfg.second_order, cfg.arch) == ("sobol", 2**17, True, "alexnet")
     assert (cfg.data.image_size, cfg.reduction, cfg.problem.preset) == (224, "none", "paper")
-    cfg = parser.parse_args(analyze.normalise_args(["--config", "imagenet_vgg11_shapley"]))
+    cfg = parser.parse_args(analyze.normalise_args(["--config", "imagenet_shapley"]))
     assert (cfg.shapley_method, cfg.n, cfg.n_outer, cfg.n_inner) == ("permutation", 256, 64, 16)
+    assert cfg.arch == "resnet18"
 
 
 def test_each_analysis_carries_its_provenance_and_other_runs_are_refused(checkpoint, tmp_path,

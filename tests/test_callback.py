@@ -44,8 +44,11 @@ CLASSES = 2
 PER_CLASS = 2  # probe images per class
 PROBLEM = {"augmentations": ["hue", "hflip"], "auxiliaries": ["class", "image"]}
 GROUPS = ["hue", "hflip", "class", "image"]
-SETTINGS = {"method": "sobol", "n": 4, "problem": PROBLEM, "images_per_class": PER_CLASS,
-            "batch_rows": 64, "store_activations": True}
+# The engine's settings as YAML gives them (init_args.engine) and as Python objects.
+ENGINE = {"method": "sobol", "n": 4, "batch_rows": 64, "reduction": "channel_mean",
+          "progress": False}
+SETTINGS = {"engine": EngineConfig(**ENGINE), "problem": PROBLEM,
+            "images_per_class": PER_CLASS, "store_activations": True}
 ROWS = 4 * (len(GROUPS) + 2)  # Sobol: n base points x (G + 2) rows
 STEPS_PER_EPOCH = 2  # 2 classes x 8 training images / batch 8
 LAYERS = list(DEFAULT_LAYERS["resnet18"])
@@ -223,35 +226,31 @@ def test_demo_yaml_builds_the_callback():
     assert callback.problem_config["auxiliaries"] == ["class", "image"]
 
 
-def test_engine_options_reach_the_engine_config():
-    """deduplicate, channels_last, compile and precision as LightningCLI passes them (YAML)."""
+def test_yaml_engine_settings_build_the_engine_config():
+    """init_args.engine as LightningCLI parses it: the fields of EngineConfig, validated (an
+    unquoted 16 is YAML's number); without it, EngineConfig's defaults."""
     parser = ArgumentParser()
     parser.add_argument("--callbacks", type=list[pl.Callback])
-    options = {"deduplicate": True, "channels_last": True, "compile": True}
-    for precision in ("16", "bf16", 32):
-        init_args = {**options, "precision": precision}
-        entry = {"class_path": "callbacks.SensitivityCallback", "init_args": init_args}
-        config = parser.parse_object({"callbacks": [entry]})
-        (callback,) = parser.instantiate(config).callbacks
-        engine = callback.config
-        assert (engine.deduplicate, engine.channels_last, engine.compile) == (True, True, True)
-        assert engine.precision == str(precision)
-        assert {k: callback.settings[k] for k in options} == options  # recorded as given
-    default = SensitivityCallback().config
-    assert not (default.deduplicate or default.channels_last or default.compile)
-    assert default.precision == "32"
+
+    def built(engine: dict) -> SensitivityCallback:
+        entry = {"class_path": "callbacks.SensitivityCallback", "init_args": {"engine": engine}}
+        (callback,) = parser.instantiate(parser.parse_object({"callbacks": [entry]})).callbacks
+        return callback
+
+    engine = built({**ENGINE, "precision": 16, "deduplicate": True}).config
+    assert engine == EngineConfig(**ENGINE, precision="16", deduplicate=True)
+    with pytest.raises(ValueError, match="power of two"):
+        built({"n": 6})
+    assert SensitivityCallback().config == EngineConfig()
 
 
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"n": 6}, "power of two"),
         ({"problem": {"augmentations": ["hue"], "n_classes": 3}}, "come from the datamodule"),
         ({"problem": {"augmentations": ["sepia"]}}, "unknown augmentation"),
         ({"every_n_epochs": 0}, "every_n_epochs"),
         ({"split": "test"}, "split"),
-        ({"precision": "fp8"}, r"precision must be one of \['32', 'bf16', '16'\]"),
-        ({"compile": "yes"}, "compile must be True or False"),
     ],
 )
 def test_bad_settings_are_value_errors(settings, message):
@@ -260,7 +259,8 @@ def test_bad_settings_are_value_errors(settings, message):
 
 
 def test_unknown_layer_fails_before_the_first_training_step(tmp_path):
-    callback = SensitivityCallback(**{**SETTINGS, "layers": ["layer9"]})
+    engine = EngineConfig(**ENGINE, layers=["layer9"])
+    callback = SensitivityCallback(**{**SETTINGS, "engine": engine})
     trainer = pl.Trainer(max_epochs=1, default_root_dir=tmp_path, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[callback])
@@ -277,7 +277,7 @@ def test_two_process_ddp_fit_equals_one_process_analysis(tmp_path):
     config = tmp_path / "callback.yaml"
     config.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
         "class_path": "callbacks.SensitivityCallback",
-        "init_args": {**SETTINGS, "n": 8},
+        "init_args": {**SETTINGS, "engine": {**ENGINE, "n": 8}},
     }]}}))
     command = [
         sys.executable, "train.py", f"--config={config}", f"--runs_dir={tmp_path}",

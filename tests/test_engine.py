@@ -470,10 +470,11 @@ def test_results_file_attributes_are_the_same_from_settings_and_from_attrs(
     a results file written either way holds the same analysis attributes."""
     result, config = run(problem, probe, method="shapley", n=16, shapley_method="permutation",
                          n_inner=2)
-    assert result.settings == analysis_attrs(config, problem)  # the planless form
+    settings = analysis_attrs(config, build_design(problem, config))
+    assert result.settings == settings
     from_settings, from_attrs = ResultsStore(tmp_path / "a.h5"), ResultsStore(tmp_path / "b.h5")
     from_settings.write_analysis("x", result)
-    from_attrs.write_analysis("x", result, attrs=analysis_attrs(config, problem))
+    from_attrs.write_analysis("x", result, attrs=settings)
     first, second = from_settings.analysis_attrs("x"), from_attrs.analysis_attrs("x")
     del first["created"], second["created"]  # the time of writing
     assert first == second and first["n_outer"] == 1 and first["design"] == "PermutationDesign"

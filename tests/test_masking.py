@@ -456,10 +456,12 @@ def test_callback_writes_masking_of_the_epoch_analysis(tmp_path):
     torch.manual_seed(0)
     data = PlantedFactorDataModule("colour", num_classes=4, image_size=SIZE, train_per_class=8,
                                    val_per_class=2, seed=0, batch_size=16)
+    engine = EngineConfig(method="sobol", n=4, layers=[*LAYERS, "fc"],
+                          reduction="channel_mean", progress=False)
     sensitivity = SensitivityCallback(
-        method="sobol", n=4, problem={"augmentations": ["hue", "hflip"],
-                                      "auxiliaries": ["class", "image"]},
-        images_per_class=2, layers=[*LAYERS, "fc"], reduction="channel_mean",
+        engine=engine, problem={"augmentations": ["hue", "hflip"],
+                                "auxiliaries": ["class", "image"]},
+        images_per_class=2,
     )
     callback = MaskingCallback(variables=["hue"], k=1, images_per_class=2)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False,

@@ -12,7 +12,9 @@ One concern per module:
   ``evaluate_masking``);
 - ``result``: ``MaskingResult`` and its specificity; stored with
   ``ResultsStore.write_result(GROUP_KIND, name, result)``, drawn by
-  ``sensitivity.report.specificity_figure``.
+  ``sensitivity.report.specificity_figure``;
+- ``stored``: what masking takes from a stored analysis (``read_stored_analysis``,
+  ``masking_maps``), for analyze.py and the MaskingCallback alike.
 
 This package imports torch, numpy and scipy; never Lightning or wandb.
 """
@@ -54,6 +56,12 @@ from sensitivity.masking.network import (
     layer_output_shapes,
 )
 from sensitivity.masking.result import GROUP_KIND, MaskingResult, specificity_matrix
+from sensitivity.masking.stored import (
+    MaskingMaps,
+    StoredAnalysis,
+    masking_maps,
+    read_stored_analysis,
+)
 
 __all__ = [
     "ALPHAS",
@@ -68,9 +76,11 @@ __all__ = [
     "MaskedAccuracy",
     "MaskedNetwork",
     "MaskedRun",
+    "MaskingMaps",
     "MaskingResult",
     "PlanItem",
     "ProbeInputs",
+    "StoredAnalysis",
     "VariableMasks",
     "broadcast_shape",
     "computed",
@@ -83,10 +93,12 @@ __all__ = [
     "input_problem",
     "layer_output_shapes",
     "load_images",
+    "masking_maps",
     "plan_forwards",
     "prepare_masks",
     "quantile_mask",
     "random_units_mask",
+    "read_stored_analysis",
     "run_plans",
     "selection_mask",
     "sensitivity_maps",

@@ -1,0 +1,201 @@
+"""What an analyze.py command analyses, built from its options: the probe images, the model,
+its weights' digest and the augmentation problem.
+
+``build_probe`` reads the planted-factor images, an image folder (lazily, as a Dataset) or,
+with ``--data.checkpoint_split``, exactly the probe the training callback used (from the
+datamodule a checkpoint records: ``checkpoint_datamodule``). ``build_model`` loads a train.py
+checkpoint, torchvision weights (offline) or a random initialisation. Bad input is a ValueError
+or FileNotFoundError naming the option to change, before anything is written.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+import torch
+from jsonargparse import Namespace
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset, Subset
+
+from data import ImageFolderDataModule, PlantedFactorDataModule
+from data.common import SPLITS, first_per_class
+from lightning_modules import ImageClassifier
+from lightning_modules.architectures import build_network
+from lightning_modules.weights import (
+    file_sha256,
+    load_tensors,
+    read_weights,
+    state_dict_sha256,
+    weights_file,
+)
+from sensitivity.capture import classification_layer
+from sensitivity.problem import AugmentationProblem
+
+# Datamodules a checkpoint's recorded init arguments can rebuild (--data.checkpoint_split).
+DATAMODULES = (PlantedFactorDataModule, ImageFolderDataModule)
+
+
+def build_probe(
+    cfg: Namespace, partition: bool
+) -> tuple[torch.Tensor | Dataset, int, list[str], str]:
+    """(probe images class-major, class count, class names, dataset description).
+
+    Planted data: a tensor. Image folders: a lazy Dataset (decoded in the engine's workers).
+    With a partition auxiliary the probe is split 0 (train) followed by split 1 (val).
+    """
+    data, n = cfg.data, cfg.data.images_per_class
+    if data.checkpoint_split is not None:
+        return _checkpoint_probe(cfg, partition)
+    if data.root is None and data.source == "folder":
+        raise ValueError(
+            "this configuration analyses an image folder: pass --data.root <folder with one "
+            "subfolder per class> (e.g. ILSVRC val sorted into class folders)"
+        )
+    if data.root is None:
+        if data.source != "planted":
+            raise ValueError(f"data.source must be planted or folder, got {data.source!r}")
+        dm = PlantedFactorDataModule(
+            factor=data.factor, num_classes=data.num_classes, image_size=data.image_size,
+            train_per_class=n, val_per_class=n, seed=data.seed,
+        )
+        splits = ["train", "val"] if partition else ["val"]
+        probe = torch.cat([dm.probe_set(n, split)[0] for split in splits])
+        return probe, dm.num_classes, dm.class_names, f"planted:{data.factor}"
+    dm = ImageFolderDataModule(
+        data.root, image_size=data.image_size, images_per_class=2 * n if partition else n,
+        val_fraction=0.5 if partition else 1.0, seed=data.seed,
+    )
+    parts = []
+    for split in ["train", "val"] if partition else ["val"]:
+        files = dm.dataset(split)
+        labels = torch.tensor(files.labels, dtype=torch.int64)
+        index = first_per_class(labels, dm.num_classes, n, f"{data.root} ({split})")
+        parts.append(Subset(files, index.tolist()))
+    probe = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    return probe, dm.num_classes, dm.class_names, str(Path(data.root).expanduser())
+
+
+def checkpoint_datamodule(path: Path) -> PlantedFactorDataModule | ImageFolderDataModule:
+    """The datamodule of the fit that saved checkpoint ``path``, rebuilt from the init arguments
+    Lightning records in it ("datamodule_hyper_parameters")."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = load_tensors(path, "checkpoint")
+    recorded = checkpoint.get("datamodule_hyper_parameters") if isinstance(checkpoint, dict) else {}
+    if not recorded:
+        raise ValueError(
+            f"checkpoint {path} records no datamodule (it was not saved by a fit with one, as "
+            f"train.py's are); describe the probe with the --data options instead of "
+            f"--data.checkpoint_split"
+        )
+    # LightningCLI adds private keys (_class_path, _instantiator); the rest are init arguments.
+    arguments = {key: value for key, value in recorded.items() if not key.startswith("_")}
+    for datamodule in DATAMODULES:
+        if set(arguments) <= set(inspect.signature(datamodule).parameters):
+            return datamodule(**arguments)
+    raise ValueError(
+        f"checkpoint {path} records a datamodule analyze.py cannot rebuild "
+        f"({recorded.get('_class_path', sorted(arguments))}); it knows "
+        f"{[d.__name__ for d in DATAMODULES]}: describe the probe with the --data options"
+    )
+
+
+def _checkpoint_probe(cfg: Namespace, partition: bool) -> tuple[torch.Tensor, int, list[str], str]:
+    """``build_probe`` for --data.checkpoint_split: exactly the SensitivityCallback's probe,
+    ``probe_set(images_per_class, split)`` of the training datamodule (train then val with a
+    partition auxiliary)."""
+    split = cfg.data.checkpoint_split
+    if split not in SPLITS:
+        raise ValueError(f"--data.checkpoint_split must be one of {list(SPLITS)}, got {split!r}")
+    if cfg.checkpoint is None:
+        raise ValueError("--data.checkpoint_split takes the probe from the training data recorded "
+                         "in a checkpoint: pass --checkpoint too")
+    dm = checkpoint_datamodule(Path(cfg.checkpoint).expanduser())
+    splits = SPLITS if partition else (split,)
+    probe = torch.cat([dm.probe_set(cfg.data.images_per_class, s)[0] for s in splits])
+    dataset = (f"planted:{dm.factor}" if isinstance(dm, PlantedFactorDataModule)
+               else str(dm.root))
+    return probe, dm.num_classes, dm.class_names, dataset
+
+
+def _weights_classes(arch: str, weights: str, default: int) -> int:
+    """Class count of a weights file/enum (its classification head), else ``default``."""
+    state, _ = read_weights(arch, weights)
+    with torch.device("meta"):  # names only: no memory or compute for the weights
+        head = classification_layer(build_network(arch, num_classes=2))
+    key = f"{head}.weight"
+    value = state.get(key) if hasattr(state, "get") else None
+    return int(value.shape[0]) if isinstance(value, torch.Tensor) else default
+
+
+def build_model(cfg: Namespace, data_classes: int) -> tuple[ImageClassifier, str, str | None]:
+    """(model, architecture, weights description or None for random initialisation)."""
+    if cfg.checkpoint is not None:
+        path = Path(cfg.checkpoint).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        try:
+            model = ImageClassifier.load_from_checkpoint(path, map_location="cpu")
+        except (KeyError, TypeError, RuntimeError, EOFError, AttributeError) as error:
+            raise ValueError(
+                f"{path} is not a Lightning checkpoint of an ImageClassifier ({error}); pass a "
+                f"train.py checkpoint, or a torchvision state dict with --weights"
+            ) from error
+        arch = model.hparams.arch
+        if cfg.arch is not None and cfg.arch != arch:
+            raise ValueError(
+                f"checkpoint {path} holds architecture {arch}, not {cfg.arch}: drop --arch or "
+                f"pass a checkpoint of {cfg.arch}"
+            )
+        return model, arch, f"checkpoint {path}"
+    arch = cfg.arch or "resnet18"
+    classes = max(2, data_classes)
+    if cfg.weights is not None:
+        classes = _weights_classes(arch, cfg.weights, classes)
+    else:
+        print(f"analyze.py: no --checkpoint or --weights: analysing a randomly initialised "
+              f"{arch}", file=sys.stderr)
+    model = ImageClassifier(arch, num_classes=classes, weights=cfg.weights,
+                            small_input=cfg.small_input, image_size=cfg.data.image_size)
+    return model, arch, model.weights_source
+
+
+def weights_sha256(cfg: Namespace, arch: str, model: nn.Module) -> str:
+    """SHA-256 of the analysed weights: of the --checkpoint or --weights file, else (random
+    initialisation) of the model's state dict."""
+    if cfg.checkpoint is not None:
+        return file_sha256(Path(cfg.checkpoint).expanduser())
+    if cfg.weights is not None:
+        return file_sha256(weights_file(arch, cfg.weights)[0])
+    return state_dict_sha256(model)
+
+
+def build_problem(cfg: Namespace, n_classes: int) -> AugmentationProblem:
+    """The problem of the ``problem.*`` options over the probe's classes and images."""
+    pc, ipc = cfg.problem, cfg.data.images_per_class
+    if pc.preset is not None:
+        if pc.preset != "paper":
+            raise ValueError(f"unknown problem preset {pc.preset!r}; valid: paper")
+        return AugmentationProblem.paper(
+            pc.augmentations, method="shapley" if cfg.method == "shapley" else "sobol",
+            auxiliaries=pc.auxiliaries, n_classes=n_classes, images_per_class=ipc,
+        )
+    return AugmentationProblem(
+        pc.augmentations, p_on=pc.p_on, auxiliaries=pc.auxiliaries, n_classes=n_classes,
+        images_per_class=ipc, postprocess=pc.postprocess, bounds=pc.bounds,
+    )
+
+
+def device_of(accelerator: str) -> torch.device:
+    """The one device masking and single-class run on, from ``--accelerator``; ValueError for a
+    GPU without CUDA or an accelerator other than auto | cpu | gpu."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--accelerator {accelerator} but no CUDA device is available")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    if accelerator not in ("auto", "cpu"):
+        raise ValueError(f"masking runs on one device: --accelerator auto|cpu|gpu, not "
+                         f"{accelerator!r}")
+    return torch.device("cpu")

@@ -1,0 +1,192 @@
+"""``analyze.py masking | single-class``: guided masking and the single-class analysis with the
+maps of a stored analysis (METHOD.md sections 8-9), on one device; results go into the same
+results file (and a specificity PNG next to it).
+
+``masking_inputs`` checks and builds everything before anything is written: the stored
+analysis (``sensitivity.masking.read_stored_analysis``), the probe and the model of the
+options, and the maps (``sensitivity.masking.masking_maps``, as the MaskingCallback takes them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jsonargparse import Namespace
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from callbacks.masking import masking_record
+from callbacks.wandb_logging import single_class_record, wandb_mode
+from cli.inputs import build_model, build_probe, device_of
+from cli.reporting import INPUT_ERRORS, Record, input_error, log_wandb, print_outputs
+from lightning_modules import ImageClassifier
+from sensitivity import masking, report, single_class
+from sensitivity.capture import classification_layer
+from sensitivity.probe import probe_size
+from sensitivity.store import ResultsStore, check_name
+
+
+@dataclass(frozen=True)
+class MaskingInputs:
+    """What masking and single-class run on, checked.
+
+    Attributes:
+        store: the results file holding the analysis (and receiving the result).
+        name: the analysis whose maps are used.
+        output: the name of the result's group (/masking/<output>, /single_class/<output>).
+        stored: the analysis with its problem and image size.
+        model: the network, on its device.
+        probe: the probe images (N, 3, H, W) in [0, 1], class-major (a tensor, or a Dataset).
+        labels: (N,) int64, the class of every probe image.
+        class_names: the data's class names.
+        chosen: the value type, layers, input augmentations and maps.
+    """
+
+    store: ResultsStore
+    name: str
+    output: str
+    stored: masking.StoredAnalysis
+    model: ImageClassifier
+    probe: Tensor | Dataset
+    labels: Tensor
+    class_names: list[str]
+    chosen: masking.MaskingMaps
+
+
+def run_masking(cfg: Namespace, config_text: str) -> int:
+    """Run masking or single-class (``cfg.method``) on the parsed options.
+
+    Returns:
+        The exit status: 0, 2 for bad input (no results file or analysis, maps that do not fit
+        the model...) with nothing written, 1 when W&B failed.
+    """
+    try:
+        mode = wandb_mode(cfg.wandb, cfg.wandb_project)
+        inputs = masking_inputs(cfg)
+        run = _run_masking if cfg.method == "masking" else _run_single_class
+        lines, record = run(cfg, inputs)
+    except INPUT_ERRORS as error:
+        return input_error(cfg.method, error)
+    wandb_lines, status = log_wandb(
+        cfg, mode, inputs.store.path, f"{cfg.method} {inputs.output}", config_text, record,
+        prefix="masking" if cfg.method == "masking" else "single_class",
+    )
+    print_outputs(lines + wandb_lines)
+    return status
+
+
+def _analysis_name(cfg: Namespace, store: ResultsStore) -> str:
+    """--analysis, else the file's only analysis; ValueError when it holds several."""
+    if cfg.analysis is not None:
+        return cfg.analysis
+    available = store.analyses()
+    if len(available) != 1:
+        raise ValueError(f"{store.path} holds the analyses {available}; choose one with "
+                         f"--analysis NAME")
+    return available[0]
+
+
+def masking_inputs(cfg: Namespace) -> MaskingInputs:
+    """Everything masking and single-class need, checked before anything is written: the
+    stored analysis and its maps, the model, the probe. ValueError/FileNotFoundError."""
+    method = cfg.method
+    if cfg.results is None:
+        raise ValueError(f"{method} reads sensitivity maps from a stored analysis: pass "
+                         f"--results RUN/results.h5 --analysis NAME")
+    store = ResultsStore(Path(cfg.results).expanduser())
+    if not store.path.is_file():
+        raise FileNotFoundError(f"no results file at {store.path}")
+    name = _analysis_name(cfg, store)
+    stored = masking.read_stored_analysis(store, name)
+    output = check_name("output", cfg.name or name)
+    group = f"{'masking' if method == 'masking' else 'single_class'}/{output}"
+    if store.has_group(group) and not cfg.overwrite:
+        raise ValueError(f"{store.path} already holds /{group}; pass --overwrite or --name")
+    probe, n_classes, class_names, _ = build_probe(cfg, partition=False)
+    size = probe_size(probe)
+    recorded = stored.image_size or size
+    if recorded != size:
+        raise ValueError(f"analysis {name!r} was computed on {recorded[0]}x{recorded[1]} images "
+                         f"but the probe images are {size[0]}x{size[1]}; pass --data.image_size "
+                         f"{recorded[0]} (and the data the analysis used)")
+    torch.manual_seed(cfg.seed)
+    model, _, _ = build_model(cfg, n_classes)
+    model.to(device_of(cfg.accelerator))
+    options = cfg.masking
+    chosen = masking.masking_maps(stored.result, model, size, value=options.value,
+                                  layers=options.layers, augmentations=options.augmentations)
+    if not chosen.layers:
+        raise ValueError(f"analysis {name!r} has no layer with (C, H, W) outputs to mask; "
+                         f"name layers with --masking.layers")
+    labels = torch.arange(n_classes).repeat_interleave(cfg.data.images_per_class)
+    return MaskingInputs(store, name, output, stored, model, probe, labels, class_names, chosen)
+
+
+def _run_masking(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str], Record]:
+    """Guided masking: accuracies and specificity, stored and drawn; the lines to print."""
+    options, chosen = cfg.masking, inputs.chosen
+    out = masking.evaluate_masking(
+        inputs.model, chosen.maps, inputs.stored.result.group_names, inputs.probe,
+        inputs.labels, chosen.augmentations, value=chosen.value, analysis=inputs.name,
+        mask_variables=options.variables, k=options.k, seed=cfg.seed,
+        problem=inputs.stored.problem, ties=options.ties, batch_images=options.batch_images,
+        reuse_prefix=options.reuse_prefix, valid=chosen.valid, progress=cfg.progress,
+    )
+    store = inputs.store
+    group = store.write_result(masking.GROUP_KIND, inputs.output, out, overwrite=cfg.overwrite)
+    figure = report.save_specificity(out, store.path.parent / "figures", inputs.output)
+    lines = [
+        f"results file    {store.path}  (/{group}: {len(out.variables)} mask variables x "
+        f"{len(out.configurations)} configurations, {out.n_images} images x {out.k} draws, "
+        f"{out.value} maps of {', '.join(out.layers)})",
+        f"heatmap         {figure}",
+        f"prefix reuse    {out.prefix_reuse}",
+        f"ties            {out.tied_layers} (variable, q, layer) quantiles at the layer minimum "
+        f"(rule {out.ties}); fully masked layers: {out.fully_masked_layers}",
+        "unmasked top-1  " + ", ".join(
+            f"{n} {a:.3f}" for n, a in zip(out.inputs, out.unmasked_acc1, strict=True)),
+    ]
+    if len(out.inputs) > 1:
+        lines.append("specificity (Spearman of top-1 profiles vs original; rows: input):")
+        lines.append(" " * 16 + " ".join(f"{v[:8]:>8}" for v in out.variables))
+        for name, row in zip(out.inputs[1:], out.specificity, strict=True):
+            lines.append(f"  {name:<14}" + " ".join(f"{x:8.2f}" for x in row))
+    return lines, lambda: masking_record(out, figure)
+
+
+def _run_single_class(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str], Record]:
+    """The single-class analysis against its chance threshold, stored; the lines to print."""
+    result, model, chosen = inputs.stored.result, inputs.model, inputs.chosen
+    head = classification_layer(model.net)
+    if head not in result.layers:
+        raise ValueError(f"analysis {inputs.name!r} has no maps of the classification layer "
+                         f"{head!r} (layers: {result.layer_names}); analyse it too")
+    head_maps, head_valid = masking.sensitivity_maps(result, chosen.value, [head])
+    options = cfg.masking
+    out = single_class.evaluate_single_class(
+        model, chosen.maps, result.group_names, head_maps[head], inputs.probe, inputs.labels,
+        n=cfg.single_class.n, augmentations=options.variables, class_names=inputs.class_names,
+        k=options.k, seed=cfg.seed, problem=inputs.stored.problem, ties=options.ties,
+        trials=cfg.single_class.trials, batch_images=options.batch_images,
+        reuse_prefix=options.reuse_prefix, value=chosen.value, analysis=inputs.name,
+        layer=head, valid=chosen.valid, head_valid=head_valid[head], progress=cfg.progress,
+    )
+    store = inputs.store
+    group = store.write_result(single_class.GROUP_KIND, inputs.output, out,
+                               overwrite=cfg.overwrite)
+    t = out.threshold
+    lines = [
+        f"results file    {store.path}  (/{group}: {len(out.variables)} variables x "
+        f"{len(out.configurations)} configurations, {out.n_images} images x {out.k} draws)",
+        f"chance level    mean J {t.mean:.5f}, threshold {t.threshold:.5f} (Q3 + 1.5 IQR; C = "
+        f"{t.n_classes}, s = {t.samples_per_class}, n = {t.n})",
+        "self-masking    variable: max mean J [configuration] -> candidates",
+    ]
+    for entry in out.matches():
+        status = (f"matched in {len(entry['matched_configurations'])} configurations"
+                  if entry["matched_configurations"] else "not matched")
+        lines.append(f"  {entry['variable']:<14} {entry['max_jaccard']:.4f} "
+                     f"[{entry['configuration']}] {status}: {', '.join(entry['candidates'])}")
+    return lines, lambda: single_class_record(out)

@@ -1,0 +1,264 @@
+"""The options of every analyze.py command: parsers, presets, and the engine settings they give.
+
+``build_parser`` serves the analyses (sobol | shapley | variance | contrast) and masking |
+single-class; ``build_statistics_parser`` the commands on a results file (contrast-stats |
+correlation | lda | report). The engine's options are generated from
+``sensitivity.config.EngineConfig``: one option per field (``--n``, ``--seed``, ``--reduction``,
+...), its type, default and docstring help, so that the command line and the training callback
+share one definition of every setting; ``engine_config`` turns the parsed options back into
+the EngineConfig. configs/analyze/demo.yaml is the default configuration file, so its values
+are the effective defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import docstring_parser
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
+
+from callbacks.wandb_logging import DEFAULT_PROJECT
+from sensitivity.config import METHODS, EngineConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = ROOT / "configs" / "analyze"
+DEMO_CONFIG = PRESETS / "demo.yaml"
+MASKING_METHODS = ("masking", "single-class")
+STATISTICS = ("contrast-stats", "correlation", "lda", "report")
+# EngineConfig fields given as options; the method is the command itself.
+ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineConfig) if f.name != "method")
+
+
+def add_option(parser: ArgumentParser, name: str, *aliases: str, **kwargs: Any) -> None:
+    """An option ``--name`` (plus ``--name-with-dashes`` for top-level names) and aliases."""
+    names = [f"--{name}"]
+    if "_" in name and "." not in name:
+        names.append(f"--{name.replace('_', '-')}")
+    parser.add_argument(*names, *aliases, **kwargs)
+
+
+def add_engine_options(parser: ArgumentParser) -> None:
+    """One option per ``EngineConfig`` field but the method: its annotation as the type, its
+    default, and its entry of the class docstring as the help; True/False fields are
+    ``--name`` / ``--no_name`` switches."""
+    described = docstring_parser.parse(EngineConfig.__doc__ or "").params
+    helps = {p.arg_name: " ".join((p.description or "").split()) for p in described}
+    types = typing.get_type_hints(EngineConfig)
+    for field in dataclasses.fields(EngineConfig):
+        if field.name not in ENGINE_FIELDS:
+            continue
+        if types[field.name] is bool:
+            add_option(parser, field.name, action=ActionYesNo, default=field.default,
+                       help=helps[field.name])
+        else:
+            add_option(parser, field.name, type=types[field.name], default=field.default,
+                       help=helps[field.name])
+
+
+def engine_config(cfg: Namespace) -> EngineConfig:
+    """The ``EngineConfig`` of parsed options (``build_parser``); ValueError for bad values."""
+    return EngineConfig(method=cfg.method, **{name: cfg[name] for name in ENGINE_FIELDS})
+
+
+def build_parser() -> ArgumentParser:
+    """The parser of the analyses and of masking | single-class; configs/analyze/demo.yaml
+    provides the defaults."""
+    p = ArgumentParser(
+        prog="analyze.py",
+        description=(
+            "Decompose the variance of every activation unit over simultaneous image "
+            "augmentations. Usage: analyze.py sobol|shapley|variance|contrast [options]; "
+            "analyze.py masking|single-class --results RUN/results.h5 --analysis NAME; "
+            "without options runs the CPU demo (configs/analyze/demo.yaml)."
+        ),
+        default_config_files=[str(DEMO_CONFIG)],
+    )
+    p.add_argument("--config", action=ActionConfigFile,
+                   help="YAML preset: a path or a name in configs/analyze/, e.g. demo")
+    add_option(p, "method", type=str, default="sobol", help=f"one of {list(METHODS)}")
+    _add_run_options(p)
+    _add_model_options(p)
+    _add_data_options(p)
+    _add_problem_options(p)
+    add_engine_options(p)
+    add_option(p, "store_activations", action=ActionYesNo, default=False,
+               help="also store every raw activation row (large!)")
+    _add_process_options(p)
+    _add_masking_options(p)
+    _add_wandb_options(p)
+    return p
+
+
+def _add_run_options(p: ArgumentParser) -> None:
+    """Where the results go."""
+    add_option(p, "name", type=str | None, default=None,
+               help="analysis name in results.h5 and file names (default: the method)")
+    add_option(p, "output", type=str | None, default=None,
+               help="run directory (default <runs_dir>/analysis/<name>/version_<n>); give it "
+                    "to resume")
+    add_option(p, "runs_dir", type=str, default="runs", help="root of default run directories")
+    add_option(p, "overwrite", action=ActionYesNo, default=False,
+               help="replace an analysis of the same name in the run directory")
+
+
+def _add_model_options(p: ArgumentParser) -> None:
+    """The analysed network."""
+    add_option(p, "checkpoint", type=str | None, default=None,
+               help="Lightning checkpoint of an ImageClassifier (train.py's checkpoints/*.ckpt)")
+    add_option(p, "arch", type=str | None, default=None,
+               help="torchvision architecture (default: the checkpoint's, else resnet18)")
+    add_option(p, "weights", type=str | None, default=None,
+               help="torchvision state-dict file or weights enum name (IMAGENET1K_V1), read "
+                    "offline")
+    add_option(p, "small_input", type=bool | None, default=None,
+               help="small-input stem (default: auto, for <= 64 px without weights)")
+
+
+def _add_data_options(p: ArgumentParser) -> None:
+    """The probe images."""
+    add_option(p, "data.source", type=str, default="planted", help="planted | folder")
+    add_option(p, "data.root", type=str | None, default=None,
+               help="image folder with one subfolder per class (implies source folder)")
+    add_option(p, "data.factor", type=str, default="colour",
+               help="planted factor: colour|shape|mixed")
+    add_option(p, "data.num_classes", type=int, default=4, help="planted classes")
+    add_option(p, "data.image_size", type=int, default=64, help="image side in pixels")
+    add_option(p, "data.images_per_class", "--images-per-class", "--images_per_class", type=int,
+               default=4, help="probe images per class")
+    add_option(p, "data.seed", type=int, default=0,
+               help="data seed (planted images, folder choice)")
+    add_option(p, "data.checkpoint_split", type=str | None, default=None,
+               help="val | train: the probe the training callback used, probe_set("
+                    "images_per_class, split) of the datamodule recorded in --checkpoint (the "
+                    "other data options are not used); default: the probe of the data options")
+
+
+def _add_problem_options(p: ArgumentParser) -> None:
+    """The augmentation problem."""
+    add_option(p, "problem.preset", type=str | None, default=None,
+               help="'paper': the published switch semantics and min-max postprocessing")
+    add_option(p, "problem.augmentations", "--set", type=int | list[str], default=1,
+               help="augmentation set 1 or 2, or a list of names")
+    add_option(p, "problem.p_on", type=float | dict[str, float], default=0.5,
+               help="probability each augmentation is applied (one value or {name: p})")
+    add_option(p, "problem.auxiliaries", type=list[str], default=["order", "class", "image"],
+               help="auxiliary variables: order, class, image, partition")
+    add_option(p, "problem.postprocess", type=str | None, default=None, help="null or minmax")
+    add_option(p, "problem.bounds", type=dict[str, dict[str, list[float]]] | None, default=None,
+               help="narrower parameter bounds at 224 px: {aug: {param: [low, high]}}")
+
+
+def _add_process_options(p: ArgumentParser) -> None:
+    """Lightning's processes and devices."""
+    add_option(p, "accelerator", type=str, default="auto",
+               help="Lightning accelerator: auto|cpu|gpu")
+    add_option(p, "devices", type=int | str, default=1,
+               help="processes per node (auto: all devices)")
+    add_option(p, "strategy", type=str, default="auto",
+               help="Lightning strategy: auto|ddp (torchrun and SLURM: ddp); spawning ones are "
+                    "refused")
+    add_option(p, "num_nodes", type=int, default=1, help="nodes (under SLURM/torchrun)")
+
+
+def _add_wandb_options(p: ArgumentParser) -> None:
+    """W&B options (docs/CLI.md "W&B"); the mode comes from ``wandb_mode``."""
+    add_option(p, "wandb", type=bool, default=True,
+               help="log to Weights & Biases (offline run in <run dir>/wandb unless online; "
+                    "false: off)")
+    add_option(p, "wandb_project", type=str | None, default=None,
+               help=f"W&B project; setting it logs online unless WANDB_MODE says otherwise "
+                    f"(default project: {DEFAULT_PROJECT})")
+
+
+def _add_masking_options(p: ArgumentParser) -> None:
+    """Options of masking and single-class (they read maps from a stored analysis)."""
+    add_option(p, "results", type=str | None, default=None,
+               help="masking, single-class: the results file holding the analysis (results.h5)")
+    add_option(p, "analysis", type=str | None, default=None,
+               help="masking, single-class: analysis name in --results (default: its only one)")
+    add_option(p, "masking.value", type=str | None, default=None,
+               help="map value: S1 | ST | shapley_normalized (default: ST, else "
+                    "shapley_normalized)")
+    add_option(p, "masking.layers", type=list[str] | None, default=None,
+               help="masked layers (default: the analysed layers whose output is (C, H, W))")
+    add_option(p, "masking.variables", type=list[str] | None, default=None,
+               help="mask variables (default: every variable of the analysis)")
+    add_option(p, "masking.augmentations", type=list[str] | None, default=None,
+               help="input augmentations, each alone (default: the analysis's augmentations)")
+    add_option(p, "masking.k", type=int, default=4,
+               help="parameter draws per image and augmentation")
+    add_option(p, "masking.ties", type=str, default="strict",
+               help="strict: a quantile at the layer's minimum masks only larger values; "
+                    "inclusive")
+    add_option(p, "masking.batch_images", type=int, default=16, help="probe images per batch")
+    add_option(p, "masking.reuse_prefix", type=bool, default=True,
+               help="compute the network up to the first masked layer once per batch")
+    add_option(p, "single_class.n", type=int, default=5,
+               help="candidate classes (and top-n predictions) per variable")
+    add_option(p, "single_class.trials", type=int, default=100_000,
+               help="simulated experiments of the chance threshold")
+
+
+def build_statistics_parser(method: str) -> ArgumentParser:
+    """Parser of a method that reads an analysis from a results file (docs/CLI.md)."""
+    p = ArgumentParser(
+        prog=f"analyze.py {method}",
+        description=(
+            "analyze.py report --results RUN/results.h5 [--analysis NAME]: a self-contained "
+            "HTML page of the file's analyses (<run directory>/report/index.html and its PNGs)."
+            if method == "report"
+            else f"analyze.py {method} --results RUN/results.h5 --analysis NAME: statistics of "
+            "a stored analysis, written into the same file."
+        ),
+    )
+    p.add_argument("--method", type=str, default=method, help="the method (given first)")
+    add_option(p, "results", type=str, required=True, help="results file of a run (results.h5)")
+    add_option(p, "analysis", type=str | None, default=None,
+               help="analysis name in the results file"
+                    + (" (default: all)" if method == "report" else " (required)"))
+    if method == "report":
+        add_option(p, "output", type=str | None, default=None,
+                   help="report directory (default: <run directory>/report)")
+        return p
+    add_option(p, "overwrite", action=ActionYesNo, default=False,
+               help="replace statistics of the same analysis already in the file")
+    add_option(p, "progress", action=ActionYesNo, default=True,
+               help="the work up front, then a progress bar (terminal) or lines (logs) on stderr")
+    _add_wandb_options(p)
+    if method == "contrast-stats":
+        add_option(p, "alpha", type=float, default=0.05,
+                   help="false discovery rate of the Benjamini-Yekutieli correction")
+    else:
+        add_option(p, "value_types", type=list[str] | None, default=None,
+                   help="value types, e.g. '[S1, ST]' (default: those of S1, ST, "
+                        "shapley_normalized the analysis has)")
+    if method == "lda":
+        add_option(p, "folds", type=int, default=5, help="cross-validation folds")
+        add_option(p, "repeats", type=int, default=3, help="cross-validation repeats")
+        add_option(p, "seed", type=int, default=0, help="seed of the fold assignment")
+    return p
+
+
+def normalise_args(args: Sequence[str]) -> list[str]:
+    """``sobol ...`` -> ``--method sobol ...``; preset names after --config -> their paths."""
+    args = list(args)
+    if args and not args[0].startswith("-"):
+        args = ["--method", args[0], *args[1:]]
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--config" and not Path(args[i + 1]).exists():
+            candidate = PRESETS / f"{args[i + 1].removesuffix('.yaml')}.yaml"
+            if candidate.exists():
+                args[i + 1] = str(candidate)
+    return args
+
+
+def requested_method(args: Sequence[str]) -> str | None:
+    """The method named on the command line, if any (before the full parse)."""
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--method":
+            return args[i + 1]
+    return next((a.split("=", 1)[1] for a in args if a.startswith("--method=")), None)

@@ -1,0 +1,98 @@
+"""``analyze.py contrast-stats | correlation | lda | report``: statistics of a stored analysis
+and the HTML report, computed on the CPU from a results file and written into it (the report:
+into <run directory>/report). No network runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from jsonargparse import Namespace
+
+from callbacks.wandb_logging import (
+    contrast_stats_record,
+    correlation_record,
+    lda_record,
+    wandb_mode,
+)
+from cli.options import build_statistics_parser
+from cli.reporting import Record, input_error, log_wandb, print_outputs
+from sensitivity import html_report, stats
+
+
+def run_statistics(method: str, args: Sequence[str]) -> int:
+    """Run one statistics command on its command line ``args``.
+
+    Returns:
+        The exit status: 0, 2 for bad input (missing file or analysis, wrong method...) with
+        nothing written, 1 when W&B failed.
+    """
+    parser = build_statistics_parser(method)
+    try:
+        cfg = parser.parse_args(list(args))
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        mode = None if method == "report" else wandb_mode(cfg.wandb, cfg.wandb_project)
+        lines, record = _statistics(method, cfg)
+    except (ValueError, OSError) as error:
+        return input_error(method, error)
+    status = 0
+    if record is not None:
+        results = Path(cfg.results).expanduser()
+        wandb_lines, status = log_wandb(cfg, mode, results, f"{method} {cfg.analysis}",
+                                        parser.dump(cfg), record)
+        lines += wandb_lines
+    print_outputs(lines)
+    return status
+
+
+def _statistics(method: str, cfg: Namespace) -> tuple[list[str], Record | None]:
+    """Run one statistics method; returns the lines to print and its W&B record (None: the
+    report, which is not logged)."""
+    if method == "report":
+        names = None if cfg.analysis is None else [cfg.analysis]
+        index = html_report.write_report(cfg.results, cfg.output, names)
+        return [f"report          {index}  (PNGs next to it)"], None
+    if cfg.analysis is None:
+        raise ValueError(f"analyze.py {method} needs --analysis NAME (an analysis in "
+                         f"{cfg.results})")
+    run = {"contrast-stats": _contrast_stats, "correlation": _correlation, "lda": _lda}[method]
+    return run(cfg, f"results file    {Path(cfg.results)}")
+
+
+def _contrast_stats(cfg: Namespace, where: str) -> tuple[list[str], Record]:
+    """Wilcoxon signed-rank tests of a contrast analysis (``stats.contrast_statistics``)."""
+    out = stats.contrast_statistics(cfg.results, cfg.analysis, alpha=cfg.alpha,
+                                    overwrite=cfg.overwrite, progress=cfg.progress)
+    lines = [f"{where}  ({out['group']}: {out['n_pairs']} image pairs)",
+             f"units with BY q < {cfg.alpha} per layer:"]
+    lines += [f"  {layer:<14} " + ", ".join(f"{a} {c}" for a, c in counts.items())
+              for layer, counts in out["significant"].items()]
+    return lines, lambda: contrast_stats_record(out, cfg.alpha)
+
+
+def _correlation(cfg: Namespace, where: str) -> tuple[list[str], Record]:
+    """Spearman correlations across units (``stats.correlation_statistics``)."""
+    out = stats.correlation_statistics(cfg.results, cfg.analysis, values=cfg.value_types,
+                                       overwrite=cfg.overwrite, progress=cfg.progress)
+    lines = [f"{where}  ({out['group']}: {', '.join(out['values'])} x "
+             f"{len(out['layers'])} layers)"]
+    return lines, lambda: correlation_record(
+        *stats.read_tree(cfg.results, stats.CORRELATION_GROUP, cfg.analysis)
+    )
+
+
+def _lda(cfg: Namespace, where: str) -> tuple[list[str], Record]:
+    """Cross-validated LDA of the channel maps by variable (``stats.lda_statistics``)."""
+    out = stats.lda_statistics(cfg.results, cfg.analysis, values=cfg.value_types,
+                               n_folds=cfg.folds, n_repeats=cfg.repeats, seed=cfg.seed,
+                               overwrite=cfg.overwrite, progress=cfg.progress)
+    lines = [f"{where}  ({out['group']})", f"LDA accuracy (chance {out['chance']:.3f}):"]
+    for layer, values in out["accuracy"].items():
+        lines += [f"  {layer:<14} {key} {mean:.3f} +- {sd:.3f}"
+                  for key, (mean, sd) in values.items()]
+    if out["skipped"]:
+        lines.append(f"skipped (no spatial maps): {', '.join(out['skipped'])}")
+    return lines, lambda: lda_record(out)
