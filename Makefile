@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(STAMP): requirements.txt
 demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) train.py
 
+# The full suite, what CI (.ci/run) runs.
 test: $(STAMP)
 	WANDB_MODE=offline $(PY) -m pytest
+
+# All but the tests marked slow (training, extra processes, seconds each): a few times faster.
+test-fast: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,35 +1,16 @@
 """Analyse a network's activations: ``python analyze.py sobol|shapley|variance|contrast [options]``.
 
-Statistics of a stored analysis: ``python analyze.py contrast-stats|correlation|lda|report
---results RUN/results.h5 --analysis NAME`` (Wilcoxon tests, Spearman correlations, LDA, the HTML
-report; written into the same results file / RUN/report).
-
-Guided masking and the single-class analysis of a stored analysis: ``python analyze.py
-masking|single-class --results RUN/results.h5 --analysis NAME`` with the model and data options
-of the analysis (they run the network; results go into the same file).
-
 Per layer and unit, how much of each activation's variance each augmentation (and the order,
 class and image variables) explains: Sobol indices, Shapley effects, per-unit moments, or paired
-treatment-control contrasts (METHOD.md). ``python analyze.py sobol`` alone runs the embedded
-demo (configs/analyze/demo.yaml: planted-factor images, 64 px, ResNet18); presets for the
-published ImageNet settings are in configs/analyze/ (``--config imagenet_sobol --arch alexnet``).
-``python analyze.py --help`` lists every option; docs/CLI.md explains them.
+treatment-control contrasts (METHOD.md). On a stored analysis (``--results RUN/results.h5
+--analysis NAME``): ``masking|single-class`` (they run the network) and
+``contrast-stats|correlation|lda|report``; results go into the same file.
 
-Outputs go to the run directory (``--output``, default ``runs/analysis/<name>/version_<n>``):
-results.h5 (docs/RESULTS_FORMAT.md), figures/<name>_<key>.png heatmaps, config.yaml and, with
-``--store-activations``, activations_<name>.h5 (every design row once, linked from results.h5).
-Every command but report also logs to Weights & Biases (docs/CLI.md "W&B"): an offline run in
-<run directory>/wandb/ for ``wandb sync`` by default, online with WANDB_MODE=online or
-``--wandb_project NAME``, none with ``--wandb false`` or WANDB_MODE=disabled.
+``python analyze.py sobol`` alone runs the CPU demo (configs/analyze/demo.yaml); presets for the
+published ImageNet settings are in configs/analyze/. Options, outputs, W&B, several processes
+and exit statuses (2: bad input, nothing written; 1: results written, W&B failed): docs/CLI.md.
 
-Several processes (``--devices 2 --strategy ddp``, torchrun, SLURM) are launched by Lightning's
-Trainer; each analyses its shard of the design and rank zero writes. Bad input (unknown layer,
-Sobol n not a power of two, a checkpoint of another architecture, an empty image folder...) is
-reported on stderr with exit status 2 before any output is created; exit status 1 means the
-results were written but W&B logging failed.
-
-This file only dispatches: each family of commands lives in the ``cli`` package (``cli.options``
-the parsers, ``cli.analysis``, ``cli.statistics``, ``cli.masking``; docs/ARCHITECTURE.md).
+This file only dispatches to the ``cli`` package (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -69,10 +50,16 @@ __all__ = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI on ``argv`` (default: the command line); returns the exit status.
+    """Run the CLI.
 
     Several processes (devices > 1) need the command line: Lightning relaunches this script
     with ``sys.argv`` for the other ranks.
+
+    Args:
+        argv: the arguments (default: the command line).
+
+    Returns:
+        The exit status: 0, 1 (results written, W&B failed) or 2 (bad input).
     """
     args = normalise_args(sys.argv[1:] if argv is None else argv)
     method = requested_method(args)

@@ -44,13 +44,21 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class InputError(ValueError):
-    """Settings or data that cannot work, found before anything is written: train.py exits
-    with status 2 and the message."""
+    """Settings or data that cannot work, found before anything is written.
+
+    train.py exits with status 2 and the message.
+    """
 
 
 def probe_splits(callback: SensitivityCallback | MaskingCallback) -> tuple[str, ...]:
-    """The splits whose classes each give the callback ``images_per_class`` probe images:
-    both with a ``partition`` auxiliary (SensitivityCallback), else the callback's split."""
+    """The splits from which a callback takes ``images_per_class`` images of every class.
+
+    Args:
+        callback: an analysis callback.
+
+    Returns:
+        Both splits with a ``partition`` auxiliary (SensitivityCallback), else its split.
+    """
     if isinstance(callback, SensitivityCallback):
         problem = AugmentationProblem.from_config(
             callback.problem_config, n_classes=1, images_per_class=1
@@ -61,9 +69,19 @@ def probe_splits(callback: SensitivityCallback | MaskingCallback) -> tuple[str, 
 
 
 def check_probes(callbacks: Sequence[pl.Callback], datamodule: Any) -> None:
-    """InputError when a callback's probe set (``images_per_class`` images of every class of a
-    split) is larger than the data, or the data cannot be set up; a no-op for datamodules
-    without ``class_counts``. Sets the datamodule up (it is set up once: fit reuses it)."""
+    """Check that every analysis callback's probe set fits the data.
+
+    Sets the datamodule up (once: fit reuses it); a no-op for datamodules without
+    ``class_counts``.
+
+    Args:
+        callbacks: the trainer's callbacks (others than the analysis callbacks are skipped).
+        datamodule: the fit's datamodule.
+
+    Raises:
+        InputError: a probe set (``images_per_class`` images of every class of a split) larger
+            than the data, or data that cannot be set up.
+    """
     if not hasattr(datamodule, "class_counts"):
         return
     for index, callback in enumerate(callbacks):
@@ -83,8 +101,20 @@ def probe_message(
     callback: SensitivityCallback | MaskingCallback, index: int, last: bool, split: str,
     counts: list[int], datamodule: Any,
 ) -> str:
-    """Why the probe does not fit and the options that fix it: a smaller images_per_class
-    (the most every class has), more images in the split, or no callback."""
+    """Why a callback's probe does not fit, and the options that fix it.
+
+    Args:
+        callback: the callback.
+        index: its position in ``trainer.callbacks``.
+        last: it is the last callback (a dotted command-line option reaches it).
+        split: the split that is too small.
+        counts: images per class in that split.
+        datamodule: the datamodule (class names, ``more_images_hint``).
+
+    Returns:
+        The message: a smaller images_per_class (the most every class has), more images in
+        the split, or no callback.
+    """
     fewest = min(counts)
     names = getattr(datamodule, "class_names", None) or [str(c) for c in range(len(counts))]
     where = f"{type(callback).__name__} (trainer.callbacks[{index}])"
@@ -105,7 +135,14 @@ def probe_message(
 
 
 def wandb_offline(project: str | None) -> bool:
-    """Offline unless the user asked for a W&B project or set WANDB_MODE (online, disabled...)."""
+    """Whether the training's W&B logger runs offline.
+
+    Args:
+        project: --wandb_project.
+
+    Returns:
+        True unless a project is given or WANDB_MODE is set to another mode than offline.
+    """
     return project is None and os.environ.get("WANDB_MODE", "offline") == "offline"
 
 
@@ -116,6 +153,7 @@ class TrainCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Add --run_name, --runs_dir and --wandb_project; link the model to the data."""
         parser.add_argument(
             "--run_name", type=str, default="demo", help="outputs go to <runs_dir>/<run_name>/"
         )
@@ -137,6 +175,11 @@ class TrainCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        """Check the probes (fit), make the run directory, add the default logger and checkpoints.
+
+        Raises:
+            InputError: what ``check_probes`` refuses, before anything is written.
+        """
         config = self.config.get(str(self.subcommand), self.config)
         trainer_config = self._get(self.config_init, "trainer", default={})
         if self.subcommand == "fit":
@@ -175,6 +218,7 @@ class TrainCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
+        """Report the outputs."""
         self.report_outputs()
 
     @rank_zero_only
@@ -207,7 +251,15 @@ class TrainCLI(LightningCLI):
 
 
 def sensitivity_lines(callback: SensitivityCallback) -> list[str]:
-    """Where a SensitivityCallback wrote, and the largest median indices at its last layer."""
+    """The "Outputs:" lines of a SensitivityCallback.
+
+    Args:
+        callback: the callback after fit.
+
+    Returns:
+        Where it wrote and the largest median indices at its last layer; [] when it wrote
+        nothing.
+    """
     if callback.run_dir is None or not callback.results_path.is_file():
         return []
     epochs = callback.epochs
@@ -232,13 +284,30 @@ def sensitivity_lines(callback: SensitivityCallback) -> list[str]:
 
 
 def with_subcommand(args: Sequence[str]) -> list[str]:
-    """``args`` with ``fit`` in front unless they start with a subcommand or ask for help."""
+    """Default the subcommand to ``fit``.
+
+    Args:
+        args: the command line.
+
+    Returns:
+        ``args`` with ``fit`` in front unless they start with a subcommand or ask for help.
+    """
     args = list(args)
     return args if args and args[0] in (*SUBCOMMANDS, "-h", "--help") else ["fit", *args]
 
 
 def main(args: Sequence[str] | None = None) -> TrainCLI:
-    """Run the CLI on ``args`` (default: the command line), ``fit`` if no subcommand is given."""
+    """Run the CLI, ``fit`` if no subcommand is given.
+
+    Args:
+        args: the arguments (default: the command line).
+
+    Returns:
+        The finished TrainCLI.
+
+    Raises:
+        SystemExit: status 2 with a message for settings or data that cannot work.
+    """
     if args is None:
         # LightningCLI reads sys.argv itself (and warns when given both), so edit it in place.
         sys.argv[1:] = with_subcommand(sys.argv[1:])
@@ -252,7 +321,14 @@ def main(args: Sequence[str] | None = None) -> TrainCLI:
 
 
 def make_cli(args: Sequence[str] | None) -> TrainCLI:
-    """The TrainCLI on ``args`` (None: sys.argv), configs/demo.yaml the default config."""
+    """Build (and run) the TrainCLI, configs/demo.yaml the default config.
+
+    Args:
+        args: the arguments (None: sys.argv).
+
+    Returns:
+        The TrainCLI.
+    """
     defaults = {"default_config_files": [str(DEMO_CONFIG)]}
     return TrainCLI(
         ImageClassifier,

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, set_threads, synchronize, write_json
 
 from sensitivity.augmentations import AUGMENTATIONS, apply
-from sensitivity.problem import AugmentationProblem, DecodedRows
+from sensitivity.decoded import DecodedRows
+from sensitivity.problem import AugmentationProblem
 from tests.test_augmentations import torchvision_reference
 
 RESULTS = ROOT / "bench" / "results" / "augmentations.json"
@@ -110,6 +111,48 @@ def timed(fn, *args, repeats: int, device: torch.device) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
+def per_augmentation_times(images: torch.Tensor, params: dict, device: torch.device) -> dict:
+    """Each augmentation alone on ``images`` (B, 3, H, W), batched and per sample: where the
+    time goes. Returns {name: {"batched_ms", "per_sample_ms"}}."""
+    out = {}
+    for name in AUGMENTATIONS:
+        one = {name: params[name]}
+        alone, _ = timed(apply, name, images, params[name], repeats=3, device=device)
+        reference, _ = timed(_per_sample_one, name, images, one, repeats=3, device=device)
+        out[name] = {"batched_ms": 1e3 * alone, "per_sample_ms": 1e3 * reference}
+    return out
+
+
+def print_summary(
+    args: argparse.Namespace, result: dict, batched: float, composed: float,
+    composed_shuffled: float, loop: float, overhead: float, max_diff: float,
+) -> None:
+    """The bench's table: images/s and ratios to the per-sample loop, per augmentation."""
+    per_augmentation = result["per_augmentation"]
+    print(
+        f"{args.batch} images at {args.size} px, 12 augmentations, {args.device}, "
+        f"{result['torch_threads']} threads, load average {result['load_average'][0]:.1f}\n"
+        f"{'':34s} {'images/s':>9s} {'vs per-sample':>14s}\n"
+        f"{'apply, one call per augmentation':34s} {args.batch / batched:9.1f} "
+        f"{result['ratio']:13.1f}x\n"
+        f"{'augment, problem order':34s} {args.batch / composed:9.1f} "
+        f"{result['ratio_composed']:13.1f}x\n"
+        f"{'augment, random order per image':34s} {args.batch / composed_shuffled:9.1f} "
+        f"{result['ratio_composed_random_order']:13.1f}x\n"
+        f"{'per-sample torchvision loop':34s} {args.batch / loop:9.1f} {1.0:13.1f}x\n"
+        f"max |batched - per-sample| = {max_diff:.2e}; ratio of process CPU time: "
+        f"apply {result['ratio_cpu_time']:.1f}x, augment {result['ratio_cpu_time_composed']:.1f}x\n"
+        f"per-sample loop at 16 px: {1e3 * overhead / args.batch:.2f} ms per image, "
+        f"{100 * overhead / loop:.0f}% of the loop at {args.size} px (fixed per-call cost, the "
+        "most that batching alone can remove)\n"
+        f"written to {args.output}"
+    )
+    print(f"{'augmentation':22s} {'batched ms':>11s} {'per-sample ms':>14s} {'ratio':>7s}")
+    for name, row in per_augmentation.items():
+        ratio = row["per_sample_ms"] / row["batched_ms"]
+        print(f"{name:22s} {row['batched_ms']:11.1f} {row['per_sample_ms']:14.1f} {ratio:7.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -153,13 +196,7 @@ def main() -> None:
         (run_batched(images, params) - reference).abs().max().item(),
         (problem.augment(images, in_order) - reference).abs().max().item(),
     )
-    # each augmentation alone on the photos, to show where the time goes
-    per_augmentation = {}
-    for name in AUGMENTATIONS:
-        one = {name: params[name]}
-        alone, _ = timed(apply, name, images, params[name], repeats=3, device=device)
-        reference, _ = timed(_per_sample_one, name, images, one, repeats=3, device=device)
-        per_augmentation[name] = {"batched_ms": 1e3 * alone, "per_sample_ms": 1e3 * reference}
+    per_augmentation = per_augmentation_times(images, params, device)
 
     result = {
         "batch": args.batch,
@@ -185,28 +222,7 @@ def main() -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.output, result, quiet=True)
-    print(
-        f"{args.batch} images at {args.size} px, 12 augmentations, {args.device}, "
-        f"{result['torch_threads']} threads, load average {result['load_average'][0]:.1f}\n"
-        f"{'':34s} {'images/s':>9s} {'vs per-sample':>14s}\n"
-        f"{'apply, one call per augmentation':34s} {args.batch / batched:9.1f} "
-        f"{result['ratio']:13.1f}x\n"
-        f"{'augment, problem order':34s} {args.batch / composed:9.1f} "
-        f"{result['ratio_composed']:13.1f}x\n"
-        f"{'augment, random order per image':34s} {args.batch / composed_shuffled:9.1f} "
-        f"{result['ratio_composed_random_order']:13.1f}x\n"
-        f"{'per-sample torchvision loop':34s} {args.batch / loop:9.1f} {1.0:13.1f}x\n"
-        f"max |batched - per-sample| = {max_diff:.2e}; ratio of process CPU time: "
-        f"apply {result['ratio_cpu_time']:.1f}x, augment {result['ratio_cpu_time_composed']:.1f}x\n"
-        f"per-sample loop at 16 px: {1e3 * overhead / args.batch:.2f} ms per image, "
-        f"{100 * overhead / loop:.0f}% of the loop at {args.size} px (fixed per-call cost, the "
-        "most that batching alone can remove)\n"
-        f"written to {args.output}"
-    )
-    print(f"{'augmentation':22s} {'batched ms':>11s} {'per-sample ms':>14s} {'ratio':>7s}")
-    for name, row in per_augmentation.items():
-        ratio = row["per_sample_ms"] / row["batched_ms"]
-        print(f"{name:22s} {row['batched_ms']:11.1f} {row['per_sample_ms']:14.1f} {ratio:7.2f}")
+    print_summary(args, result, batched, composed, composed_shuffled, loop, overhead, max_diff)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import gc
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,44 @@ def print_extrapolation(rows: list[dict[str, Any]]) -> None:
               f"({e['n_2^17_rows']} rows): {e['n_2^17_hours']:8.2f} h")
 
 
+def measure_all(
+    args: argparse.Namespace, variants: list[str], device: torch.device, started: float,
+    rows: list[dict[str, Any]], skipped: list[dict[str, Any]], save: Callable[[], None],
+) -> None:
+    """Every (architecture, set, variant) case in turn, appending to ``rows`` (or, past
+    ``args.deadline``, to ``skipped``) and saving after each variant."""
+    last_seconds_per_row = None
+    for arch in args.archs.split(","):
+        for aug_set in (int(s) for s in args.sets.split(",")):
+            case = build_case(arch, args.size, aug_set, device)
+            block_size = len(case[2].groups) + 2
+            reference = None
+            for variant in variants:
+                elapsed = time.perf_counter() - started
+                if args.deadline and last_seconds_per_row is not None:
+                    # a variant costs about its last measured cost per design row
+                    expected = last_seconds_per_row * block_size * args.n
+                    if elapsed + expected > args.deadline:
+                        skipped.append({"arch": arch, "set": aug_set, "variant": variant,
+                                        "expected_seconds": expected})
+                        print(f"  {arch} set {aug_set} {variant}: skipped (expected "
+                              f"{expected:.0f} s, {args.deadline - elapsed:.0f} s left)")
+                        continue
+                variant_started = time.perf_counter()
+                row, arrays = measure(case, variant, args, device, reference)
+                last_seconds_per_row = (time.perf_counter() - variant_started) / row["rows"]
+                if variant == "baseline":
+                    reference = arrays
+                row.update(arch=arch, set=aug_set, extrapolation=extrapolate(row, block_size))
+                rows.append(row)
+                print(f"  {arch} set {aug_set} {variant}: {row['analysis_rows_per_s']:.1f} "
+                      f"rows/s, bare {row['bare_rows_per_s']:.1f}, ratio {row['ratio']:.2f} "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+                save()
+            del case, reference
+            gc.collect()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -291,36 +330,7 @@ def main() -> None:
             "seconds": time.perf_counter() - started,
         }, quiet=True)
 
-    last_seconds_per_row = None
-    for arch in args.archs.split(","):
-        for aug_set in (int(s) for s in args.sets.split(",")):
-            case = build_case(arch, args.size, aug_set, device)
-            block_size = len(case[2].groups) + 2
-            reference = None
-            for variant in variants:
-                elapsed = time.perf_counter() - started
-                if args.deadline and last_seconds_per_row is not None:
-                    # a variant costs about its last measured cost per design row
-                    expected = last_seconds_per_row * block_size * args.n
-                    if elapsed + expected > args.deadline:
-                        skipped.append({"arch": arch, "set": aug_set, "variant": variant,
-                                        "expected_seconds": expected})
-                        print(f"  {arch} set {aug_set} {variant}: skipped (expected "
-                              f"{expected:.0f} s, {args.deadline - elapsed:.0f} s left)")
-                        continue
-                variant_started = time.perf_counter()
-                row, arrays = measure(case, variant, args, device, reference)
-                last_seconds_per_row = (time.perf_counter() - variant_started) / row["rows"]
-                if variant == "baseline":
-                    reference = arrays
-                row.update(arch=arch, set=aug_set, extrapolation=extrapolate(row, block_size))
-                rows.append(row)
-                print(f"  {arch} set {aug_set} {variant}: {row['analysis_rows_per_s']:.1f} "
-                      f"rows/s, bare {row['bare_rows_per_s']:.1f}, ratio {row['ratio']:.2f} "
-                      f"({time.perf_counter() - started:.0f} s)", flush=True)
-                save()
-            del case, reference
-            gc.collect()
+    measure_all(args, variants, device, started, rows, skipped, save)
     print()
     if rows:
         print_table(rows)

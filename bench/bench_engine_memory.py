@@ -13,8 +13,8 @@ setup and compute(), so that the time's linearity in N can be read off. Prints a
 writes bench/results/engine_memory.json (or ``--output``).
 
     .venv/bin/python bench/bench_engine_memory.py [--base 4] [--steps 4] [--device cpu|cuda]
-    # scaling at the default checkpoints (docs/PERFORMANCE.md, "Scaling"):
-    .venv/bin/python bench/bench_engine_memory.py --layers default --batch-rows 256 \
+    # scaling at the default checkpoints (docs/PERFORMANCE.md, "Scaling"), one command:
+    .venv/bin/python bench/bench_engine_memory.py --layers default --batch-rows 40
         --threads 1 --base 8 --output bench/results/engine_scaling.json
 """
 

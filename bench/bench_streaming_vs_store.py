@@ -115,10 +115,10 @@ def store_vectorised(n: int, work: Path) -> dict[str, Any]:
         r = gsa.sobol_from_outputs(salib_problem, Y.reshape(Y.shape[0], -1))
         layers[layer] = {"S1": r.S1.reshape(-1, *Y.shape[1:]), "ST": r.ST.reshape(-1, *Y.shape[1:])}
         del Y, r
-    analyse_seconds = time.perf_counter() - start
+    analyze_seconds = time.perf_counter() - start
     save_indices(layers, work / "store.npz")
-    return {**sampled, "analyse_seconds": analyse_seconds,
-            "seconds": sampled["sample_seconds"] + analyse_seconds, "peak_rss_mb": peak_rss_mb()}
+    return {**sampled, "analyze_seconds": analyze_seconds,
+            "seconds": sampled["sample_seconds"] + analyze_seconds, "peak_rss_mb": peak_rss_mb()}
 
 
 def store_salib(n: int, work: Path, units_sampled: int) -> dict[str, Any]:
@@ -148,7 +148,7 @@ def store_salib(n: int, work: Path, units_sampled: int) -> dict[str, Any]:
             differences.append(float(np.abs(np.asarray(r["S1"]) - S1[:, unit]).max()))
     per_unit = median(seconds)
     return {"seconds_per_unit": per_unit, "units_timed": len(seconds), "units": total_units,
-            "analyse_seconds_extrapolated": per_unit * total_units,
+            "analyze_seconds_extrapolated": per_unit * total_units,
             "max_abs_diff_S1_vs_streaming": max(differences) if differences else None}
 
 
@@ -237,7 +237,7 @@ def main() -> None:
         "agreement_streaming_vs_store": agree,
         "speedup_vs_store_vectorised": store["seconds"] / stream["seconds"],
         "speedup_vs_store_salib": (
-            (store["sample_seconds"] + salib["analyse_seconds_extrapolated"]) / stream["seconds"]
+            (store["sample_seconds"] + salib["analyze_seconds_extrapolated"]) / stream["seconds"]
             if salib else None
         ),
         "disk_bytes_per_row_store": store["disk_bytes"] / store["rows"],
@@ -255,9 +255,9 @@ def print_table(r: dict[str, Any]) -> None:
           f"{s['disk_bytes'] / 2**20:>10.1f}")
     print(f"{'store (HDF5) + vectorised analysis':34} {v['seconds']:>10.1f} "
           f"{v['peak_rss_mb']:>12.0f} {v['disk_bytes'] / 2**20:>10.1f}"
-          f"   (sample {v['sample_seconds']:.1f} s + analyse {v['analyse_seconds']:.1f} s)")
+          f"   (sample {v['sample_seconds']:.1f} s + analyse {v['analyze_seconds']:.1f} s)")
     if sal:
-        total = v["sample_seconds"] + sal["analyse_seconds_extrapolated"]
+        total = v["sample_seconds"] + sal["analyze_seconds_extrapolated"]
         print(f"{'store (HDF5) + SALib per unit':34} {total:>10.0f} {'':>12} "
               f"{v['disk_bytes'] / 2**20:>10.1f}   (SALib {1e3 * sal['seconds_per_unit']:.1f} ms "
               f"per unit x {sal['units']} units, extrapolated from {sal['units_timed']})")

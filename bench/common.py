@@ -21,8 +21,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# The project, and tests/ for the reference implementations the benches share with the tests
+# (which import their helpers as top-level modules, as pytest's rootdir insertion allows).
+for path in (ROOT, ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 from data import PlantedFactorDataModule  # noqa: E402
 from lightning_modules import ImageClassifier  # noqa: E402

@@ -44,9 +44,17 @@ SPLITS = ("train", "val")
 
 
 def masking_record(result: masking.MaskingResult, heatmap: str | Path) -> dict[str, Any]:
-    """What ``run.log`` receives for one masking evaluation:
-    ``masking/unmasked/<input>/acc1`` and ``.../acc5``, ``masking/specificity/<input>/<variable>``
-    (Spearman, top-1), ``masking/table`` (every accuracy) and ``masking/specificity_heatmap``."""
+    """What ``run.log`` receives for one masking evaluation.
+
+    Args:
+        result: the masking result (its epoch, or -1, is the step).
+        heatmap: the specificity PNG.
+
+    Returns:
+        {``masking/unmasked/<input>/acc1`` and ``.../acc5``,
+        ``masking/specificity/<input>/<variable>`` (Spearman, top-1), ``masking/table`` (every
+        accuracy), ``masking/specificity_heatmap``, the step metric}.
+    """
     import wandb
 
     epoch = -1 if result.epoch is None else int(result.epoch)
@@ -86,6 +94,9 @@ class MaskingCallback(pl.Callback):
             off by default: the training's own progress bar shares the terminal.
         figures_dir: PNG folder, relative to the run directory.
         output_dir: the run directory; None: ``trainer.default_root_dir``.
+
+    Raises:
+        ValueError: non-positive counts, an unknown value, ties, split or augmentation.
     """
 
     def __init__(
@@ -147,11 +158,22 @@ class MaskingCallback(pl.Callback):
 
     @property
     def results_path(self) -> Path:
+        """The results file (known once fit has started; ValueError before)."""
         if self._run_dir is None:
             raise ValueError("the run directory is known once fit has started (setup)")
         return self._run_dir / self.results_file
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Take the probe set from the datamodule and agree on the run directory ("fit" only).
+
+        Args:
+            trainer: the trainer; its datamodule needs ``probe_set``.
+            pl_module: the model.
+            stage: Lightning's stage; anything but "fit" is ignored.
+
+        Raises:
+            ValueError: a datamodule without ``probe_set``.
+        """
         if stage != "fit":
             return
         datamodule = trainer.datamodule
@@ -166,6 +188,7 @@ class MaskingCallback(pl.Callback):
         self._wandb_ready = False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Evaluate when the epoch is due (``schedule.epoch_is_due``)."""
         if epoch_is_due(trainer, self.every_n_epochs):
             self.evaluate(trainer, pl_module)
 
@@ -179,8 +202,22 @@ class MaskingCallback(pl.Callback):
     def evaluate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> masking.MaskingResult | None:
-        """Evaluate the current weights; every rank calls it and gets the global result (None
-        when the analysis is missing); rank zero stores and logs it."""
+        """Evaluate guided masking on the current weights.
+
+        Every rank calls it and gets the global result; rank zero stores and logs it.
+
+        Args:
+            trainer: the fitting trainer.
+            pl_module: the model, on its device.
+
+        Returns:
+            The masking result with its epoch set; None (and a warning) when the results file
+            lacks the analysis.
+
+        Raises:
+            ValueError: called before ``setup``, or maps, layers, variables or augmentations
+                that ``masking_maps`` / ``evaluate_masking`` refuse.
+        """
         if self._probe is None:
             raise ValueError("MaskingCallback.evaluate runs during fit, after setup")
         epoch = trainer.current_epoch
@@ -214,6 +251,7 @@ class MaskingCallback(pl.Callback):
         return result
 
     def _write(self, trainer: pl.Trainer, name: str, result: masking.MaskingResult) -> None:
+        """Rank zero: /masking/<name> in the results file, the specificity PNG, W&B."""
         store = ResultsStore(self.results_path)
         group = store.write_result(masking.GROUP_KIND, name, result, overwrite=True)
         heatmap = report.save_specificity(

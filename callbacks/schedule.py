@@ -8,9 +8,18 @@ import pytorch_lightning as pl
 
 
 def epoch_is_due(trainer: pl.Trainer, every_n_epochs: int) -> bool:
-    """Whether the epoch ending now (``trainer.current_epoch``) is analysed: every
-    ``every_n_epochs``-th epoch, and always the last one of the fit (max_epochs, max_steps or an
-    early stop), so that the final weights are analysed whatever the period."""
+    """Whether the epoch ending now (``trainer.current_epoch``) is analysed.
+
+    The last epoch of the fit (max_epochs, max_steps or an early stop) always is, so that the
+    final weights are analysed whatever the period.
+
+    Args:
+        trainer: the fitting trainer.
+        every_n_epochs: the period k: epochs k-1, 2k-1, ... (0-based) are due.
+
+    Returns:
+        True when due.
+    """
     epoch = trainer.current_epoch
     last = (
         trainer.should_stop
@@ -21,7 +30,16 @@ def epoch_is_due(trainer: pl.Trainer, every_n_epochs: int) -> bool:
 
 
 def run_directory(trainer: pl.Trainer, output_dir: str | Path | None) -> Path:
-    """``output_dir`` (default ``trainer.default_root_dir``) as rank zero resolves it; every rank
-    gets the same path, so shards and results meet in one place under DDP."""
+    """The run directory as rank zero resolves it, on every rank (a collective).
+
+    Every rank gets the same path, so shards and results meet in one place under DDP.
+
+    Args:
+        trainer: the fitting trainer.
+        output_dir: the directory; None: ``trainer.default_root_dir``.
+
+    Returns:
+        The absolute path.
+    """
     root = Path(output_dir or trainer.default_root_dir).expanduser().resolve()
     return Path(trainer.strategy.broadcast(str(root), src=0))

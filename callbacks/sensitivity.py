@@ -1,32 +1,20 @@
 """SensitivityCallback: the augmentation-sensitivity decomposition of a model while it trains.
 
-At the end of every ``every_n_epochs``-th training epoch (and of the last one) the callback runs
-``sensitivity.engine.run_analysis`` on the current weights, over a probe set from the trainer's
-datamodule (``datamodule.probe_set(images_per_class, split)``). It never runs in the sanity check
-(``on_train_epoch_end`` is not called there). The engine switches the model to eval mode, runs
-under inference mode and restores the train/eval flags, so training continues unaffected.
+At the end of every ``every_n_epochs``-th training epoch (and of the last one, never in the
+sanity check) the callback runs ``sensitivity.engine.run_analysis`` on the current weights over
+a probe set of the trainer's datamodule; the engine restores the train/eval flags, so training
+continues unaffected. How it fits with the rest: ARCHITECTURE.md "The application layer".
 
-Outputs (rank zero), in the run directory (``output_dir``, default ``trainer.default_root_dir``,
-which train.py sets to ``runs/<run_name>/version_<n>``):
+Outputs (rank zero, in the run directory): ``sensitivity.h5`` with /analyses/epoch_XXXX per
+analysis (RESULTS_FORMAT.md; each records the SHA-256 of that epoch's state dict), with
+``store_activations`` ``sensitivity_activations/epoch_XXXX.h5``, the PNGs
+``sensitivity/epoch_XXXX_<key>.png`` and ``history_<key>.png``, and the W&B records.
 
-- ``sensitivity.h5`` (``results_file``): /analyses/epoch_XXXX per analysis (docs/RESULTS_FORMAT.md;
-  attributes epoch, global_step and the provenance, with the SHA-256 of that epoch's state
-  dict), the root metadata and /problem;
-- ``sensitivity_activations/epoch_XXXX.h5`` with ``store_activations``: every design row's
-  captured outputs, linked from the results file as /activations/epoch_XXXX;
-- ``sensitivity/`` (``figures_dir``): ``epoch_XXXX_<key>.png`` heatmaps (layers x variables)
-  per analysis and ``history_<key>.png``, each variable's index over the epochs analysed so far;
-- W&B (``callbacks.wandb_logging``): scalars, heatmap images and a summary table per analysis.
-
-Distributed (DDP): every rank analyses its shard of the design (the engine shards by rank and
-sums the accumulators through the process group), so every rank must reach the hook, which
-Lightning guarantees. Rank zero's buffers (BatchNorm statistics) are broadcast first so that every
-shard sees the weights the checkpoint stores. Only rank zero writes files and logs.
-
-Checkpoints: ``state_dict`` holds the history (epoch, global step and per-layer mean indices of
-every analysis), so a fit resumed with ``ckpt_path=`` keeps numbering epochs where it stopped and
-its history figures include the earlier epochs. The history is in a checkpoint saved at or after
-the train-epoch end (Lightning's default when validation runs every epoch).
+Under DDP every rank analyses its shard, after rank zero's buffers (BatchNorm statistics) are
+broadcast so that every shard sees the weights the checkpoint stores. ``state_dict`` holds the
+history, so a fit resumed with ``ckpt_path=`` keeps numbering epochs where it stopped and its
+history figures include the earlier epochs (the history is in a checkpoint saved at or after the
+train-epoch end, Lightning's default when validation runs every epoch).
 """
 
 from __future__ import annotations
@@ -73,7 +61,14 @@ _DATA_KEYS = ("n_classes", "images_per_class")
 
 
 def analysis_name(epoch: int) -> str:
-    """The results-file name of the analysis after training epoch ``epoch``: epoch_0003."""
+    """The results-file name of the analysis after a training epoch.
+
+    Args:
+        epoch: the 0-based training epoch.
+
+    Returns:
+        "epoch_0003" for epoch 3.
+    """
     return f"epoch_{epoch:04d}"
 
 
@@ -102,9 +97,11 @@ class SensitivityCallback(pl.Callback):
         output_dir: the run directory; None: ``trainer.default_root_dir``.
 
     LightningCLI builds the callback from YAML (``trainer.callbacks: [{class_path:
-    callbacks.SensitivityCallback, init_args: {engine: {...}, ...}}]``). Bad settings are a
-    ValueError here, or at the start of ``fit`` for those that need the model and data (layer
-    names, probe size): before any training step.
+    callbacks.SensitivityCallback, init_args: {engine: {...}, ...}}]``).
+
+    Raises:
+        ValueError: bad settings, here; those that need the model and data (layer names,
+            probe size) in ``setup``, before any training step.
     """
 
     def __init__(
@@ -159,6 +156,7 @@ class SensitivityCallback(pl.Callback):
 
     @staticmethod
     def _problem_config(problem: Mapping[str, Any] | None, method: str) -> dict[str, Any]:
+        """The problem mapping without the data's keys; a paper preset gets the method."""
         config = dict(DEFAULT_PROBLEM if problem is None else problem)
         given = sorted(set(config) & set(_DATA_KEYS))
         if given:
@@ -173,10 +171,12 @@ class SensitivityCallback(pl.Callback):
     # ------------------------------------------------------------------------------ properties
     @property
     def method(self) -> str:
+        """The engine's method."""
         return self.config.method
 
     @property
     def state_key(self) -> str:
+        """The checkpoint key of this instance's state (method and results file)."""
         # Several instances (e.g. one per method) keep separate histories in a checkpoint.
         return self._generate_state_key(method=self.method, results_file=self.results_file)
 
@@ -197,9 +197,11 @@ class SensitivityCallback(pl.Callback):
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """Every analysis so far, resumed ones first: {"epoch", "global_step", "method",
-        "group_names", "n", "evaluations", "seconds", "summary"}, where summary is
-        ``AnalysisResult.summary()``: {key: {layer: {variable: {statistic: value}}}}."""
+        """Every analysis so far, resumed ones first (a copy).
+
+        Each entry: {"epoch", "global_step", "method", "group_names", "n", "evaluations",
+        "seconds", "summary"}, summary being ``AnalysisResult.summary()``.
+        """
         return copy.deepcopy(self._history)
 
     @property
@@ -208,15 +210,25 @@ class SensitivityCallback(pl.Callback):
         return [entry["epoch"] for entry in self._history]
 
     def _require_run_dir(self) -> Path:
+        """The run directory, or a ValueError before ``setup``."""
         if self.run_dir is None:
             raise ValueError("the run directory is known once fit has started (setup)")
         return self.run_dir
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """The checkpointed state: {"version", "history"}."""
         return {"version": STATE_VERSION, "history": copy.deepcopy(self._history)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the history of a checkpoint.
+
+        Args:
+            state_dict: what ``state_dict`` returned.
+
+        Raises:
+            ValueError: a state of another version.
+        """
         if state_dict.get("version") != STATE_VERSION:
             raise ValueError(
                 f"checkpoint holds SensitivityCallback state version {state_dict.get('version')}"
@@ -226,8 +238,19 @@ class SensitivityCallback(pl.Callback):
 
     # ------------------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Build the problem and the probe from the datamodule and check them against the
-        model (before the first training step); agree on rank zero's run directory."""
+        """Build the problem, probe and plan from the datamodule and model (stage "fit" only).
+
+        Runs before the first training step; every rank agrees on rank zero's run directory.
+
+        Args:
+            trainer: the trainer; its datamodule needs ``num_classes`` and ``probe_set``.
+            pl_module: the model to analyse.
+            stage: Lightning's stage; anything but "fit" is ignored.
+
+        Raises:
+            ValueError: a datamodule without ``probe_set``/``num_classes``, or what
+                ``plan_analysis`` refuses (layers, probe size, design).
+        """
         if stage != "fit":
             return
         datamodule = trainer.datamodule
@@ -259,20 +282,34 @@ class SensitivityCallback(pl.Callback):
         self._wandb_ready = False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Analyse when the epoch is due (``schedule.epoch_is_due``)."""
         if epoch_is_due(trainer, self.every_n_epochs):
-            self.analyse(trainer, pl_module)
+            self.analyze(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the results file as a W&B artifact, when the trainer has a W&B run."""
         run = wandb_run(trainer)
         if run is not None and self.run_dir is not None:
             log_results_artifact(run, self.results_path)
 
     # ------------------------------------------------------------------------------ analysis
-    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> AnalysisResult:
-        """Analyse the current weights as epoch ``trainer.current_epoch``; every rank calls it
-        and gets the global result; rank zero stores and logs it."""
+    def analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> AnalysisResult:
+        """Analyse the current weights as epoch ``trainer.current_epoch``.
+
+        Every rank calls it and gets the global result; rank zero stores and logs it.
+
+        Args:
+            trainer: the fitting trainer.
+            pl_module: the model, on its device.
+
+        Returns:
+            The analysis, with epoch and global step set.
+
+        Raises:
+            ValueError: called before ``setup``.
+        """
         if self.problem is None or self.probe is None or self.plan is None:
-            raise ValueError("SensitivityCallback.analyse runs during fit, after setup")
+            raise ValueError("SensitivityCallback.analyze runs during fit, after setup")
         epoch = trainer.current_epoch
         name = analysis_name(epoch)
         world_size = trainer.world_size
@@ -303,6 +340,7 @@ class SensitivityCallback(pl.Callback):
         return result
 
     def _activation_file(self, name: str, rank: int, world_size: int) -> Path:
+        """This rank's raw-activation shard of analysis ``name``."""
         return shard_path(self.activations_path / f"{name}.h5", rank, world_size)
 
     def _activation_writer(
@@ -376,6 +414,7 @@ class SensitivityCallback(pl.Callback):
         return results
 
     def _metadata(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The run's root metadata: model, weights, dataset, image size, seed, config."""
         hparams = getattr(pl_module, "hparams", {})
         datamodule = trainer.datamodule
         source = getattr(pl_module, "weights_source", None) or "random initialisation"

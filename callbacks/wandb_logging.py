@@ -1,33 +1,13 @@
-"""Weights & Biases logging of sensitivity analyses (rank zero, through the trainer's WandbLogger).
+"""Weights & Biases records of every command and callback (rank zero only).
 
-Key scheme (ARCHITECTURE.md "Logging"), all against the step metric ``analysis/epoch``:
-
-- ``sensitivity/<method>/<layer>/<variable>/<key>/median`` and ``.../<key>/mean``: the median
-  and the mean, over the layer's valid units (``AnalysisResult.summary``; flagged units are left
-  out), of the index ``key`` of ``variable`` (a group: augmentation, order, class, image).
-  ``key`` is each value key of the method (``AnalysisResult.value_keys``): ``S1``, ``ST``
-  (sobol); ``shapley_normalized`` (shares, sum 1), ``shapley`` (variance units) (shapley);
-  ``effect_size``, ``mean_diff`` (contrast). ``.../<key>_conf/median``: the median half-width.
-  The "variance" method has no per-variable index and logs only its epoch.
-- ``sensitivity/<method>/<layer>/valid_fraction``: the share of the layer's units behind those.
-- ``sensitivity/<method>/heatmap/<key>``: the heatmap PNG (layers x variables) as a wandb.Image;
-  ``.../heatmap/S2`` the second-order figure when there is one.
-- ``sensitivity/<method>/summary``: a wandb.Table with columns epoch, layer, variable, index
-  (the key), median, p10, p90, mean, valid_fraction: every summary statistic, half-widths and
-  second-order indices (variable "a:b") included, in one table per analysis.
-- ``analysis/epoch``: the training epoch of the analysis.
-
-``define_metric("sensitivity/*", step_metric="analysis/epoch")`` makes W&B chart these against the
-epoch instead of the trainer's global step. The results file is uploaded as an artifact of type
-``sensitivity-results`` only when the run is online (an offline run would copy it into the run
-directory, next to the original). wandb is imported only when a WandbLogger is present.
-
-``analyze.py`` logs without a trainer: ``wandb_mode`` resolves --wandb / --wandb_project /
-WANDB_MODE, ``analysis_run`` opens a run in the analysis run directory, and the ``*_record``
-functions build what it logs for each command (docs/CLI.md "W&B"): ``summary_record``
-(sobol/shapley/variance/contrast, the key scheme above), ``callbacks.masking.masking_record``
-(masking), ``single_class_record``, ``contrast_stats_record``, ``correlation_record`` and
-``lda_record``.
+The keys of each command are listed in CLI.md "W&B"; an analysis logs
+``sensitivity/<method>/<layer>/<variable>/<key>/median`` (and ``mean``, half-widths, valid
+fractions, heatmaps and a summary table), charted against the step metric ``analysis/epoch``
+(``define_metrics``) rather than the trainer's global step. Training logs through the trainer's
+WandbLogger (``wandb_run``); analyze.py opens its own run (``wandb_mode``, ``analysis_run``)
+and logs the ``*_record`` of its command. The results file is uploaded as an artifact only when
+the run is online: an offline run would copy it next to the original. wandb itself is
+imported only inside the functions that use it.
 """
 
 from __future__ import annotations
@@ -58,12 +38,26 @@ DEFAULT_PROJECT = "augsens"  # of analyze.py and train.py runs alike
 
 
 def metric_key(method: str, layer: str, variable: str, key: str) -> str:
-    """``sensitivity/<method>/<layer>/<variable>/<key>``, e.g. ``sensitivity/sobol/fc/hue/ST``."""
+    """The W&B key prefix of one index of one variable at one layer.
+
+    Args:
+        method, layer, variable, key: e.g. "sobol", "fc", "hue", "ST".
+
+    Returns:
+        ``sensitivity/<method>/<layer>/<variable>/<key>``.
+    """
     return f"{PREFIX}/{method}/{layer}/{variable}/{key}"
 
 
 def wandb_run(trainer: pl.Trainer) -> Any | None:
-    """The wandb run of the trainer's first WandbLogger on global rank zero, else None."""
+    """The W&B run a callback logs to.
+
+    Args:
+        trainer: the trainer.
+
+    Returns:
+        The wandb run of the trainer's first WandbLogger on global rank zero, else None.
+    """
     if not trainer.is_global_zero:
         return None
     for logger in trainer.loggers:
@@ -73,7 +67,12 @@ def wandb_run(trainer: pl.Trainer) -> Any | None:
 
 
 def define_metrics(run: Any, prefix: str = PREFIX) -> None:
-    """Chart every ``<prefix>/*`` key (default ``sensitivity/*``) against ``analysis/epoch``."""
+    """Chart every ``<prefix>/*`` key against ``analysis/epoch``.
+
+    Args:
+        run: a wandb run.
+        prefix: the key prefix ("sensitivity", "masking").
+    """
     run.define_metric(STEP_METRIC)
     run.define_metric(f"{prefix}/*", step_metric=STEP_METRIC)
 
@@ -81,9 +80,14 @@ def define_metrics(run: Any, prefix: str = PREFIX) -> None:
 def analysis_record(
     result: AnalysisResult, heatmaps: Mapping[str, str | Path]
 ) -> dict[str, Any]:
-    """The dict that ``run.log`` receives for one analysis (module docstring).
+    """What ``run.log`` receives for one analysis.
 
-    heatmaps: {value key: PNG path} (``sensitivity.report.save_heatmaps`` output by key).
+    Args:
+        result: the analysis (its epoch, or -1, is the step).
+        heatmaps: {value key: PNG path}, as ``sensitivity.report.save_heatmaps`` returns.
+
+    Returns:
+        As ``summary_record``.
     """
     return summary_record(result.method, result.epoch, result.summary(), heatmaps)
 
@@ -94,9 +98,18 @@ def summary_record(
     summary: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]],
     heatmaps: Mapping[str, str | Path],
 ) -> dict[str, Any]:
-    """``analysis_record`` from an analysis's ``AnalysisResult.summary()`` ({key: {layer:
-    {variable: {statistic: value}}}}), without the arrays; epoch None (not in training) is
-    -1."""
+    """What ``run.log`` receives for one analysis, from its summary alone.
+
+    Args:
+        method: the analysis method.
+        epoch: the training epoch; None (not in training) is logged as -1.
+        summary: ``AnalysisResult.summary()``: {key: {layer: {variable: {statistic: value}}}}.
+        heatmaps: {value key: PNG path}.
+
+    Returns:
+        {key: scalar, wandb.Image or wandb.Table}: medians and means of the value keys, median
+        half-widths, valid fractions, heatmaps, the summary table and the step metric.
+    """
     import wandb
 
     epoch = -1 if epoch is None else int(epoch)
@@ -123,7 +136,15 @@ def summary_record(
 
 
 def log_results_artifact(run: Any, path: Path) -> bool:
-    """Upload the results file as an artifact when the run is online; True if it was."""
+    """Upload the results file as an artifact when the run is online.
+
+    Args:
+        run: a wandb run.
+        path: the results file.
+
+    Returns:
+        True when it was uploaded (online run, file present).
+    """
     if run.offline or run.disabled or not path.is_file():
         return False
     import wandb
@@ -138,10 +159,21 @@ def log_results_artifact(run: Any, path: Path) -> bool:
 def wandb_mode(
     enabled: bool, project: str | None, environ: Mapping[str, str] = os.environ
 ) -> str | None:
-    """W&B mode of an analyze.py command: None (no logging) for ``--wandb false`` or
-    WANDB_MODE=disabled; WANDB_MODE=online|offline as set (``dryrun`` is offline); without
-    WANDB_MODE "online" when a project is given, else "offline". ValueError for another
-    WANDB_MODE value."""
+    """The W&B mode of an analyze.py command.
+
+    Args:
+        enabled: ``--wandb``.
+        project: ``--wandb_project``.
+        environ: the environment (its WANDB_MODE).
+
+    Returns:
+        None (no logging) for ``--wandb false`` or WANDB_MODE=disabled; WANDB_MODE online or
+        offline as set ("dryrun" is offline); else "online" when a project is given,
+        otherwise "offline".
+
+    Raises:
+        ValueError: another WANDB_MODE value.
+    """
     env = environ.get("WANDB_MODE", "").strip().lower()
     if not enabled or env == "disabled":
         return None
@@ -167,9 +199,21 @@ def analysis_run(
     config: Mapping[str, Any],
     project: str | None = None,
 ) -> Iterator[Any]:
-    """A W&B run under ``<run_dir>/wandb/`` (``offline-run-*`` for ``wandb sync``), finished
-    (files flushed) on exit. config: the command's resolved configuration; the run is grouped
-    by the run directory so that an analysis and the commands on its results file sit together.
+    """A W&B run under ``<run_dir>/wandb/``, finished (files flushed) on exit.
+
+    The run is grouped by the run directory, so that an analysis and the commands on its
+    results file sit together.
+
+    Args:
+        run_dir: the analysis run directory.
+        mode: "online" or "offline" (``wandb_mode``).
+        name: the run's name.
+        job_type: the command.
+        config: the command's resolved configuration.
+        project: the W&B project (default ``DEFAULT_PROJECT``).
+
+    Yields:
+        The wandb run.
     """
     import wandb
 
@@ -188,8 +232,14 @@ def analysis_run(
 
 
 def run_lines(run: Any) -> list[str]:
-    """What analyze.py prints about a W&B run: the offline run directory and the ``wandb sync``
-    command, or the online run's address."""
+    """What analyze.py prints about a W&B run.
+
+    Args:
+        run: a wandb run.
+
+    Returns:
+        The offline run directory and its ``wandb sync`` command, or the online run's address.
+    """
     directory = Path(run.dir).parent  # run.dir is <run>/files
     if run.offline:
         return [f"W&B offline run {directory}", f"upload with     wandb sync {directory}"]
@@ -197,10 +247,17 @@ def run_lines(run: Any) -> list[str]:
 
 
 def single_class_record(result: SingleClassResult) -> dict[str, Any]:
-    """``single_class/<variable>/max_jaccard`` (the largest mean Jaccard index over mask
-    configurations), ``single_class/<variable>/matched`` (configurations above the chance
-    threshold), ``single_class/threshold``, ``single_class/chance_mean`` and the table
-    ``single_class/table`` (variable, candidates, max_jaccard, configuration, matched)."""
+    """What ``run.log`` receives for a single-class analysis.
+
+    Args:
+        result: the single-class result.
+
+    Returns:
+        ``single_class/<variable>/max_jaccard`` (largest mean Jaccard index over mask
+        configurations), ``single_class/<variable>/matched`` (configurations above the chance
+        threshold), ``single_class/threshold``, ``single_class/chance_mean``, the table
+        ``single_class/table`` and the step metric.
+    """
     import wandb
 
     epoch = -1 if result.epoch is None else int(result.epoch)
@@ -223,9 +280,17 @@ def single_class_record(result: SingleClassResult) -> dict[str, Any]:
 
 
 def contrast_stats_record(out: Mapping[str, Any], alpha: float) -> dict[str, Any]:
-    """``contrast_stats/<layer>/<augmentation>/n_significant`` (units with BY q < alpha),
-    ``contrast_stats/n_pairs`` and the table ``contrast_stats/table`` (layer, augmentation,
-    n_significant). out: ``sensitivity.stats.contrast_statistics``'s return value."""
+    """What ``run.log`` receives for contrast-stats.
+
+    Args:
+        out: ``sensitivity.stats.contrast_statistics``'s return value.
+        alpha: the significance level of the BY-corrected q-values.
+
+    Returns:
+        ``contrast_stats/<layer>/<augmentation>/n_significant`` (units with q < alpha),
+        ``contrast_stats/n_pairs``, ``contrast_stats/alpha`` and the table
+        ``contrast_stats/table``.
+    """
     import wandb
 
     record: dict[str, Any] = {"contrast_stats/n_pairs": int(out["n_pairs"]),
@@ -242,10 +307,16 @@ def contrast_stats_record(out: Mapping[str, Any], alpha: float) -> dict[str, Any
 
 
 def correlation_record(tree: Mapping[str, Any], attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """``correlation/<layer>/<value>/mean_abs`` (mean |Spearman| over pairs of variables) and
-    the table ``correlation/table`` (layer, value, variable, other, spearman): every pair of
-    variables and every variable against the covariates (mean, var, cv). tree, attrs:
-    ``sensitivity.stats.read_tree(results, "correlation", name)``."""
+    """What ``run.log`` receives for correlation.
+
+    Args:
+        tree, attrs: ``sensitivity.stats.read_tree(results, "correlation", name)``.
+
+    Returns:
+        ``correlation/<layer>/<value>/mean_abs`` (mean |Spearman| over pairs of variables; NaN
+        for constant maps) and the table ``correlation/table``: every pair of variables and
+        every variable against the covariates (mean, var, cv).
+    """
     import wandb
 
     variables, covariates = list(attrs["variables"]), list(attrs["covariates"])
@@ -274,9 +345,15 @@ def correlation_record(tree: Mapping[str, Any], attrs: Mapping[str, Any]) -> dic
 
 
 def lda_record(out: Mapping[str, Any]) -> dict[str, Any]:
-    """``lda/<layer>/<value>/accuracy`` and ``.../accuracy_sd`` (over cross-validation folds),
-    ``lda/chance`` and the table ``lda/table`` (layer, value, accuracy, accuracy_sd, chance).
-    out: ``sensitivity.stats.lda_statistics``'s return value."""
+    """What ``run.log`` receives for lda.
+
+    Args:
+        out: ``sensitivity.stats.lda_statistics``'s return value.
+
+    Returns:
+        ``lda/<layer>/<value>/accuracy`` and ``.../accuracy_sd`` (over cross-validation folds),
+        ``lda/chance`` and the table ``lda/table``.
+    """
     import wandb
 
     chance = float(out["chance"])

@@ -43,6 +43,10 @@ SPAWNING_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
 def run_engine(cfg: Namespace, config_text: str) -> int:
     """Run the analysis of the parsed options (``cfg.method`` one of METHODS).
 
+    Args:
+        cfg: the parsed options.
+        config_text: their YAML, recorded with the results.
+
     Returns:
         The exit status: 0 (also on ranks other than zero), 2 for bad input with nothing
         written, 1 when the results were written but W&B failed.
@@ -80,7 +84,19 @@ def run_engine(cfg: Namespace, config_text: str) -> int:
 
 
 def prepare(cfg: Namespace, config_text: str) -> AnalysisModule:
-    """Build and check everything; raises ValueError/FileNotFoundError before any output."""
+    """Build and check everything an analysis needs, before any output exists.
+
+    Args:
+        cfg: the parsed options.
+        config_text: their YAML, recorded with the results.
+
+    Returns:
+        The module ``Trainer.predict`` runs, with its plan.
+
+    Raises:
+        ValueError, FileNotFoundError: bad options, data, weights, output directory or
+            provenance (nothing written).
+    """
     check_run_options(cfg)
     name = check_name("analysis", cfg.name or cfg.method)
     output = None if cfg.output is None else Path(cfg.output).expanduser()
@@ -117,7 +133,14 @@ def prepare(cfg: Namespace, config_text: str) -> AnalysisModule:
 
 
 def check_run_options(cfg: Namespace) -> None:
-    """ValueError for a spawning strategy, or activation storage with resume checkpoints."""
+    """Check the options that concern the run itself.
+
+    Args:
+        cfg: the parsed options.
+
+    Raises:
+        ValueError: a spawning strategy, or activation storage with resume checkpoints.
+    """
     if cfg.strategy.startswith(SPAWNING_STRATEGIES):
         raise ValueError(
             f"--strategy {cfg.strategy} is not supported: it starts the processes from this one "
@@ -132,8 +155,17 @@ def check_run_options(cfg: Namespace) -> None:
 
 
 def check_output_dir(output: Path, name: str, overwrite: bool) -> None:
-    """ValueError when --output, or a folder above it, is an existing file, or (without
-    ``overwrite``) its results file already holds an analysis ``name``."""
+    """Check --output before anything is written.
+
+    Args:
+        output: the run directory.
+        name: the analysis name.
+        overwrite: --overwrite.
+
+    Raises:
+        ValueError: --output, or a folder above it, is an existing file; or (without
+            ``overwrite``) its results file already holds an analysis ``name``.
+    """
     for path in (output, *output.parents):
         if path.exists():
             if not path.is_dir():
@@ -149,9 +181,18 @@ def check_output_dir(output: Path, name: str, overwrite: bool) -> None:
 
 
 def check_provenance(store: ResultsStore, record: Mapping[str, Any]) -> None:
-    """ValueError when ``store`` holds analyses of another model, weights, dataset, image size
-    or problem than ``record`` (``provenance()``): its root metadata and /problem describe every
-    analysis in it."""
+    """Refuse to add an analysis of something else to a results file.
+
+    A file's root metadata and /problem describe every analysis in it.
+
+    Args:
+        store: the results file (it may not exist yet).
+        record: the new analysis's ``provenance()``.
+
+    Raises:
+        ValueError: the file holds analyses of another model, weights, dataset, image size or
+            problem (the differences named).
+    """
     differences = store.provenance_differences(record)
     if not differences:
         return
@@ -166,8 +207,16 @@ def check_provenance(store: ResultsStore, record: Mapping[str, Any]) -> None:
 
 
 def analysis_lines(written: Mapping[str, Any], name: str) -> list[str]:
-    """The "Outputs:" lines of an analysis: where it went and, per layer, the variable with the
-    largest median index over the valid units (``AnalysisModule``'s predict output)."""
+    """The "Outputs:" lines of an analysis.
+
+    Args:
+        written: rank zero's output of ``AnalysisModule.predict_step``.
+        name: the analysis name.
+
+    Returns:
+        Where it went and, per layer, the variable with the largest median index over the
+        valid units.
+    """
     lines = [
         f"run directory   {written['run_dir']}",
         f"results file    {written['results']}  (analysis {name!r}: {written['evaluations']} "

@@ -40,10 +40,20 @@ DATAMODULES = (PlantedFactorDataModule, ImageFolderDataModule)
 def build_probe(
     cfg: Namespace, partition: bool
 ) -> tuple[torch.Tensor | Dataset, int, list[str], str]:
-    """(probe images class-major, class count, class names, dataset description).
+    """The probe images of the ``data.*`` options, class-major.
 
-    Planted data: a tensor. Image folders: a lazy Dataset (decoded in the engine's workers).
-    With a partition auxiliary the probe is split 0 (train) followed by split 1 (val).
+    Args:
+        cfg: the parsed options.
+        partition: the problem has a partition auxiliary: the probe is split 0 (train)
+            followed by split 1 (val).
+
+    Returns:
+        (probe, class count, class names, dataset description). The probe is a tensor
+        (N, 3, S, S) float32 in [0, 1] for planted data, a lazy Dataset of such images for an
+        image folder (decoded in the engine's workers).
+
+    Raises:
+        ValueError, FileNotFoundError: options or data that cannot make the probe.
     """
     data, n = cfg.data, cfg.data.images_per_class
     if data.checkpoint_split is not None:
@@ -78,8 +88,20 @@ def build_probe(
 
 
 def checkpoint_datamodule(path: Path) -> PlantedFactorDataModule | ImageFolderDataModule:
-    """The datamodule of the fit that saved checkpoint ``path``, rebuilt from the init arguments
-    Lightning records in it ("datamodule_hyper_parameters")."""
+    """The datamodule of the fit that saved a checkpoint.
+
+    Args:
+        path: a train.py checkpoint.
+
+    Returns:
+        The datamodule rebuilt from the init arguments Lightning records in it
+        ("datamodule_hyper_parameters").
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an unreadable file, or one that records no datamodule this program can
+            rebuild.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     checkpoint = load_tensors(path, "checkpoint")
@@ -103,9 +125,11 @@ def checkpoint_datamodule(path: Path) -> PlantedFactorDataModule | ImageFolderDa
 
 
 def _checkpoint_probe(cfg: Namespace, partition: bool) -> tuple[torch.Tensor, int, list[str], str]:
-    """``build_probe`` for --data.checkpoint_split: exactly the SensitivityCallback's probe,
-    ``probe_set(images_per_class, split)`` of the training datamodule (train then val with a
-    partition auxiliary)."""
+    """``build_probe`` for --data.checkpoint_split: exactly the SensitivityCallback's probe.
+
+    That is ``probe_set(images_per_class, split)`` of the training datamodule (train then val
+    with a partition auxiliary).
+    """
     split = cfg.data.checkpoint_split
     if split not in SPLITS:
         raise ValueError(f"--data.checkpoint_split must be one of {list(SPLITS)}, got {split!r}")
@@ -131,7 +155,21 @@ def _weights_classes(arch: str, weights: str, default: int) -> int:
 
 
 def build_model(cfg: Namespace, data_classes: int) -> tuple[ImageClassifier, str, str | None]:
-    """(model, architecture, weights description or None for random initialisation)."""
+    """The model of the --checkpoint, --weights or (neither) a random initialisation.
+
+    Args:
+        cfg: the parsed options.
+        data_classes: the probe's class count (the head of a random or weights model, unless
+            the weights have another).
+
+    Returns:
+        (model, architecture, weights description or None for random initialisation).
+
+    Raises:
+        FileNotFoundError: a missing checkpoint or weights file.
+        ValueError: a file that is not an ImageClassifier checkpoint or state dict of the
+            architecture, or --arch that contradicts the checkpoint.
+    """
     if cfg.checkpoint is not None:
         path = Path(cfg.checkpoint).expanduser()
         if not path.is_file():
@@ -163,8 +201,17 @@ def build_model(cfg: Namespace, data_classes: int) -> tuple[ImageClassifier, str
 
 
 def weights_sha256(cfg: Namespace, arch: str, model: nn.Module) -> str:
-    """SHA-256 of the analysed weights: of the --checkpoint or --weights file, else (random
-    initialisation) of the model's state dict."""
+    """SHA-256 of the analysed weights.
+
+    Args:
+        cfg: the parsed options.
+        arch: the architecture.
+        model: the model built from them.
+
+    Returns:
+        Hex digest of the --checkpoint or --weights file, else (random initialisation) of the
+        model's state dict.
+    """
     if cfg.checkpoint is not None:
         return file_sha256(Path(cfg.checkpoint).expanduser())
     if cfg.weights is not None:
@@ -173,7 +220,18 @@ def weights_sha256(cfg: Namespace, arch: str, model: nn.Module) -> str:
 
 
 def build_problem(cfg: Namespace, n_classes: int) -> AugmentationProblem:
-    """The problem of the ``problem.*`` options over the probe's classes and images."""
+    """The problem of the ``problem.*`` options over the probe's classes and images.
+
+    Args:
+        cfg: the parsed options.
+        n_classes: the probe's class count.
+
+    Returns:
+        The problem.
+
+    Raises:
+        ValueError: an unknown preset, or what ``AugmentationProblem`` refuses.
+    """
     pc, ipc = cfg.problem, cfg.data.images_per_class
     if pc.preset is not None:
         if pc.preset != "paper":
@@ -189,8 +247,17 @@ def build_problem(cfg: Namespace, n_classes: int) -> AugmentationProblem:
 
 
 def device_of(accelerator: str) -> torch.device:
-    """The one device masking and single-class run on, from ``--accelerator``; ValueError for a
-    GPU without CUDA or an accelerator other than auto | cpu | gpu."""
+    """The one device masking and single-class run on.
+
+    Args:
+        accelerator: --accelerator: auto, cpu, gpu or cuda.
+
+    Returns:
+        CUDA when asked for or available under auto, else the CPU.
+
+    Raises:
+        ValueError: a GPU without CUDA, or another accelerator.
+    """
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(f"--accelerator {accelerator} but no CUDA device is available")
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):

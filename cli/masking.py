@@ -58,6 +58,10 @@ class MaskingInputs:
 def run_masking(cfg: Namespace, config_text: str) -> int:
     """Run masking or single-class (``cfg.method``) on the parsed options.
 
+    Args:
+        cfg: the parsed options.
+        config_text: their YAML, the W&B run's config.
+
     Returns:
         The exit status: 0, 2 for bad input (no results file or analysis, maps that do not fit
         the model...) with nothing written, 1 when W&B failed.
@@ -89,8 +93,20 @@ def _analysis_name(cfg: Namespace, store: ResultsStore) -> str:
 
 
 def masking_inputs(cfg: Namespace) -> MaskingInputs:
-    """Everything masking and single-class need, checked before anything is written: the
-    stored analysis and its maps, the model, the probe. ValueError/FileNotFoundError."""
+    """Everything masking and single-class need, checked before anything is written.
+
+    Args:
+        cfg: the parsed options.
+
+    Returns:
+        The stored analysis and its maps, the model (on its device) and the probe.
+
+    Raises:
+        FileNotFoundError: no results file (or checkpoint, weights, data).
+        ValueError: no --results, an ambiguous or missing analysis, an existing result without
+            --overwrite, a probe of another image size, maps that do not fit the model, or no
+            layer to mask.
+    """
     method = cfg.method
     if cfg.results is None:
         raise ValueError(f"{method} reads sensitivity maps from a stored analysis: pass "

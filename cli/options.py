@@ -34,7 +34,14 @@ ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineConfig) if f.name
 
 
 def add_option(parser: ArgumentParser, name: str, *aliases: str, **kwargs: Any) -> None:
-    """An option ``--name`` (plus ``--name-with-dashes`` for top-level names) and aliases."""
+    """Add an option ``--name``, plus ``--name-with-dashes`` for top-level names.
+
+    Args:
+        parser: the parser.
+        name: the option's dotted name ("seed", "data.root").
+        *aliases: further flags ("--set").
+        **kwargs: as ``ArgumentParser.add_argument``.
+    """
     names = [f"--{name}"]
     if "_" in name and "." not in name:
         names.append(f"--{name.replace('_', '-')}")
@@ -42,9 +49,14 @@ def add_option(parser: ArgumentParser, name: str, *aliases: str, **kwargs: Any) 
 
 
 def add_engine_options(parser: ArgumentParser) -> None:
-    """One option per ``EngineConfig`` field but the method: its annotation as the type, its
-    default, and its entry of the class docstring as the help; True/False fields are
-    ``--name`` / ``--no_name`` switches."""
+    """Add one option per ``EngineConfig`` field but the method.
+
+    Each takes the field's annotation as its type, its default, and its entry of the class
+    docstring as its help; bool fields are ``--name`` / ``--no_name`` switches.
+
+    Args:
+        parser: the parser.
+    """
     described = docstring_parser.parse(EngineConfig.__doc__ or "").params
     helps = {p.arg_name: " ".join((p.description or "").split()) for p in described}
     types = typing.get_type_hints(EngineConfig)
@@ -60,13 +72,26 @@ def add_engine_options(parser: ArgumentParser) -> None:
 
 
 def engine_config(cfg: Namespace) -> EngineConfig:
-    """The ``EngineConfig`` of parsed options (``build_parser``); ValueError for bad values."""
+    """The engine settings of parsed options.
+
+    Args:
+        cfg: options parsed by ``build_parser``.
+
+    Returns:
+        The EngineConfig.
+
+    Raises:
+        ValueError: values that EngineConfig refuses.
+    """
     return EngineConfig(method=cfg.method, **{name: cfg[name] for name in ENGINE_FIELDS})
 
 
 def build_parser() -> ArgumentParser:
-    """The parser of the analyses and of masking | single-class; configs/analyze/demo.yaml
-    provides the defaults."""
+    """The parser of the analyses and of masking | single-class.
+
+    Returns:
+        The parser; configs/analyze/demo.yaml provides its defaults.
+    """
     p = ArgumentParser(
         prog="analyze.py",
         description=(
@@ -204,7 +229,14 @@ def _add_masking_options(p: ArgumentParser) -> None:
 
 
 def build_statistics_parser(method: str) -> ArgumentParser:
-    """Parser of a method that reads an analysis from a results file (docs/CLI.md)."""
+    """The parser of a command on a results file (docs/CLI.md).
+
+    Args:
+        method: contrast-stats, correlation, lda or report.
+
+    Returns:
+        The parser.
+    """
     p = ArgumentParser(
         prog=f"analyze.py {method}",
         description=(
@@ -244,7 +276,15 @@ def build_statistics_parser(method: str) -> ArgumentParser:
 
 
 def normalise_args(args: Sequence[str]) -> list[str]:
-    """``sobol ...`` -> ``--method sobol ...``; preset names after --config -> their paths."""
+    """Rewrite a command line for the parser.
+
+    Args:
+        args: the command line, e.g. ``sobol --config demo``.
+
+    Returns:
+        The arguments with the leading method as ``--method sobol`` and preset names after
+        --config replaced by their paths in configs/analyze/.
+    """
     args = list(args)
     if args and not args[0].startswith("-"):
         args = ["--method", args[0], *args[1:]]
@@ -257,7 +297,14 @@ def normalise_args(args: Sequence[str]) -> list[str]:
 
 
 def requested_method(args: Sequence[str]) -> str | None:
-    """The method named on the command line, if any (before the full parse)."""
+    """The method named on the command line, before the full parse.
+
+    Args:
+        args: the normalised command line (``normalise_args``).
+
+    Returns:
+        The value of ``--method``, or None.
+    """
     for i, arg in enumerate(args[:-1]):
         if arg == "--method":
             return args[i + 1]

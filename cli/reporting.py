@@ -25,14 +25,26 @@ Record = Callable[[], dict[str, Any]]
 
 
 def input_error(command: str | None, error: BaseException) -> int:
-    """Print ``analyze.py [command]: error: <error>`` on stderr; returns exit status 2."""
+    """Report bad input: ``analyze.py [command]: error: <error>`` on stderr.
+
+    Args:
+        command: the command, or None for an analysis.
+        error: the error (its message is printed).
+
+    Returns:
+        The exit status 2.
+    """
     prefix = "analyze.py" if command is None else f"analyze.py {command}"
     print(f"{prefix}: error: {error}", file=sys.stderr)
     return 2
 
 
 def print_outputs(lines: Sequence[str]) -> None:
-    """Print the "Outputs:" block, one indented line each, at the end of a command."""
+    """Print the "Outputs:" block at the end of a command.
+
+    Args:
+        lines: one indented line each.
+    """
     print("\n".join(["", "Outputs:", *(f"  {line}" for line in lines)]), flush=True)
 
 
@@ -45,8 +57,9 @@ def log_wandb(
     record: Record,
     prefix: str | None = None,
 ) -> tuple[list[str], int]:
-    """Log ``record()`` to a W&B run in ``<results dir>/wandb`` (call on rank zero; mode from
-    ``wandb_mode``, None: nothing) and, online, the results file as an artifact.
+    """Log ``record()`` to a W&B run in ``<results dir>/wandb`` (rank zero), and the artifact.
+
+    Online runs also upload the results file as an artifact.
 
     Args:
         cfg: the parsed options (``method``, ``wandb_project``).

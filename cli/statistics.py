@@ -22,7 +22,11 @@ from sensitivity import html_report, stats
 
 
 def run_statistics(method: str, args: Sequence[str]) -> int:
-    """Run one statistics command on its command line ``args``.
+    """Run one statistics command on its command line.
+
+    Args:
+        method: contrast-stats, correlation, lda or report.
+        args: the command line after the method.
 
     Returns:
         The exit status: 0, 2 for bad input (missing file or analysis, wrong method...) with

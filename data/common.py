@@ -14,28 +14,53 @@ SPLITS = ("train", "val")
 
 
 class HasClasses(Protocol):
+    """A datamodule with a class count and class names."""
+
     num_classes: int
     class_names: list[str]
 
 
 def sub_seed(seed: int, *keys: int) -> int:
-    """A well-mixed 63-bit seed for the stream ``(seed, *keys)`` (e.g. one per split)."""
+    """A well-mixed seed for one stream of a seeded datamodule (e.g. one per split).
+
+    Args:
+        seed: the datamodule's seed.
+        *keys: integers >= 0 that name the stream.
+
+    Returns:
+        A 63-bit seed.
+    """
     state = np.random.SeedSequence([int(seed), *keys]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 
 def check_split(split: str) -> int:
-    """Index of ``split`` in ``SPLITS``; ValueError for anything else."""
+    """Index of a split in ``SPLITS``.
+
+    Args:
+        split: "train" or "val".
+
+    Returns:
+        0 or 1.
+
+    Raises:
+        ValueError: any other split.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     return SPLITS.index(split)
 
 
 def check_num_classes(model_num_classes: int, datamodule: HasClasses) -> None:
-    """Raise ValueError when a model's output classes differ from the data's classes.
+    """Check that a model's output classes match the data's classes.
 
-    ``datamodule`` is anything with ``num_classes`` (and ideally ``class_names``), e.g.
-    ``PlantedFactorDataModule`` or ``ImageFolderDataModule``.
+    Args:
+        model_num_classes: the model's outputs.
+        datamodule: anything with ``num_classes`` (and ideally ``class_names``), e.g.
+            ``PlantedFactorDataModule`` or ``ImageFolderDataModule``.
+
+    Raises:
+        ValueError: the counts differ.
     """
     data_classes = int(datamodule.num_classes)
     if int(model_num_classes) != data_classes:
@@ -49,9 +74,19 @@ def check_num_classes(model_num_classes: int, datamodule: HasClasses) -> None:
 
 
 def first_per_class(labels: torch.Tensor, num_classes: int, n: int, what: str) -> torch.Tensor:
-    """Indices of the first ``n`` items of each class, class-major: LongTensor (num_classes * n,).
+    """Indices of the first ``n`` items of each class, class-major.
 
-    ``labels``: (N,) int64. ValueError naming the class when one has fewer than ``n`` items.
+    Args:
+        labels: (N,) int64 class labels.
+        num_classes: C.
+        n: items per class, >= 1.
+        what: the data's description, for the error message.
+
+    Returns:
+        (C * n,) int64 indices into ``labels``.
+
+    Raises:
+        ValueError: n < 1, or a class with fewer than ``n`` items (named).
     """
     if n < 1:
         raise ValueError(f"images_per_class must be >= 1, got {n}")
@@ -70,7 +105,18 @@ def first_per_class(labels: torch.Tensor, num_classes: int, n: int, what: str) -
 def make_loader(
     data: Dataset, batch_size: int, num_workers: int, seed: int, shuffle: bool
 ) -> DataLoader:
-    """The datamodules' DataLoader: the shuffle order is a pure function of ``seed``."""
+    """The datamodules' DataLoader: the shuffle order is a pure function of ``seed``.
+
+    Args:
+        data: the split's dataset.
+        batch_size: images per batch.
+        num_workers: loader processes (0: in the main process; persistent otherwise).
+        seed: the datamodule's seed.
+        shuffle: shuffle every epoch (train).
+
+    Returns:
+        The DataLoader.
+    """
     generator = torch.Generator().manual_seed(sub_seed(seed, 2)) if shuffle else None
     return DataLoader(
         data,
@@ -93,6 +139,7 @@ class LabelledSplitsDataModule(pl.LightningDataModule):
     num_classes: int
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """The DataLoader of the set-up ``split``."""
         raise NotImplementedError
 
     def _labels(self, split: str) -> torch.Tensor:
@@ -104,31 +151,59 @@ class LabelledSplitsDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def more_images_hint(self, split: str) -> str:
-        """How a user gives ``split`` more images per class, for error messages: the
-        datamodule options (as ``--data.<option>``) or the data to change."""
+        """How a user gives a split more images per class, for error messages.
+
+        Args:
+            split: "train" or "val".
+
+        Returns:
+            The datamodule options to change (as ``--data.<option>``) or the data to add.
+
+        Raises:
+            ValueError: an unknown split.
+        """
         check_split(split)
         return f"see the options of {type(self).__name__}"
 
     def class_counts(self, split: str) -> list[int]:
-        """Images of each class in ``split``: num_classes counts, class order (sets up the
-        data first: ValueError for data that cannot be set up)."""
+        """Images of each class in a split (sets up the data first).
+
+        Args:
+            split: "train" or "val".
+
+        Returns:
+            num_classes counts, in class order.
+
+        Raises:
+            ValueError: an unknown split, or data that cannot be set up.
+        """
         check_split(split)
         self.setup()
         return torch.bincount(self._labels(split), minlength=self.num_classes).tolist()
 
     def train_dataloader(self) -> DataLoader:
+        """The shuffled train loader."""
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
+        """The val loader, in dataset order."""
         return self._loader("val", shuffle=False)
 
     def probe_set(
         self, images_per_class: int, split: str = "val"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``images_per_class`` images of each class of ``split``, loaded, class-major.
+        """The first images of each class of a split, loaded, class-major.
 
-        Returns (images (C*n, 3, S, S) float32 in [0, 1], labels (C*n,) int64); class c owns
-        rows c*n ... (c+1)*n - 1. Deterministic from the seed.
+        Args:
+            images_per_class: n.
+            split: "train" or "val".
+
+        Returns:
+            (images (C*n, 3, S, S) float32 in [0, 1], labels (C*n,) int64); class c owns rows
+            c*n ... (c+1)*n - 1. Deterministic from the seed.
+
+        Raises:
+            ValueError: an unknown split, n < 1, or a class with fewer than n images.
         """
         check_split(split)
         self.setup()

@@ -18,10 +18,16 @@ SHOWN_CORRUPT = 5
 
 
 def preprocessing(image_size: int) -> v2.Compose:
-    """Published ImageNet pre-processing scaled to ``image_size``: PIL image -> (3, S, S) in [0, 1].
+    """Published ImageNet pre-processing scaled to an image size; no normalisation.
 
     Resize(round(256 * S / 224)) (shorter side, bilinear with antialias, on the PIL image as the
-    classic pipeline) then CenterCrop(S); no normalisation.
+    classic pipeline) then CenterCrop(S).
+
+    Args:
+        image_size: S in px.
+
+    Returns:
+        A transform from a PIL image to (3, S, S) float32 in [0, 1].
     """
     return v2.Compose(
         [
@@ -34,10 +40,16 @@ def preprocessing(image_size: int) -> v2.Compose:
 
 
 def is_readable_image(path: Path) -> bool:
-    """Whether PIL recognises ``path`` as an image with a consistent structure.
+    """Whether PIL recognises a file as an image with a consistent structure.
 
     ``Image.verify`` reads the header (and checks chunk CRCs for PNG) without decoding pixels, so
     it is cheap; a file truncated inside the pixel data can still pass and fails when loaded.
+
+    Args:
+        path: the file.
+
+    Returns:
+        True when it passes.
     """
     try:
         with Image.open(path) as image:
@@ -48,15 +60,23 @@ def is_readable_image(path: Path) -> bool:
 
 
 class ImageFiles(Dataset):
-    """Image files with labels; item = (image (3, S, S) float32 in [0, 1], label int)."""
+    """Image files with labels; item = (image (3, S, S) float32 in [0, 1], label int).
+
+    Args:
+        files: the image files.
+        labels: one class index per file.
+        transform: PIL RGB image -> (3, S, S) tensor (``preprocessing``).
+    """
 
     def __init__(self, files: list[Path], labels: list[int], transform: v2.Compose) -> None:
         self.files, self.labels, self.transform = files, labels, transform
 
     def __len__(self) -> int:
+        """Number of files."""
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """(image, label) of file ``index``; RuntimeError naming a file that does not decode."""
         path = self.files[index]
         try:
             with Image.open(path) as image:
@@ -71,21 +91,28 @@ class ImageFiles(Dataset):
 class ImageFolderDataModule(LabelledSplitsDataModule):
     """Images in class subfolders: ``root/<class name>/<image>``; classes are the sorted folders.
 
-    Pre-processing is the published one scaled to ``image_size``: Resize(round(256 * S / 224)),
-    CenterCrop(S), float32 in [0, 1], no normalisation. Files are those with an image extension
-    (case-insensitive: .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp); hidden files and folders
-    are ignored. ``images_per_class`` = n keeps n images per class, chosen by ``seed``; None keeps
-    all. Each class is then split by ``seed`` into val (round(n_c * val_fraction), at least one
-    and leaving at least one for train when 0 < val_fraction < 1) and train, so both splits are
-    stratified. The same root, arguments and seed always give the same files in the same order.
+    Files are those with an image extension (``IMAGE_EXTENSIONS``, case-insensitive); hidden
+    files and folders are ignored. The same root, arguments and seed always give the same files
+    in the same order. At ``setup`` every candidate file is checked with ``is_readable_image``;
+    unreadable ones are skipped with one warning, and with ``images_per_class`` set the next
+    files of the class in the seeded order take their place, so subsets stay balanced.
 
-    Corrupt files: at ``setup`` every candidate file is checked with PIL (``Image.open`` +
-    ``verify``: header and structure, no pixel decoding). Unreadable files are skipped with one
-    warning giving their count and the first few paths; with ``images_per_class`` set, the next
-    files of the class in the seeded order take their place, so subsets stay balanced. A class
-    left with no readable image, or with fewer than ``images_per_class``, is a ValueError. A file
-    that passes the check but fails to decode when loaded (e.g. truncated pixel data) raises a
-    RuntimeError naming the file.
+    Args:
+        root: the folder of class subfolders.
+        image_size: S in px of the published pre-processing (``preprocessing``).
+        images_per_class: keep n readable images per class, chosen by ``seed``; None keeps all.
+        val_fraction: share of each class in val (round(n_c * val_fraction), at least one and
+            leaving at least one for train when 0 < val_fraction < 1): stratified splits.
+        seed: seed of the choice, the split and the train shuffle.
+        batch_size: images per batch of the loaders.
+        num_workers: loader processes.
+
+    Raises:
+        ValueError: a missing root, no class folders, out-of-range arguments; at ``setup``, a
+            class with no readable image, fewer than ``images_per_class`` or (with a split)
+            fewer than 2.
+        RuntimeError: when loaded, a file that passed the check but does not decode
+            (e.g. truncated pixel data), naming it.
     """
 
     def __init__(
@@ -188,7 +215,15 @@ class ImageFolderDataModule(LabelledSplitsDataModule):
         return n_val
 
     def setup(self, stage: str | None = None) -> None:
-        """List, check and split the files once (every rank computes the same lists)."""
+        """List, check and split the files once (every rank computes the same lists).
+
+        Args:
+            stage: Lightning's stage (ignored: both splits are set up).
+
+        Raises:
+            ValueError: a class folder without image files, without readable ones, with fewer
+                than ``images_per_class``, or too few to split.
+        """
         if self.datasets:
             return
         corrupt: list[Path] = []
@@ -212,12 +247,23 @@ class ImageFolderDataModule(LabelledSplitsDataModule):
         }
 
     def dataset(self, split: str) -> ImageFiles:
-        """The files of ``split`` (class-major, seeded order within a class)."""
+        """The dataset of a split (sets up the data first).
+
+        Args:
+            split: "train" or "val".
+
+        Returns:
+            Its files, class-major, in seeded order within a class.
+
+        Raises:
+            ValueError: an unknown split, or data that cannot be set up.
+        """
         check_split(split)
         self.setup()
         return self.datasets[split]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """The loader of ``split``; ValueError when the split is empty."""
         data = self.dataset(split)
         if len(data) == 0:
             raise ValueError(
@@ -227,13 +273,16 @@ class ImageFolderDataModule(LabelledSplitsDataModule):
         return make_loader(data, self.batch_size, self.num_workers, self.seed, shuffle)
 
     def _labels(self, split: str) -> torch.Tensor:
+        """(N,) int64 labels of ``split``, in dataset order."""
         return torch.tensor(self.datasets[split].labels, dtype=torch.int64)
 
     def _images(self, split: str, idx: torch.Tensor) -> torch.Tensor:
+        """(len(idx), 3, S, S) float32 in [0, 1]: the images at ``idx`` of ``split``, decoded."""
         data = self.datasets[split]
         return torch.stack([data[i][0] for i in idx.tolist()])
 
     def more_images_hint(self, split: str) -> str:
+        """The options to change (val_fraction, images_per_class) or the folders to fill."""
         check_split(split)
         change = "raise" if split == "val" else "lower"  # val_fraction moves images to val
         options = [f"{change} --data.val_fraction (now {self.val_fraction})"]

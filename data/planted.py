@@ -46,9 +46,13 @@ MIN_IMAGE_SIZE = 16
 class PlantedImages:
     """Images and the latent factors that made them.
 
-    images: (N, 3, S, S) float32 in [0, 1]; labels: (N,) int64; shapes: (N,) int64 index into
-    ``SHAPES``; hues: (N,) float32 degrees in [0, 360); masks: (N, S, S) float32 object coverage
-    in [0, 1] (anti-aliased); luma: (N,) float32 object luma in [0, 1].
+    Attributes:
+        images: (N, 3, S, S) float32 in [0, 1].
+        labels: (N,) int64 class indices.
+        shapes: (N,) int64 indices into ``SHAPES``.
+        hues: (N,) float32 object hue in degrees, [0, 360).
+        masks: (N, S, S) float32 object coverage in [0, 1] (anti-aliased).
+        luma: (N,) float32 object luma in [0, 1].
     """
 
     images: torch.Tensor
@@ -60,9 +64,17 @@ class PlantedImages:
 
 
 def factor_grid(factor: str, num_classes: int) -> tuple[int, int]:
-    """(number of shapes, number of hues) that ``factor`` uses for ``num_classes`` classes.
+    """How many shapes and hues a factor uses to make a number of classes.
 
-    ValueError when the factor cannot make that many classes.
+    Args:
+        factor: "colour", "shape" or "mixed".
+        num_classes: the class count.
+
+    Returns:
+        (number of shapes, number of hues).
+
+    Raises:
+        ValueError: an unknown factor, or one that cannot make that many classes.
     """
     if factor not in FACTORS:
         raise ValueError(f"factor must be one of {FACTORS}, got {factor!r}")
@@ -93,7 +105,18 @@ def factor_grid(factor: str, num_classes: int) -> tuple[int, int]:
 
 
 def class_names(factor: str, num_classes: int) -> list[str]:
-    """Readable class names: hue names, shape names, or "hue shape" pairs (shape-major)."""
+    """Readable class names.
+
+    Args:
+        factor: "colour", "shape" or "mixed".
+        num_classes: the class count.
+
+    Returns:
+        Hue names, shape names, or "hue shape" pairs (shape-major), in class order.
+
+    Raises:
+        ValueError: as ``factor_grid``.
+    """
     n_shapes, n_hues = factor_grid(factor, num_classes)
     hue_names = list(HUES)[:n_hues]
     if factor == "colour":
@@ -104,18 +127,32 @@ def class_names(factor: str, num_classes: int) -> list[str]:
 
 
 def hue_to_rgb(hue: torch.Tensor) -> torch.Tensor:
-    """Fully saturated, full-value RGB of ``hue`` (N,) in degrees -> (N, 3) in [0, 1]."""
+    """Fully saturated, full-value RGB of hues.
+
+    Args:
+        hue: (N,) degrees.
+
+    Returns:
+        (N, 3) RGB in [0, 1].
+    """
     h = (hue % 360.0) / 60.0
     k = (torch.tensor([5.0, 3.0, 1.0]) + h[:, None]) % 6.0
     return 1.0 - torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
 def isoluminant_colour(hue: torch.Tensor, luma: torch.Tensor, chroma: torch.Tensor) -> torch.Tensor:
-    """RGB (N, 3) of exactly ``hue`` (degrees) and ``luma``, with ``chroma`` in (0, 1] of the gamut.
+    """Colours of exactly a given hue and luma.
 
     colour = luma + s * (p - luma(p)), p the pure hue: adding grey and scaling keep the hue, and
-    the direction has zero luma, so the luma is ``luma`` whatever the hue. ``chroma`` = 1 takes
-    the largest s that stays inside [0, 1]^3.
+    the direction has zero luma, so the luma is ``luma`` whatever the hue.
+
+    Args:
+        hue: (N,) degrees.
+        luma: (N,) ITU-R 601 luma in [0, 1].
+        chroma: (N,) in (0, 1]: the share of the largest s that stays inside [0, 1]^3.
+
+    Returns:
+        (N, 3) RGB in [0, 1].
     """
     pure = hue_to_rgb(hue)
     direction = pure - (pure @ torch.tensor(LUMA))[:, None]
@@ -154,6 +191,7 @@ def _shape_sdf(shape: str, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor) ->
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    """(n,) float32 uniform in [low, high) from ``gen``."""
     return low + (high - low) * torch.rand(n, generator=gen)
 
 
@@ -180,9 +218,20 @@ def _backgrounds(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
 def generate(
     factor: str, num_classes: int, per_class: int, image_size: int = 64, seed: int = 0
 ) -> PlantedImages:
-    """Generate ``num_classes * per_class`` planted-factor images, class-major, from ``seed``.
+    """Generate planted-factor images, class-major; the same arguments give the same tensors.
 
-    The same arguments always give the same tensors. Returns ``PlantedImages`` (see there).
+    Args:
+        factor: "colour", "shape" or "mixed" (module docstring).
+        num_classes: C.
+        per_class: images per class.
+        image_size: S in px, >= 16.
+        seed: the CPU generator's seed.
+
+    Returns:
+        C * per_class images with their factors.
+
+    Raises:
+        ValueError: a factor that cannot make C classes, S < 16, or per_class < 1.
     """
     n_hues = factor_grid(factor, num_classes)[1]
     if image_size < MIN_IMAGE_SIZE:
@@ -246,6 +295,18 @@ class PlantedFactorDataModule(LabelledSplitsDataModule):
     model normalises). ``colour`` supports 2..6 classes (red, green, blue, yellow, cyan,
     magenta), ``shape`` 2..5 (disc, square, triangle, cross, ring), ``mixed`` a shapes x hues grid
     (4, 6, 8, 9, 10, 12, 15, 16, 18, 20, 24, 25 or 30 classes).
+
+    Args:
+        factor: "colour", "shape" or "mixed".
+        num_classes: C.
+        image_size: S in px, >= 16.
+        train_per_class, val_per_class: images per class of each split.
+        seed: the seed of both splits and of the train shuffle.
+        batch_size: images per batch of the loaders.
+        num_workers: loader processes.
+
+    Raises:
+        ValueError: a factor that cannot make C classes, or out-of-range sizes and counts.
     """
 
     def __init__(
@@ -283,7 +344,17 @@ class PlantedFactorDataModule(LabelledSplitsDataModule):
         self.datasets: dict[str, TensorDataset] = {}
 
     def split_data(self, split: str) -> PlantedImages:
-        """Generate one split with its latent factors (deterministic; not cached)."""
+        """Generate one split with its latent factors (deterministic; not cached).
+
+        Args:
+            split: "train" or "val".
+
+        Returns:
+            Its images, labels and factors.
+
+        Raises:
+            ValueError: an unknown split.
+        """
         split_id = check_split(split)
         return generate(
             self.factor,
@@ -294,24 +365,32 @@ class PlantedFactorDataModule(LabelledSplitsDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        """Generate both splits once (every rank generates the same tensors)."""
+        """Generate both splits once (every rank generates the same tensors).
+
+        Args:
+            stage: Lightning's stage (ignored: both splits are generated).
+        """
         for split in ("train", "val"):
             if split not in self.datasets:
                 data = self.split_data(split)
                 self.datasets[split] = TensorDataset(data.images, data.labels)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """The loader of ``split`` (generated first when needed)."""
         self.setup()
         return make_loader(
             self.datasets[split], self.batch_size, self.num_workers, self.seed, shuffle
         )
 
     def _labels(self, split: str) -> torch.Tensor:
+        """(N,) int64 labels of ``split``."""
         return self.datasets[split].tensors[1]
 
     def _images(self, split: str, idx: torch.Tensor) -> torch.Tensor:
+        """(len(idx), 3, S, S) float32 in [0, 1]: the images at ``idx`` of ``split``."""
         return self.datasets[split].tensors[0][idx]
 
     def more_images_hint(self, split: str) -> str:
+        """The option to raise: ``--data.<split>_per_class``."""
         check_split(split)
         return f"raise --data.{split}_per_class (now {self.per_class[split]})"

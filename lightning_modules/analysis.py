@@ -31,7 +31,11 @@ RESULTS_FILE = "results.h5"
 
 
 def one_step_loader() -> DataLoader:
-    """The predict loader: one item per process (each process analyses its own shard)."""
+    """The predict loader: one item per process (each process analyses its own shard).
+
+    Returns:
+        A DataLoader of one unbatched item.
+    """
     return DataLoader(range(1), batch_size=None)
 
 
@@ -66,11 +70,25 @@ class AnalysisOutputs:
     config_text: str = ""
 
     def state_path(self, run_dir: Path) -> Path:
-        """The engine's resume file for this analysis (one per rank under DDP)."""
+        """The engine's resume file for this analysis (one per rank under DDP).
+
+        Args:
+            run_dir: the run directory.
+
+        Returns:
+            ``<run_dir>/<name>.resume.pt``.
+        """
         return run_dir / f"{self.name}.resume.pt"
 
     def activations_path(self, run_dir: Path) -> Path:
-        """The merged raw-activation file of this analysis in ``run_dir``."""
+        """The merged raw-activation file of this analysis.
+
+        Args:
+            run_dir: the run directory.
+
+        Returns:
+            ``<run_dir>/activations_<name>.h5``.
+        """
         return run_dir / f"activations_{self.name}.h5"
 
 
@@ -111,6 +129,7 @@ class AnalysisModule(pl.LightningModule):
         self.plan = plan
 
     def forward(self, x: Tensor) -> Tensor:
+        """The network's forward: (B, 3, H, W) images in [0, 1] -> its output (logits)."""
         return self.network(x)
 
     def _run_dir(self) -> Path:
@@ -141,6 +160,14 @@ class AnalysisModule(pl.LightningModule):
         )
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """Analyse this process's shard; rank zero stores the global result.
+
+        Args:
+            batch, batch_idx: the one item of ``one_step_loader`` (unused).
+
+        Returns:
+            {"run_dir"}; on rank zero also what was written (class docstring).
+        """
         run_dir = self._run_dir()
         world_size = self.trainer.world_size
         plan = self.plan or plan_analysis(

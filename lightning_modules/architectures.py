@@ -32,11 +32,16 @@ ALEXNET_MIN_SIZE = 63
 
 
 def available_architectures() -> list[str]:
-    """Names of torchvision's image classification models (``torchvision.models`` namespace)."""
+    """Names of torchvision's image classification models.
+
+    Returns:
+        The model names of the ``torchvision.models`` namespace.
+    """
     return torchvision.models.list_models(module=torchvision.models)
 
 
 def _resnet_stem(net: nn.Module) -> list[str]:
+    """3x3 stride-1 ``conv1`` and no ``maxpool``, in place; the replaced names."""
     conv = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     net.conv1 = conv
@@ -45,11 +50,13 @@ def _resnet_stem(net: nn.Module) -> list[str]:
 
 
 def _alexnet_stem(net: nn.Module) -> list[str]:
+    """3x3 stride-1 ``features.0``, in place; the replaced names."""
     net.features[0] = nn.Conv2d(3, net.features[0].out_channels, kernel_size=3, stride=1, padding=1)
     return ["features.0"]
 
 
 def _vgg_stem(net: nn.Module) -> list[str]:
+    """Nothing to replace: VGG's stem already suits small inputs."""
     return []
 
 
@@ -62,14 +69,29 @@ _SMALL_INPUT_VARIANTS: dict[type, Callable[[nn.Module], list[str]]] = {
 
 
 def has_small_input_variant(net: nn.Module) -> bool:
-    """Whether ``net``'s family (ResNet, AlexNet, VGG) has a small-input variant."""
+    """Whether a network's family has a small-input variant.
+
+    Args:
+        net: a torchvision network.
+
+    Returns:
+        True for the ResNet, AlexNet and VGG families.
+    """
     return type(net) in _SMALL_INPUT_VARIANTS
 
 
 def build_network(arch: str, num_classes: int) -> nn.Module:
-    """Randomly initialised torchvision model ``arch`` with a ``num_classes``-way head.
+    """A randomly initialised torchvision classification network.
 
-    ValueError for names that are not torchvision classification models.
+    Args:
+        arch: a torchvision classification model name ("resnet18", "alexnet", ...).
+        num_classes: outputs of its head.
+
+    Returns:
+        The network.
+
+    Raises:
+        ValueError: a name that is not a torchvision classification model.
     """
     known = available_architectures()
     if arch not in known:
@@ -81,9 +103,17 @@ def build_network(arch: str, num_classes: int) -> nn.Module:
 
 
 def make_small_input(net: nn.Module, arch: str) -> list[str]:
-    """Turn ``net`` into its small-input variant in place; returns the replaced module names.
+    """Turn a network into its small-input variant, in place (module docstring).
 
-    ValueError when the family has no variant.
+    Args:
+        net: a torchvision network.
+        arch: its name, for the error message.
+
+    Returns:
+        The replaced module names (["conv1", "maxpool"], ["features.0"] or []).
+
+    Raises:
+        ValueError: the family has no variant.
     """
     variant = _SMALL_INPUT_VARIANTS.get(type(net))
     if variant is None:

@@ -53,17 +53,14 @@ class ImageClassifier(pl.LightningModule):
             ``num_classes`` differs from the file's class count the head keeps its random
             initialisation (with a warning) and everything else is loaded; likewise the stem of
             a small-input variant when the file has the stock stem.
-        small_input: use the small-input variant (for 32-64 px images). None (auto) chooses it
-            when ``image_size`` <= 64, no ``weights`` are given (pretrained weights imply the stock
-            network) and the family has one. Variants change only the stem and keep torchvision's
-            module names:
-            - ResNet family: ``conv1`` 3x3 stride 1 (was 7x7 stride 2), ``maxpool`` nn.Identity.
-            - AlexNet: ``features.0`` 3x3 stride 1 (was 11x11 stride 4). The stock network needs
-              >= 63 px.
-            - VGG: unchanged (3x3 stride-1 stem already; adaptive avgpool handles any size >= 32).
-            Other architectures: no variant (True is a ValueError).
-        image_size: side of the (square) input images in pixels, used only by ``small_input``
-            = None; the training CLI links it to the data's ``image_size``.
+        small_input: use the small-input variant for 32-64 px images (ResNet, AlexNet and VGG
+            families; only the stem changes, module names stay torchvision's:
+            ``lightning_modules.architectures``). None (auto) chooses it when ``image_size``
+            <= 64, no ``weights`` are given (pretrained weights imply the stock network) and
+            the family has one.
+        image_size: side of the (square) input images in px, used only by ``small_input`` =
+            None and to refuse stock AlexNet below 63 px; the training CLI links it to the
+            data's ``image_size``.
         optimizer: "sgd" (momentum, optional Nesterov) or "adamw".
         lr: peak learning rate; the schedule is a linear warmup over ``warmup_epochs`` then a
             cosine decay to 0 at the end of training (trainer.max_epochs or max_steps), per step.
@@ -81,6 +78,13 @@ class ImageClassifier(pl.LightningModule):
     Metrics (torchmetrics, micro-averaged): ``train/loss``, ``train/acc1`` (per epoch),
     ``val/loss``, ``val/acc1`` and ``val/acc5``. ``val/acc5`` is top-min(5, num_classes)
     accuracy, so with fewer than 5 classes it is top-num_classes accuracy, always 1.
+
+    Raises:
+        ValueError: num_classes < 2, an unknown optimizer or architecture, lr <= 0, negative
+            weight decay or warmup, small_input=True for a family without a variant, stock
+            AlexNet below 63 px, or weights of another architecture.
+        FileNotFoundError: a weights file, or a weights enum's file in the hub cache, that is
+            not there.
     """
 
     def __init__(
@@ -159,11 +163,21 @@ class ImageClassifier(pl.LightningModule):
     ) -> ImageClassifier:
         """Restore a module saved by Lightning (e.g. by ``train.py``'s ModelCheckpoint).
 
-        Reads with ``torch.load(weights_only=True)`` by default (Lightning checkpoints of this
-        module hold only tensors and primitive types); a file that cannot be read that way
-        (random or damaged bytes, other pickled objects) is a ValueError naming it. The
-        ``weights`` hyperparameter is kept as a record but not read: the checkpoint already
+        The ``weights`` hyperparameter is kept as a record but not read: the checkpoint already
         holds every parameter.
+
+        Args:
+            checkpoint_path: the .ckpt file.
+            map_location, hparams_file, strict, **kwargs: as Lightning's.
+            weights_only: read with ``torch.load(weights_only=True)`` (the default: Lightning
+                checkpoints of this module hold only tensors and primitive types).
+
+        Returns:
+            The restored module.
+
+        Raises:
+            ValueError: a file that cannot be read that way (random or damaged bytes, other
+                pickled objects), naming it.
         """
         token = _RESTORING_CHECKPOINT.set(True)
         try:
@@ -181,22 +195,47 @@ class ImageClassifier(pl.LightningModule):
             _RESTORING_CHECKPOINT.reset(token)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """ImageNet mean/std normalisation of (B, 3, H, W) images in [0, 1]."""
+        """ImageNet mean/std normalisation.
+
+        Args:
+            x: (B, 3, H, W) float in [0, 1].
+
+        Returns:
+            (B, 3, H, W) normalised images.
+        """
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, num_classes) of images (B, 3, H, W) float in [0, 1]."""
+        """Classify images.
+
+        Args:
+            x: (B, 3, H, W) float in [0, 1].
+
+        Returns:
+            (B, num_classes) logits.
+
+        Raises:
+            ValueError: ``x`` not (B, 3, H, W).
+        """
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(x.shape)}")
         return self.net(self.normalize(x))
 
     def setup(self, stage: str) -> None:
-        """Fail early when the datamodule's class count differs from the model's."""
+        """Fail early when the datamodule's class count differs from the model's.
+
+        Args:
+            stage: Lightning's stage (any).
+
+        Raises:
+            ValueError: the class counts differ.
+        """
         datamodule = self.trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "num_classes"):
             check_num_classes(self.hparams.num_classes, datamodule)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        """Cross-entropy loss of a batch (images (B, 3, H, W) in [0, 1], labels (B,)); logs it."""
         images, labels = batch
         logits = self(images)
         loss = nn.functional.cross_entropy(logits, labels)
@@ -206,6 +245,7 @@ class ImageClassifier(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Log the loss, top-1 and top-5 accuracy of a validation batch."""
         images, labels = batch
         logits = self(images)
         self.val_acc1(logits, labels)
@@ -215,6 +255,15 @@ class ImageClassifier(pl.LightningModule):
         self.log("val/acc5", self.val_acc5)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """The optimizer and its per-step schedule: linear warmup, then cosine decay to 0.
+
+        Returns:
+            Lightning's {"optimizer", "lr_scheduler"} dict.
+
+        Raises:
+            ValueError: a training of unknown length (no max_epochs or max_steps), or warmup
+                with a training set of unknown length.
+        """
         hp = self.hparams
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(
@@ -240,6 +289,7 @@ class ImageClassifier(pl.LightningModule):
             warmup = min(int(total), math.ceil(hp.warmup_epochs * per_epoch))
 
         def factor(step: int) -> float:
+            """The learning-rate multiplier at ``step``."""
             if step < warmup:
                 return (step + 1) / warmup
             progress = (step - warmup) / max(1, int(total) - warmup)

@@ -31,10 +31,17 @@ _HASH_BLOCK = 1 << 20
 
 
 def unreadable_file(path: str | os.PathLike, what: str) -> ValueError:
-    """The error for a ``what`` ("checkpoint", "weights file") that torch cannot read safely.
+    """The error for a file that torch cannot read safely.
 
     torch's own message advises ``weights_only=False``, which would run code stored in the file:
     this message replaces it, and nothing here ever loads that way.
+
+    Args:
+        path: the file.
+        what: what it is ("checkpoint", "weights file").
+
+    Returns:
+        The ValueError to raise.
     """
     return ValueError(
         f"{what} {path} is not a readable torch file: it is truncated or corrupt, or it holds "
@@ -44,8 +51,18 @@ def unreadable_file(path: str | os.PathLike, what: str) -> ValueError:
 
 
 def load_tensors(path: Path, what: str) -> Any:
-    """``torch.load(path, weights_only=True)`` onto the CPU; ValueError naming the file (as
-    ``what``) when it is not a readable torch file."""
+    """``torch.load(path, weights_only=True)`` onto the CPU.
+
+    Args:
+        path: a file written by ``torch.save``.
+        what: what it is, for the error message.
+
+    Returns:
+        The loaded object (tensors and plain values).
+
+    Raises:
+        ValueError: not a readable torch file.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (*CORRUPT_FILE_ERRORS, RuntimeError):
@@ -53,7 +70,14 @@ def load_tensors(path: Path, what: str) -> Any:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes (read in blocks: checkpoints can be large)."""
+    """Hex SHA-256 of a file's bytes (read in blocks: checkpoints can be large).
+
+    Args:
+        path: the file.
+
+    Returns:
+        64 hex digits.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_HASH_BLOCK):
@@ -66,6 +90,12 @@ def state_dict_sha256(module: nn.Module) -> str:
 
     Identifies weights that have no file of their own (random initialisation, weights during
     training); equal state dicts give equal digests on any device.
+
+    Args:
+        module: the module.
+
+    Returns:
+        64 hex digits.
     """
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
@@ -76,16 +106,31 @@ def state_dict_sha256(module: nn.Module) -> str:
 
 
 def hub_cache_file(url: str) -> Path:
-    """Where torchvision keeps the file downloaded from ``url``: the torch hub checkpoint cache."""
+    """Where torchvision keeps a downloaded weights file.
+
+    Args:
+        url: the weights URL.
+
+    Returns:
+        ``<torch.hub.get_dir()>/checkpoints/<file name of the URL>``.
+    """
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
 def resolve_enum(arch: str, name: str) -> torchvision.models.WeightsEnum:
-    """The torchvision weights enum member ``name`` of ``arch``.
+    """A torchvision weights enum member of an architecture.
 
-    ``name`` is a member name ("IMAGENET1K_V1", "DEFAULT") or a qualified one
-    ("ResNet18_Weights.IMAGENET1K_V1"). ValueError for unknown names or another architecture's
-    weights.
+    Args:
+        arch: a torchvision model name.
+        name: a member name ("IMAGENET1K_V1", "DEFAULT") or a qualified one
+            ("ResNet18_Weights.IMAGENET1K_V1").
+
+    Returns:
+        The enum member.
+
+    Raises:
+        ValueError: no weights enum for ``arch``, an unknown name, or another architecture's
+            weights.
     """
     try:
         enum = torchvision.models.get_model_weights(arch)
@@ -115,11 +160,20 @@ def resolve_enum(arch: str, name: str) -> torchvision.models.WeightsEnum:
 
 
 def weights_file(arch: str, weights: str | os.PathLike) -> tuple[Path, str]:
-    """The file behind a weights argument: (path, description of the source).
+    """The file behind a weights argument.
 
-    ``weights`` is a state-dict file, or a weights enum name of ``arch`` whose file is looked up
-    in the torch hub cache. FileNotFoundError when the file (or the cached enum file) is
-    missing: the enum message says where to put the file, since nothing is downloaded.
+    Args:
+        arch: a torchvision model name.
+        weights: a state-dict file, or a weights enum name of ``arch`` whose file is looked up
+            in the torch hub cache.
+
+    Returns:
+        (path, description of the source).
+
+    Raises:
+        FileNotFoundError: the file (or the cached enum file) is missing; the enum message
+            says where to put it, since nothing is downloaded.
+        ValueError: an unknown enum name (``resolve_enum``).
     """
     path = Path(weights)
     if path.is_file():
@@ -142,9 +196,17 @@ def weights_file(arch: str, weights: str | os.PathLike) -> tuple[Path, str]:
 def read_weights(arch: str, weights: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
     """Read a plain torchvision state dict from a file or from the hub cache of an enum name.
 
-    Returns (state dict, description of the source). Files are read with
-    ``torch.load(weights_only=True)``; a file torch cannot read that way is a ValueError naming
-    it. FileNotFoundError as ``weights_file``.
+    Args:
+        arch: a torchvision model name.
+        weights: as for ``weights_file``.
+
+    Returns:
+        (state dict, description of the source).
+
+    Raises:
+        FileNotFoundError: as ``weights_file``.
+        ValueError: an unknown enum name, or a file that ``torch.load(weights_only=True)``
+            cannot read.
     """
     path, source = weights_file(arch, weights)
     return load_tensors(path, "weights file"), source
@@ -164,12 +226,26 @@ def load_network_state(
     replaced: list[str],
     source: str,
 ) -> list[str]:
-    """Load a plain torchvision state dict into ``net``; returns the keys left at their init.
+    """Load a plain torchvision state dict into a network, in place.
 
-    Every key must exist on both sides (else ValueError: another architecture). Tensors whose
-    shapes differ are skipped with a warning when they are the classification head and the class
-    count differs, or belong to a module in ``replaced`` (the small-input stem); any other shape
-    difference is a ValueError.
+    Tensors whose shapes differ are skipped with a warning when they are the classification
+    head and the class count differs, or belong to a module in ``replaced`` (the small-input
+    stem).
+
+    Args:
+        net: the network.
+        state: the state dict read from ``source``.
+        arch: the architecture's name, for messages.
+        num_classes: the network's class count.
+        replaced: modules of the small-input stem (``make_small_input``).
+        source: the weights' description, for messages.
+
+    Returns:
+        The keys left at their initialisation.
+
+    Raises:
+        ValueError: not a name -> tensor mapping, keys missing on either side (another
+            architecture), or any other shape difference.
     """
     if not isinstance(state, Mapping) or not all(
         isinstance(v, torch.Tensor) for v in state.values()

@@ -16,15 +16,19 @@ from dataclasses import dataclass
 import torch
 
 REFERENCE_SIDE = 224
+"""Image side in px at which ``AUGMENTATIONS`` states its bounds."""
 
 
 @dataclass(frozen=True)
 class ParamSpec:
     """One parameter of an augmentation.
 
-    ``low``/``high`` are the bounds at 224 px. ``axis`` says how the parameter scales with the
-    image: ``"y"`` with the height, ``"x"`` with the width, ``"xy"`` with the smaller side, and
-    ``None`` not at all (factors, angles, ratios).
+    Attributes:
+        name: the parameter's name (a key of ``augmentations.apply``'s ``params``).
+        low, high: its bounds at 224 px, in natural units (px, degrees, factors).
+        integer: whether values must be whole (pixel shifts).
+        axis: how it scales with the image: ``"y"`` with the height, ``"x"`` with the width,
+            ``"xy"`` with the smaller side, None not at all (factors, angles, ratios).
     """
 
     name: str
@@ -34,7 +38,17 @@ class ParamSpec:
     axis: str | None = None
 
     def bounds(self, height: int, width: int) -> tuple[float, float]:
-        """(low, high) at an image of ``height x width`` pixels (spatial ones scale linearly)."""
+        """The bounds at another image size (spatial parameters scale linearly).
+
+        Args:
+            height, width: image size in px.
+
+        Returns:
+            (low, high) in natural units at that size, rounded for integer parameters.
+
+        Raises:
+            ValueError: ``axis`` is not "x", "y", "xy" or None.
+        """
         scale = _axis_scale(self.axis, height, width)
         low, high = self.low * scale, self.high * scale
         if self.integer:
@@ -46,8 +60,11 @@ class ParamSpec:
 class AugmentationSpec:
     """An augmentation: ordered parameters and the parameter values at which it is the identity.
 
-    ``identity`` is ``None`` for augmentations that are off when not applied (erasing, blur,
-    flips...); for the others it maps each parameter to its identity value (brightness 1, ...).
+    Attributes:
+        name: a key of ``AUGMENTATIONS``.
+        params: its parameters, in the order of design columns.
+        identity: parameter -> identity value (brightness 1, rotation 0, ...); None for
+            augmentations that are off when not applied (erasing, blur, flips, ...).
     """
 
     name: str
@@ -60,7 +77,14 @@ class AugmentationSpec:
         return tuple(p.name for p in self.params)
 
     def bounds(self, height: int, width: int) -> list[tuple[float, float]]:
-        """Per-parameter bounds at an image of ``height x width`` pixels, in parameter order."""
+        """Per-parameter bounds at another image size.
+
+        Args:
+            height, width: image size in px.
+
+        Returns:
+            [(low, high)] in parameter order, natural units at that size.
+        """
         return [p.bounds(height, width) for p in self.params]
 
 
@@ -131,7 +155,17 @@ _BOUND_TOLERANCE = 1e-5  # relative; bounds mapped from the unit cube in float32
 
 
 def augmentation_spec(name: str) -> AugmentationSpec:
-    """``AUGMENTATIONS[name]``, or a ValueError listing the valid names."""
+    """The spec of one augmentation.
+
+    Args:
+        name: an augmentation name.
+
+    Returns:
+        ``AUGMENTATIONS[name]``.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+    """
     spec = AUGMENTATIONS.get(name)
     if spec is None:
         raise ValueError(f"unknown augmentation {name!r}; valid names: {', '.join(AUGMENTATIONS)}")

@@ -46,6 +46,7 @@ LOCAL_BLUR_SIGMA = 3.0
 """Sigma of the ``elliptic_local_blur`` blur at 224 px, scaled with the smaller side."""
 
 SHARPNESS_FACTOR = 1.5
+"""The fixed ``sharpness`` factor (METHOD.md section 2)."""
 
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
@@ -53,19 +54,37 @@ _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 def gaussian_blur_kernel_size(height: int, width: int) -> int:
     """Kernel size of ``gaussian_blur``: ``2 * round(3 * min(H, W) / 224) + 1``, at least 3.
 
-    7 at 224 px, 3 at 64 px, 15 at 512 px (always odd).
+    Args:
+        height, width: image size in px.
+
+    Returns:
+        The odd kernel side in px: 7 at 224 px, 3 at 64 px, 15 at 512 px.
     """
     half = round(GAUSSIAN_BLUR_HALF_WIDTH * min(height, width) / REFERENCE_SIDE)
     return max(3, 2 * half + 1)
 
 
 def local_blur_sigma(height: int, width: int) -> float:
-    """Sigma in px of the ``elliptic_local_blur`` blur: ``3 * min(H, W) / 224``."""
+    """Sigma of the ``elliptic_local_blur`` blur: ``3 * min(H, W) / 224``.
+
+    Args:
+        height, width: image size in px.
+
+    Returns:
+        Sigma in px.
+    """
     return LOCAL_BLUR_SIGMA * min(height, width) / REFERENCE_SIDE
 
 
 def local_blur_kernel_size(height: int, width: int) -> int:
-    """Kernel of the ``elliptic_local_blur`` blur: ``2 * ceil(3 * sigma) + 1``, 19 at 224 px."""
+    """Kernel size of the ``elliptic_local_blur`` blur: ``2 * ceil(3 * sigma) + 1``.
+
+    Args:
+        height, width: image size in px.
+
+    Returns:
+        The odd kernel side in px, 19 at 224 px.
+    """
     return 2 * math.ceil(3 * local_blur_sigma(height, width)) + 1
 
 
@@ -142,6 +161,9 @@ def minmax_rescale(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
     Returns:
         (B, C, H, W), a new tensor.
+
+    Raises:
+        ValueError: ``images`` is not 4-D.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
@@ -184,18 +206,13 @@ def _gaussian_weights(size: int, sigma: torch.Tensor) -> torch.Tensor:
     return torch.softmax((x / sigma[:, None]).pow(2).neg(), dim=-1)
 
 
-def _reflect_pad(images: torch.Tensor, pad: int) -> torch.Tensor:
-    return torch.nn.functional.pad(images, [pad, pad, pad, pad], mode="reflect")
-
-
 def _separable_blur(padded: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Blur a padded batch with a symmetric 1-D kernel along y, then x ('valid' extent).
 
     padded (B, C, h + k - 1, w + k - 1) -> (B, C, h, w); weights (B, k) one kernel per sample,
     or (1, k) shared. Equals torchvision's 2-D conv with the outer-product kernel. Shifted
-    views with per-sample weights beat depthwise convolutions on CPU (which fall back to a
-    slow path for many groups) and need no per-sample loop; the kernel's symmetry halves
-    the multiplies.
+    views need no per-sample loop and beat depthwise convolutions on CPU (PERFORMANCE.md
+    "Augmentations"); the kernel's symmetry halves the multiplies.
     """
     size = weights.shape[-1]
     half = size // 2
@@ -214,6 +231,7 @@ def _separable_blur(padded: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
 
 
 def _pixel_grid(length: int, device: torch.device) -> torch.Tensor:
+    """Pixel indices 0..length-1 as float64 (exact comparisons with float64 extents)."""
     return torch.arange(length, device=device, dtype=torch.float64)
 
 

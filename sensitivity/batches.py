@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from sensitivity.decoded import DecodedRows
 from sensitivity.designs import Design, PermutationDesign, ShapleyDesign, SobolDesign
 from sensitivity.probe import ProbeImages
-from sensitivity.problem import AugmentationProblem, DecodedRows
+from sensitivity.problem import AugmentationProblem
 
 
 @dataclass

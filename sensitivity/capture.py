@@ -39,20 +39,40 @@ _SKIPPED_IN_DEFAULT = (nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Identity)
 
 
 def hookable_layers(model: nn.Module) -> list[str]:
-    """Every name a checkpoint may use: ``model.named_modules()`` without the root ("")."""
+    """Every name a checkpoint may use.
+
+    Args:
+        model: the network.
+
+    Returns:
+        ``model.named_modules()`` names without the root ("").
+    """
     return [name for name, _ in model.named_modules() if name]
 
 
 def classification_layer(model: nn.Module) -> str | None:
-    """Name of the classification layer: the last ``nn.Linear`` in registration order
-    ("fc" for ResNet, "classifier.6" for AlexNet/VGG), or None when the model has none."""
+    """Name of the classification layer: the last ``nn.Linear`` in registration order.
+
+    Args:
+        model: the network.
+
+    Returns:
+        "fc" for ResNet, "classifier.6" for AlexNet/VGG; None when the model has no
+        ``nn.Linear``.
+    """
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     return names[-1] if names else None
 
 
 def model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and floating dtype of the model's first parameter (else buffer); CPU float32 for a
-    model with neither."""
+    """Device and dtype of the model's first parameter, else its first buffer.
+
+    Args:
+        model: the network.
+
+    Returns:
+        (device, dtype); CPU float32 for a model with neither parameters nor buffers.
+    """
     for tensor in model.parameters():
         return tensor.device, tensor.dtype
     for tensor in model.buffers():
@@ -100,6 +120,10 @@ class ActivationCapture:
     ``ReLU(inplace=True)`` cannot alter it). ``pop()`` returns them. When a module runs several
     times in one forward (e.g. the shared ``relu`` inside a ResNet block), the last call wins;
     hook the enclosing block instead. Hooks are removed on exit, also after an exception.
+
+    Raises:
+        ValueError: no layers, unknown or repeated layer names, unknown reductions, reductions
+            or softmax layers named for layers that are not captured.
     """
 
     def __init__(
@@ -140,6 +164,7 @@ class ActivationCapture:
         self._outputs: dict[str, Tensor] = {}
 
     def _resolve_reductions(self, reduction: str | Mapping[str, str]) -> dict[str, str]:
+        """{layer: reduction} for every captured layer, checked."""
         if isinstance(reduction, str):
             chosen = dict.fromkeys(self.layers, reduction)
         else:
@@ -156,6 +181,7 @@ class ActivationCapture:
 
     # --------------------------------------------------------------------------- hooks
     def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        """The forward hook that stores layer ``name``'s reduced float32 output."""
         reduction = self.reductions[name]
         softmax = name in self.softmax_layers
 
@@ -190,6 +216,7 @@ class ActivationCapture:
         return hook
 
     def __enter__(self) -> ActivationCapture:
+        """Register the hooks; RuntimeError when already active."""
         if self._handles:
             raise RuntimeError("this ActivationCapture is already active; do not nest it")
         self._outputs = {}
@@ -204,6 +231,7 @@ class ActivationCapture:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        """Remove the hooks."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -214,8 +242,14 @@ class ActivationCapture:
         return bool(self._handles)
 
     def pop(self) -> dict[str, Tensor]:
-        """Outputs of the latest forward: {layer: (B, *unit_shape) float32}, in ``layers``
-        order; clears them. ValueError if a layer has not run since the last ``pop``."""
+        """Take the outputs of the latest forward (and clear them).
+
+        Returns:
+            {layer: (B, *unit_shape) float32} on the model's device, in ``layers`` order.
+
+        Raises:
+            ValueError: a layer has not run since the last ``pop``.
+        """
         missing = [name for name in self.layers if name not in self._outputs]
         if missing:
             raise ValueError(
@@ -232,8 +266,16 @@ class ActivationCapture:
         channels: int = 3,
         forward: Callable[[Tensor], Any] | None = None,
     ) -> dict[str, tuple[int, ...]]:
-        """{layer: unit shape} after the reductions, from one forward of a zero image
-        (1, channels, H, W) through ``forward`` (default: the model) in eval mode."""
+        """Unit shapes after the reductions, from one dry forward in eval mode.
+
+        Args:
+            image_size: H (square) or (H, W) in px.
+            channels: input channels of the zero image (1, channels, H, W).
+            forward: what runs the image (default: the model).
+
+        Returns:
+            {layer: unit shape}, e.g. (C, H', W'), (F,) or (C,) with channel_mean.
+        """
         pending = self._outputs
         entered = not self.active
         if entered:
@@ -255,9 +297,19 @@ def unit_shapes(
     layers: Sequence[str] | None = None,
     reduction: str | Mapping[str, str] = "none",
 ) -> dict[str, tuple[int, ...]]:
-    """{layer: unit shape} of ``model``'s checkpoints for (H, W) images, via one dry forward.
+    """Unit shapes of a network's checkpoints, from one dry forward.
 
-    ``layers`` default to ``default_layers(model)``; reductions as ``ActivationCapture``.
+    Args:
+        model: the network (takes (1, 3, H, W) images).
+        image_size: H (square) or (H, W) in px.
+        layers: checkpoint names (default: ``default_layers(model)``).
+        reduction: as for ``ActivationCapture``.
+
+    Returns:
+        {layer: unit shape}.
+
+    Raises:
+        ValueError: what ``ActivationCapture`` refuses.
     """
     return ActivationCapture(model, layers, reduction).unit_shapes(image_size)
 
@@ -321,8 +373,17 @@ def default_layers(
     contributes its children instead; dropout, flatten and identity modules and other
     resolution-free (B, F) outputs are skipped; then the classification layer (last
     ``nn.Linear``). Execution order of the dry forward decides "last".
-    ``image_size`` sets the dry forward that finds those resolutions; a name is built on the
-    meta device, so no memory or compute is spent on weights.
+    A name is built on the meta device, so no memory or compute is spent on weights.
+
+    Args:
+        arch_or_model: a torchvision classification model name, or a network.
+        image_size: H (square) or (H, W) in px of the dry forward that finds the resolutions.
+
+    Returns:
+        The checkpoint names, in execution order.
+
+    Raises:
+        ValueError: an unknown architecture name, or neither a name nor an ``nn.Module``.
     """
     if isinstance(arch_or_model, str):
         if arch_or_model in DEFAULT_LAYERS:

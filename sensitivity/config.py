@@ -22,6 +22,7 @@ from sensitivity.designs import (
     ShapleyDesign,
     SobolDesign,
     VarianceDesign,
+    check_power_of_two,
 )
 
 if TYPE_CHECKING:
@@ -144,14 +145,7 @@ class EngineConfig:
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         for name in ("n", "replicates") if self.method == "sobol" else ():
-            value = getattr(self, name)
-            if value & (value - 1):
-                lower = 1 << (value.bit_length() - 1)
-                raise ValueError(
-                    f"{name} must be a power of two for Sobol indices, got {value}: a Sobol' "
-                    f"sequence is balanced only over its first 2^m points; use {lower} or "
-                    f"{lower * 2}"
-                )
+            check_power_of_two(name, getattr(self, name))
         if not 0.0 < float(self.conf_level) < 1.0:
             raise ValueError(f"conf_level must lie strictly between 0 and 1, got {self.conf_level}")
         if isinstance(self.layers, str):

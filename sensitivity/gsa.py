@@ -49,6 +49,10 @@ class Problem:
         names: the d variables' names, unique.
         bounds: (low, high) of every variable, finite with low < high.
         groups: None (every variable its own group) or one group name per variable, as in SALib.
+
+    Raises:
+        ValueError: no names, repeated names, bounds not one finite (low, high) with low < high
+            per variable, or not one group name per variable.
     """
 
     def __init__(
@@ -94,15 +98,28 @@ class Problem:
 
     @property
     def d(self) -> int:
+        """Number of variables."""
         return len(self.names)
 
     @property
     def n_groups(self) -> int:
+        """Number of groups (G)."""
         return len(self.group_names)
 
     @classmethod
     def from_salib(cls, problem: Mapping[str, Any]) -> Problem:
-        """From SALib's dict {"num_vars", "names", "bounds", optional "groups"}."""
+        """Build from SALib's problem dict.
+
+        Args:
+            problem: {"num_vars" (optional), "names", "bounds", "groups" (optional)}.
+
+        Returns:
+            The problem.
+
+        Raises:
+            ValueError: no names or bounds, num_vars that disagrees with the names, or what
+                the constructor refuses.
+        """
         for key in ("names", "bounds"):
             if key not in problem:
                 raise ValueError(f"SALib problem dict lacks {key!r}; it needs names and bounds")
@@ -113,6 +130,7 @@ class Problem:
         return cls(problem["names"], problem["bounds"], problem.get("groups") or None)
 
     def to_salib(self) -> dict[str, Any]:
+        """SALib's problem dict: num_vars, names, bounds and (when grouped) groups."""
         out: dict[str, Any] = {
             "num_vars": self.d,
             "names": list(self.names),
@@ -123,7 +141,14 @@ class Problem:
         return out
 
     def scale(self, unit_rows: np.ndarray) -> np.ndarray:
-        """Rows in [0, 1)^d (m, d) -> rows within the bounds (m, d) float64."""
+        """Map unit-cube rows linearly onto the bounds.
+
+        Args:
+            unit_rows: (m, d) in [0, 1).
+
+        Returns:
+            (m, d) float64 within the bounds.
+        """
         unit_rows = np.asarray(unit_rows, dtype=np.float64)
         low, high = np.asarray(self.bounds).T
         return low + unit_rows * (high - low)
@@ -182,6 +207,7 @@ def _stream(
 
 
 def _evaluate(func: Callable[[np.ndarray], Any], X: np.ndarray) -> np.ndarray:
+    """``func(X)`` as checked float64 outputs with one row per row of X."""
     Y = _outputs(func(X), "func(X)")
     if Y.shape[0] != X.shape[0]:
         raise ValueError(
@@ -216,6 +242,10 @@ def sobol_from_outputs(
 
     Returns:
         S1, ST, S1_conf, ST_conf (G,) or (G, U); S2, S2_conf (G, G[, U]) with second order.
+
+    Raises:
+        ValueError: non-finite outputs, a row count that is not a multiple of the block size,
+            or replicates that do not divide N.
     """
     Y = _outputs(Y, "Y")
     g = problem.n_groups
@@ -271,6 +301,10 @@ def sobol_analyze(
 
     Returns:
         As ``sobol_from_outputs``.
+
+    Raises:
+        ValueError: what ``SobolDesign`` refuses, or ``func`` returning the wrong row count
+            or non-finite values.
     """
     design = SobolDesign(
         problem.d, n, seed=seed, groups=problem.group_columns, second_order=second_order,
@@ -330,6 +364,10 @@ def shapley_from_outputs(
     Returns:
         shapley (output-variance units), shapley_normalized and their half-widths, (G,) or
         (G, U); ungrouped they equal ``SALib.analyze.shapley.analyze``.
+
+    Raises:
+        ValueError: X or Y of the wrong shape or non-finite, or (``permutations`` None) steps
+            that do not change exactly one group each.
     """
     g = problem.n_groups
     X = np.asarray(X, dtype=np.float64)
@@ -383,6 +421,10 @@ def shapley_analyze(
 
     Returns:
         As ``shapley_from_outputs``.
+
+    Raises:
+        ValueError: an unknown method, what the design refuses, or ``func`` returning the
+            wrong row count or non-finite values.
     """
     g = problem.n_groups
     if method == "goda":

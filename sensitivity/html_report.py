@@ -23,12 +23,9 @@ an e-mail attachment or an archive. Sections (each only where the results file h
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +34,12 @@ from matplotlib.figure import Figure
 
 from sensitivity.config import MIN_TOGGLES
 from sensitivity.estimators import FLAG_NAMES
+from sensitivity.html_page import Page, escape, markup_table, number, statistic, table
 from sensitivity.masking.result import GROUP_KIND as MASKING_GROUP
 from sensitivity.masking.result import MaskingResult
 from sensitivity.report import (
     SIGNED_KEYS,
     colour_scale,
-    file_part,
     grid_axes,
     heatmap_figure,
     new_figure,
@@ -57,107 +54,9 @@ from sensitivity.store import ResultsStore
 
 DPI = 100
 TOP_UNITS = 3
-# Value types in the activations' own units (any magnitude): significant digits, not decimals.
-_SCALED = ("shapley", "mean_diff")
-
-_STYLE = """
-body { font-family: sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
-h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
-h3 { margin-top: 1.5em; }
-table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }
-th { background: #f2f2f2; } td.l, th.l { text-align: left; }
-figure { margin: 0.5em 0 1.5em; } figcaption { font-size: 0.85em; color: #555; }
-img { max-width: 100%; height: auto; border: 1px solid #eee; }
-nav ul { columns: 2; } .note { color: #666; font-size: 0.9em; }
-td small { color: #666; white-space: nowrap; }
-"""
-
-
-# ------------------------------------------------------------------------------- helpers
-def _esc(value: Any) -> str:
-    return html.escape(str(value))
-
-
-def _markup_table(header: Sequence[str], rows: Iterable[Sequence[str]], left: int = 1) -> str:
-    """An HTML table of cells given as markup (escaped by the caller); the first ``left``
-    columns are left-aligned labels."""
-    def cells(tag: str, values: Sequence[str]) -> str:
-        return "".join(
-            f'<{tag}{" class=l" if i < left else ""}>{v}</{tag}>' for i, v in enumerate(values)
-        )
-    body = "".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
-    return f"<table><tr>{cells('th', header)}</tr>{body}</table>"
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], left: int = 1) -> str:
-    """An HTML table of plain values; the first ``left`` columns are left-aligned labels."""
-    return _markup_table([_esc(h) for h in header], ([_esc(v) for v in row] for row in rows),
-                         left)
-
-
-def _number(value: float, digits: int = 3) -> str:
-    return "n/a" if not np.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _statistic(value: float, key: str) -> str:
-    """A summary statistic of ``key`` (or its half-width): indices and effect sizes are
-    dimensionless, three decimals; values in activation units, three significant digits."""
-    if not np.isfinite(value):
-        return "n/a"
-    return f"{value:.3g}" if key.removesuffix("_conf") in _SCALED else f"{value:.3f}"
-
-
-class _Page:
-    """Collects HTML parts and writes each figure as a PNG next to the page."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
-        self.parts: list[str] = []
-        self.toc: list[tuple[str, str]] = []
-        self.pngs: list[Path] = []
-        self.sections = 0
-
-    def heading(self, level: int, text: str) -> None:
-        self.sections += 1
-        anchor = f"s{self.sections}"
-        if level == 2:
-            self.toc.append((anchor, text))
-        self.parts.append(f'<h{level} id="{anchor}">{_esc(text)}</h{level}>')
-
-    def add(self, markup: str) -> None:
-        self.parts.append(markup)
-
-    def note(self, text: str) -> None:
-        self.parts.append(f'<p class="note">{_esc(text)}</p>')
-
-    def figure(self, figure: Figure, name: str, caption: str) -> None:
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        data = buffer.getvalue()
-        path = self.out_dir / f"{file_part(name)}.png"
-        path.write_bytes(data)
-        self.pngs.append(path)
-        encoded = base64.b64encode(data).decode("ascii")
-        self.parts.append(
-            f'<figure><img src="data:image/png;base64,{encoded}" alt="{_esc(caption)}">'
-            f"<figcaption>{_esc(caption)} ({_esc(path.name)})</figcaption></figure>"
-        )
-
-    def html(self, title: str) -> str:
-        toc = "".join(f'<li><a href="#{a}">{_esc(t)}</a></li>' for a, t in self.toc)
-        return (
-            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            # An empty icon: the browser requests no favicon, the page loads nothing else.
-            f'<link rel="icon" href="data:,"><title>{_esc(title)}</title>'
-            f"<style>{_STYLE}</style></head><body><h1>{_esc(title)}</h1>"
-            f"<nav><ul>{toc}</ul></nav>{''.join(self.parts)}</body></html>\n"
-        )
-
-
 # ------------------------------------------------------------------------------- figures
 def _finite(values: np.ndarray) -> np.ndarray:
+    """``values`` with non-finite entries as NaN."""
     return np.where(np.isfinite(values), values, np.nan)
 
 
@@ -169,9 +68,15 @@ def _valid_maps(result: AnalysisResult, layer: str, key: str) -> np.ndarray:
 
 
 def unit_scores(maps: np.ndarray, key: str) -> np.ndarray:
-    """(G, C): how strongly each unit (channel of a conv map) carries each variable: the mean
-    over its spatial positions of ``key`` (magnitude for signed values); non-finite values are
-    left out."""
+    """How strongly each unit (channel of a conv map) carries each variable.
+
+    Args:
+        maps: (G, C, ...) values of ``key``, NaN where a unit is not valid.
+        key: their value key (signed keys are scored by magnitude).
+
+    Returns:
+        (G, C) float64, the mean over each channel's finite positions; NaN where it has none.
+    """
     values = _finite(np.asarray(maps, dtype=np.float64))
     if key in SIGNED_KEYS:
         values = np.abs(values)
@@ -182,7 +87,15 @@ def unit_scores(maps: np.ndarray, key: str) -> np.ndarray:
 
 
 def top_units(scores: np.ndarray, top: int = TOP_UNITS) -> np.ndarray:
-    """(G, top) indices of the largest scores per variable (NaN last, ties by index)."""
+    """The units with the largest scores per variable.
+
+    Args:
+        scores: (G, C) float64, NaN for no score.
+        top: units per variable.
+
+    Returns:
+        (G, min(top, C)) int64 unit indices, largest first (NaN last, ties by index).
+    """
     order = np.argsort(np.where(np.isnan(scores), np.inf, -scores), axis=1, kind="stable")
     return order[:, :top]
 
@@ -190,9 +103,18 @@ def top_units(scores: np.ndarray, top: int = TOP_UNITS) -> np.ndarray:
 def specialised_units_figure(
     result: AnalysisResult, key: str, layer: str, top: int = TOP_UNITS
 ) -> Figure:
-    """Per variable (rows), the spatial ``key`` maps of the ``top`` channels with the largest
-    mean index over their valid positions (columns), on one colour scale; flagged positions
-    are left blank."""
+    """Per variable, the spatial maps of the channels with the largest mean index.
+
+    Args:
+        result: the analysis.
+        key: a per-variable key.
+        layer: a layer with (C, H, W) units.
+        top: channels per variable.
+
+    Returns:
+        The figure: rows the variables, columns their ``top`` channels, one colour scale;
+        flagged positions left blank.
+    """
     maps = _valid_maps(result, layer, key)  # (G, C, H, W)
     scores = unit_scores(maps, key)
     chosen = top_units(scores, top)
@@ -207,7 +129,7 @@ def specialised_units_figure(
             image = ax.imshow(maps[g, channel], cmap=cmap, vmin=low, vmax=high)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"ch {channel}: {_number(scores[g, channel], 2)}", fontsize=8)
+            ax.set_title(f"ch {channel}: {number(scores[g, channel], 2)}", fontsize=8)
             if j == 0:
                 ax.set_ylabel(variable, fontsize=8)
     if image is not None:
@@ -228,7 +150,19 @@ def matrix_figure(
     cmap: str = "RdBu_r",
     label: str = "Spearman correlation",
 ) -> Figure:
-    """One annotated heatmap panel per matrix (e.g. per layer), on a shared colour scale."""
+    """One annotated heatmap panel per matrix (e.g. per layer), on a shared colour scale.
+
+    Args:
+        matrices: the (R, C) matrices, one per panel.
+        titles: one title per panel.
+        rows, columns: the R row and C column labels.
+        title: the figure's title.
+        low, high, cmap: the colour scale.
+        label: the colour bar's label.
+
+    Returns:
+        The figure (cells annotated when a matrix has at most 160 of them).
+    """
     n_panels = len(matrices)
     columns_per_row = min(3, n_panels)
     cell = 0.42
@@ -243,7 +177,7 @@ def matrix_figure(
         if matrix.size <= 160:
             for (i, j), value in np.ndenumerate(matrix):
                 strong = np.isfinite(value) and abs(value - (low + high) / 2) > 0.3 * (high - low)
-                ax.text(j, i, _number(value, 2), ha="center", va="center", fontsize=7,
+                ax.text(j, i, number(value, 2), ha="center", va="center", fontsize=7,
                         color="white" if strong else "black")
         ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(rows)), rows, fontsize=7)
@@ -255,20 +189,21 @@ def matrix_figure(
 
 
 # ------------------------------------------------------------------------------- sections
-def _overview(page: _Page, store: ResultsStore, names: Sequence[str]) -> None:
+def _overview(page: Page, store: ResultsStore, names: Sequence[str]) -> None:
+    """The run's metadata, its variables and one row per reported analysis."""
     meta = store.read_metadata()
     page.heading(2, "Run")
     keys = ("model", "weights", "dataset", "image_size", "seed", "created", "software_version")
-    page.add(_table(["field", "value"], [(k, meta.get(k, "")) for k in keys], left=2))
+    page.add(table(["field", "value"], [(k, meta.get(k, "")) for k in keys], left=2))
     problem = meta.get("problem")
     if problem:
-        page.add(_table(["variables (groups)"], [[", ".join(problem.get("group_names", []))]]))
+        page.add(table(["variables (groups)"], [[", ".join(problem.get("group_names", []))]]))
     rows = []
     for name in names:
         attrs = store.analysis_attrs(name)
         rows.append((name, attrs["method"], attrs["n"], attrs["evaluations"],
                      f"{float(attrs['seconds']):.1f}", ", ".join(attrs["layers"])))
-    page.add(_table(["analysis", "method", "n", "rows", "seconds", "layers"], rows, left=2))
+    page.add(table(["analysis", "method", "n", "rows", "seconds", "layers"], rows, left=2))
 
 
 def _validity_note(result: AnalysisResult) -> str:
@@ -292,7 +227,7 @@ def _toggles_table(result: AnalysisResult) -> str:
          if count < MIN_TOGGLES else "")
         for variable, count in result.toggles.items()
     ]
-    return _table(["variable", f"{what} where it changes (of {result.n})", "note"], rows)
+    return table(["variable", f"{what} where it changes (of {result.n})", "note"], rows)
 
 
 def _valid_cell(result: AnalysisResult, layer: str) -> str:
@@ -301,7 +236,7 @@ def _valid_cell(result: AnalysisResult, layer: str) -> str:
     counts = np.bincount(flags.ravel(), minlength=len(FLAG_NAMES))
     reasons = ", ".join(f"{int(c)} {FLAG_NAMES[code]}" for code, c in enumerate(counts) if code)
     share = counts[0] / flags.size
-    return (f'<span title="{_esc(reasons)}">{share:.0%} ({int(counts[0])}/{flags.size})'
+    return (f'<span title="{escape(reasons)}">{share:.0%} ({int(counts[0])}/{flags.size})'
             f"</span>")
 
 
@@ -311,19 +246,19 @@ def _spread_cell(
     """median [p10, p90] of ``key`` over the valid units; below it the mean and the median
     half-width."""
     def text(value: float) -> str:
-        return _statistic(value, key)
+        return statistic(value, key)
     second = f"mean {text(stats['mean'])}"
     if conf is not None:
         second += f", ±{text(conf['median'])}"
     return (f"{text(stats['median'])} [{text(stats['p10'])}, {text(stats['p90'])}]"
-            f"<br><small>{_esc(second)}</small>")
+            f"<br><small>{escape(second)}</small>")
 
 
 def _spread_table(result: AnalysisResult, summary: Mapping[str, Any], key: str) -> str:
     """Rows layers, columns their share of valid units and the variables' spread of ``key``."""
     values, conf = summary[key], summary.get(f"{key}_conf")
     rows = [
-        [_esc(layer), _valid_cell(result, layer), *(
+        [escape(layer), _valid_cell(result, layer), *(
             _spread_cell(key, values[layer][variable],
                          None if conf is None else conf[layer][variable])
             for variable in result.group_names
@@ -331,7 +266,7 @@ def _spread_table(result: AnalysisResult, summary: Mapping[str, Any], key: str) 
         for layer in result.layer_names
     ]
     header = ["layer", "valid units", *result.group_names]
-    return _markup_table([_esc(h) for h in header], rows)
+    return markup_table([escape(h) for h in header], rows)
 
 
 def _pair_table(result: AnalysisResult, summary: Mapping[str, Any]) -> str:
@@ -339,16 +274,16 @@ def _pair_table(result: AnalysisResult, summary: Mapping[str, Any]) -> str:
     values, conf = summary["S2"], summary.get("S2_conf")
     pairs = list(values[result.layer_names[0]])
     rows = [
-        [_esc(pair), *(
+        [escape(pair), *(
             _spread_cell("S2", values[layer][pair], None if conf is None else conf[layer][pair])
             for layer in result.layer_names
         )]
         for pair in pairs
     ]
-    return _markup_table([_esc(h) for h in ("pair", *result.layer_names)], rows)
+    return markup_table([escape(h) for h in ("pair", *result.layer_names)], rows)
 
 
-def _specialised_units(page: _Page, name: str, result: AnalysisResult, key: str) -> None:
+def _specialised_units(page: Page, name: str, result: AnalysisResult, key: str) -> None:
     """Per layer and variable, the valid units with the largest ``key``."""
     page.heading(3, f"Most specialised units ({key})")
     flat_rows = []
@@ -364,13 +299,13 @@ def _specialised_units(page: _Page, name: str, result: AnalysisResult, key: str)
         for g, variable in enumerate(result.group_names):
             units = [u for u in top_units(scores, TOP_UNITS)[g] if np.isfinite(scores[g, u])]
             flat_rows.append((layer, variable, ", ".join(
-                f"#{u} ({_number(scores[g, u], 3)})" for u in units) or "no valid unit"))
+                f"#{u} ({number(scores[g, u], 3)})" for u in units) or "no valid unit"))
     if flat_rows:
-        page.add(_table(["layer", "variable", f"valid units with the largest {key} (value)"],
+        page.add(table(["layer", "variable", f"valid units with the largest {key} (value)"],
                         flat_rows, left=3))
 
 
-def _analysis_section(page: _Page, name: str, result: AnalysisResult) -> None:
+def _analysis_section(page: Page, name: str, result: AnalysisResult) -> None:
     """One analysis: what its statistics rest on, per value type the median heatmap and the
     spread table, S2 where present, and its most specialised units."""
     page.heading(2, f"Analysis {name} ({result.method})")
@@ -394,7 +329,8 @@ def _analysis_section(page: _Page, name: str, result: AnalysisResult) -> None:
     _specialised_units(page, name, result, result.value_keys[0])
 
 
-def _wilcoxon_section(page: _Page, path: Path, name: str) -> None:
+def _wilcoxon_section(page: Page, path: Path, name: str) -> None:
+    """Significant units per layer and augmentation of /wilcoxon/<name>."""
     tree, attrs = read_tree(path, WILCOXON_GROUP, name)
     variables = attrs["variables"]
     page.heading(3, f"Wilcoxon signed-rank tests ({name})")
@@ -412,10 +348,11 @@ def _wilcoxon_section(page: _Page, path: Path, name: str) -> None:
             f"{int(c)}/{units} (r={b:+.2f})"
             for c, b in zip(values["n_significant"], biserial, strict=True)
         )])
-    page.add(_table(["layer", *variables], rows))
+    page.add(table(["layer", *variables], rows))
 
 
-def _correlation_section(page: _Page, path: Path, name: str) -> None:
+def _correlation_section(page: Page, path: Path, name: str) -> None:
+    """The correlation matrices of /correlation/<name>."""
     tree, attrs = read_tree(path, CORRELATION_GROUP, name)
     variables, layers = attrs["variables"], attrs["layers"]
     page.heading(3, f"Spearman correlation between maps ({name})")
@@ -435,7 +372,8 @@ def _correlation_section(page: _Page, path: Path, name: str) -> None:
         )
 
 
-def _lda_section(page: _Page, path: Path, name: str) -> None:
+def _lda_section(page: Page, path: Path, name: str) -> None:
+    """Accuracy table and confusion matrices of /lda/<name>."""
     tree, attrs = read_tree(path, LDA_GROUP, name)
     variables, layers, chance = attrs["variables"], attrs["layers"], float(attrs["chance"])
     solvers = json.loads(attrs["solvers"]) if isinstance(attrs["solvers"], str) else {}
@@ -450,7 +388,7 @@ def _lda_section(page: _Page, path: Path, name: str) -> None:
             sd = accuracy.std(ddof=1) if accuracy.size > 1 else 0.0
             rows.append((layer, key, f"{accuracy.mean():.3f}", f"{sd:.3f}", f"{chance:.3f}",
                          f"{accuracy.mean() / chance:.2f}", solvers.get(f"{layer}/{key}", "")))
-    page.add(_table(["layer", "value", "accuracy", "sd", "chance", "x chance", "solver"],
+    page.add(table(["layer", "value", "accuracy", "sd", "chance", "x chance", "solver"],
                     rows, left=2))
     for key in attrs["values"]:
         matrices = []
@@ -467,7 +405,8 @@ def _lda_section(page: _Page, path: Path, name: str) -> None:
         )
 
 
-def _masking_section(page: _Page, store: ResultsStore, group: str) -> None:
+def _masking_section(page: Page, store: ResultsStore, group: str) -> None:
+    """The specificity figure and unmasked accuracies of /masking/<group>."""
     result = store.read_result(MaskingResult, MASKING_GROUP, group)
     page.heading(2, f"Guided masking {group} ({result.value} maps of {result.analysis})")
     page.note(
@@ -478,14 +417,15 @@ def _masking_section(page: _Page, store: ResultsStore, group: str) -> None:
     )
     page.figure(specificity_figure(result), f"masking_{group}_specificity",
                 f"masking {group}: specificity (Spearman of accuracy profiles)")
-    page.add(_table(
+    page.add(table(
         ["input", "unmasked top-1", f"unmasked top-{result.top_k}"],
-        [(name, _number(a1), _number(a5)) for name, a1, a5 in
+        [(name, number(a1), number(a5)) for name, a1, a5 in
          zip(result.inputs, result.unmasked_acc1, result.unmasked_acc5, strict=True)],
     ))
 
 
-def _single_class_section(page: _Page, store: ResultsStore, group: str) -> None:
+def _single_class_section(page: Page, store: ResultsStore, group: str) -> None:
+    """The candidate-class table of /single_class/<group>."""
     result = store.read_result(SingleClassResult, SINGLE_CLASS_GROUP, group)
     t = result.threshold
     page.heading(2, f"Single-class analysis {group} ({result.value} maps of {result.analysis})")
@@ -500,12 +440,12 @@ def _single_class_section(page: _Page, store: ResultsStore, group: str) -> None:
     for v, match in enumerate(result.matches()):
         rows.append((
             match["variable"], ", ".join(match["candidates"]),
-            _number(float(result.jaccard_original[v]), 4),
-            _number(float(result.jaccard_augmented[v]), 4),
-            _number(match["max_jaccard"], 4), match["configuration"],
+            number(float(result.jaccard_original[v]), 4),
+            number(float(result.jaccard_augmented[v]), 4),
+            number(match["max_jaccard"], 4), match["configuration"],
             ", ".join(match["matched_configurations"]) or "none",
         ))
-    page.add(_table(
+    page.add(table(
         ["variable", "candidate classes", "J original", "J augmented", "max J masked",
          "at configuration", "matched (J > threshold)"], rows, left=2,
     ))
@@ -517,12 +457,21 @@ def write_report(
     out_dir: str | Path | None = None,
     analyses: Sequence[str] | None = None,
 ) -> Path:
-    """Write ``<out_dir>/index.html`` (default: ``<results dir>/report``) and its PNGs.
+    """Write ``<out_dir>/index.html`` and its PNGs.
 
-    analyses: analysis names to report (default: every complete analysis). Statistics,
-    masking and single-class groups are included when their analysis is reported. Returns the
-    page's path. FileNotFoundError / ValueError (nothing written) for a missing results file
-    or analysis.
+    Args:
+        results: the results file.
+        out_dir: the folder (default: ``<results dir>/report``).
+        analyses: analysis names to report (default: every complete analysis). Statistics,
+            masking and single-class groups are included when their analysis is reported.
+
+    Returns:
+        The page's path.
+
+    Raises:
+        FileNotFoundError: no results file (nothing written).
+        ValueError: a named analysis is not complete in the file, or there is none (nothing
+            written).
     """
     store = ResultsStore(results)
     if not store.path.is_file():
@@ -537,7 +486,7 @@ def write_report(
     loaded = {name: store.read_analysis(name) for name in names}
     out = store.path.parent / "report" if out_dir is None else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    page = _Page(out)
+    page = Page(out)
     _overview(page, store, names)
     groups = {kind: store.groups(kind) for kind in (
         WILCOXON_GROUP, CORRELATION_GROUP, LDA_GROUP, MASKING_GROUP, SINGLE_CLASS_GROUP)}

@@ -44,6 +44,9 @@ def compose(
 
     Returns:
         (R, 3, H, W) augmented images, the input dtype and device.
+
+    Raises:
+        ValueError: images or parameters that ``augmentations.validate`` refuses.
     """
     validated = augs.validate(images, params)  # once for all K^2 calls below
     # Which rows take which augmentation is decided on the CPU: tests of device tensors

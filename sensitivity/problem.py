@@ -30,6 +30,7 @@ from torch import Tensor
 
 from sensitivity import augmentations as augs
 from sensitivity.augmentations import AUGMENTATION_SETS, AUGMENTATIONS, ParamSpec
+from sensitivity.decoded import DecodedRows, cell_index, lehmer_permutations
 from sensitivity.pipeline import compose
 
 AUXILIARIES = ("order", "class", "image", "partition")
@@ -42,93 +43,21 @@ MAX_DISCRETE_CELLS = 2**16
 
 @dataclass(frozen=True)
 class Group:
-    """A player of the analysis: ``kind`` is augmentation|order|class|image|partition."""
+    """A player of the analysis.
+
+    Attributes:
+        name: the augmentation's name, or the auxiliary's ("order", "class", ...).
+        kind: "augmentation", "order", "class", "image" or "partition".
+        columns: its column indices in a design row.
+    """
 
     name: str
     kind: str
     columns: list[int]
 
 
-@dataclass
-class DecodedRows:
-    """Design rows decoded at one image size; R rows, K augmentations (problem order).
-
-    Attributes:
-        image_index: (R,) int64 index into the probe set (class-major: class c owns images
-            c * images_per_class ... (c + 1) * images_per_class - 1); within ``partition``.
-        class_index: (R,) int64.
-        partition: (R,) int64 in {0, 1}, or None.
-        order: (R, K) int64 augmentation indices in application order (a permutation per row).
-        active: (R, K) bool, active[r, a] iff augmentation a is switched on in row r.
-        params: {augmentation: {parameter: (R,) tensor}} in natural units at the decoded size
-            (pixels, degrees, factors); float32, or int64 for integer parameters. Values of
-            switched-off augmentations are decoded too but never used.
-    """
-
-    image_index: Tensor
-    class_index: Tensor
-    partition: Tensor | None
-    order: Tensor
-    active: Tensor
-    params: dict[str, dict[str, Tensor]]
-
-    def __len__(self) -> int:
-        return int(self.image_index.shape[0])
-
-    def select(self, rows: slice | Tensor) -> DecodedRows:
-        """These rows at ``rows``: a slice (views), or an int64 or bool index (copies)."""
-        return DecodedRows(
-            image_index=self.image_index[rows],
-            class_index=self.class_index[rows],
-            partition=None if self.partition is None else self.partition[rows],
-            order=self.order[rows],
-            active=self.active[rows],
-            params={a: {p: t[rows] for p, t in ps.items()} for a, ps in self.params.items()},
-        )
-
-    def to(self, device: torch.device | str) -> DecodedRows:
-        """A copy with every tensor on ``device``."""
-        return DecodedRows(
-            image_index=self.image_index.to(device),
-            class_index=self.class_index.to(device),
-            partition=None if self.partition is None else self.partition.to(device),
-            order=self.order.to(device),
-            active=self.active.to(device),
-            params={
-                a: {p: t.to(device) for p, t in ps.items()} for a, ps in self.params.items()
-            },
-        )
-
-
-def lehmer_permutations(codes: np.ndarray, k: int) -> np.ndarray:
-    """Permutations of range(k) with lexicographic ranks ``codes``.
-
-    Args:
-        codes: (R,) int Lehmer codes in [0, k!).
-        k: the permutations' length.
-
-    Returns:
-        (R, k) int64.
-    """
-    codes = np.asarray(codes, dtype=np.int64).copy()
-    remaining = np.tile(np.arange(k, dtype=np.int64), (codes.shape[0], 1))
-    out = np.empty((codes.shape[0], k), dtype=np.int64)
-    rows = np.arange(codes.shape[0])
-    for position in range(k):
-        radix = math.factorial(k - 1 - position)
-        digit, codes = np.divmod(codes, radix)
-        out[:, position] = remaining[rows, digit]
-        keep = remaining != out[:, position : position + 1]
-        remaining = remaining[keep].reshape(codes.shape[0], k - 1 - position)
-    return out
-
-
-def _cell(u: np.ndarray, n: int) -> np.ndarray:
-    """floor(u * n) as int64, kept below n against rounding at u -> 1."""
-    return np.minimum(np.floor(u * n).astype(np.int64), n - 1)
-
-
 def _resolve_augmentations(augmentations: int | str | Sequence[str]) -> list[str]:
+    """Augmentation names of a set number or a list of names, checked."""
     if isinstance(augmentations, bool):
         raise ValueError(f"augmentations must be a set number or names, got {augmentations!r}")
     if isinstance(augmentations, int | np.integer):
@@ -151,6 +80,7 @@ def _resolve_augmentations(augmentations: int | str | Sequence[str]) -> list[str
 
 
 def _check_probability(name: str, value: object) -> float:
+    """``value`` as a probability in (0, 1], or a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int | float | np.number):
         raise ValueError(f"p_on for {name} must be a number in (0, 1], got {value!r}")
     p = float(value)
@@ -162,6 +92,7 @@ def _check_probability(name: str, value: object) -> float:
 
 
 def _resolve_p_on(p_on: float | Mapping[str, float], names: list[str]) -> dict[str, float]:
+    """{augmentation: p_on} from one number or a partial mapping (missing: DEFAULT_P_ON)."""
     if isinstance(p_on, Mapping):
         unknown = [n for n in p_on if n not in names]
         if unknown:
@@ -214,6 +145,11 @@ class AugmentationProblem:
             reference did; it cancels most of brightness and contrast).
         bounds: optional {augmentation: {parameter: (low, high)}} at 224 px, inside the
             published ranges, to narrow a parameter.
+
+    Raises:
+        ValueError: unknown augmentations, auxiliaries or postprocess; p_on outside (0, 1];
+            n_classes or images_per_class > 1 without its auxiliary; bounds outside the
+            published ranges; no input variable at all.
     """
 
     def __init__(
@@ -253,6 +189,7 @@ class AugmentationProblem:
 
     @staticmethod
     def _resolve_auxiliaries(auxiliaries: Sequence[str]) -> tuple[str, ...]:
+        """The auxiliary names, checked: known and each once."""
         names = [auxiliaries] if isinstance(auxiliaries, str) else list(auxiliaries)
         unknown = [a for a in names if a not in AUXILIARIES]
         if unknown:
@@ -262,6 +199,7 @@ class AugmentationProblem:
         return tuple(names)
 
     def _build_groups(self) -> None:
+        """Lay out the columns and groups: per augmentation switch then parameters, then aux."""
         self.groups: list[Group] = []
         self.column_names: list[str] = []
         self.switch_columns: dict[str, int | None] = {}
@@ -293,14 +231,17 @@ class AugmentationProblem:
 
     @property
     def group_names(self) -> list[str]:
+        """The groups' names, in order (G)."""
         return [g.name for g in self.groups]
 
     @property
     def group_columns(self) -> list[list[int]]:
+        """Each group's column indices, in group order."""
         return [list(g.columns) for g in self.groups]
 
     @property
     def d(self) -> int:
+        """Number of columns of a design row."""
         return len(self.column_names)
 
     @property
@@ -309,7 +250,17 @@ class AugmentationProblem:
         return self.n_classes * self.images_per_class
 
     def group_index(self, name: str) -> int:
-        """Index of the group called ``name`` (an augmentation or an auxiliary)."""
+        """Index of a group.
+
+        Args:
+            name: an augmentation or auxiliary of this problem.
+
+        Returns:
+            Its position in ``groups``.
+
+        Raises:
+            ValueError: no group of that name.
+        """
         if name not in self.group_names:
             raise ValueError(f"no group {name!r}; groups: {self.group_names}")
         return self.group_names.index(name)
@@ -322,6 +273,9 @@ class AugmentationProblem:
         ``MAX_DISCRETE_CELLS`` permutations (K! cells; beyond that two draws almost never share
         a cell and a cell's edges would not be resolved in float64). Designs draw these
         columns' pairs balanced (``designs.BalancedPairs``). Cells with one value are left out.
+
+        Returns:
+            {column: (cells + 1,) float64 edges in [0, 1]}, by column.
         """
         out: dict[int, np.ndarray] = {}
         for name, column in self.switch_columns.items():
@@ -347,6 +301,9 @@ class AugmentationProblem:
 
         Returns:
             (R, G) bool.
+
+        Raises:
+            ValueError: rows that are not (R, d) in [0, 1), or of different shapes.
         """
         first, second = self._check_rows(first), self._check_rows(second)
         if first.shape != second.shape:
@@ -365,7 +322,7 @@ class AugmentationProblem:
                 out[:, g] = (on1 != on2) | (on1 & on2 & moved)
             else:
                 n, column = self._cells(group.kind), group.columns[0]
-                out[:, g] = _cell(first[:, column], n) != _cell(second[:, column], n)
+                out[:, g] = cell_index(first[:, column], n) != cell_index(second[:, column], n)
         return out
 
     def _cells(self, kind: str) -> int:
@@ -393,6 +350,16 @@ class AugmentationProblem:
         and 0.5 for parameterless ones (sharpness, grayscale, hflip); method "shapley": p_on = 0.5
         for all. Both min-max rescale every augmented image (postprocess "minmax"). The two
         methods thus describe different input distributions, as in the reference code.
+
+        Args:
+            augmentations, auxiliaries, n_classes, images_per_class: as for the constructor.
+            method: "sobol" or "shapley".
+
+        Returns:
+            The problem.
+
+        Raises:
+            ValueError: unknown method, or what the constructor refuses.
         """
         if method not in PAPER_METHODS:
             raise ValueError(f"unknown paper method {method!r}; valid: {list(PAPER_METHODS)}")
@@ -421,6 +388,17 @@ class AugmentationProblem:
 
         ``{"preset": "paper", "method": "sobol"|"shapley", ...}`` builds ``paper(...)`` instead;
         then only augmentations, auxiliaries, n_classes and images_per_class may be given.
+
+        Args:
+            config: constructor keyword arguments (as ``to_config`` writes them), or a preset.
+            **overrides: keys that replace those of ``config``.
+
+        Returns:
+            The problem.
+
+        Raises:
+            ValueError: unknown keys or preset, no "augmentations", or what the constructor
+                refuses.
         """
         merged = {**dict(config), **overrides}
         preset = merged.pop("preset", None)
@@ -445,7 +423,12 @@ class AugmentationProblem:
         return cls(**merged)
 
     def to_config(self) -> dict[str, Any]:
-        """A plain mapping that ``from_config`` turns back into an equal problem."""
+        """The problem as plain values.
+
+        Returns:
+            The constructor's keyword arguments (lists, dicts, numbers), which ``from_config``
+            turns back into an equal problem.
+        """
         return {
             "augmentations": list(self.augmentations),
             "p_on": dict(self.p_on),
@@ -459,11 +442,23 @@ class AugmentationProblem:
         }
 
     def with_p_on(self, p_on: float | Mapping[str, float]) -> AugmentationProblem:
-        """The same problem with other switch probabilities."""
+        """The same problem with other switch probabilities.
+
+        Args:
+            p_on: one probability in (0, 1] or {augmentation: p} (missing: 0.5).
+
+        Returns:
+            A new problem.
+        """
         return type(self).from_config(self.to_config(), p_on=p_on)
 
     def to_salib(self) -> dict[str, Any]:
-        """SALib problem dict over the unit hypercube, one group name per column."""
+        """The problem as SALib describes one.
+
+        Returns:
+            SALib's problem dict over the unit hypercube (num_vars, names, bounds), with one
+            group name per column.
+        """
         return {
             "num_vars": self.d,
             "names": list(self.column_names),
@@ -480,6 +475,7 @@ class AugmentationProblem:
 
     # ---------------------------------------------------------------------------------- decoding
     def _check_rows(self, x: np.ndarray | Tensor) -> np.ndarray:
+        """``x`` as float64 numpy, checked to be (R, d) finite rows in [0, 1)."""
         if isinstance(x, Tensor):
             x = x.detach().to("cpu", torch.float64).numpy()
         x = np.asarray(x, dtype=np.float64)
@@ -506,6 +502,10 @@ class AugmentationProblem:
 
         Returns:
             The decoded rows (image, class, partition, order, switches, parameters).
+
+        Raises:
+            ValueError: a size that is not a positive integer, or rows that are not (R, d)
+                finite values in [0, 1).
         """
         for label, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
@@ -529,17 +529,19 @@ class AugmentationProblem:
                 )
         columns = {g.kind: g.columns[0] for g in self.groups if g.kind != "augmentation"}
         if "order" in columns:
-            codes = _cell(x[:, columns["order"]], math.factorial(k))
+            codes = cell_index(x[:, columns["order"]], math.factorial(k))
             order = lehmer_permutations(codes, k)
         else:
             order = np.tile(np.arange(k, dtype=np.int64), (r, 1))
         zeros = np.zeros(r, dtype=np.int64)
-        klass = _cell(x[:, columns["class"]], self.n_classes) if "class" in columns else zeros
+        klass = cell_index(x[:, columns["class"]], self.n_classes) if "class" in columns else zeros
         image = (
-            _cell(x[:, columns["image"]], self.images_per_class) if "image" in columns else zeros
+            cell_index(x[:, columns["image"]], self.images_per_class)
+            if "image" in columns
+            else zeros
         )
         partition = (
-            torch.from_numpy(_cell(x[:, columns["partition"]], 2)) if "partition" in columns
+            torch.from_numpy(cell_index(x[:, columns["partition"]], 2)) if "partition" in columns
             else None
         )
         return DecodedRows(
@@ -564,6 +566,10 @@ class AugmentationProblem:
 
         Returns:
             (R, 3, H, W) augmented images, the input dtype and device.
+
+        Raises:
+            ValueError: images that are not (R, 3, H, W) in [0, 1], or rows decoded for another
+                row count or problem.
         """
         k = len(self.augmentations)
         if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:

@@ -28,7 +28,14 @@ INTERVAL_S = 30.0
 
 
 def duration(seconds: float) -> str:
-    """"42 s", "18 min 45 s", "2 h 05 min": a duration rounded for people."""
+    """A duration rounded for people.
+
+    Args:
+        seconds: the duration in s (negative counts as 0).
+
+    Returns:
+        "42 s", "18 min 45 s" or "2 h 05 min".
+    """
     seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -40,11 +47,15 @@ def duration(seconds: float) -> str:
 class Progress:
     """Count ``total`` units of work (module docstring); use as a context manager or close().
 
-    desc: what runs ("sobol", "masking"); unit: the plural unit ("rows", "image forwards");
-    work: the up-front description of the work printed first (default "<total> <unit>");
-    initial: units already done (a resumed run); enabled: False prints nothing (the
-    ``progress`` switch, and ranks other than zero); stream: default sys.stderr at creation;
-    interval: seconds between plain lines while work moves.
+    Args:
+        desc: what runs ("sobol", "masking").
+        total: units of work in all.
+        unit: the plural unit ("rows", "image forwards").
+        work: the description printed first (default "<total> <unit>").
+        initial: units already done (a resumed run).
+        enabled: False prints nothing (the ``progress`` switch, and ranks other than zero).
+        stream: where to print (default: sys.stderr at creation).
+        interval: seconds between plain lines while work moves.
     """
 
     def __init__(
@@ -81,7 +92,11 @@ class Progress:
                             dynamic_ncols=True, mininterval=1.0, file=self.stream)
 
     def update(self, n: int = 1) -> None:
-        """Add ``n`` units of work done."""
+        """Count work done, printing a line when due.
+
+        Args:
+            n: units done since the last update.
+        """
         self.n += int(n)
         if self.bar is not None:
             self.bar.update(int(n))
@@ -95,7 +110,14 @@ class Progress:
                 self._print(self.line(now))
 
     def line(self, now: float | None = None) -> str:
-        """"<desc>: N/M <unit> (p%), r/s, ETA t"; "..., done in t" once the total is reached."""
+        """The plain progress line.
+
+        Args:
+            now: ``time.perf_counter()`` of the line (default: now).
+
+        Returns:
+            "<desc>: N/M <unit> (p%), r/s, ETA t"; "..., done in t" once the total is reached.
+        """
         counts, elapsed, rate = self._counts(now)
         if self.n >= self.total:
             return f"{self.desc}: {counts}, done in {duration(elapsed)}"
@@ -124,18 +146,22 @@ class Progress:
         return f"{self.n}/{self.total} {self.unit} ({percent}%), {speed}/s", elapsed, rate
 
     def __enter__(self) -> Progress:
+        """The progress itself."""
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
+        """``close()``."""
         self.close()
 
     def _step(self) -> int:
+        """How many tenths of the total are done."""
         return STEPS * self.n // self.total if self.total else STEPS
 
     def _print(self, text: str) -> None:
+        """One flushed line on the stream."""
         print(text, file=self.stream, flush=True)
 
 
@@ -145,6 +171,7 @@ def _singular(unit: str) -> str:
 
 
 def _is_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is an open TTY."""
     isatty = getattr(stream, "isatty", None)
     try:
         return bool(isatty and isatty())

@@ -38,19 +38,36 @@ DPI = 120
 
 
 def _label(key: str) -> str:
+    """A key's axis label."""
     return _LABELS.get(key, key)
 
 
 def new_figure(width: float, height: float, dpi: int = DPI) -> Figure:
-    """An empty figure of ``width`` x ``height`` inches on its own Agg canvas (module
-    docstring), constrained layout."""
+    """An empty figure on its own Agg canvas (module docstring), constrained layout.
+
+    Args:
+        width, height: size in inches.
+        dpi: resolution in dots per inch.
+
+    Returns:
+        The figure.
+    """
     figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
 
 
 def grid_axes(figure: Figure, panels: int, columns: int) -> np.ndarray:
-    """(rows, columns) axes for ``panels`` panels filled row by row, the unused ones hidden."""
+    """Axes for panels filled row by row, the unused ones hidden.
+
+    Args:
+        figure: the figure to add them to.
+        panels: panels needed.
+        columns: panels per row.
+
+    Returns:
+        (rows, columns) array of axes.
+    """
     axes = figure.subplots(-(-panels // columns), columns, squeeze=False)
     for ax in axes.ravel()[panels:]:
         ax.set_visible(False)
@@ -58,9 +75,17 @@ def grid_axes(figure: Figure, panels: int, columns: int) -> np.ndarray:
 
 
 def colour_scale(values: np.ndarray, key: str, *, extend_shares: bool) -> tuple[float, float, str]:
-    """(low, high, colour map) for values of ``key``: shares of variance on [0, 1] (widened
-    to the finite values' range when ``extend_shares``: estimates can leave it), signed keys
-    on a symmetric diverging scale, other keys over their finite range."""
+    """The colour scale of a key's values.
+
+    Args:
+        values: the values drawn (any shape; non-finite ones ignored).
+        key: their key: shares of variance go on [0, 1], signed keys on a symmetric diverging
+            scale, other keys over their finite range.
+        extend_shares: widen [0, 1] to the values' range (estimates can leave it).
+
+    Returns:
+        (low, high, colour map name).
+    """
     finite = values[np.isfinite(values)]
     if key in SHARE_KEYS:
         if not extend_shares:
@@ -77,11 +102,20 @@ def colour_scale(values: np.ndarray, key: str, *, extend_shares: bool) -> tuple[
 
 
 def file_part(text: str) -> str:
-    """``text`` as a safe file-name part (module names keep their dots)."""
+    """Make text safe as part of a file name.
+
+    Args:
+        text: e.g. a layer or analysis name.
+
+    Returns:
+        ``text`` with runs of other characters than letters, digits, ".", "_" and "-" replaced
+        by "_" (module names keep their dots); "x" when nothing is left.
+    """
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
 def _check_key(key: str) -> None:
+    """ValueError unless ``key`` is a per-variable key."""
     if key not in PER_VARIABLE_KEYS:
         raise ValueError(
             f"figures need a per-variable key, one of {list(PER_VARIABLE_KEYS)}; got {key!r}"
@@ -89,6 +123,7 @@ def _check_key(key: str) -> None:
 
 
 def _check_statistic(statistic: str) -> None:
+    """ValueError unless ``statistic`` is one of SUMMARY_STATISTICS."""
     if statistic not in SUMMARY_STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}; valid: {list(SUMMARY_STATISTICS)}")
 
@@ -102,9 +137,20 @@ def _layer_labels(result: AnalysisResult) -> list[str]:
 
 
 def heatmap_figure(result: AnalysisResult, key: str, statistic: str = "median") -> Figure:
-    """Heatmap of ``result.layer_statistics(key)[statistic]``: rows = layers (checkpoint order,
-    labelled with their share of valid units), columns = variables, each cell the statistic
-    (median by default) over the layer's valid units, annotated with its value."""
+    """Heatmap layers x variables of a statistic over each layer's valid units.
+
+    Args:
+        result: the analysis.
+        key: a per-variable key ("S1", "shapley_normalized", ...).
+        statistic: one of SUMMARY_STATISTICS.
+
+    Returns:
+        The figure: rows the layers in checkpoint order (labelled with their share of valid
+        units), columns the variables, each cell annotated with its value.
+
+    Raises:
+        ValueError: a key or statistic of another kind.
+    """
     _check_key(key)
     _check_statistic(statistic)
     values = result.layer_statistics(key)[statistic]  # (L, G)
@@ -135,8 +181,18 @@ def heatmap_figure(result: AnalysisResult, key: str, statistic: str = "median") 
 
 
 def pair_figure(result: AnalysisResult, statistic: str = "median") -> Figure:
-    """Second-order Sobol' indices: one (G, G) matrix per layer of S2's ``statistic`` over the
-    layer's valid units, each cell annotated with it and the same statistic of its half-width."""
+    """Second-order Sobol' indices: one (G, G) matrix per layer.
+
+    Args:
+        result: a Sobol' analysis with S2.
+        statistic: one of SUMMARY_STATISTICS, of S2 and of its half-width over valid units.
+
+    Returns:
+        The figure, each cell annotated with the statistic and that of its half-width.
+
+    Raises:
+        ValueError: an unknown statistic, or a result without S2.
+    """
     _check_statistic(statistic)
     s2 = result.layer_statistics("S2")[statistic]  # (L, G, G)
     conf = result.layer_statistics("S2_conf")[statistic]
@@ -174,11 +230,18 @@ def pair_figure(result: AnalysisResult, statistic: str = "median") -> Figure:
 def save_heatmaps(
     result: AnalysisResult, out_dir: str | Path, name: str | None = None
 ) -> dict[str, Path]:
-    """One heatmap PNG per value key of ``result`` (``result.value_keys``), written as
-    ``<out_dir>/<name>_<key>.png`` (name defaults to the method), then ``<name>_S2.png``
-    (``pair_figure``) when the result has second-order indices; returns {key: path} in that
-    order ("S2" for the second-order figure). ``out_dir`` is created only when there is a
-    figure (a variance analysis has none)."""
+    """Write one heatmap PNG per value key, and the S2 figure with second-order indices.
+
+    Args:
+        result: the analysis.
+        out_dir: the folder, created only when there is a figure (a variance analysis has
+            none).
+        name: file name stem (default: the method).
+
+    Returns:
+        {key: path} of ``<out_dir>/<name>_<key>.png``, in ``result.value_keys`` order, then
+        "S2" for ``<name>_S2.png``.
+    """
     out = Path(out_dir)
     stem = file_part(name or result.method)
     keys = list(result.value_keys)
@@ -195,6 +258,7 @@ def save_heatmaps(
 
 
 def _positions(results: Sequence[AnalysisResult]) -> tuple[list[int], str]:
+    """The results' epochs (else global steps) and the axis label."""
     if all(r.epoch is not None for r in results):
         return [int(r.epoch) for r in results], "epoch"
     if all(r.global_step is not None for r in results):
@@ -206,6 +270,7 @@ def _positions(results: Sequence[AnalysisResult]) -> tuple[list[int], str]:
 
 
 def _check_history(results: Sequence[AnalysisResult]) -> None:
+    """ValueError unless there are results and they share method and variables."""
     if not results:
         raise ValueError("a history needs at least one AnalysisResult")
     first = results[0]
@@ -222,7 +287,17 @@ def history_figure(
 ) -> Figure:
     """Each variable's median ``key`` over the valid units against the epoch (or global step).
 
-    One panel per layer of the first result, or only ``layer``; results are sorted by epoch.
+    Args:
+        results: analyses of one run, in any order (sorted by epoch here).
+        key: a per-variable key.
+        layer: draw only this layer (default: one panel per layer of the first result).
+
+    Returns:
+        The figure.
+
+    Raises:
+        ValueError: no results, results of different methods or variables, results without
+            epochs (or global steps), a key of another kind, or a layer some result lacks.
     """
     _check_key(key)
     _check_history(results)
@@ -270,8 +345,20 @@ def save_history(
     layer: str | None = None,
     name: str = "history",
 ) -> list[Path]:
-    """One history PNG per value key of the results (``<out_dir>/<name>_<key>.png``, or
-    ``<name>_<key>_<layer>.png`` for one layer); returns the paths."""
+    """Write one history PNG per value key the results share.
+
+    Args:
+        results: analyses of one run.
+        out_dir: the folder (created when missing).
+        layer: draw only this layer.
+        name: file name stem.
+
+    Returns:
+        The paths: ``<out_dir>/<name>_<key>.png``, or ``<name>_<key>_<layer>.png``.
+
+    Raises:
+        ValueError: as ``history_figure``.
+    """
     _check_history(results)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,8 +405,16 @@ def specificity_figure(result: MaskingResult, top5: bool = False) -> Figure:
 
 
 def save_specificity(result: MaskingResult, out_dir: str | Path, name: str) -> Path:
-    """Write ``specificity_figure(result)`` as ``<out_dir>/<name>_masking_specificity.png``
-    (``out_dir`` created when missing); returns the path."""
+    """Write the top-1 specificity figure as ``<out_dir>/<name>_masking_specificity.png``.
+
+    Args:
+        result: a masking result.
+        out_dir: the folder (created when missing).
+        name: file name stem.
+
+    Returns:
+        The path written.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}_masking_specificity.png"

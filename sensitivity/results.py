@@ -57,38 +57,38 @@ def _leading_axes(key: str) -> int:
 class AnalysisResult:
     """Sensitivity arrays of one analysis, per checkpoint layer.
 
-    method: "sobol" | "shapley" | "variance" | "contrast".
-    group_names: the variables in index order (G): the problem's groups (players); for
-        "contrast" the augmentations (A).
-    layers: layer name -> {key: array}, in checkpoint order. Keys and shapes (u = unit shape):
-        "S1", "ST", "S1_conf", "ST_conf" (G, *u); "S2", "S2_conf" (G, G, *u);
-        "shapley", "shapley_normalized", "shapley_conf", "shapley_normalized_conf" (G, *u)
-        ("shapley" in variance units, "shapley_normalized" sums to 1 over variables);
-        "mean", "var", "std", "cv", "mean_conf", "var_conf" (*u) (population variance of all
-        rows); "index_variance", "index_variance_conf" (*u): the variance the indices are
-        normalised by and its half-width (Sobol: of the A and B rows; Shapley: the sum of the
-        effects, the estimator's own estimate of Var(Y));
-        "mean_diff", "sd_diff", "effect_size", "mean_diff_conf", "effect_size_conf" (A, *u).
-        Conf arrays are confidence-interval half-widths (95% unless the analysis says otherwise).
-    n: base size (Sobol base points, Shapley trajectories or permutations, probe images).
-    evaluations: forward rows evaluated.
-    seconds: wall time of the analysis on rank zero, a resumed run's earlier part included.
-    epoch, global_step: training position when analysed (None outside training).
-    n_constant: layer -> number of units with zero variance (their indices are reported as 0);
-        completed with 0 for every layer not given.
-    flags: layer -> (*u) uint8, why each unit's indices are or are not meaningful
-        (``sensitivity.estimators.FLAG_*``: 0 valid, 1 constant, 2 unsupported, 3 negligible);
-        a layer not given has every unit valid. Flagged units keep their raw values in
-        ``layers`` and are left out of ``summary``, the figures and every ranking.
-    interval: how the ``*_conf`` half-widths were computed; replicates: randomised
-        quasi-Monte-Carlo replicates behind them (1: none).
-    toggles: variable -> base points (trajectories) in which that variable changes between the
-        two rows of a pair (Sobol: A and AB_j; Goda: x1 and x2): what its indices rest on.
-    settings: the run's settings as the results file records them (``config.analysis_attrs``:
-        design, block_size, seed, reduction, precision, conf_level, sampling, ...), filled by
-        the engine; empty for results made otherwise.
+    Attributes:
+        method: "sobol" | "shapley" | "variance" | "contrast".
+        group_names: the variables in index order (G): the problem's groups (players); for
+            "contrast" the augmentations (A).
+        layers: layer name -> {key: float64 array}, in checkpoint order (u = unit shape):
+            "S1", "ST", "S1_conf", "ST_conf" (G, *u); "S2", "S2_conf" (G, G, *u);
+            "shapley" (variance units), "shapley_normalized" (sums to 1 over variables) and
+            their "_conf" (G, *u); "mean", "var", "std", "cv", "mean_conf", "var_conf" (*u)
+            over all rows; "index_variance", "index_variance_conf" (*u), the variance the
+            indices are normalised by (Sobol: of the A and B rows; Shapley: the sum of the
+            effects); "mean_diff", "sd_diff", "effect_size", "mean_diff_conf",
+            "effect_size_conf" (A, *u). "_conf" arrays are confidence-interval half-widths.
+        n: base size (Sobol base points, Shapley trajectories or permutations, probe images).
+        evaluations: forward rows evaluated.
+        seconds: wall time of the analysis on rank zero, a resumed run's earlier part included.
+        epoch, global_step: training position when analysed (None outside training).
+        n_constant: layer -> number of units with zero variance (indices reported as 0);
+            completed with 0 for every layer not given.
+        flags: layer -> (*u) uint8, ``sensitivity.estimators.FLAG_*`` (0 valid, 1 constant,
+            2 unsupported, 3 negligible); a layer not given has every unit valid. Flagged units
+            keep their raw values and are left out of ``summary``, figures and rankings.
+        interval: how the ``*_conf`` half-widths were computed.
+        replicates: randomised quasi-Monte-Carlo replicates behind them (1: none).
+        toggles: variable -> base points (trajectories) in which that variable changes between
+            the two rows of a pair (Sobol: A and AB_j; Goda: x1 and x2).
+        settings: the run's settings as the results file records them
+            (``config.analysis_attrs``), filled by the engine; empty for results made otherwise.
 
-    Construction validates names and shapes (ValueError) and converts arrays to float64.
+    Raises:
+        ValueError: an unknown method, repeated names, no layers, unknown keys, shapes that do
+            not match G and one unit shape per layer, or flags, n_constant or toggles naming
+            unknown layers or variables. Arrays are converted to float64.
     """
 
     method: str
@@ -107,6 +107,7 @@ class AnalysisResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Check names and shapes; complete n_constant and flags."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; valid: {list(METHODS)}")
         self.group_names = [str(g) for g in self.group_names]
@@ -142,6 +143,7 @@ class AnalysisResult:
         self.settings = dict(self.settings)
 
     def _check_layer(self, layer: str, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One layer's arrays as float64, checked: known keys, G leading axes, one unit shape."""
         if not values:
             raise ValueError(f"layer {layer!r} has no arrays")
         g = len(self.group_names)
@@ -186,23 +188,48 @@ class AnalysisResult:
         ]
 
     def unit_shape(self, layer: str) -> tuple[int, ...]:
-        """Unit shape of ``layer``: (C, H, W), (C,) or (F,)."""
+        """The unit shape of a layer.
+
+        Args:
+            layer: a layer of this result.
+
+        Returns:
+            (C, H, W), (C,) or (F,).
+
+        Raises:
+            ValueError: an unknown layer.
+        """
         values = self._layer(layer)
         key, array = next(iter(values.items()))
         return tuple(array.shape[_leading_axes(key):])
 
     def _layer(self, layer: str) -> dict[str, np.ndarray]:
+        """The arrays of ``layer``, or a ValueError listing the layers."""
         if layer not in self.layers:
             raise ValueError(f"no layer {layer!r} in this result; layers: {self.layer_names}")
         return self.layers[layer]
 
     def valid(self, layer: str) -> np.ndarray:
-        """(*u) bool: the units of ``layer`` whose indices are meaningful (flag 0)."""
+        """The units of a layer whose indices are meaningful (flag 0).
+
+        Args:
+            layer: a layer of this result.
+
+        Returns:
+            (*u) bool.
+
+        Raises:
+            ValueError: an unknown layer.
+        """
         self._layer(layer)
         return self.flags[layer] == 0
 
     def valid_fraction(self) -> np.ndarray:
-        """(L,) float64: the share of each layer's units that are valid."""
+        """The share of each layer's units that are valid.
+
+        Returns:
+            (L,) float64 in [0, 1], in layer order.
+        """
         return np.array([float(self.valid(layer).mean()) for layer in self.layer_names])
 
     def _values(self, key: str, lead: int) -> list[np.ndarray]:
@@ -224,10 +251,18 @@ class AnalysisResult:
     def layer_statistics(self, key: str) -> dict[str, np.ndarray]:
         """Per layer and variable, statistics of ``key`` over the layer's valid units.
 
-        ``key`` is a per-variable key ("S1", "ST_conf", "shapley_normalized", ...) or a pair key
-        ("S2", "S2_conf"). Returns {"median", "p10", "p90", "mean": (L, G) (or (L, G, G) for a
-        pair key) float64}: NaN where a layer has no valid unit with a finite value. Units
-        flagged in ``flags`` and non-finite values are left out.
+        Units flagged in ``flags`` and non-finite values are left out.
+
+        Args:
+            key: a per-variable key ("S1", "ST_conf", "shapley_normalized", ...) or a pair key
+                ("S2", "S2_conf").
+
+        Returns:
+            {"median", "p10", "p90", "mean": (L, G) float64, (L, G, G) for a pair key}; NaN
+            where a layer has no valid unit with a finite value.
+
+        Raises:
+            ValueError: a key of another kind, or one missing in some layer.
         """
         if key not in PER_VARIABLE_KEYS + PAIR_KEYS:
             raise ValueError(
@@ -253,13 +288,15 @@ class AnalysisResult:
         return {name: np.stack(rows) for name, rows in out.items()}
 
     def summary(self) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-        """{key: {layer: {variable: {statistic: value}}}} for the value keys and their ``_conf``.
+        """Statistics of the value keys over each layer's valid units (what W&B logs).
 
-        Keys: every key of ``value_keys`` and its half-width key when present ("S1",
-        "S1_conf", ...), then "S2" and "S2_conf" with second order, whose "variables" are the
-        pairs "a:b" (a before b in ``group_names``). Statistics over the layer's valid units:
-        "median", "p10", "p90", "mean", and "valid_fraction" (the share of the layer's units
-        behind them). This is what W&B logs; the "variance" method gives {}.
+        Returns:
+            {key: {layer: {variable: {statistic: value}}}}. Keys: every key of ``value_keys``
+            and its half-width key when present ("S1", "S1_conf", ...), then "S2" and
+            "S2_conf" with second order, whose variables are the pairs "a:b" (a before b in
+            ``group_names``). Statistics: "median", "p10", "p90", "mean", and
+            "valid_fraction" (the share of the layer's units behind them). {} for the
+            "variance" method.
         """
         candidates = [k for key in self.value_keys for k in (key, f"{key}_conf")]
         if self.value_keys:
@@ -288,9 +325,18 @@ class AnalysisResult:
         return out
 
     def allclose(self, other: AnalysisResult, rtol: float = 1e-6, atol: float = 0.0) -> bool:
-        """Same metadata, layers, keys and shapes, and arrays equal within ``rtol``/``atol``
-        (NaN equals NaN). ``seconds`` is compared with ``rtol`` too; ``settings`` not at all (a
-        result read back from a results file has them among the group's other attributes)."""
+        """Whether two results agree: metadata, layers, keys, shapes, flags and arrays.
+
+        ``settings`` are not compared (a result read back from a results file has them among
+        the group's other attributes).
+
+        Args:
+            other: the result to compare with.
+            rtol, atol: tolerances of the arrays (NaN equals NaN) and of ``seconds``.
+
+        Returns:
+            True when everything agrees.
+        """
         for f in dataclasses.fields(self):
             if f.name in ("layers", "seconds", "flags", "settings"):
                 continue

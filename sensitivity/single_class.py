@@ -166,15 +166,26 @@ def candidate_classes(
 
 
 def jaccard(top: Tensor, candidates: Tensor) -> Tensor:
-    """Jaccard index k / (2n - k) of each row's n predicted classes ``top`` (B, n) with the
-    candidate set (a bool mask over classes (C,) holding n classes); (B,) float64."""
+    """Jaccard index k / (2n - k) of each row's n predicted classes with the candidate set.
+
+    Args:
+        top: (B, n) int64 predicted classes per row.
+        candidates: (C,) bool mask over classes holding n classes.
+
+    Returns:
+        (B,) float64 in [0, 1].
+    """
     n = top.shape[1]
     k = candidates[top].sum(dim=1).double()
     return k / (2 * n - k)
 
 
 class JaccardMean(Metric):
-    """Mean Jaccard index per plan, as float64 sums (summed over ranks)."""
+    """Mean Jaccard index per plan, as float64 sums (summed over ranks).
+
+    Args:
+        n_plans: the plans (forward configurations) the means are kept for.
+    """
 
     full_state_update = False
 
@@ -184,10 +195,12 @@ class JaccardMean(Metric):
         self.add_state("count", torch.zeros(n_plans, dtype=torch.float64), "sum")
 
     def update(self, plan: int, values: Tensor) -> None:
+        """Add the (B,) Jaccard indices of one batch under plan ``plan``."""
         self.total[plan] += values.sum()
         self.count[plan] += len(values)
 
     def compute(self) -> Tensor:
+        """(n_plans,) float64 means (NaN for a plan without values)."""
         return self.total / self.count
 
 
@@ -347,7 +360,7 @@ def evaluate_single_class(
     """
     started = time.perf_counter()
     rank, world_size = resolve_world(rank, world_size)
-    chosen = _analysed_variables(variables, augmentations)
+    chosen = _analyzed_variables(variables, augmentations)
     head_maps, names = _classification_maps(head_maps, variables, class_names)
     configs = list(configurations or default_configurations())
     inputs = ProbeInputs(images, labels, chosen, k, seed, problem)
@@ -377,7 +390,7 @@ def evaluate_single_class(
     )
 
 
-def _analysed_variables(
+def _analyzed_variables(
     variables: Sequence[str], augmentations: Sequence[str] | None
 ) -> list[str]:
     """The augmentation variables to analyse: ``augmentations``, default every variable that

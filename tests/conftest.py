@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torch_threads
 
 # Tests never reach the network; set before anything imports wandb.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -19,6 +20,24 @@ def _wandb_dir(tmp_path_factory, monkeypatch):
     """Every test writes W&B runs under its own temporary directory."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path_factory.mktemp("wandb")))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the summation order of the ``OMP_NUM_THREADS=1``
+    subprocesses and of recorded results, hence bitwise equal rows."""
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """One intra-op thread for a whole module, its module-scoped fixtures included (use it as
+    ``pytestmark = pytest.mark.usefixtures("one_thread_per_module")``). Small convolutions gain
+    nothing from a second thread, and on a few shared cores two threads per process
+    oversubscribe them: each forward waits for the other thread's core, many times slower."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import cli
 
 import analyze
 from lightning_modules import ImageClassifier
@@ -43,19 +44,6 @@ COMMON = [
 ENGINE_OPTIONS = ("precision", "deduplicate", "channels_last", "compile")
 
 
-@pytest.fixture
-def one_thread():
-    """Same intra-op thread count as the OMP_NUM_THREADS=1 subprocesses: bitwise equal rows."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def cli(*args: str) -> int:
-    return analyze.main([str(a) for a in args])
-
-
 def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -70,6 +58,7 @@ def assert_same_indices(a, b, rtol: float = 1e-6) -> None:
                                        err_msg=f"{layer}/{key}")
 
 
+@pytest.mark.slow
 def test_results_file_follows_the_documented_format(checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli("sobol", "--checkpoint", checkpoint, "--output", out, "--n", "8", *COMMON) == 0
@@ -244,6 +233,7 @@ def test_bad_input_exits_non_zero_without_results(checkpoint, tmp_path, capsys):
     assert "pass --results" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_image_folder_probe_is_loaded_lazily_in_workers(checkpoint, tmp_path):
     from PIL import Image
 
@@ -278,6 +268,7 @@ def test_presets_parse_and_ask_for_the_image_folder(capsys):
     assert cfg.arch == "resnet18"
 
 
+@pytest.mark.slow
 def test_each_analysis_carries_its_provenance_and_other_runs_are_refused(checkpoint, tmp_path,
                                                                          capsys):
     out = tmp_path / "run"
@@ -323,6 +314,7 @@ class StopAfterFirstSave(Exception):
     """Stands in for a killed process once the first resume state is on disk."""
 
 
+@pytest.mark.slow
 def test_refused_resume_names_the_field_and_leaves_the_config(checkpoint, tmp_path, capsys,
                                                               monkeypatch):
     out = tmp_path / "run"

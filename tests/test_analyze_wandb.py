@@ -17,12 +17,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 import wandb
+from helpers import cli
 from wandb.proto import wandb_internal_pb2
 from wandb_records import assert_sobol_summary_logged, history_row, read_wandb_records
 
-import analyze
 from callbacks.wandb_logging import ARTIFACT_TYPE, STEP_METRIC, TABLE_COLUMNS, wandb_mode
 from sensitivity import masking
 from sensitivity.store import ResultsStore
@@ -33,10 +32,9 @@ COMMON = [
     "--layers", json.dumps(LAYERS), "--reduction", "none", "--accelerator", "cpu",
     "--no_progress",
 ]
-
-
-def cli(*args: str | Path) -> int:
-    return analyze.main([str(a) for a in args])
+# One intra-op thread: on the shared 2-core machine two threads under contention make the
+# masking forwards tens of times slower.
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def wandb_runs(run_dir: Path) -> dict[str, list[wandb_internal_pb2.Record]]:
@@ -61,16 +59,6 @@ def logged_row(records: list[wandb_internal_pb2.Record]) -> dict:
 def step_metrics(records: list[wandb_internal_pb2.Record]) -> dict[str, str]:
     return {r.metric.glob_name or r.metric.name: r.metric.step_metric
             for r in records if r.HasField("metric")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads under contention make the
-    masking forwards tens of times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +95,7 @@ def test_sobol_logs_an_offline_run_in_the_run_directory(sobol_run):
     assert not [r for r in records if r.HasField("artifact") and r.artifact.type == ARTIFACT_TYPE]
 
 
+@pytest.mark.slow
 def test_masking_on_the_results_file_logs_the_masking_keys(sobol_run, capsys):
     run_dir, _ = sobol_run
     # one input augmentation and two mask variables: 2 x 2 x 17 masked evaluations
@@ -152,6 +141,7 @@ def test_correlation_logs_a_table_and_mean_correlations(sobol_run):
         variables * (variables - 1) // 2 + 3 * variables)
 
 
+@pytest.mark.slow
 def test_single_class_and_lda_log_their_keys(sobol_run):
     run_dir, _ = sobol_run
     results = run_dir / "results.h5"

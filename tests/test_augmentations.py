@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torchvision.transforms.v2.functional as F
+from helpers import requires_cuda
 from torchvision.transforms import InterpolationMode
 
 from sensitivity.augmentations import (
@@ -309,8 +310,7 @@ def test_minmax_rescale_per_image_and_channel():
     torch.testing.assert_close(out[2, 0], (plane - plane.min()) / (plane.max() - plane.min()))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 def test_cuda_matches_cpu(sample_photos):
     images = photo_batch(sample_photos, 224, 224)
     for name in AUGMENTATIONS:

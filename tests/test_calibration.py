@@ -33,6 +33,9 @@ SEEDS = 200
 COVERAGE_BAND = (0.88, 0.99)
 # Mean half-width at most this many times 1.96 RMSE: intervals may be conservative, not useless.
 WIDTH_RATIO = 2.0
+# Base points / trajectories: n = 256 is in make test-fast, the larger ones (seconds each) are slow.
+SAMPLE_SIZES = [256, pytest.param(1024, marks=pytest.mark.slow),
+                pytest.param(4096, marks=pytest.mark.slow)]
 
 
 def _pure_switch_indices(problem: AugmentationProblem, n: int, seed: int):
@@ -46,6 +49,7 @@ def _pure_switch_indices(problem: AugmentationProblem, n: int, seed: int):
     return acc.compute()
 
 
+@pytest.mark.slow
 def test_a_pure_switch_unit_gets_indices_of_one_with_real_intervals():
     problem = AugmentationProblem(list(AUGMENTATIONS), n_classes=10, images_per_class=8)
     rows = [problem.group_index(a) for a in problem.augmentations]
@@ -103,7 +107,7 @@ def _assert_calibrated(label: str, estimates, half_widths, truth) -> None:
 
 
 @pytest.mark.parametrize("sampling", ["rqmc", "mc"])
-@pytest.mark.parametrize("n", [256, 1024, 4096])
+@pytest.mark.parametrize("n", SAMPLE_SIZES)
 def test_sobol_intervals_are_calibrated_on_ishigami(sampling, n):
     config = EngineConfig(method="sobol", n=n, sampling=sampling)
     replicates = config.effective_replicates
@@ -122,7 +126,7 @@ def test_sobol_intervals_are_calibrated_on_ishigami(sampling, n):
     _assert_calibrated(f"{sampling} ST n={n}", r.ST.T, r.ST_conf.T, ISH_ST)
 
 
-@pytest.mark.parametrize("n", [256, 1024, 4096])
+@pytest.mark.parametrize("n", SAMPLE_SIZES)
 def test_goda_shares_are_calibrated_on_ishigami(n):
     shares, half_widths = [], []
     for seed in range(SEEDS):

@@ -113,6 +113,7 @@ def stored(path: Path, name: str) -> dict[str, dict[str, np.ndarray]]:
         return {layer: {k: g[layer][k][()] for k in g[layer]} for layer in g.attrs["layers"]}
 
 
+@pytest.mark.slow
 def test_results_file_follows_the_results_format(fits):
     first, _ = fits
     with h5py.File(first.run_dir / "sensitivity.h5", "r") as f:
@@ -145,6 +146,7 @@ def test_results_file_follows_the_results_format(fits):
         assert f["activations/epoch_0000/design"].shape[0] == ROWS
 
 
+@pytest.mark.slow
 def test_stored_analysis_is_that_of_the_epochs_final_weights(fits):
     """The callback analysed the weights its epoch ended with (saved in last.ckpt) in eval mode."""
     first, _ = fits
@@ -162,6 +164,7 @@ def test_stored_analysis_is_that_of_the_epochs_final_weights(fits):
     assert same_summary(first.callback.history[0]["summary"], direct.summary())
 
 
+@pytest.mark.slow
 def test_pngs_heatmaps_per_analysis_and_history(fits):
     first, resumed = fits
     for run, epoch in ((first, 0), (resumed, 1)):
@@ -170,12 +173,14 @@ def test_pngs_heatmaps_per_analysis_and_history(fits):
                 assert image.format == "PNG" and min(image.size) > 200
 
 
-def test_nothing_is_analysed_in_the_sanity_check(fits):
+@pytest.mark.slow
+def test_nothing_is_analyzed_in_the_sanity_check(fits):
     first, _ = fits
     assert first.sanity.existed is False  # the sanity check ran, and wrote nothing
     assert first.callback.epochs == [0]
 
 
+@pytest.mark.slow
 def test_resumed_fit_continues_the_epochs_and_keeps_the_history(fits):
     first, resumed = fits
     assert resumed.callback.epochs == [0, 1]
@@ -191,6 +196,7 @@ def test_resumed_fit_continues_the_epochs_and_keeps_the_history(fits):
     assert same_summary(fresh.history, first.callback.history)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_indices_heatmaps_and_table(fits):
     first, _ = fits
     (log,) = first.wandb_dir.glob("run-*.wandb")
@@ -309,7 +315,8 @@ def test_two_process_ddp_fit_equals_one_process_analysis(tmp_path):
                                       np.arange(8 * (len(GROUPS) + 2)))
 
 
-def test_each_epoch_records_the_weights_it_analysed(fits):
+@pytest.mark.slow
+def test_each_epoch_records_the_weights_it_analyzed(fits):
     first, _ = fits
     model = ImageClassifier.load_from_checkpoint(first.run_dir / "checkpoints/last.ckpt")
     with h5py.File(first.run_dir / "sensitivity.h5", "r") as f:
@@ -320,6 +327,7 @@ def test_each_epoch_records_the_weights_it_analysed(fits):
         assert json.loads(g["problem"]) == json.loads(f["problem"].attrs["config"])
 
 
+@pytest.mark.slow
 def test_analyze_reuses_the_callbacks_probe_from_the_checkpoint(fits):
     """analyze.py --data.checkpoint_split val takes exactly the probe the callback analysed;
     the --data options alone (same seed) do not: the planted splits depend on their sizes."""

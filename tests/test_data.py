@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import torch_threads
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -104,14 +105,10 @@ def test_planted_generation_is_fast():
     generate("colour", 4, 8)  # first call pays one-off kernel set-up
     # CPU time of one thread: neither other processes on a shared machine nor threads spinning
     # while they wait for a core count
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         start = time.process_time()
         generate("colour", 4, 375, image_size=64)
         seconds = time.process_time() - start
-    finally:
-        torch.set_num_threads(threads)
     assert seconds < 2.0, f"1500 images of 64 px took {seconds:.2f} CPU s (about 0.45 expected)"
 
 

@@ -268,6 +268,7 @@ def test_each_unique_image_is_loaded_once_per_batch(problem, probe):
         np.testing.assert_array_equal(value, from_dataset.layers["stats"][key])
 
 
+@pytest.mark.slow
 def test_dataloader_workers_give_the_same_result(problem, probe):
     inline, _ = run(problem, probe, method="sobol", n=16, batch_rows=18)
     workers, _ = run(problem, CountingProbe(probe), method="sobol", n=16, batch_rows=18,
@@ -374,6 +375,7 @@ def _ddp_resume_worker(rank: int, world_size: int, port: int, problem, probe, ou
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_resume_gives_every_rank_rank_zeros_seconds(problem, probe, tmp_path):
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
@@ -590,6 +592,7 @@ def test_bf16_and_float16_autocast_stay_within_their_roundoff_of_float32(problem
     assert 0 < mean_error["16"] < mean_error["bf16"]
 
 
+@pytest.mark.slow
 def test_compile_gives_the_eager_indices_within_float32_roundoff(problem, probe):
     reference, eager = run_conv(problem, probe)
     result, model = run_conv(problem, probe, compile=True)

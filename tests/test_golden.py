@@ -13,8 +13,6 @@ are meant to change): ``AUGSENS_WRITE_GOLDEN=1 pytest tests/test_golden.py``.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 from pathlib import Path
@@ -23,8 +21,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
-import analyze
+from helpers import cli
 
 GOLDEN = Path(__file__).parent / "data" / "golden_run.npz"
 COMMON = [
@@ -42,11 +39,6 @@ ANALYSES = {
 }
 # Attributes that legitimately differ between two runs of the same thing.
 VOLATILE = ("created", "seconds", "software_version", "config")
-
-
-def _cli(*args: object) -> None:
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert analyze.main([str(a) for a in args]) == 0
 
 
 def _datasets(path: Path) -> dict[str, np.ndarray]:
@@ -72,31 +64,26 @@ def golden_arrays(root: Path) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for label, args in ANALYSES.items():
         run = root / label
-        _cli(*args, "--output", run, "--name", label, *COMMON)
+        assert cli(*args, "--output", run, "--name", label, *COMMON, quiet=True) == 0
         if label == "sobol":
-            _cli("masking", "--results", run / "results.h5", "--analysis", label,
-                 "--masking.k", "1", "--masking.augmentations", "[erasing]",
-                 "--masking.variables", "[erasing, class]", "--masking.layers", "[layer1]",
-                 *COMMON)
-            _cli("correlation", "--results", run / "results.h5", "--analysis", label,
-                 "--no_progress", "--wandb", "false")
+            assert cli("masking", "--results", run / "results.h5", "--analysis", label,
+                       "--masking.k", "1", "--masking.augmentations", "[erasing]",
+                       "--masking.variables", "[erasing, class]", "--masking.layers", "[layer1]",
+                       *COMMON, quiet=True) == 0
+            assert cli("correlation", "--results", run / "results.h5", "--analysis", label,
+                       "--no_progress", "--wandb", "false", quiet=True) == 0
         if label == "contrast":
-            _cli("contrast-stats", "--results", run / "results.h5", "--analysis", label,
-                 "--no_progress", "--wandb", "false")
+            assert cli("contrast-stats", "--results", run / "results.h5", "--analysis", label,
+                       "--no_progress", "--wandb", "false", quiet=True) == 0
         arrays.update({f"{label}/{k}": v for k, v in _datasets(run / "results.h5").items()})
     arrays["capability"] = np.array(torch.backends.cpu.get_cpu_capability())
     return arrays
 
 
 @pytest.mark.slow
-def test_same_seed_gives_the_recorded_results(tmp_path, monkeypatch):
+def test_same_seed_gives_the_recorded_results(tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: the same summation order as the recording
-    try:
-        arrays = golden_arrays(tmp_path)
-    finally:
-        torch.set_num_threads(threads)
+    arrays = golden_arrays(tmp_path)  # one thread: the same summation order as the recording
     if os.environ.get("AUGSENS_WRITE_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
         np.savez_compressed(GOLDEN, **arrays)

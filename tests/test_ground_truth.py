@@ -9,8 +9,6 @@ decomposition puts saturation and grayscale on top) is tests/test_engine.py's Co
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -27,6 +25,10 @@ AUGMENTATIONS = ["hue", "hflip", "rolling"]
 # Sobol base points / Shapley trajectories: the 95% half-widths at the output layer come out
 # near 0.05-0.2 here, well below the gaps the assertions test.
 N = 256
+# Every test needs the two trained networks (about 20 s): slow. Convolutions this small gain
+# nothing from a second thread, and on shared cores an OpenMP team waiting for a busy core slows
+# them many times over.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread_per_module")]
 
 
 class SmallCNN(nn.Module):
@@ -49,16 +51,6 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features((x - 0.5) / 0.25))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Convolutions this small gain nothing from a second thread, and on shared cores an
-    OpenMP team waiting for a busy core slows them many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train(factor: str, epochs: int = 10) -> tuple[SmallCNN, PlantedFactorDataModule, float]:
@@ -85,7 +77,7 @@ def train(factor: str, epochs: int = 10) -> tuple[SmallCNN, PlantedFactorDataMod
     return model, data, accuracy
 
 
-def analyse(model: nn.Module, data: PlantedFactorDataModule, method: str) -> dict[str, tuple]:
+def analyze(model: nn.Module, data: PlantedFactorDataModule, method: str) -> dict[str, tuple]:
     """{variable: (mean over classes of the index, mean half-width)} at ``fc`` (softmax)."""
     problem = AugmentationProblem(AUGMENTATIONS, auxiliaries=["class", "image"],
                                   n_classes=CLASSES, images_per_class=PROBE_PER_CLASS)
@@ -102,14 +94,14 @@ def analyse(model: nn.Module, data: PlantedFactorDataModule, method: str) -> dic
 @pytest.fixture(scope="module")
 def colour() -> dict:
     model, data, accuracy = train("colour")
-    return {"accuracy": accuracy, "sobol": analyse(model, data, "sobol"),
-            "shapley": analyse(model, data, "shapley")}
+    return {"accuracy": accuracy, "sobol": analyze(model, data, "sobol"),
+            "shapley": analyze(model, data, "shapley")}
 
 
 @pytest.fixture(scope="module")
 def shape() -> dict:
     model, data, accuracy = train("shape")
-    return {"accuracy": accuracy, "sobol": analyse(model, data, "sobol")}
+    return {"accuracy": accuracy, "sobol": analyze(model, data, "sobol")}
 
 
 def test_both_networks_learned_their_factor(colour, shape):

@@ -138,9 +138,9 @@ def test_grouped_shapley_from_outputs_recovers_the_design_permutations():
     X = problem.scale(design.rows())
     Y = _random_outputs(X, seed=8)[:, :5]
     from_outputs = shapley_from_outputs(problem, X, Y)
-    analysed = shapley_analyze(problem, lambda x: _random_outputs(x, seed=8)[:, :5], 50, seed=2)
+    analyzed = shapley_analyze(problem, lambda x: _random_outputs(x, seed=8)[:, :5], 50, seed=2)
     for key in ("shapley", "shapley_normalized", "shapley_conf", "shapley_normalized_conf"):
-        np.testing.assert_array_equal(getattr(from_outputs, key), getattr(analysed, key))
+        np.testing.assert_array_equal(getattr(from_outputs, key), getattr(analyzed, key))
     np.testing.assert_allclose(from_outputs.shapley.sum(0), from_outputs.variance, rtol=1e-12)
 
 
@@ -214,6 +214,7 @@ def _covered(estimate, conf, truth) -> np.ndarray:
     return np.abs(estimate - truth) <= conf
 
 
+@pytest.mark.slow
 def test_interval_coverage_over_100_seeds():
     """95% intervals cover the analytic Ishigami values in 90-99 of 100 runs, per index.
 

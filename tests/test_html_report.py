@@ -98,6 +98,7 @@ def images(page: str) -> list[bytes]:
     return [base64.b64decode(s[len(prefix):], validate=True) for s in sources]
 
 
+@pytest.mark.slow
 def test_report_is_one_self_contained_page_with_every_section(run):
     index = run / "report" / "index.html"
     page = index.read_text(encoding="utf-8")
@@ -139,6 +140,7 @@ def test_report_is_one_self_contained_page_with_every_section(run):
     assert "<th>base points where it changes (of 8)</th>" in page
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="headless Chromium (Debian package chromium, installed by .ci/run) "
                            "is not installed on this machine")
@@ -192,6 +194,7 @@ def test_report_of_an_analysis_without_statistics(tmp_path, capsys):
     assert len(images(page)) == len(list(out.glob("*.png"))) == 2
 
 
+@pytest.mark.slow
 def test_report_bad_input_writes_nothing(run, tmp_path, capsys):
     out = tmp_path / "report"
     code = analyze.main(["report", "--results", str(run / "results.h5"), "--analysis",

@@ -14,13 +14,13 @@ import re
 import socket
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-import analyze
 from callbacks.masking import MaskingCallback, masking_record
 from callbacks.sensitivity import SensitivityCallback
 from data import PlantedFactorDataModule
@@ -51,16 +51,9 @@ LAYERS = ["features.2", "features.6", "features.10"]  # the ReLU output of each 
 # Hue within +-18 degrees: class hues are >= 60 degrees apart (+-8 jitter), so hue-augmented
 # inputs keep their class and the unmasked network still classifies them.
 HUE_BOUNDS = {"hue": {"factor": [-0.05, 0.05]}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a few shared cores, two threads per process oversubscribe them
-    and each forward waits on the other thread (many times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread: on a few shared cores, two threads per process oversubscribe them and
+# each forward waits on the other thread (many times slower).
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 class TinyNet(nn.Module):
@@ -121,6 +114,7 @@ def ranks(values: np.ndarray) -> np.ndarray:
     return out.reshape(values.shape)
 
 
+@pytest.mark.slow
 def test_masking_hue_units_hurts_hue_inputs_more_than_hflip_or_random_units(planted):
     result, names = planted["result"], planted["result"].group_names
     maps, _ = sensitivity_maps(result, "ST", LAYERS)
@@ -333,6 +327,7 @@ def test_masking_results_count_valid_units_and_store_them(tmp_path):
     assert stored.fully_masked_layers == 5
 
 
+@pytest.mark.slow
 def test_prefix_reuse_gives_the_accuracies_of_plain_masked_forwards(planted):
     maps, valid = sensitivity_maps(planted["result"], "ST", LAYERS)
     images, labels = planted["images"][::8], planted["labels"][::8]  # 8 per class
@@ -418,6 +413,7 @@ def test_masking_gives_its_image_forwards_up_front_then_plain_lines(capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_accuracies(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -452,6 +448,7 @@ class TinyModule(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), 1e-2)
 
 
+@pytest.mark.slow
 def test_callback_writes_masking_of_the_epoch_analysis(tmp_path):
     torch.manual_seed(0)
     data = PlantedFactorDataModule("colour", num_classes=4, image_size=SIZE, train_per_class=8,
@@ -513,17 +510,19 @@ def write_results(path: Path, small_input: bool = False) -> Path:
 
 
 def cli(checkpoint: Path, results: Path, *args: str) -> int:
-    return analyze.main([
-        "masking", "--checkpoint", str(checkpoint), "--results", str(results),
-        "--data.image_size", str(SIZE), "--images-per-class", "2", "--small_input", "false",
+    """``analyze.py masking`` of ``results`` with the small probe settings of this module."""
+    return helpers.cli(
+        "masking", "--checkpoint", checkpoint, "--results", results,
+        "--data.image_size", SIZE, "--images-per-class", "2", "--small_input", "false",
         "--accelerator", "cpu", "--masking.k", "1", *args,
-    ])
+    )
 
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_cli_writes_masking_into_the_results_file(checkpoint, tmp_path, capsys):
     results = write_results(tmp_path / "results.h5")
     assert cli(checkpoint, results, "--analysis", "sobol", "--masking.variables", "[hue]") == 0

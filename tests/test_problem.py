@@ -13,8 +13,9 @@ import torch
 
 from sensitivity import pipeline
 from sensitivity.augmentations import AUGMENTATION_SETS, AUGMENTATIONS, apply, minmax_rescale
+from sensitivity.decoded import lehmer_permutations
 from sensitivity.designs import SobolDesign
-from sensitivity.problem import AugmentationProblem, lehmer_permutations
+from sensitivity.problem import AugmentationProblem
 
 H, W = 40, 48  # non-square, so height/width mix-ups show
 

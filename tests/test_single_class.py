@@ -6,13 +6,13 @@ import hashlib
 import re
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import scipy.stats
 import torch
 from torch import nn
 
-import analyze
 from lightning_modules import ImageClassifier
 from sensitivity.estimators import FLAG_CONSTANT, FLAG_UNSUPPORTED
 from sensitivity.masking import MaskConfig, ProbeInputs, layer_output_shapes, sensitivity_maps
@@ -29,15 +29,8 @@ from sensitivity.single_class import (
 from sensitivity.store import ResultsStore
 
 SIZE = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: two threads per process oversubscribe a few shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread: two threads per process oversubscribe a few shared cores.
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.mark.parametrize(("classes", "samples", "published"), [(1000, 50, 0.00300),
@@ -218,13 +211,15 @@ def write_results(path: Path, layers: list[str]) -> Path:
 
 
 def cli(checkpoint: Path, results: Path, *args: str) -> int:
-    return analyze.main([
-        "single-class", "--checkpoint", str(checkpoint), "--results", str(results),
-        "--analysis", "sobol", "--data.image_size", str(SIZE), "--images-per-class", "2",
+    """``analyze.py single-class`` of ``results`` with the small probe settings of this module."""
+    return helpers.cli(
+        "single-class", "--checkpoint", checkpoint, "--results", results,
+        "--analysis", "sobol", "--data.image_size", SIZE, "--images-per-class", "2",
         "--small_input", "false", "--accelerator", "cpu", "--masking.k", "1", *args,
-    ])
+    )
 
 
+@pytest.mark.slow
 def test_cli_single_class_and_its_bad_input(checkpoint, tmp_path, capsys):
     results = write_results(tmp_path / "results.h5", ["layer1", "layer4", "fc"])
     assert cli(checkpoint, results, "--single_class.n", "2") == 0

@@ -156,6 +156,7 @@ def stored_pairs(results: Path, layer: str) -> np.ndarray:
     return pairs
 
 
+@pytest.mark.slow
 def test_wilcoxon_on_stored_activations_equals_scipy_per_unit(contrast_run, capsys):
     tree, attrs = read_tree(contrast_run, "wilcoxon", "contrast")
     assert attrs["variables"] == AUGMENTATIONS and attrs["n_pairs"] == 8 and attrs["k"] == K

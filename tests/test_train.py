@@ -63,6 +63,7 @@ def run(tmp_path_factory):
     return cli, output.getvalue()
 
 
+@pytest.mark.slow
 def test_training_beats_chance_by_a_wide_margin(run):
     cli, _ = run
     assert cli.model.small_input and cli.model.hparams.image_size == 32
@@ -70,6 +71,7 @@ def test_training_beats_chance_by_a_wide_margin(run):
     assert float(cli.trainer.callback_metrics["val/acc5"]) == 1.0  # top-4 of 4 classes
 
 
+@pytest.mark.slow
 def test_outputs_are_where_the_report_says(run):
     cli, printed = run
     run_dir = cli.run_dir
@@ -85,6 +87,7 @@ def test_outputs_are_where_the_report_says(run):
     assert checkpoint.best_model_path in printed
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_metrics(run):
     cli, _ = run
     (log,) = (cli.run_dir / "wandb").glob("offline-run-*/run-*.wandb")
@@ -98,6 +101,7 @@ def test_wandb_offline_run_holds_the_metrics(run):
     assert last_val_acc1 == pytest.approx(float(cli.trainer.callback_metrics["val/acc1"]))
 
 
+@pytest.mark.slow
 def test_checkpoint_reloads_without_its_initial_weights_file(run):
     cli, _ = run
     last = cli.run_dir / "checkpoints" / "last.ckpt"  # the final state
@@ -129,6 +133,7 @@ def image_folder(root: Path, per_class: dict[str, int]) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_probe_larger_than_the_folder_stops_before_any_run_directory(tmp_path, capsys):
     # 3 images per class, val_fraction 0.2: 1 val image each; the demo's callback wants 4.
     folder = image_folder(tmp_path / "images", {"cat": 3, "dog": 3})

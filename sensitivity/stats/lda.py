@@ -46,10 +46,12 @@ class LdaResult:
 
     @property
     def mean(self) -> float:
+        """Mean accuracy over folds and repeats."""
         return float(self.accuracy.mean())
 
     @property
     def sd(self) -> float:
+        """Sample standard deviation of the accuracy over folds (0 for a single fold)."""
         return float(self.accuracy.std(ddof=1)) if len(self.accuracy) > 1 else 0.0
 
 

@@ -157,17 +157,21 @@ def _signed_rank_columns(d: np.ndarray) -> tuple[np.ndarray, ...]:
 def signed_rank_test(d: np.ndarray) -> SignedRankResult:
     """Wilcoxon signed-rank test of every column of ``d``, vectorised over columns.
 
+    scipy chooses the method per call from the column's sample size, zeros and ties, so the
+    columns are grouped by that choice: the exact and asymptotic groups go through scipy
+    vectorised, the permutation group (zeros or ties, n <= 13) through an equivalent exact count
+    of the 2**n sign flips (scipy's is column by column: PERFORMANCE.md "Design sampling and
+    signed-rank tests").
+
     Args:
         d: (n_pairs, *shape) finite paired differences (axis 0 = pairs).
 
     Returns:
-        The tests, arrays of ``shape``. Each column gets exactly what
-    ``scipy.stats.wilcoxon(d[:, j])`` returns with its defaults (see SignedRankResult): scipy
-    chooses the method per call from the column's sample size, zeros and ties, so the columns
-    are grouped by that choice; the exact and asymptotic groups go through scipy vectorised,
-    the permutation group (zeros or ties, n <= 13) through an equivalent exact count of the
-    2**n sign flips (scipy's permutation_test evaluates the statistic column by column there,
-    about 30 ms per unit: hours for a conv layer).
+        The tests, arrays of ``shape``: each column gets exactly what
+        ``scipy.stats.wilcoxon(d[:, j])`` returns with its defaults (see SignedRankResult).
+
+    Raises:
+        ValueError: no pairs, or non-finite differences.
     """
     d = np.asarray(d, dtype=np.float64)
     if d.ndim < 1 or d.shape[0] < 1:
