@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     if cfg.method in MASKING_METHODS:
-        return run_masking(cfg, parser.dump(cfg))
+        return run_masking(cfg)
     return run_engine(cfg, parser.dump(cfg))
 
 

@@ -19,7 +19,6 @@ naming the option to change; a failed attempt leaves no version directory behind
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import yaml
+from jsonargparse import Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
@@ -34,10 +35,20 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks import SensitivityCallback
 from callbacks.masking import MaskingCallback
+from callbacks.wandb_config import (
+    NAME_OPTIONS,
+    augmentation_set,
+    check_run_names,
+    default_group,
+    resolve_names,
+    version_info,
+)
 from callbacks.wandb_logging import DEFAULT_PROJECT
+from callbacks.wandb_training import WandbTrainingRun
 from lightning_modules import ImageClassifier
 from sensitivity.problem import AugmentationProblem
 from sensitivity.publish import next_version_dir
+from sensitivity.results import ranked_variables
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -165,6 +176,13 @@ class TrainCLI(LightningCLI):
             help=f"W&B project; setting it logs online (default: offline run under the run dir, "
                  f"project {DEFAULT_PROJECT})",
         )
+        for name, kind, text in NAME_OPTIONS:
+            parser.add_argument(f"--{name}", type=kind, default=None, help=text)
+        parser.add_argument(
+            "--wandb_checkpoints", type=bool, default=True,
+            help="log the best and last checkpoints as W&B artifacts (by reference) at the end "
+                 "of fit, for the lineage training -> checkpoint -> analysis",
+        )
         # The small-input choice and the head size follow the data.
         parser.link_arguments("data.init_args.image_size", "model.image_size")
         parser.link_arguments(
@@ -182,24 +200,23 @@ class TrainCLI(LightningCLI):
         """
         config = self.config.get(str(self.subcommand), self.config)
         trainer_config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(trainer_config.get("callbacks") or [])
+        try:
+            check_run_names(config.wandb_project, config.wandb_group, config.wandb_job_type,
+                            config.wandb_tags)
+        except ValueError as error:
+            raise InputError(str(error)) from None
         if self.subcommand == "fit":
             # Before the run directory and the W&B run exist: a failed attempt leaves nothing.
-            check_probes(list(trainer_config.get("callbacks") or []), self.datamodule)
+            check_probes(callbacks, self.datamodule)
         self.run_dir = next_version_dir(Path(config.runs_dir).resolve() / config.run_name)
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         if trainer_config.get("logger") in (None, True):
-            project = config.wandb_project
-            kwargs.setdefault(
-                "logger",
-                WandbLogger(
-                    name=f"{config.run_name}/{self.run_dir.name}",
-                    save_dir=str(self.run_dir),
-                    project=project or DEFAULT_PROJECT,
-                    offline=wandb_offline(project),
-                    log_model=False,
-                ),
-            )
-        callbacks = list(trainer_config.get("callbacks") or [])
+            kwargs.setdefault("logger", self.wandb_logger(config, callbacks))
+            callbacks.append(WandbTrainingRun(log_checkpoints=config.wandb_checkpoints))
+            # The run config holds every resolved option (run_config); Lightning's own logging
+            # of the model's and datamodule's hyperparameters would repeat them at top level.
+            kwargs.setdefault("enable_autolog_hparams", False)
         if trainer_config.get("enable_checkpointing") is not False and not any(
             isinstance(c, ModelCheckpoint) for c in callbacks
         ):
@@ -214,8 +231,61 @@ class TrainCLI(LightningCLI):
                 mode="max",
             )
             last = ModelCheckpoint(dirpath=directory, filename="last", enable_version_counter=False)
-            kwargs.setdefault("callbacks", [*callbacks, best, last])
+            callbacks += [best, last]
+        kwargs.setdefault("callbacks", callbacks)
         return super().instantiate_trainer(**kwargs)
+
+    def wandb_logger(self, config: Namespace, callbacks: Sequence[pl.Callback]) -> WandbLogger:
+        """The default logger: a W&B run (offline unless told otherwise) under the run directory.
+
+        Its group is the run directory's (``<run_name>-version_<n>``: the group of the analyses
+        of its checkpoints), job type "train", tags the architecture and the augmentation set of
+        the first SensitivityCallback; ``--wandb_*`` options win. Its config is the complete
+        resolved configuration (``run_config``).
+
+        Args:
+            config: the subcommand's parsed configuration.
+            callbacks: the configured callbacks (the set tag comes from them).
+
+        Returns:
+            The WandbLogger (its run starts on first use, after these checks).
+        """
+        arch = self.model.hparams.arch
+        sensitivity = [c for c in callbacks if isinstance(c, SensitivityCallback)]
+        tags = [arch]
+        if sensitivity:
+            problem = AugmentationProblem.from_config(
+                sensitivity[0].problem_config, n_classes=1, images_per_class=1)
+            tags.append(f"set-{augmentation_set(problem.augmentations)}")
+        names = resolve_names(
+            config, job_type="train", group=default_group(self.run_dir), tags=tags,
+            project=DEFAULT_PROJECT,
+        )
+        return WandbLogger(
+            name=f"{config.run_name}/{self.run_dir.name}", save_dir=str(self.run_dir),
+            project=names.project, entity=names.entity, group=names.group,
+            job_type=names.job_type, tags=list(names.tags), config=self.run_config(),
+            offline=wandb_offline(config.wandb_project), log_model=False,
+        )
+
+    def run_config(self) -> dict[str, Any]:
+        """The W&B run config: every option as resolved (nulls and linked values included,
+        the callbacks' init_args too), the model's inferred values (classes, image size, the
+        small-input choice), ``arch``, ``seed`` (the seed actually used) and ``version``; the
+        SensitivityCallback adds its settings and the ``problem`` summary with its first
+        analysis."""
+        dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False,
+                                                 skip_link_targets=False))
+        dumped = dumped.get(str(self.subcommand), dumped)
+        dumped["trainer"]["enable_autolog_hparams"] = False  # as instantiate_trainer sets it
+        hparams = self.model.hparams
+        dumped["model"] = {**dumped.get("model", {}), "num_classes": hparams.num_classes,
+                           "image_size": hparams.image_size,
+                           "small_input": bool(self.model.small_input)}
+        seed = dumped.get("seed_everything")
+        return {**dumped, "command": f"train.py {self.subcommand}", "arch": hparams.arch,
+                "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+                "version": version_info()}
 
     def after_fit(self) -> None:
         """Report the outputs."""
@@ -272,13 +342,12 @@ def sensitivity_lines(callback: SensitivityCallback) -> list[str]:
     if summary:
         key = next(iter(summary))
         layer, values = list(summary[key].items())[-1]
-        medians = {name: stats["median"] for name, stats in values.items()
-                   if math.isfinite(stats["median"])}
-        top = sorted(medians, key=medians.__getitem__, reverse=True)[:4]
+        top = ranked_variables(values)[:4]
         valid = next(iter(values.values()))["valid_fraction"]
         lines.append(
             f"  median {key} at {layer}, epoch {epochs[-1]} ({valid:.0%} of units valid): "
-            + (", ".join(f"{name} {medians[name]:.2f}" for name in top) or "no valid unit")
+            + (", ".join(f"{name} {values[name]['median']:.2f}" for name in top)
+               or "no valid unit")
         )
     return lines
 

@@ -33,12 +33,9 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from callbacks.schedule import epoch_is_due, run_directory
-from callbacks.wandb_logging import (
-    analysis_record,
-    define_metrics,
-    log_results_artifact,
-    wandb_run,
-)
+from callbacks.wandb_artifacts import log_results_artifact
+from callbacks.wandb_config import problem_summary
+from callbacks.wandb_logging import AnalysisLog, wandb_run
 from lightning_modules.weights import state_dict_sha256
 from sensitivity.activations import ActivationWriter
 from sensitivity.config import EngineConfig
@@ -152,7 +149,7 @@ class SensitivityCallback(pl.Callback):
         self.run_dir: Path | None = None
         self._config_file: Path | None = None
         self._metadata_written = False
-        self._wandb_ready = False
+        self._wandb: AnalysisLog | None = None
 
     @staticmethod
     def _problem_config(problem: Mapping[str, Any] | None, method: str) -> dict[str, Any]:
@@ -279,7 +276,7 @@ class SensitivityCallback(pl.Callback):
         # LightningCLI saves the run's config in the log directory (a collective: every rank).
         self._config_file = Path(trainer.log_dir or self.run_dir) / "config.yaml"
         self._metadata_written = False
-        self._wandb_ready = False
+        self._wandb = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Analyse when the epoch is due (``schedule.epoch_is_due``)."""
@@ -287,10 +284,12 @@ class SensitivityCallback(pl.Callback):
             self.analyze(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log the results file as a W&B artifact, when the trainer has a W&B run."""
+        """Log the results file as a W&B artifact (offline too), when the trainer has a W&B
+        run."""
         run = wandb_run(trainer)
         if run is not None and self.run_dir is not None:
-            log_results_artifact(run, self.results_path)
+            log_results_artifact(run, self.results_path,
+                                 {"method": self.method, "epochs": self.epochs})
 
     # ------------------------------------------------------------------------------ analysis
     def analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> AnalysisResult:
@@ -382,10 +381,35 @@ class SensitivityCallback(pl.Callback):
         )
         run = wandb_run(trainer)
         if run is not None:
-            if not self._wandb_ready:
-                define_metrics(run)
-                self._wandb_ready = True
-            run.log(analysis_record(result, published.heatmaps))
+            self._log_wandb(run, result, published.heatmaps)
+
+    def _log_wandb(self, run: Any, result: AnalysisResult, heatmaps: Mapping[str, Path]) -> None:
+        """Rank zero: the analysis to the trainer's W&B run; with the first one, this
+        callback's settings and the problem summary to the run config."""
+        if self._wandb is None or self._wandb.run is not run:
+            self._wandb = AnalysisLog(run, self.method)
+            summary = problem_summary(self.problem, self.method, self.config.n,
+                                      type(self.plan.design).__name__, result.interval)
+            # the settings as given, with the resolved layers and problem filled in; W&B
+            # replaces a top-level key whole, so the other callbacks' entries are kept
+            block: dict[str, Any] = {"sensitivity": {
+                **dict(run.config.get("sensitivity") or {}),
+                self.method: {
+                    **self.settings,
+                    "engine": {**self.settings["engine"],
+                               "layers": list(self.plan.unit_shapes)},
+                    "problem": {**self.problem_config, **summary},
+                },
+            }}
+            if "problem" not in run.config:  # the first analysis callback describes the run
+                block["problem"] = summary
+            run.config.update(block, allow_val_change=True)
+        latest = self._history[-1]
+        history = [(entry["epoch"], entry["summary"]) for entry in self._history
+                   if entry["method"] == latest["method"]
+                   and entry["group_names"] == latest["group_names"]]
+        self._wandb.log(result.epoch, latest["summary"], heatmaps,
+                        result.top_variable_shares(), history)
 
     def _history_results(self) -> list[AnalysisResult]:
         """The history as AnalysisResults of per-layer medians over valid units (unit shape

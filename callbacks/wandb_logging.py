@@ -1,20 +1,24 @@
 """Weights & Biases records of every command and callback (rank zero only).
 
-The keys of each command are listed in CLI.md "W&B"; an analysis logs
-``sensitivity/<method>/<layer>/<variable>/<key>/median`` (and ``mean``, half-widths, valid
-fractions, heatmaps and a summary table), charted against the step metric ``analysis/epoch``
-(``define_metrics``) rather than the trainer's global step. Training logs through the trainer's
-WandbLogger (``wandb_run``); analyze.py opens its own run (``wandb_mode``, ``analysis_run``)
-and logs the ``*_record`` of its command. The results file is uploaded as an artifact only when
-the run is online: an offline run would copy it next to the original. wandb itself is
-imported only inside the functions that use it.
+The keys of each command are listed in CLI.md "W&B". An analysis is logged by an
+``AnalysisLog``, the same for a training run (one analysis per epoch) and an analyze.py run:
+against the step metric ``analysis/epoch`` (``define_metrics``), the robust summaries as
+scalars ``sensitivity/<method>/<layer>/<variable>/<key>/median`` (and ``mean``, half-widths,
+valid fractions; hidden from W&B's automatic panels, which would give each its own chart),
+one line-series chart per layer of every variable across the epochs, a heatmap image per
+value key under one key (a step slider in W&B), the rows of an incremental table, and in the
+run summary the dominant variable per layer and the share of units each variable tops.
+Training logs through the trainer's WandbLogger (``wandb_run``); analyze.py opens its own run
+(``wandb_mode``, ``analysis_run``) and logs its command's record. Artifacts:
+``callbacks.wandb_artifacts``; run names and config blocks: ``callbacks.wandb_config``. wandb
+itself is imported only inside the functions that use it.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,9 @@ import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
-from sensitivity.results import AnalysisResult
+from callbacks.wandb_artifacts import RESULTS_TYPE
+from callbacks.wandb_config import RunNames
+from sensitivity.results import ranked_variables
 from sensitivity.single_class import SingleClassResult
 
 STEP_METRIC = "analysis/epoch"
@@ -33,8 +39,10 @@ TABLE_COLUMNS = ["epoch", "layer", "variable", "index", "median", "p10", "p90", 
 # Which summary statistics become scalars: value keys their median and mean, half-widths their
 # median; second-order indices go to the table only (one per pair of variables).
 _SCALARS = {"value": ("median", "mean"), "conf": ("median",), "pair": ()}
-ARTIFACT_TYPE = "sensitivity-results"
+ARTIFACT_TYPE = RESULTS_TYPE  # the results files' artifact type
 DEFAULT_PROJECT = "augsens"  # of analyze.py and train.py runs alike
+# Summary: {key: {layer: {variable: {statistic: value}}}} (``AnalysisResult.summary()``).
+Summary = Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]
 
 
 def metric_key(method: str, layer: str, variable: str, key: str) -> str:
@@ -47,6 +55,21 @@ def metric_key(method: str, layer: str, variable: str, key: str) -> str:
         ``sensitivity/<method>/<layer>/<variable>/<key>``.
     """
     return f"{PREFIX}/{method}/{layer}/{variable}/{key}"
+
+
+def valid_fraction_key(method: str, layer: str) -> str:
+    """``sensitivity/<method>/<layer>/valid_fraction``: the layer's share of valid units."""
+    return f"{PREFIX}/{method}/{layer}/valid_fraction"
+
+
+def heatmap_key(method: str, key: str) -> str:
+    """``sensitivity/<method>/heatmap/<key>``: the heatmap image of a value key."""
+    return f"{PREFIX}/{method}/heatmap/{key}"
+
+
+def dominant_key(method: str, layer: str) -> str:
+    """``dominant/<method>/<layer>``: the run-summary key of a layer's dominant variable."""
+    return f"dominant/{method}/{layer}"
 
 
 def wandb_run(trainer: pl.Trainer) -> Any | None:
@@ -77,44 +100,20 @@ def define_metrics(run: Any, prefix: str = PREFIX) -> None:
     run.define_metric(f"{prefix}/*", step_metric=STEP_METRIC)
 
 
-def analysis_record(
-    result: AnalysisResult, heatmaps: Mapping[str, str | Path]
-) -> dict[str, Any]:
-    """What ``run.log`` receives for one analysis.
-
-    Args:
-        result: the analysis (its epoch, or -1, is the step).
-        heatmaps: {value key: PNG path}, as ``sensitivity.report.save_heatmaps`` returns.
-
-    Returns:
-        As ``summary_record``.
-    """
-    return summary_record(result.method, result.epoch, result.summary(), heatmaps)
-
-
-def summary_record(
-    method: str,
-    epoch: int | None,
-    summary: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]],
-    heatmaps: Mapping[str, str | Path],
-) -> dict[str, Any]:
-    """What ``run.log`` receives for one analysis, from its summary alone.
+def scalar_record(method: str, summary: Summary) -> dict[str, float]:
+    """The scalars of one analysis: medians and means of the value keys, median half-widths,
+    each layer's valid fraction.
 
     Args:
         method: the analysis method.
-        epoch: the training epoch; None (not in training) is logged as -1.
-        summary: ``AnalysisResult.summary()``: {key: {layer: {variable: {statistic: value}}}}.
-        heatmaps: {value key: PNG path}.
+        summary: ``AnalysisResult.summary()``.
 
     Returns:
-        {key: scalar, wandb.Image or wandb.Table}: medians and means of the value keys, median
-        half-widths, valid fractions, heatmaps, the summary table and the step metric.
+        {``sensitivity/<method>/<layer>/<variable>/<key>/<statistic>``: value,
+        ``sensitivity/<method>/<layer>/valid_fraction``: share of valid units}; NaN where a
+        layer has no valid unit.
     """
-    import wandb
-
-    epoch = -1 if epoch is None else int(epoch)
-    record: dict[str, Any] = {STEP_METRIC: epoch}
-    rows = []
+    record: dict[str, float] = {}
     for key, layers in summary.items():
         kind = "pair" if key.startswith("S2") else "conf" if key.endswith("_conf") else "value"
         for layer, values in layers.items():
@@ -123,36 +122,150 @@ def summary_record(
                     record[f"{metric_key(method, layer, variable, key)}/{statistic}"] = (
                         stats[statistic]
                     )
-                record[f"{PREFIX}/{method}/{layer}/valid_fraction"] = stats["valid_fraction"]
-                rows.append([epoch, layer, variable, key,
-                             *(stats[c] for c in TABLE_COLUMNS[4:])])
-    for key, path in heatmaps.items():
-        record[f"{PREFIX}/{method}/heatmap/{key}"] = wandb.Image(
-            str(path), caption=f"{method} {key}, epoch {epoch}"
-        )
-    if rows:
-        record[f"{PREFIX}/{method}/summary"] = wandb.Table(columns=TABLE_COLUMNS, data=rows)
+                record[valid_fraction_key(method, layer)] = stats["valid_fraction"]
     return record
 
 
-def log_results_artifact(run: Any, path: Path) -> bool:
-    """Upload the results file as an artifact when the run is online.
+def table_rows(epoch: int, summary: Summary) -> list[list[Any]]:
+    """The summary table's rows (``TABLE_COLUMNS``): every key, layer and variable (S2 pairs
+    as "a:b"), half-widths included."""
+    return [[epoch, layer, variable, key, *(stats[c] for c in TABLE_COLUMNS[4:])]
+            for key, layers in summary.items()
+            for layer, values in layers.items()
+            for variable, stats in values.items()]
+
+
+def headline(summary: Summary) -> str | None:
+    """The summary's headline value key (S1, shapley_normalized, effect_size), None if empty."""
+    return next(iter(summary), None)
+
+
+def run_summary(method: str, summary: Summary,
+                top_shares: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    """What the runs table shows of the latest analysis (``run.summary``).
 
     Args:
-        run: a wandb run.
-        path: the results file.
+        method: the analysis method.
+        summary: ``AnalysisResult.summary()``.
+        top_shares: ``AnalysisResult.top_variable_shares()`` of the headline key.
 
     Returns:
-        True when it was uploaded (online run, file present).
+        {``dominant/<method>/<layer>``: the variable of the largest median headline index
+        ("none" without valid units), ``top_share/<method>/<layer>/<variable>``: the share
+        of valid units whose largest index is that variable's}.
     """
-    if run.offline or run.disabled or not path.is_file():
-        return False
+    key = headline(summary)
+    out: dict[str, Any] = {}
+    for layer, values in (summary[key] if key else {}).items():
+        out[dominant_key(method, layer)] = next(iter(ranked_variables(values)), "none")
+    for layer, shares in top_shares.items():
+        for variable, share in shares.items():
+            out[f"top_share/{method}/{layer}/{variable}"] = share
+    return out
+
+
+def _finite(value: float | None) -> float | None:
+    """A value for a chart: NaN (a layer without valid units) becomes a gap (None)."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def line_series_record(method: str, history: Sequence[tuple[int, Summary]]) -> dict[str, Any]:
+    """One line-series chart per layer (x: epoch; a line per variable: its median headline
+    index) and one of the valid fractions (a line per layer).
+
+    Args:
+        method: the analysis method.
+        history: (epoch, summary) of every analysis so far, oldest first; the latest one's
+            layers and variables are drawn (missing earlier values are gaps).
+
+    Returns:
+        {``sensitivity/<method>/lines/<layer>``, ``sensitivity/<method>/lines/valid_fraction``:
+        wandb line-series charts}; {} without a headline key.
+    """
     import wandb
 
-    artifact = wandb.Artifact(f"sensitivity-{run.id}", type=ARTIFACT_TYPE)
-    artifact.add_file(str(path))
-    run.log_artifact(artifact)
-    return True
+    key = headline(history[-1][1])
+    if key is None:
+        return {}
+    epochs = [epoch for epoch, _ in history]
+    cells = [summary.get(key, {}) for _, summary in history]  # per epoch {layer: {var: stats}}
+    latest = cells[-1]
+    record: dict[str, Any] = {}
+    for layer, values in latest.items():
+        ys = [[_finite(c.get(layer, {}).get(v, {}).get("median")) for c in cells]
+              for v in values]
+        record[f"{PREFIX}/{method}/lines/{layer}"] = wandb.plot.line_series(
+            xs=epochs, ys=ys, keys=list(values), title=f"{method} {layer}: median {key}",
+            xname="epoch")
+    fractions = [[_finite(next(iter(c.get(layer, {}).values()), {}).get("valid_fraction"))
+                  for c in cells] for layer in latest]
+    record[f"{PREFIX}/{method}/lines/valid_fraction"] = wandb.plot.line_series(
+        xs=epochs, ys=fractions, keys=list(latest), title=f"{method}: share of valid units",
+        xname="epoch")
+    return record
+
+
+class AnalysisLog:
+    """What one W&B run receives of the analyses of one method (see the module docstring).
+
+    Args:
+        run: the wandb run (a training run's, or an analyze.py command's).
+        method: the analysis method.
+    """
+
+    def __init__(self, run: Any, method: str) -> None:
+        import wandb
+
+        self.run = run
+        self.method = method
+        # One table object for the whole run: each log adds only the new rows (an increment).
+        self.table = wandb.Table(columns=TABLE_COLUMNS, log_mode="INCREMENTAL")
+        self._hidden: set[str] = set()
+        define_metrics(run)
+
+    def log(
+        self,
+        epoch: int | None,
+        summary: Summary,
+        heatmaps: Mapping[str, str | Path],
+        top_shares: Mapping[str, Mapping[str, float]],
+        history: Sequence[tuple[int, Summary]] = (),
+    ) -> dict[str, Any]:
+        """Log one analysis.
+
+        Args:
+            epoch: the training epoch; None (not in training) is logged as -1.
+            summary: ``AnalysisResult.summary()``.
+            heatmaps: {value key: PNG path}, as ``sensitivity.report.save_heatmaps`` returns.
+            top_shares: ``AnalysisResult.top_variable_shares()``.
+            history: (epoch, summary) of every analysis of the run so far, this one last; the
+                line series are drawn from two epochs on.
+
+        Returns:
+            The logged record.
+        """
+        import wandb
+
+        epoch = -1 if epoch is None else int(epoch)
+        scalars = scalar_record(self.method, summary)
+        for key in sorted(set(scalars) - self._hidden):
+            # charted by the line series and the dashboard recipe, not one auto panel each
+            self.run.define_metric(key, step_metric=STEP_METRIC, hidden=True)
+            self._hidden.add(key)
+        record: dict[str, Any] = {STEP_METRIC: epoch, **scalars}
+        for key, path in heatmaps.items():
+            record[heatmap_key(self.method, key)] = wandb.Image(
+                str(path), caption=f"{self.method} {key}, epoch {epoch}")
+        rows = table_rows(epoch, summary)
+        for row in rows:
+            self.table.add_data(*row)
+        if rows:
+            record[f"{PREFIX}/{self.method}/summary"] = self.table
+        if len(history) > 1:
+            record.update(line_series_record(self.method, history))
+        self.run.log(record)
+        self.run.summary.update(run_summary(self.method, summary, top_shares))
+        return record
 
 
 # ------------------------------------------------------------------------ analyze.py runs
@@ -195,22 +308,18 @@ def analysis_run(
     mode: str,
     *,
     name: str,
-    job_type: str,
+    names: RunNames,
     config: Mapping[str, Any],
-    project: str | None = None,
 ) -> Iterator[Any]:
     """A W&B run under ``<run_dir>/wandb/``, finished (files flushed) on exit.
-
-    The run is grouped by the run directory, so that an analysis and the commands on its
-    results file sit together.
 
     Args:
         run_dir: the analysis run directory.
         mode: "online" or "offline" (``wandb_mode``).
         name: the run's name.
-        job_type: the command.
-        config: the command's resolved configuration.
-        project: the W&B project (default ``DEFAULT_PROJECT``).
+        names: its project, entity, group (the training run's for an analysis of its
+            checkpoint), job type and tags (``wandb_config.resolve_names``).
+        config: the command's complete resolved configuration.
 
     Yields:
         The wandb run.
@@ -219,8 +328,8 @@ def analysis_run(
 
     run_dir = run_dir.resolve()  # absolute: the printed `wandb sync` works from anywhere
     run = wandb.init(
-        dir=str(run_dir), mode=mode, project=project or DEFAULT_PROJECT, name=name,
-        job_type=job_type, group=f"{run_dir.parent.name}/{run_dir.name}"[-128:],
+        dir=str(run_dir), mode=mode, project=names.project, entity=names.entity, name=name,
+        job_type=names.job_type, group=names.group, tags=list(names.tags),
         config=dict(config), reinit="create_new",
         # stdout stays ours (the printed outputs); system metrics are noise for a short run.
         settings=wandb.Settings(console="off", x_disable_stats=True),

@@ -9,7 +9,6 @@ its shard, rank zero writes), then prints the outputs and logs the summary to W&
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,10 +18,16 @@ import pytorch_lightning as pl
 import torch
 from jsonargparse import Namespace
 
-from callbacks.wandb_logging import PREFIX, summary_record, wandb_mode
+from callbacks.wandb_logging import AnalysisLog
 from cli.inputs import build_model, build_probe, build_problem, weights_sha256
 from cli.options import engine_config
-from cli.reporting import INPUT_ERRORS, input_error, log_wandb, print_outputs
+from cli.reporting import (
+    INPUT_ERRORS,
+    input_error,
+    log_wandb,
+    print_outputs,
+    wandb_settings,
+)
 from lightning_modules.analysis import (
     RESULTS_FILE,
     AnalysisModule,
@@ -33,6 +38,7 @@ from sensitivity.config import METHODS
 from sensitivity.plan import plan_analysis
 from sensitivity.probe import probe_size
 from sensitivity.provenance import provenance
+from sensitivity.results import ranked_variables
 from sensitivity.store import ResultsStore, check_name
 
 # Strategies that start the other processes from this one (spawn or fork): Lightning returns no
@@ -54,7 +60,7 @@ def run_engine(cfg: Namespace, config_text: str) -> int:
     if cfg.method not in METHODS:
         return input_error(None, f"unknown method {cfg.method!r}; valid: {list(METHODS)}")
     try:
-        mode = wandb_mode(cfg.wandb, cfg.wandb_project)
+        mode = wandb_settings(cfg)
         module = prepare(cfg, config_text)
         trainer = pl.Trainer(
             accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
@@ -74,10 +80,11 @@ def run_engine(cfg: Namespace, config_text: str) -> int:
         return 0
     written, name = predictions[0], module.outputs.name
     wandb_lines, status = log_wandb(
-        cfg, mode, Path(written["results"]), name, config_text,
-        lambda: summary_record(written["method"], written["epoch"], written["summary"],
-                               written["heatmaps"]),
-        prefix=PREFIX,
+        cfg, mode, Path(written["results"]), name,
+        lambda run: AnalysisLog(run, written["method"]).log(
+            written["epoch"], written["summary"], written["heatmaps"], written["top_shares"]),
+        name, name=name, layers=list(module.plan.unit_shapes),
+        small_input=getattr(module.network, "small_input", None),
     )
     print_outputs(analysis_lines(written, name) + wandb_lines)
     return status
@@ -236,10 +243,10 @@ def analysis_lines(written: Mapping[str, Any], name: str) -> list[str]:
 def _largest_median(layer: str, values: Mapping[str, Mapping[str, float]]) -> str:
     """One layer's line: its variable of the largest finite median, with p10, p90 and the
     share of valid units."""
-    ranked = [g for g in values if math.isfinite(values[g]["median"])]
+    ranked = ranked_variables(values)
     if not ranked:
         return f"  {layer:<14} no valid unit (see the flag arrays)"
-    top = max(ranked, key=lambda g: values[g]["median"])
+    top = ranked[0]
     stats = values[top]
     return (
         f"  {layer:<14} {top} {stats['median']:.3f} [p10 {stats['p10']:.3f}, p90 "

@@ -18,9 +18,17 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from callbacks.masking import masking_record
-from callbacks.wandb_logging import single_class_record, wandb_mode
+from callbacks.wandb_logging import single_class_record
 from cli.inputs import build_model, build_probe, device_of
-from cli.reporting import INPUT_ERRORS, Record, input_error, log_wandb, print_outputs
+from cli.reporting import (
+    INPUT_ERRORS,
+    Log,
+    input_error,
+    log_wandb,
+    print_outputs,
+    record_log,
+    wandb_settings,
+)
 from lightning_modules import ImageClassifier
 from sensitivity import masking, report, single_class
 from sensitivity.capture import classification_layer
@@ -55,27 +63,26 @@ class MaskingInputs:
     chosen: masking.MaskingMaps
 
 
-def run_masking(cfg: Namespace, config_text: str) -> int:
+def run_masking(cfg: Namespace) -> int:
     """Run masking or single-class (``cfg.method``) on the parsed options.
 
     Args:
         cfg: the parsed options.
-        config_text: their YAML, the W&B run's config.
 
     Returns:
         The exit status: 0, 2 for bad input (no results file or analysis, maps that do not fit
         the model...) with nothing written, 1 when W&B failed.
     """
     try:
-        mode = wandb_mode(cfg.wandb, cfg.wandb_project)
+        mode = wandb_settings(cfg)
         inputs = masking_inputs(cfg)
         run = _run_masking if cfg.method == "masking" else _run_single_class
-        lines, record = run(cfg, inputs)
+        lines, log = run(cfg, inputs)
     except INPUT_ERRORS as error:
         return input_error(cfg.method, error)
     wandb_lines, status = log_wandb(
-        cfg, mode, inputs.store.path, f"{cfg.method} {inputs.output}", config_text, record,
-        prefix="masking" if cfg.method == "masking" else "single_class",
+        cfg, mode, inputs.store.path, f"{cfg.method} {inputs.output}", log, inputs.name,
+        analysis=inputs.name, name=inputs.output,
     )
     print_outputs(lines + wandb_lines)
     return status
@@ -140,7 +147,7 @@ def masking_inputs(cfg: Namespace) -> MaskingInputs:
     return MaskingInputs(store, name, output, stored, model, probe, labels, class_names, chosen)
 
 
-def _run_masking(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str], Record]:
+def _run_masking(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str], Log]:
     """Guided masking: accuracies and specificity, stored and drawn; the lines to print."""
     options, chosen = cfg.masking, inputs.chosen
     out = masking.evaluate_masking(
@@ -169,10 +176,10 @@ def _run_masking(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str], Reco
         lines.append(" " * 16 + " ".join(f"{v[:8]:>8}" for v in out.variables))
         for name, row in zip(out.inputs[1:], out.specificity, strict=True):
             lines.append(f"  {name:<14}" + " ".join(f"{x:8.2f}" for x in row))
-    return lines, lambda: masking_record(out, figure)
+    return lines, record_log(lambda: masking_record(out, figure), "masking")
 
 
-def _run_single_class(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str], Record]:
+def _run_single_class(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str], Log]:
     """The single-class analysis against its chance threshold, stored; the lines to print."""
     result, model, chosen = inputs.stored.result, inputs.model, inputs.chosen
     head = classification_layer(model.net)
@@ -205,4 +212,4 @@ def _run_single_class(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str],
                   if entry["matched_configurations"] else "not matched")
         lines.append(f"  {entry['variable']:<14} {entry['max_jaccard']:.4f} "
                      f"[{entry['configuration']}] {status}: {', '.join(entry['candidates'])}")
-    return lines, lambda: single_class_record(out)
+    return lines, record_log(lambda: single_class_record(out), "single_class")

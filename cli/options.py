@@ -21,6 +21,7 @@ from typing import Any
 import docstring_parser
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
+from callbacks.wandb_config import NAME_OPTIONS
 from callbacks.wandb_logging import DEFAULT_PROJECT
 from sensitivity.config import METHODS, EngineConfig
 
@@ -48,6 +49,20 @@ def add_option(parser: ArgumentParser, name: str, *aliases: str, **kwargs: Any) 
     parser.add_argument(*names, *aliases, **kwargs)
 
 
+def add_switch(parser: ArgumentParser, name: str, *, default: bool, help: str) -> None:
+    """Add a boolean option: ``--name``, ``--no_name`` and ``--name=true|false``.
+
+    The explicit value is the form W&B sweep agents pass (``--second_order=True``).
+
+    Args:
+        parser: the parser.
+        name: the option's name.
+        default: its default.
+        help: its help.
+    """
+    add_option(parser, name, action=ActionYesNo, nargs="?", default=default, help=help)
+
+
 def add_engine_options(parser: ArgumentParser) -> None:
     """Add one option per ``EngineConfig`` field but the method.
 
@@ -64,8 +79,7 @@ def add_engine_options(parser: ArgumentParser) -> None:
         if field.name not in ENGINE_FIELDS:
             continue
         if types[field.name] is bool:
-            add_option(parser, field.name, action=ActionYesNo, default=field.default,
-                       help=helps[field.name])
+            add_switch(parser, field.name, default=field.default, help=helps[field.name])
         else:
             add_option(parser, field.name, type=types[field.name], default=field.default,
                        help=helps[field.name])
@@ -110,7 +124,7 @@ def build_parser() -> ArgumentParser:
     _add_data_options(p)
     _add_problem_options(p)
     add_engine_options(p)
-    add_option(p, "store_activations", action=ActionYesNo, default=False,
+    add_switch(p, "store_activations", default=False,
                help="also store every raw activation row (large!)")
     _add_process_options(p)
     _add_masking_options(p)
@@ -126,7 +140,7 @@ def _add_run_options(p: ArgumentParser) -> None:
                help="run directory (default <runs_dir>/analysis/<name>/version_<n>); give it "
                     "to resume")
     add_option(p, "runs_dir", type=str, default="runs", help="root of default run directories")
-    add_option(p, "overwrite", action=ActionYesNo, default=False,
+    add_switch(p, "overwrite", default=False,
                help="replace an analysis of the same name in the run directory")
 
 
@@ -191,12 +205,14 @@ def _add_process_options(p: ArgumentParser) -> None:
 
 def _add_wandb_options(p: ArgumentParser) -> None:
     """W&B options (docs/CLI.md "W&B"); the mode comes from ``wandb_mode``."""
-    add_option(p, "wandb", type=bool, default=True,
+    add_switch(p, "wandb", default=True,
                help="log to Weights & Biases (offline run in <run dir>/wandb unless online; "
-                    "false: off)")
+                    "false or --no_wandb: off)")
     add_option(p, "wandb_project", type=str | None, default=None,
                help=f"W&B project; setting it logs online unless WANDB_MODE says otherwise "
-                    f"(default project: {DEFAULT_PROJECT})")
+                    f"(default project: the one a --checkpoint records, else {DEFAULT_PROJECT})")
+    for name, kind, text in NAME_OPTIONS:
+        add_option(p, name, type=kind, default=None, help=text)
 
 
 def _add_masking_options(p: ArgumentParser) -> None:
@@ -220,7 +236,7 @@ def _add_masking_options(p: ArgumentParser) -> None:
                help="strict: a quantile at the layer's minimum masks only larger values; "
                     "inclusive")
     add_option(p, "masking.batch_images", type=int, default=16, help="probe images per batch")
-    add_option(p, "masking.reuse_prefix", type=bool, default=True,
+    add_switch(p, "masking.reuse_prefix", default=True,
                help="compute the network up to the first masked layer once per batch")
     add_option(p, "single_class.n", type=int, default=5,
                help="candidate classes (and top-n predictions) per variable")
@@ -256,9 +272,9 @@ def build_statistics_parser(method: str) -> ArgumentParser:
         add_option(p, "output", type=str | None, default=None,
                    help="report directory (default: <run directory>/report)")
         return p
-    add_option(p, "overwrite", action=ActionYesNo, default=False,
+    add_switch(p, "overwrite", default=False,
                help="replace statistics of the same analysis already in the file")
-    add_option(p, "progress", action=ActionYesNo, default=True,
+    add_switch(p, "progress", default=True,
                help="the work up front, then a progress bar (terminal) or lines (logs) on stderr")
     _add_wandb_options(p)
     if method == "contrast-stats":

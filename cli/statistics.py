@@ -10,14 +10,9 @@ from pathlib import Path
 
 from jsonargparse import Namespace
 
-from callbacks.wandb_logging import (
-    contrast_stats_record,
-    correlation_record,
-    lda_record,
-    wandb_mode,
-)
+from callbacks.wandb_logging import contrast_stats_record, correlation_record, lda_record
 from cli.options import build_statistics_parser
-from cli.reporting import Record, input_error, log_wandb, print_outputs
+from cli.reporting import Log, input_error, log_wandb, print_outputs, record_log, wandb_settings
 from sensitivity import html_report, stats
 
 
@@ -38,22 +33,22 @@ def run_statistics(method: str, args: Sequence[str]) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     try:
-        mode = None if method == "report" else wandb_mode(cfg.wandb, cfg.wandb_project)
-        lines, record = _statistics(method, cfg)
+        mode = None if method == "report" else wandb_settings(cfg)
+        lines, log = _statistics(method, cfg)
     except (ValueError, OSError) as error:
         return input_error(method, error)
     status = 0
-    if record is not None:
+    if log is not None:
         results = Path(cfg.results).expanduser()
-        wandb_lines, status = log_wandb(cfg, mode, results, f"{method} {cfg.analysis}",
-                                        parser.dump(cfg), record)
+        wandb_lines, status = log_wandb(cfg, mode, results, f"{method} {cfg.analysis}", log,
+                                        cfg.analysis)
         lines += wandb_lines
     print_outputs(lines)
     return status
 
 
-def _statistics(method: str, cfg: Namespace) -> tuple[list[str], Record | None]:
-    """Run one statistics method; returns the lines to print and its W&B record (None: the
+def _statistics(method: str, cfg: Namespace) -> tuple[list[str], Log | None]:
+    """Run one statistics method; returns the lines to print and its W&B log (None: the
     report, which is not logged)."""
     if method == "report":
         names = None if cfg.analysis is None else [cfg.analysis]
@@ -66,7 +61,7 @@ def _statistics(method: str, cfg: Namespace) -> tuple[list[str], Record | None]:
     return run(cfg, f"results file    {Path(cfg.results)}")
 
 
-def _contrast_stats(cfg: Namespace, where: str) -> tuple[list[str], Record]:
+def _contrast_stats(cfg: Namespace, where: str) -> tuple[list[str], Log]:
     """Wilcoxon signed-rank tests of a contrast analysis (``stats.contrast_statistics``)."""
     out = stats.contrast_statistics(cfg.results, cfg.analysis, alpha=cfg.alpha,
                                     overwrite=cfg.overwrite, progress=cfg.progress)
@@ -74,21 +69,21 @@ def _contrast_stats(cfg: Namespace, where: str) -> tuple[list[str], Record]:
              f"units with BY q < {cfg.alpha} per layer:"]
     lines += [f"  {layer:<14} " + ", ".join(f"{a} {c}" for a, c in counts.items())
               for layer, counts in out["significant"].items()]
-    return lines, lambda: contrast_stats_record(out, cfg.alpha)
+    return lines, record_log(lambda: contrast_stats_record(out, cfg.alpha))
 
 
-def _correlation(cfg: Namespace, where: str) -> tuple[list[str], Record]:
+def _correlation(cfg: Namespace, where: str) -> tuple[list[str], Log]:
     """Spearman correlations across units (``stats.correlation_statistics``)."""
     out = stats.correlation_statistics(cfg.results, cfg.analysis, values=cfg.value_types,
                                        overwrite=cfg.overwrite, progress=cfg.progress)
     lines = [f"{where}  ({out['group']}: {', '.join(out['values'])} x "
              f"{len(out['layers'])} layers)"]
-    return lines, lambda: correlation_record(
+    return lines, record_log(lambda: correlation_record(
         *stats.read_tree(cfg.results, stats.CORRELATION_GROUP, cfg.analysis)
-    )
+    ))
 
 
-def _lda(cfg: Namespace, where: str) -> tuple[list[str], Record]:
+def _lda(cfg: Namespace, where: str) -> tuple[list[str], Log]:
     """Cross-validated LDA of the channel maps by variable (``stats.lda_statistics``)."""
     out = stats.lda_statistics(cfg.results, cfg.analysis, values=cfg.value_types,
                                n_folds=cfg.folds, n_repeats=cfg.repeats, seed=cfg.seed,
@@ -99,4 +94,4 @@ def _lda(cfg: Namespace, where: str) -> tuple[list[str], Record]:
                   for key, (mean, sd) in values.items()]
     if out["skipped"]:
         lines.append(f"skipped (no spatial maps): {', '.join(out['skipped'])}")
-    return lines, lambda: lda_record(out)
+    return lines, record_log(lambda: lda_record(out))

@@ -106,7 +106,8 @@ class AnalysisModule(pl.LightningModule):
 
     The predict step returns {"run_dir"} on every rank; on rank zero also "results", "figures"
     (PNG paths), "heatmaps" ({value key: PNG path}), "activations" (paths as str), "method",
-    "epoch", "summary" (``AnalysisResult.summary()``), "seconds" and "evaluations".
+    "epoch", "summary" (``AnalysisResult.summary()``), "top_shares"
+    (``AnalysisResult.top_variable_shares()``), "seconds" and "evaluations".
     """
 
     def __init__(
@@ -208,6 +209,7 @@ class AnalysisModule(pl.LightningModule):
             "epoch": result.epoch,
             "activations": None if activations is None else str(activations),
             "summary": result.summary(),
+            "top_shares": result.top_variable_shares(),
             "seconds": result.seconds,
             "evaluations": result.evaluations,
         }

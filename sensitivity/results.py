@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,20 @@ METHOD_VALUE_KEYS: dict[str, tuple[str, ...]] = {
     "variance": (),
     "contrast": ("effect_size", "mean_diff"),
 }
+
+
+def ranked_variables(values: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Variables by their median, largest first (one layer of ``AnalysisResult.summary()``).
+
+    Args:
+        values: {variable: {"median": ..., ...}} of one key and layer.
+
+    Returns:
+        The variables with a finite median, in descending order of it (ties keep their
+        order); [] when the layer has no valid unit.
+    """
+    finite = [name for name, stats in values.items() if math.isfinite(stats["median"])]
+    return sorted(finite, key=lambda name: values[name]["median"], reverse=True)
 
 
 def _leading_axes(key: str) -> int:
@@ -322,6 +337,36 @@ class AnalysisResult:
                 }
                 for i, layer in enumerate(self.layer_names)
             }
+        return out
+
+    def top_variable_shares(self, key: str | None = None) -> dict[str, dict[str, float]]:
+        """Per layer, the share of valid units whose largest index is each variable's.
+
+        Args:
+            key: a per-variable key; None: the headline value key (``value_keys[0]``).
+
+        Returns:
+            {layer: {variable: share in [0, 1]}}: among the layer's valid units with a finite
+            value for every variable, the fraction whose argmax over the variables is that
+            variable (a tie goes to the first in ``group_names``); shares sum to 1, or are all
+            0 when no unit qualifies. {} when the result has no value key (variance).
+
+        Raises:
+            ValueError: a key that is not a per-variable key, or one missing in some layer.
+        """
+        if key is None:
+            if not self.value_keys:
+                return {}
+            key = self.value_keys[0]
+        if _leading_axes(key) != 1:
+            raise ValueError(f"top-variable shares need a per-variable key, got {key!r}")
+        out: dict[str, dict[str, float]] = {}
+        for layer, values in zip(self.layer_names, self._values(key, 1), strict=True):
+            finite = values[:, np.isfinite(values).all(axis=0)]  # (G, units kept)
+            counts = np.bincount(finite.argmax(axis=0), minlength=len(self.group_names))
+            total = max(finite.shape[1], 1)
+            out[layer] = {name: float(counts[g] / total)
+                          for g, name in enumerate(self.group_names)}
         return out
 
     def allclose(self, other: AnalysisResult, rtol: float = 1e-6, atol: float = 0.0) -> bool:

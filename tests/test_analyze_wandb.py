@@ -20,7 +20,13 @@ import pytest
 import wandb
 from helpers import cli
 from wandb.proto import wandb_internal_pb2
-from wandb_records import assert_sobol_summary_logged, history_row, read_wandb_records
+from wandb_records import (
+    artifacts,
+    assert_sobol_summary_logged,
+    history_row,
+    read_wandb_records,
+    run_config,
+)
 
 from callbacks.wandb_logging import ARTIFACT_TYPE, STEP_METRIC, TABLE_COLUMNS, wandb_mode
 from sensitivity import masking
@@ -38,7 +44,8 @@ pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def wandb_runs(run_dir: Path) -> dict[str, list[wandb_internal_pb2.Record]]:
-    """{job type (the analyze.py command): records of its offline run} under run_dir/wandb."""
+    """{the analyze.py command (config "command"): records of its offline run} under
+    run_dir/wandb."""
     # run.finish() returns before W&B's core process has closed (flushed) the run's .wandb
     # file; teardown waits for it, as the exit of an analyze.py process does.
     wandb.teardown()
@@ -46,8 +53,7 @@ def wandb_runs(run_dir: Path) -> dict[str, list[wandb_internal_pb2.Record]]:
     for directory in sorted((run_dir / "wandb").glob("offline-run-*")):
         (log,) = directory.glob("run-*.wandb")
         records = read_wandb_records(log)
-        (run,) = [r.run for r in records if r.HasField("run")]
-        runs[run.job_type] = records
+        runs[run_config(records)["command"]] = records
     return runs
 
 
@@ -91,8 +97,10 @@ def test_sobol_logs_an_offline_run_in_the_run_directory(sobol_run):
     table = json.loads((directory / "files" / row["sensitivity/sobol/summary"]["path"]).read_text())
     assert table["columns"] == TABLE_COLUMNS
     assert len(table["data"]) == sum(len(v) for layers in summary.values() for v in layers.values())
-    # offline: the results file is not copied into the run as an artifact
-    assert not [r for r in records if r.HasField("artifact") and r.artifact.type == ARTIFACT_TYPE]
+    # offline too, the results file is an artifact (a staged copy, uploaded by wandb sync)
+    (artifact,) = artifacts(records, ARTIFACT_TYPE)
+    assert artifact.name == f"results-{run_dir.parent.name}-run"
+    assert [entry.path for entry in artifact.manifest.contents] == ["results.h5"]
 
 
 @pytest.mark.slow
@@ -219,3 +227,43 @@ def test_unknown_wandb_mode_is_bad_input(tmp_path, monkeypatch, capsys):
     assert cli("variance", "--output", tmp_path / "run", "--n", "4", *COMMON) == 2
     assert "WANDB_MODE='sometimes' is not a W&B mode" in capsys.readouterr().err
     assert not (tmp_path / "run" / "results.h5").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--wandb_group", "my sweep/1", "--wandb_group 'my sweep/1': a W&B group is 1-128"),
+        ("--wandb_project", "team/project", "--wandb_project 'team/project': W&B project"),
+        ("--wandb_tags", json.dumps(["x" * 65]), "--wandb_tags: 'xxx"),
+        ("--wandb_job_type", "", "--wandb_job_type: '' has 0 characters"),
+    ],
+)
+def test_names_wandb_rejects_are_refused_before_any_compute(tmp_path, capsys, option, value,
+                                                           message):
+    assert cli("variance", "--output", tmp_path / "run", "--n", "4", option, value,
+               *COMMON) == 2
+    error = capsys.readouterr().err
+    assert message in error
+    assert not (tmp_path / "run" / "results.h5").exists()
+
+
+def test_run_names_given_on_the_command_line_and_an_unknown_entity_offline(tmp_path):
+    """Offline nothing checks the entity (W&B does on sync): no error; the names given win over
+    the defaults (group of the run directory, job type analyze, tags arch and set)."""
+    run_dir = tmp_path / "run"
+    assert cli("sobol", "--output", run_dir, "--n", "4", "--wandb_entity", "no-such-team-4f7",
+               "--wandb_group", "sweep-3", "--wandb_job_type", "baseline",
+               "--wandb_tags", "[a,b]", *COMMON, quiet=True) == 0
+    records = wandb_runs(run_dir)["sobol"]
+    (run,) = [r.run for r in records if r.HasField("run")]
+    assert (run.entity, run.run_group, run.job_type) == ("no-such-team-4f7", "sweep-3",
+                                                         "baseline")
+    assert list(run.tags) == ["a", "b"]
+    assert run_config(records)["wandb_tags"] == ["a", "b"]
+    # the defaults, where nothing is given
+    assert cli("sobol", "--output", run_dir, "--name", "plain", "--n", "4", *COMMON,
+               quiet=True) == 0
+    (plain,) = [r.run for r in wandb_runs(run_dir)["sobol"] if r.HasField("run")]
+    assert plain.display_name == "plain"
+    assert (plain.run_group, plain.job_type) == (f"{tmp_path.name}-run", "analyze")
+    assert list(plain.tags) == ["resnet18", "set-1"]

@@ -125,3 +125,26 @@ def test_history_over_epochs(tmp_path):
         history_figure(results, "S1", layer="layer9")
     with pytest.raises(ValueError, match="share method"):
         save_history([results[0], shapley()], tmp_path)
+
+
+def test_top_variable_shares_count_the_argmax_over_valid_units():
+    """Recomputed with numpy from the raw arrays: flagged units and units with a non-finite
+    value are left out; a layer without such units gets zero shares."""
+    result = sobol(epoch=0, seed=3)
+    result.flags["layer1"].reshape(-1)[:5] = 2  # negligible: out of the count
+    result.layers["layer4"]["S1"][1, 0, 0, 0] = np.nan
+    result.flags["fc"][:] = 1  # no valid unit
+    shares = result.top_variable_shares()
+    for layer in ("layer1", "layer4"):
+        s1 = result.layers[layer]["S1"].reshape(len(GROUPS), -1)
+        keep = (result.flags[layer].reshape(-1) == 0) & np.isfinite(s1).all(axis=0)
+        top = s1[:, keep].argmax(axis=0)
+        expected = [np.mean(top == g) for g in range(len(GROUPS))]
+        assert [shares[layer][v] for v in GROUPS] == pytest.approx(expected)
+        assert sum(shares[layer].values()) == pytest.approx(1.0)
+    # the planted diagonal: variable i tops every unit of layer i
+    assert shares["layer4"]["sharpness"] == 1.0
+    assert shares["fc"] == dict.fromkeys(GROUPS, 0.0)
+    assert result.top_variable_shares("ST")["layer1"]["erasing"] == 1.0
+    with pytest.raises(ValueError, match="per-variable key"):
+        result.top_variable_shares("S2")

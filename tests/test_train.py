@@ -199,3 +199,15 @@ def test_help_runs(script, expected):
     )
     assert done.returncode == 0, done.stderr
     assert expected in done.stdout
+
+
+def test_a_wandb_group_wandb_rejects_stops_before_any_run_directory(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_:
+        train.main([f"--runs_dir={runs}", "--wandb_group=my sweep", "--trainer.max_epochs=1"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("train.py: error: --wandb_group 'my sweep': a W&B group is 1-128 "
+                            "letters, digits, '_', '.' or '-' (found [' '])")
+    assert "--wandb_group my_sweep" in error
+    assert not runs.exists()

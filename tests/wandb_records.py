@@ -48,6 +48,38 @@ def history_row(history: wandb_internal_pb2.HistoryRecord) -> dict:
     return row
 
 
+def run_config(records: list[wandb_internal_pb2.Record]) -> dict:
+    """A run's config: the run record's, updated by the later config records in order
+    (nested keys as nested dicts)."""
+    config: dict = {}
+    updates = [item for r in records if r.HasField("run") for item in r.run.config.update]
+    updates += [item for r in records if r.HasField("config") for item in r.config.update]
+    for item in updates:
+        *parents, leaf = [item.key] if item.key else list(item.nested_key)
+        target = config
+        for key in parents:
+            target = target.setdefault(key, {})
+        target[leaf] = json.loads(item.value_json)
+    return config
+
+
+def run_summary(records: list[wandb_internal_pb2.Record]) -> dict:
+    """A run's summary: its summary records' updates in order (nested keys joined by '.')."""
+    summary: dict = {}
+    for r in records:
+        if r.HasField("summary"):
+            for item in r.summary.update:
+                key = item.key or ".".join(item.nested_key)
+                summary[key] = json.loads(item.value_json)
+    return summary
+
+
+def artifacts(records: list[wandb_internal_pb2.Record], kind: str
+              ) -> list[wandb_internal_pb2.ArtifactRecord]:
+    """The artifact records of one type (e.g. "model", "sensitivity-results")."""
+    return [r.artifact for r in records if r.HasField("artifact") and r.artifact.type == kind]
+
+
 def assert_sobol_summary_logged(row: dict, summary: dict, layers: list[str], files: Path) -> None:
     """``row`` holds, for every layer and variable of ``summary`` (``AnalysisResult.summary()``),
     the median and mean of S1 and ST and the median of their half-widths under their metric
