@@ -83,7 +83,8 @@ class MaskingCallback(pl.Callback):
             (what SensitivityCallback writes).
         results_file: results file, relative to the run directory (SensitivityCallback's).
         value: "S1" | "ST" | "shapley_normalized"; None: ST, else shapley_normalized.
-        layers: masked layers; None: the analysed layers whose output is (C, H, W).
+        layers: masked layers; None: the analysed layers whose output has positions (maps
+            (C, H, W) or (H, W, C), tokens (L, D)).
         variables: mask variables; None: every variable of the analysis.
         augmentations: input augmentations; None: the analysis's augmentations.
         k: parameter draws per probe image and input augmentation.
@@ -242,7 +243,7 @@ class MaskingCallback(pl.Callback):
             mask_variables=self.variables, k=self.k, seed=self.seed, problem=stored.problem,
             ties=self.ties, batch_images=self.batch_images, reuse_prefix=self.reuse_prefix,
             rank=trainer.global_rank, world_size=trainer.world_size, valid=chosen.valid,
-            progress=self.progress,
+            progress=self.progress, layouts=chosen.layouts,
         )
         result.epoch = epoch
         self.results.append(result)

@@ -141,7 +141,7 @@ def masking_inputs(cfg: Namespace) -> MaskingInputs:
     chosen = masking.masking_maps(stored.result, model, size, value=options.value,
                                   layers=options.layers, augmentations=options.augmentations)
     if not chosen.layers:
-        raise ValueError(f"analysis {name!r} has no layer with (C, H, W) outputs to mask; "
+        raise ValueError(f"analysis {name!r} has no layer with map or token outputs to mask; "
                          f"name layers with --masking.layers")
     labels = torch.arange(n_classes).repeat_interleave(cfg.data.images_per_class)
     return MaskingInputs(store, name, output, stored, model, probe, labels, class_names, chosen)
@@ -156,6 +156,7 @@ def _run_masking(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str], Log]
         mask_variables=options.variables, k=options.k, seed=cfg.seed,
         problem=inputs.stored.problem, ties=options.ties, batch_images=options.batch_images,
         reuse_prefix=options.reuse_prefix, valid=chosen.valid, progress=cfg.progress,
+        layouts=chosen.layouts,
     )
     store = inputs.store
     group = store.write_result(masking.GROUP_KIND, inputs.output, out, overwrite=cfg.overwrite)
@@ -195,6 +196,7 @@ def _run_single_class(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str],
         trials=cfg.single_class.trials, batch_images=options.batch_images,
         reuse_prefix=options.reuse_prefix, value=chosen.value, analysis=inputs.name,
         layer=head, valid=chosen.valid, head_valid=head_valid[head], progress=cfg.progress,
+        layouts=chosen.layouts,
     )
     store = inputs.store
     group = store.write_result(single_class.GROUP_KIND, inputs.output, out,

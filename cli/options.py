@@ -181,7 +181,9 @@ def _add_problem_options(p: ArgumentParser) -> None:
     add_option(p, "problem.preset", type=str | None, default=None,
                help="'paper': the published switch semantics and min-max postprocessing")
     add_option(p, "problem.augmentations", "--set", type=int | list[str], default=1,
-               help="augmentation set 1 or 2, or a list of names")
+               help='augmentation set 1 or 2, or a list of names and import paths '
+                    'package.module:function of registered augmentations (CLI.md '
+                    '"Registering an augmentation")')
     add_option(p, "problem.p_on", type=float | dict[str, float], default=0.5,
                help="probability each augmentation is applied (one value or {name: p})")
     add_option(p, "problem.auxiliaries", type=list[str], default=["order", "class", "image"],

@@ -15,7 +15,11 @@ The variants replace only the stem, in place, so every module keeps the name tor
 - VGG (vgg*): nothing changes. Its stem is already 3x3 stride 1, its five 2x2 pools leave 1x1
   (32 px) or 2x2 (64 px) maps and its adaptive ``avgpool`` (7x7) keeps the classifier's input size.
 
-Other architectures have no small-input variant; they are built as torchvision defines them.
+Other architectures have no small-input variant; they are built as torchvision defines them,
+for the input size where it is part of the network: a vision transformer (vit_*) is built for
+``image_size`` (its position embedding has one entry per patch; 32 px with 16 px patches gives 4
+patch tokens and the class token), the others accept any size (Swin) or need their own
+(MaxViT: 224 px).
 """
 
 from __future__ import annotations
@@ -80,12 +84,14 @@ def has_small_input_variant(net: nn.Module) -> bool:
     return type(net) in _SMALL_INPUT_VARIANTS
 
 
-def build_network(arch: str, num_classes: int) -> nn.Module:
+def build_network(arch: str, num_classes: int, image_size: int | None = None) -> nn.Module:
     """A randomly initialised torchvision classification network.
 
     Args:
         arch: a torchvision classification model name ("resnet18", "alexnet", ...).
         num_classes: outputs of its head.
+        image_size: side of the (square) input images in px: a vision transformer is built
+            for it (module docstring); None, or another family: torchvision's network.
 
     Returns:
         The network.
@@ -99,7 +105,8 @@ def build_network(arch: str, num_classes: int) -> nn.Module:
             f"unknown architecture {arch!r}: expected a torchvision classification model name, "
             f"e.g. resnet18, alexnet, vgg11 (all: {', '.join(known)})"
         )
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    sized = {"image_size": image_size} if image_size is not None and arch.startswith("vit_") else {}
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **sized)
 
 
 def make_small_input(net: nn.Module, arch: str) -> list[str]:

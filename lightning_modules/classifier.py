@@ -58,9 +58,10 @@ class ImageClassifier(pl.LightningModule):
             ``lightning_modules.architectures``). None (auto) chooses it when ``image_size``
             <= 64, no ``weights`` are given (pretrained weights imply the stock network) and
             the family has one.
-        image_size: side of the (square) input images in px, used only by ``small_input`` =
-            None and to refuse stock AlexNet below 63 px; the training CLI links it to the
-            data's ``image_size``.
+        image_size: side of the (square) input images in px, used by ``small_input`` = None,
+            to refuse stock AlexNet below 63 px and to build a vision transformer for it
+            (``architectures.build_network``); the training CLI links it to the data's
+            ``image_size``.
         optimizer: "sgd" (momentum, optional Nesterov) or "adamw".
         lr: peak learning rate; the schedule is a linear warmup over ``warmup_epochs`` then a
             cosine decay to 0 at the end of training (trainer.max_epochs or max_steps), per step.
@@ -114,7 +115,7 @@ class ImageClassifier(pl.LightningModule):
         if image_size is not None and image_size < 1:
             raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
         self.save_hyperparameters()
-        self.net = build_network(arch, num_classes)
+        self.net = build_network(arch, num_classes, image_size)
         if small_input is None:
             small_input = (
                 image_size is not None

@@ -1,19 +1,25 @@
-"""Parameter specs of the 12 augmentations (METHOD.md section 2) and the checks of a batch.
+"""What an augmentation is (``AugmentationSpec``), the registry of them and the checks of a batch.
 
-``AUGMENTATIONS`` states every parameter's bounds at 224 px; ``AugmentationSpec.bounds(h, w)``
-scales the spatial ones to another image size. ``validate(images, {name: params, ...})`` checks a
-batch of images and the parameters of several augmentations at once, so that a pipeline
-(``pipeline.compose``, behind ``AugmentationProblem.augment``) pays the checks once and then
-calls ``augmentations.apply`` with ``validated=True``.
+``AUGMENTATIONS`` is the registry (``sensitivity.registry`` adds to it; the built-in 12 of
+METHOD.md section 2 register on import of ``sensitivity.augmentations``). Every spec states its
+parameters' bounds at 224 px; ``AugmentationSpec.bounds(h, w)`` scales the spatial ones to
+another image size. ``validate(images, {name: params, ...})`` checks a batch of images and the
+parameters of several augmentations at once, so that a pipeline (``pipeline.compose``, behind
+``AugmentationProblem.augment``) pays the checks once and then calls ``augmentations.apply``
+with ``validated=True``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+
+Kernel = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+"""An augmentation's batched function: ``fn(images, params) -> images``, images (B, 3, H, W)
+float in [0, 1], params {parameter: (B,) float64 tensor} in natural units at H x W."""
 
 REFERENCE_SIDE = 224
 """Image side in px at which ``AUGMENTATIONS`` states its bounds."""
@@ -58,18 +64,33 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class AugmentationSpec:
-    """An augmentation: ordered parameters and the parameter values at which it is the identity.
+    """An augmentation: ordered parameters, its identity values and its batched function.
 
     Attributes:
-        name: a key of ``AUGMENTATIONS``.
+        name: its key in ``AUGMENTATIONS``.
         params: its parameters, in the order of design columns.
         identity: parameter -> identity value (brightness 1, rotation 0, ...); None for
-            augmentations that are off when not applied (erasing, blur, flips, ...).
+            augmentations that are off only when switched off (erasing, blur, flips, ...).
+        fn: the batched function (``Kernel``); None only for a spec not (yet) registered.
+        moves_data: ``fn`` only moves or zeroes values (erasing, rolling, hflip), exact in any
+            dtype: it gets half-precision images as they are, where others get them in float32.
     """
 
     name: str
     params: tuple[ParamSpec, ...]
     identity: dict[str, float] | None
+    fn: Kernel | None = None
+    moves_data: bool = False
+
+    @property
+    def source(self) -> str | None:
+        """``fn``'s import path, "package.module:function", or None without one (a lambda or a
+        callable object has no importable name)."""
+        module = getattr(self.fn, "__module__", None)
+        qualname = getattr(self.fn, "__qualname__", None)
+        if module is None or qualname is None or "<" in qualname:
+            return None
+        return f"{module}:{qualname}"
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -101,56 +122,19 @@ def _axis_scale(axis: str | None, height: int, width: int) -> float:
     raise ValueError(f"unknown axis {axis!r}; expected 'x', 'y', 'xy' or None")
 
 
-AUGMENTATIONS: dict[str, AugmentationSpec] = {
-    spec.name: spec
-    for spec in (
-        AugmentationSpec(
-            "erasing",
-            (
-                ParamSpec("center_y", 44.0, 180.0, axis="y"),
-                ParamSpec("center_x", 44.0, 180.0, axis="x"),
-                ParamSpec("scale", 0.02, 0.33),
-                ParamSpec("log_ratio", math.log(0.3), math.log(3.3)),
-            ),
-            None,
-        ),
-        AugmentationSpec("sharpness", (), None),
-        AugmentationSpec(
-            "rolling",
-            (
-                ParamSpec("shift_y", -44.0, 44.0, integer=True, axis="y"),
-                ParamSpec("shift_x", -44.0, 44.0, integer=True, axis="x"),
-            ),
-            {"shift_y": 0.0, "shift_x": 0.0},
-        ),
-        AugmentationSpec("grayscale", (), None),
-        AugmentationSpec("gaussian_blur", (ParamSpec("sigma", 0.1, 2.0, axis="xy"),), None),
-        AugmentationSpec("brightness", (ParamSpec("factor", 0.1, 2.5),), {"factor": 1.0}),
-        AugmentationSpec("contrast", (ParamSpec("factor", 0.01, 3.5),), {"factor": 1.0}),
-        AugmentationSpec("saturation", (ParamSpec("factor", 0.01, 3.5),), {"factor": 1.0}),
-        AugmentationSpec("hue", (ParamSpec("factor", -0.5, 0.5),), {"factor": 0.0}),
-        AugmentationSpec("hflip", (), None),
-        AugmentationSpec("rotation", (ParamSpec("angle", -10.0, 10.0),), {"angle": 0.0}),
-        AugmentationSpec(
-            "elliptic_local_blur",
-            (
-                ParamSpec("a", 10.0, 32.0, axis="x"),
-                ParamSpec("b", 10.0, 32.0, axis="y"),
-                ParamSpec("shift_x", -32.0, 32.0, axis="x"),
-                ParamSpec("shift_y", -32.0, 32.0, axis="y"),
-                ParamSpec("angle", -15.0, 15.0),
-            ),
-            None,
-        ),
-    )
-}
+AUGMENTATIONS: dict[str, AugmentationSpec] = {}
+"""The registry: name -> spec, in registration order. ``sensitivity.augmentations`` registers the
+built-in 12 on import, the user's come from ``sensitivity.registry.register_augmentation``."""
 
 AUGMENTATION_SETS: dict[int, list[str]] = {
     1: ["erasing", "sharpness", "rolling", "grayscale", "gaussian_blur"],
     2: ["brightness", "contrast", "saturation", "hue", "hflip", "rotation", "elliptic_local_blur"],
 }
 
-_IMAGE_TOLERANCE = 1e-4  # float32 round-off of earlier augmentations may leave [0, 1] by ~1e-7
+BUILTIN = frozenset(AUGMENTATION_SETS[1] + AUGMENTATION_SETS[2])
+"""The built-in augmentations (METHOD.md section 2): never unregistered or replaced."""
+
+IMAGE_TOLERANCE = 1e-4  # float32 round-off of earlier augmentations may leave [0, 1] by ~1e-7
 _BOUND_TOLERANCE = 1e-5  # relative; bounds mapped from the unit cube in float32 may overshoot
 
 
@@ -164,11 +148,14 @@ def augmentation_spec(name: str) -> AugmentationSpec:
         ``AUGMENTATIONS[name]``.
 
     Raises:
-        ValueError: unknown name (the message lists the valid ones).
+        ValueError: unknown name (the message lists the registered ones).
     """
     spec = AUGMENTATIONS.get(name)
     if spec is None:
-        raise ValueError(f"unknown augmentation {name!r}; valid names: {', '.join(AUGMENTATIONS)}")
+        raise ValueError(
+            f"unknown augmentation {name!r}; valid names: {', '.join(AUGMENTATIONS)} (register "
+            f"yours with sensitivity.registry.register_augmentation)"
+        )
     return spec
 
 
@@ -220,7 +207,7 @@ def validate(
     flat = torch.cat(stats).tolist()
 
     img_low, img_high = flat[0], flat[1]
-    if not (img_low >= -_IMAGE_TOLERANCE and img_high <= 1 + _IMAGE_TOLERANCE):
+    if not (img_low >= -IMAGE_TOLERANCE and img_high <= 1 + IMAGE_TOLERANCE):
         raise ValueError(
             f"{label}: image values must lie in [0, 1], got [{img_low:.4g}, {img_high:.4g}]; "
             "scale uint8 images by 1/255 and apply ImageNet normalisation only after augmenting"

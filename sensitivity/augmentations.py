@@ -2,10 +2,13 @@
 
 ``apply(name, images, params)`` takes images ``(B, 3, H, W)`` float in [0, 1] and per-sample
 parameters ``dict[str, Tensor[B]]`` in natural units *at this image size*, and returns
-``(B, 3, H, W)``; each sample matches torchvision.transforms.v2.functional applied to it alone
-(tests/test_augmentations.py). The parameter specs (``AUGMENTATIONS``, bounds at 224 px) and the
-checks of a batch (``validate``) are in ``sensitivity.augmentation_specs`` and re-exported here.
-``minmax_rescale`` is the reference's optional per-image, per-channel post-processing.
+``(B, 3, H, W)``; for the built-ins each sample matches torchvision.transforms.v2.functional
+applied to it alone (tests/test_augmentations.py). Every kernel here registers itself with
+``register_augmentation`` (its parameters, bounds at 224 px and identity values), as a user's
+augmentation does (``sensitivity.registry``, re-exported here with the specs of
+``sensitivity.augmentation_specs``: ``AUGMENTATIONS``, ``validate``); ``apply`` runs any
+registered augmentation. ``minmax_rescale`` is the reference's optional per-image, per-channel
+post-processing.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ from sensitivity.augmentation_specs import (
     augmentation_spec,
     validate,
 )
+from sensitivity.registry import (
+    check_augmentation,
+    import_augmentation,
+    register_augmentation,
+    unregister_augmentation,
+)
 
 __all__ = [
     "AUGMENTATIONS",
@@ -31,11 +40,15 @@ __all__ = [
     "AugmentationSpec",
     "ParamSpec",
     "apply",
+    "check_augmentation",
     "gaussian_blur_kernel_size",
+    "import_augmentation",
     "local_blur_kernel_size",
     "local_blur_sigma",
     "minmax_rescale",
+    "register_augmentation",
     "rotation_zoom",
+    "unregister_augmentation",
     "validate",
 ]
 
@@ -116,9 +129,10 @@ def apply(
     """Apply augmentation ``name`` to every image of a batch with its own parameters.
 
     Args:
-        name: a key of ``AUGMENTATIONS``.
+        name: a key of ``AUGMENTATIONS`` (built-in or registered).
         images: (B, 3, H, W) float in [0, 1] (float32, float64, bfloat16 or float16), on CPU
-            or CUDA; the batch is transformed by whole-tensor ops, never a loop over samples.
+            or CUDA; the built-ins transform the batch by whole-tensor ops, never a loop over
+            samples.
         params: parameter name -> Tensor (B,) in natural units at this image size (pixels,
             degrees, factors; see ``AUGMENTATIONS[name].bounds(H, W)``). ``None`` or ``{}`` for
             sharpness, grayscale and hflip.
@@ -129,24 +143,25 @@ def apply(
     Returns:
         (B, 3, H, W) new tensor of the input dtype and device. For half-precision inputs
         (bfloat16, float16) the arithmetic augmentations compute in float32 and round once at
-        the end; erasing, rolling and hflip only move or zero values and stay in the input dtype.
-        No convolution or matmul is used, so CUDA TF32 settings do not change the results.
+        the end; erasing, rolling and hflip (``moves_data``) only move or zero values and stay
+        in the input dtype. The built-ins use no convolution or matmul, so CUDA TF32 settings
+        do not change their results.
 
     Raises:
         ValueError: unknown name, images not (B, 3, H, W) floating point in [0, 1], missing or
             extra parameters, parameters not (B,), non-finite, out of bounds or non-integral
             where the spec says integer.
     """
+    spec = augmentation_spec(name)
     if validated:
-        spec = augmentation_spec(name)
         # float64 as ``validate`` returns them: rounding of pixel extents depends on it
         values = {p: (params or {})[p].to(images.device, torch.float64) for p in spec.param_names}
     else:
         values = validate(images, {name: params})[name]
     if images.shape[0] == 0:
         return images.clone()
-    work = images if name in _DATA_MOVEMENT else images.to(_compute_dtype(images.dtype))
-    return _KERNELS[name](work, values).to(images.dtype)
+    work = images if spec.moves_data else images.to(_compute_dtype(images.dtype))
+    return spec.fn(work, values).to(images.dtype)
 
 
 def minmax_rescale(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -236,8 +251,21 @@ def _pixel_grid(length: int, device: torch.device) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- kernels
+# Registered in this order, the order of AUGMENTATION_SETS 1 then 2. ``check=False``: the
+# exactness tests against torchvision (tests/test_augmentations.py) check them more strictly.
 
 
+@register_augmentation(
+    "erasing",
+    params=(
+        ParamSpec("center_y", 44.0, 180.0, axis="y"),
+        ParamSpec("center_x", 44.0, 180.0, axis="x"),
+        ParamSpec("scale", 0.02, 0.33),
+        ParamSpec("log_ratio", math.log(0.3), math.log(3.3)),
+    ),
+    moves_data=True,
+    check=False,
+)
 def _erasing(images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """Zero a rectangle per sample.
 
@@ -261,6 +289,7 @@ def _erasing(images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     return images.masked_fill(mask, 0.0)
 
 
+@register_augmentation("sharpness", check=False)
 def _sharpness(images: torch.Tensor, _: dict[str, torch.Tensor]) -> torch.Tensor:
     """F.adjust_sharpness(img, 1.5): blend with the 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13.
 
@@ -281,6 +310,16 @@ def _sharpness(images: torch.Tensor, _: dict[str, torch.Tensor]) -> torch.Tensor
     return output.clamp_(0.0, 1.0)
 
 
+@register_augmentation(
+    "rolling",
+    params=(
+        ParamSpec("shift_y", -44.0, 44.0, integer=True, axis="y"),
+        ParamSpec("shift_x", -44.0, 44.0, integer=True, axis="x"),
+    ),
+    identity={"shift_y": 0.0, "shift_x": 0.0},
+    moves_data=True,
+    check=False,
+)
 def _rolling(images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """torch.roll per sample: out[y, x] = in[(y - shift_y) mod H, (x - shift_x) mod W]."""
     batch, channels, height, width = images.shape
@@ -292,11 +331,15 @@ def _rolling(images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     return flat.gather(2, index.expand(batch, channels, -1)).view_as(images)
 
 
+@register_augmentation("grayscale", check=False)
 def _grayscale_kernel(images: torch.Tensor, _: dict[str, torch.Tensor]) -> torch.Tensor:
     """F.rgb_to_grayscale(img, num_output_channels=3)."""
     return _grayscale(images).expand_as(images).contiguous()
 
 
+@register_augmentation(
+    "gaussian_blur", params=(ParamSpec("sigma", 0.1, 2.0, axis="xy"),), check=False
+)
 def _gaussian_blur(images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """F.gaussian_blur(img, k, sigma) per sample, k = gaussian_blur_kernel_size(H, W).
 
@@ -326,22 +369,34 @@ def _reflect_blur_axis(x: torch.Tensor, weights: torch.Tensor, dim: int) -> torc
     return out
 
 
+@register_augmentation(
+    "brightness", params={"factor": (0.1, 2.5)}, identity={"factor": 1.0}, check=False
+)
 def _brightness(images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """F.adjust_brightness: clamp(f * img)."""
     return (images * _per_sample(p["factor"], images.dtype)).clamp_(0.0, 1.0)
 
 
+@register_augmentation(
+    "contrast", params={"factor": (0.01, 3.5)}, identity={"factor": 1.0}, check=False
+)
 def _contrast(images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """F.adjust_contrast: blend with the image's mean grayscale value."""
     mean = _grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
     return _blend(images, mean, _per_sample(p["factor"], images.dtype))
 
 
+@register_augmentation(
+    "saturation", params={"factor": (0.01, 3.5)}, identity={"factor": 1.0}, check=False
+)
 def _saturation(images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """F.adjust_saturation: blend with the grayscale image."""
     return _blend(images, _grayscale(images), _per_sample(p["factor"], images.dtype))
 
 
+@register_augmentation(
+    "hue", params={"factor": (-0.5, 0.5)}, identity={"factor": 0.0}, check=False
+)
 def _hue(images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """F.adjust_hue: turn the HSV hue by ``factor`` (in turns) and go back to RGB.
 
@@ -368,11 +423,15 @@ def _hue(images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     return ramp.mul_(chroma[:, None]).add_(minc[:, None])
 
 
+@register_augmentation("hflip", moves_data=True, check=False)
 def _hflip(images: torch.Tensor, _: dict[str, torch.Tensor]) -> torch.Tensor:
     """F.hflip."""
     return images.flip(-1)
 
 
+@register_augmentation(
+    "rotation", params={"angle": (-10.0, 10.0)}, identity={"angle": 0.0}, check=False
+)
 def _rotation(images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """F.affine(img, angle, [0, 0], s, [0, 0], BILINEAR) per sample, s = rotation_zoom(angle).
 
@@ -398,6 +457,17 @@ def _rotation(images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
+@register_augmentation(
+    "elliptic_local_blur",
+    params=(
+        ParamSpec("a", 10.0, 32.0, axis="x"),
+        ParamSpec("b", 10.0, 32.0, axis="y"),
+        ParamSpec("shift_x", -32.0, 32.0, axis="x"),
+        ParamSpec("shift_y", -32.0, 32.0, axis="y"),
+        ParamSpec("angle", -15.0, 15.0),
+    ),
+    check=False,
+)
 def _elliptic_local_blur(images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """Blur inside a per-sample ellipse, leave the rest.
 
@@ -454,20 +524,3 @@ def _reflect_index(index: torch.Tensor, length: int) -> torch.Tensor:
     index = torch.where(index < 0, -index, index)
     return torch.where(index > length - 1, 2 * (length - 1) - index, index)
 
-
-_DATA_MOVEMENT = frozenset({"erasing", "rolling", "hflip"})
-
-_KERNELS = {
-    "erasing": _erasing,
-    "sharpness": _sharpness,
-    "rolling": _rolling,
-    "grayscale": _grayscale_kernel,
-    "gaussian_blur": _gaussian_blur,
-    "brightness": _brightness,
-    "contrast": _contrast,
-    "saturation": _saturation,
-    "hue": _hue,
-    "hflip": _hflip,
-    "rotation": _rotation,
-    "elliptic_local_blur": _elliptic_local_blur,
-}

@@ -4,7 +4,7 @@ and what a results file records of it (docs/RESULTS_FORMAT.md).
 The one definition of the engine's settings: the command line (analyze.py), the training
 callback, the Lightning module and the engine all take an ``EngineConfig``; ``build_design``
 turns it into the sampling design and ``analysis_attrs`` into the attributes of
-/analyses/<name>. Imports numpy and ``sensitivity.designs`` only.
+/analyses/<name>. Imports numpy, ``sensitivity.designs`` and ``sensitivity.layouts`` only.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from sensitivity.designs import (
     VarianceDesign,
     check_power_of_two,
 )
+from sensitivity.layouts import check_layouts
 
 if TYPE_CHECKING:
     from sensitivity.problem import AugmentationProblem
@@ -64,7 +65,15 @@ class EngineConfig:
         n_inner: inner draws per outer draw ("permutation" only; >= 2 for a variance).
         contrast_k: parameter draws per augmentation and image for "contrast".
         layers: checkpoint module names of the hooked module; None -> capture.default_layers.
-        reduction: "none" (every element a unit) | "channel_mean", or {layer: reduction}.
+            "<module>:<index or key>" captures one element of a module that returns a tuple or
+            dict (e.g. "encoder.layers.encoder_layer_1.self_attention:0").
+        reduction: "none" (every element a unit) | "channel_mean" (one unit per channel or
+            hidden feature: the mean over pixels or tokens) | "cls_token" (the class token of a
+            ViT encoder), or {layer: reduction}.
+        layouts: {layer: layout} for layers whose output layout is not detected (or to
+            override it): "nchw" (B, C, H, W), "nhwc" (B, H, W, C), "tokens" (B, L, D),
+            "tokens_cls" (B, L, D) with a class token at index 0, "flat" (B, F); None: every
+            layout detected (torchvision's CNNs, ViT, Swin, MaxViT).
         batch_rows: rows per forward pass. Batches hold whole design blocks (as many as fit, at
             least one); a block larger than batch_rows is forwarded in chunks of batch_rows
             rows, its captured outputs (block_size x units) held until the block is complete.
@@ -106,6 +115,7 @@ class EngineConfig:
     contrast_k: int = 4
     layers: list[str] | None = None
     reduction: str | dict[str, str] = "none"
+    layouts: dict[str, str] | None = None
     batch_rows: int = 256
     checkpoint_every: int = 0
     # int too: configuration files (YAML) and the command line give 16 and 32 as numbers.
@@ -150,6 +160,8 @@ class EngineConfig:
             raise ValueError(f"conf_level must lie strictly between 0 and 1, got {self.conf_level}")
         if isinstance(self.layers, str):
             raise ValueError(f"layers must be a list of module names, got {self.layers!r}")
+        if self.layouts is not None:
+            check_layouts(self.layouts)
         for name in ("deduplicate", "channels_last", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -4,12 +4,14 @@ Every long loop of the framework (the engine's analyses, masking) shards its wor
 ``resolve_world`` gives (rank, world size), ``shard_range`` this rank's contiguous block range,
 ``shard_path`` its own file next to the merged one, and ``rank_zero_seconds`` makes every rank
 report the same wall time; ``broadcast_buffers`` gives every rank rank zero's buffers before
-the training callbacks analyse a model. Without an initialised process group everything is one
-process.
+the training callbacks analyse a model; ``check_same_on_every_rank`` refuses ranks that were
+started with different settings (e.g. another registration of an augmentation). Without an
+initialised process group everything is one process.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -109,3 +111,37 @@ def broadcast_buffers(module: torch.nn.Module, world_size: int) -> None:
     if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         for buffer in module.buffers():
             torch.distributed.broadcast(buffer, src=0)
+
+
+def check_same_on_every_rank(
+    text: str, what: str, world_size: int, device: torch.device
+) -> None:
+    """Refuse a run whose ranks disagree on ``text`` (a collective: every rank calls it).
+
+    Ranks launched separately (torchrun, SLURM) build their inputs themselves: one with other
+    settings or another version of an imported augmentation would add sums of another problem
+    to the shared accumulators.
+
+    Args:
+        text: this rank's description, e.g. the problem's config as sorted JSON.
+        what: what it describes, for the message.
+        world_size: processes; 1 returns without communication.
+        device: where the process group's collectives run (CUDA for NCCL).
+
+    Raises:
+        ValueError: on every rank, when some rank's SHA-256 of ``text`` differs from rank
+            zero's.
+    """
+    if world_size == 1:
+        return
+    digest = hashlib.sha256(text.encode()).digest()
+    mine = torch.tensor(list(digest), dtype=torch.int64, device=device)  # (32,)
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, mine)
+    differing = [rank for rank, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
+    if differing:
+        raise ValueError(
+            f"ranks {differing} have another {what} than rank 0; start every process with the "
+            f"same settings and code (registered augmentations importable, in the same version, "
+            f"on every node)"
+        )

@@ -38,6 +38,7 @@ This module imports torch, numpy and the rest of ``sensitivity``; never Lightnin
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -57,7 +58,13 @@ from sensitivity.batches import Batch, BatchSource, batch_loader, batch_ranges
 from sensitivity.capture import ActivationCapture, model_device
 from sensitivity.config import EngineConfig
 from sensitivity.designs import Design
-from sensitivity.distributed import rank_zero_seconds, resolve_world, shard_path, shard_range
+from sensitivity.distributed import (
+    check_same_on_every_rank,
+    rank_zero_seconds,
+    resolve_world,
+    shard_path,
+    shard_range,
+)
 from sensitivity.forward import BatchForward, Stopwatch, channels_last_weights
 from sensitivity.plan import AnalysisPlan, SmallSampleWarning, hooked_module, plan_analysis
 from sensitivity.problem import AugmentationProblem
@@ -122,8 +129,8 @@ def run_analysis(
 
     Raises:
         ValueError: for invalid inputs (``plan_analysis``), a plan made for other inputs, a
-            writer for other layers, a writer with checkpointing, or a resume state of another
-            analysis.
+            writer for other layers, a writer with checkpointing, a resume state of another
+            analysis, or (on every rank) ranks started with different problems.
     """
     started = time.perf_counter()
     rank, world_size = resolve_world(rank, world_size)
@@ -135,8 +142,10 @@ def run_analysis(
         warnings.warn(plan.advice, SmallSampleWarning, stacklevel=2)
     run = _start(plan, model, device, (rank, world_size), state_path, activation_writer,
                  timings, started)
+    # The plan's layouts (detected or given) as overrides: nothing is detected mid-run.
     capture = ActivationCapture(
-        hooked_module(model, layer_root), list(plan.unit_shapes), config.reduction
+        hooked_module(model, layer_root), list(plan.unit_shapes), config.reduction,
+        layouts={name: unit.layout for name, unit in plan.layouts.items()},
     )
     computed = _accumulate(run, model, capture, device)
     seconds = rank_zero_seconds(
@@ -248,9 +257,15 @@ def _start(
 
     Returns:
         The state of this rank's pass, at ``next_block`` (after a saved state's).
+
+    Raises:
+        ValueError: ranks with different problems (``check_same_on_every_rank``).
     """
     config, design = plan.config, plan.design
     rank, world_size = world
+    check_same_on_every_rank(json.dumps(plan.problem.to_config(), sort_keys=True),
+                             "problem (augmentations, their registrations and bounds)",
+                             world_size, device)
     shard = shard_range(design.n_blocks, rank, world_size)
     per_batch = max(1, config.batch_rows // design.block_size)
     accumulators = LayerAccumulators(config, plan.problem, plan.unit_shapes, device)
@@ -390,4 +405,5 @@ def _result(
         replicates=config.effective_replicates,
         toggles=plan.toggles,
         settings=plan.settings(),
+        layouts=plan.layouts,
     )

@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 from sensitivity.config import MIN_TOGGLES
 from sensitivity.estimators import FLAG_NAMES
 from sensitivity.html_page import Page, escape, markup_table, number, statistic, table
+from sensitivity.layouts import features_first
 from sensitivity.masking.result import GROUP_KIND as MASKING_GROUP
 from sensitivity.masking.result import MaskingResult
 from sensitivity.report import (
@@ -63,8 +64,10 @@ def _finite(values: np.ndarray) -> np.ndarray:
 def _valid_maps(result: AnalysisResult, layer: str, key: str) -> np.ndarray:
     """(G, *u) ``key`` values of ``layer`` with flagged units and non-finite values as NaN:
     a flagged unit's raw index is noise (or 0 for a constant unit) and must not win a ranking
-    or stretch a colour scale."""
-    return np.where(result.valid(layer), _finite(result.layers[layer][key]), np.nan)
+    or stretch a colour scale. Channels first: (G, C, H, W) of an NHWC map, (G, D, L) of
+    tokens (``AnalysisResult.features_first``)."""
+    valid = features_first(result.valid(layer), 0, result.unit_layout(layer))
+    return np.where(valid, _finite(result.features_first(layer, key)), np.nan)
 
 
 def unit_scores(maps: np.ndarray, key: str) -> np.ndarray:

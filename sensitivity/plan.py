@@ -2,10 +2,11 @@
 
 ``plan_analysis`` makes every check the engine makes before running (settings, probe count,
 shape and range, the design the problem can take, layer names) and builds, once per run, what
-every later step reads: the design, each layer's unit shape (one dry forward of one zero image),
-the probe's size and the toggle counts the indices rest on. ``run_analysis`` takes the plan;
-so do the activation writer (rows, row kinds, unit shapes) and the results file's settings
-(``config.analysis_attrs``), so that a run builds its design once and forwards one dry image.
+every later step reads: the design, each layer's unit shape and unit layout (one dry forward of
+one zero image), the probe's size and the toggle counts the indices rest on. ``run_analysis``
+takes the plan; so do the activation writer (rows, row kinds, unit shapes) and the results
+file's settings (``config.analysis_attrs``), so that a run builds its design once and forwards
+one dry image.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.utils.data import Dataset
 from sensitivity.capture import ActivationCapture
 from sensitivity.config import MIN_TOGGLES, EngineConfig, analysis_attrs, build_design
 from sensitivity.designs import Design, ShapleyDesign, SobolDesign
+from sensitivity.layouts import UnitLayout
 from sensitivity.probe import ProbeImages
 from sensitivity.problem import AugmentationProblem
 
@@ -41,6 +43,8 @@ class AnalysisPlan:
         probe: the checked probe images (``probe.size``: (H, W) in pixels).
         unit_shapes: {layer: unit shape}, in checkpoint order: what the accumulators, the
             activation writer and the result hold per row.
+        layouts: {layer: unit layout} (output layout, reduction, element), in checkpoint
+            order: what the result records of each layer.
         toggles: {variable: base points (trajectories) in which it changes}; empty for the
             designs without pairs (``toggle_counts``).
     """
@@ -50,6 +54,7 @@ class AnalysisPlan:
     design: Design
     probe: ProbeImages
     unit_shapes: dict[str, tuple[int, ...]]
+    layouts: dict[str, UnitLayout]
     toggles: dict[str, int]
 
     @property
@@ -75,28 +80,48 @@ def hooked_module(model: nn.Module, layer_root: nn.Module | None = None) -> nn.M
     return net if isinstance(net, nn.Module) else model
 
 
+def layer_units(
+    model: nn.Module,
+    image_size: tuple[int, int],
+    config: EngineConfig,
+    layer_root: nn.Module | None = None,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, UnitLayout]]:
+    """The unit shapes and layouts the analysis will report, from one dry forward of ``model``.
+
+    Args:
+        model: the analysed model (``model(x)`` on (1, 3, H, W) images).
+        image_size: (H, W) in pixels.
+        config: its ``layers``, ``reduction`` and ``layouts``.
+        layer_root: the module that names the layers (``hooked_module``).
+
+    Returns:
+        ({layer: unit shape}, {layer: unit layout}), in checkpoint order.
+
+    Raises:
+        ValueError: for unknown layer names (the message lists the valid ones), outputs of no
+            detected or given layout, or reductions their layout cannot take.
+    """
+    capture = ActivationCapture(hooked_module(model, layer_root), config.layers, config.reduction,
+                                layouts=config.layouts)
+    shapes = capture.unit_shapes(image_size, forward=model)
+    return shapes, {name: capture.layouts[name] for name in shapes}
+
+
 def layer_shapes(
     model: nn.Module,
     image_size: tuple[int, int],
     config: EngineConfig,
     layer_root: nn.Module | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    """The unit shapes the analysis will report, from one dry forward of ``model``.
+    """The unit shapes the analysis will report (``layer_units`` without the layouts).
 
     Args:
-        model: the analysed model (``model(x)`` on (1, 3, H, W) images).
-        image_size: (H, W) in pixels.
-        config: its ``layers`` and ``reduction``.
-        layer_root: the module that names the layers (``hooked_module``).
+        model, image_size, config, layer_root: as ``layer_units``.
 
     Returns:
         {layer: unit shape}, in checkpoint order.
-
-    Raises:
-        ValueError: for unknown layer names (the message lists the valid ones).
     """
-    capture = ActivationCapture(hooked_module(model, layer_root), config.layers, config.reduction)
-    return capture.unit_shapes(image_size, forward=model)
+    return layer_units(model, image_size, config, layer_root)[0]
 
 
 def plan_analysis(
@@ -134,8 +159,9 @@ def plan_analysis(
         raise ValueError(f"problem must be an AugmentationProblem, got {type(problem).__name__}")
     source = ProbeImages(probe, problem, cpu=config.num_workers > 0)
     design = build_design(problem, config)
-    shapes = layer_shapes(model, source.size, config, layer_root)
-    return AnalysisPlan(problem, config, design, source, shapes, toggle_counts(problem, design))
+    shapes, layouts = layer_units(model, source.size, config, layer_root)
+    return AnalysisPlan(problem, config, design, source, shapes, layouts,
+                        toggle_counts(problem, design))
 
 
 def toggle_counts(problem: AugmentationProblem, design: Design) -> dict[str, int]:

@@ -3,9 +3,9 @@
 A problem is an ordered list of groups (the players of the analysis), each owning columns of a
 design row x in [0, 1)^d:
 
-- one group per augmentation: a switch column (applied iff u < p_on; dropped when p_on == 1)
-  followed by its parameter columns, u mapped linearly to the bounds at the image size (integer
-  parameters rounded to the nearest integer);
+- one group per augmentation, built-in or registered (``sensitivity.registry``): a switch column
+  (applied iff u < p_on; dropped when p_on == 1) followed by its parameter columns, u mapped
+  linearly to the bounds at the image size (integer parameters rounded to the nearest integer);
 - ``order``: floor(u * K!) -> the permutation of the K augmentations with that Lehmer code
   (lexicographic rank); switched-on augmentations are applied in that order;
 - ``class``: floor(u * n_classes); ``image``: floor(u * images_per_class) within that class;
@@ -29,11 +29,18 @@ import torch
 from torch import Tensor
 
 from sensitivity import augmentations as augs
+from sensitivity.augmentation_specs import BUILTIN
 from sensitivity.augmentations import AUGMENTATION_SETS, AUGMENTATIONS, ParamSpec
 from sensitivity.decoded import DecodedRows, cell_index, lehmer_permutations
 from sensitivity.pipeline import compose
+from sensitivity.registry import (
+    RESERVED_NAMES,
+    check_record,
+    import_augmentation,
+    registration_record,
+)
 
-AUXILIARIES = ("order", "class", "image", "partition")
+AUXILIARIES = RESERVED_NAMES
 POSTPROCESSES = ("minmax",)
 PAPER_METHODS = ("sobol", "shapley")
 DEFAULT_P_ON = 0.5
@@ -57,7 +64,7 @@ class Group:
 
 
 def _resolve_augmentations(augmentations: int | str | Sequence[str]) -> list[str]:
-    """Augmentation names of a set number or a list of names, checked."""
+    """Augmentation names of a set number or a list of names and import paths, checked."""
     if isinstance(augmentations, bool):
         raise ValueError(f"augmentations must be a set number or names, got {augmentations!r}")
     if isinstance(augmentations, int | np.integer):
@@ -70,9 +77,14 @@ def _resolve_augmentations(augmentations: int | str | Sequence[str]) -> list[str
     names = [augmentations] if isinstance(augmentations, str) else list(augmentations)
     if not names:
         raise ValueError("augmentations is empty; give a set number (1, 2) or at least one name")
+    # "package.module:function" imports a user's augmentation, which registers itself
+    names = [import_augmentation(n) if isinstance(n, str) and ":" in n else n for n in names]
     unknown = [n for n in names if n not in AUGMENTATIONS]
     if unknown:
-        raise ValueError(f"unknown augmentation(s) {unknown}; valid names: {list(AUGMENTATIONS)}")
+        raise ValueError(
+            f"unknown augmentation(s) {unknown}; valid names: {list(AUGMENTATIONS)}, or the "
+            f"import path 'package.module:function' of a registered augmentation"
+        )
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"augmentation(s) {duplicates} listed more than once; list each once")
@@ -135,7 +147,9 @@ class AugmentationProblem:
     """Groups and columns of an augmentation-sensitivity problem, and row decoding.
 
     Args:
-        augmentations: a set number (1 or 2) or augmentation names, in problem order.
+        augmentations: a set number (1 or 2) or augmentation names, in problem order; a name
+            may be the import path "package.module:function" of a registered augmentation
+            (``sensitivity.registry``), which is imported and stands for its name.
         p_on: probability each augmentation is applied, one number or {name: p} (missing:
             0.5); p_on == 1 drops the switch column (always on).
         auxiliaries: any of "order", "class", "image", "partition", as extra groups in that
@@ -145,11 +159,16 @@ class AugmentationProblem:
             reference did; it cancels most of brightness and contrast).
         bounds: optional {augmentation: {parameter: (low, high)}} at 224 px, inside the
             published ranges, to narrow a parameter.
+        registered: {augmentation: ``registry.registration_record``} of the registered
+            (non-built-in) augmentations, as ``to_config`` writes them: each is imported from
+            its recorded path if this process has not registered it, and must equal this
+            process's registration.
 
     Raises:
         ValueError: unknown augmentations, auxiliaries or postprocess; p_on outside (0, 1];
             n_classes or images_per_class > 1 without its auxiliary; bounds outside the
-            published ranges; no input variable at all.
+            published ranges; no input variable at all; a registered augmentation that differs
+            from its record, or a record of an augmentation not in the problem.
     """
 
     def __init__(
@@ -161,8 +180,17 @@ class AugmentationProblem:
         images_per_class: int = 1,
         postprocess: str | None = None,
         bounds: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+        registered: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
+        for name, record in (registered or {}).items():
+            check_record(name, record)  # before the names: it may import the augmentation
         self.augmentations = _resolve_augmentations(augmentations)
+        stray = sorted(set(registered or {}) - set(self.augmentations))
+        if stray:
+            raise ValueError(
+                f"registered records {stray} are of augmentations not in this problem "
+                f"{self.augmentations}; drop them or add the augmentations"
+            )
         self.p_on = _resolve_p_on(p_on, self.augmentations)
         self.auxiliaries = self._resolve_auxiliaries(auxiliaries)
         for label, value in (("n_classes", n_classes), ("images_per_class", images_per_class)):
@@ -379,7 +407,7 @@ class AugmentationProblem:
 
     _CONFIG_KEYS = (
         "augmentations", "p_on", "auxiliaries", "n_classes", "images_per_class", "postprocess",
-        "bounds",
+        "bounds", "registered",
     )
 
     @classmethod
@@ -427,9 +455,12 @@ class AugmentationProblem:
 
         Returns:
             The constructor's keyword arguments (lists, dicts, numbers), which ``from_config``
-            turns back into an equal problem.
+            turns back into an equal problem. "registered" (the records of the non-built-in
+            augmentations: import path, bounds, identity, digest) is present only when there
+            are any, so the configs of built-in problems, and the resume fingerprints and
+            results files made of them, are those of before the registry.
         """
-        return {
+        config = {
             "augmentations": list(self.augmentations),
             "p_on": dict(self.p_on),
             "auxiliaries": list(self.auxiliaries),
@@ -440,6 +471,18 @@ class AugmentationProblem:
                 a: {p: list(v) for p, v in b.items()} for a, b in self._custom_bounds.items()
             },
         }
+        registered = {
+            a: registration_record(a) for a in self.augmentations if a not in BUILTIN
+        }
+        if registered:
+            config["registered"] = registered
+        return config
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        """Pickle as the config: a spawned process (a DDP rank, a DataLoader worker) rebuilds the
+        problem, importing a registered augmentation from its recorded path and refusing one
+        registered differently there (``registry.check_record``)."""
+        return type(self).from_config, (self.to_config(),)
 
     def with_p_on(self, p_on: float | Mapping[str, float]) -> AugmentationProblem:
         """The same problem with other switch probabilities.

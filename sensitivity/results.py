@@ -3,7 +3,8 @@
 Produced by the engine (and the gsa functions through it), written and read by
 ``sensitivity.store.ResultsStore``, drawn by ``sensitivity.report``. Arrays are numpy float64;
 ``u`` below is a layer's unit shape: (C, H, W) for a map, (C,) for a channel mean, (F,) for a
-fully connected layer.
+fully connected layer; (H, W, C) for a channels-last map and (L, D) for tokens, whose unit
+layout (``layouts``) says which axis holds the channels.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from sensitivity.config import METHODS
+from sensitivity.layouts import UnitLayout, features_first
 
 # Arrays (G, *u): one map per variable (group, or augmentation for contrast).
 PER_VARIABLE_KEYS = (
@@ -99,11 +101,15 @@ class AnalysisResult:
             the two rows of a pair (Sobol: A and AB_j; Goda: x1 and x2).
         settings: the run's settings as the results file records them
             (``config.analysis_attrs``), filled by the engine; empty for results made otherwise.
+        layouts: layer -> ``UnitLayout`` (output layout, reduction, element; the names of the
+            unit axes), filled by the engine; a layer not given has no record (its units are
+            read as (C, ...) or (F,), channels first).
 
     Raises:
         ValueError: an unknown method, repeated names, no layers, unknown keys, shapes that do
             not match G and one unit shape per layer, or flags, n_constant or toggles naming
-            unknown layers or variables. Arrays are converted to float64.
+            unknown layers or variables, or layouts of unknown layers or with another number of
+            unit axes than the unit shape. Arrays are converted to float64.
     """
 
     method: str
@@ -120,6 +126,7 @@ class AnalysisResult:
     replicates: int = 1
     toggles: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    layouts: dict[str, UnitLayout] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Check names and shapes; complete n_constant and flags."""
@@ -156,6 +163,20 @@ class AnalysisResult:
             raise ValueError(f"toggles name {unknown_toggles}, which are not variables")
         self.toggles = {str(k): int(v) for k, v in self.toggles.items()}
         self.settings = dict(self.settings)
+        self.layouts = self._check_layouts(self.layouts)
+
+    def _check_layouts(self, layouts: Mapping[str, UnitLayout]) -> dict[str, UnitLayout]:
+        """The unit layouts, checked against the layers and their unit shapes."""
+        unknown = sorted(set(layouts) - set(self.layers))
+        if unknown:
+            raise ValueError(f"layouts name layers {unknown} that have no arrays")
+        for layer, unit in layouts.items():
+            if len(unit.unit_axes) != len(self.unit_shape(layer)):
+                raise ValueError(
+                    f"layer {layer!r}: unit shape {self.unit_shape(layer)} does not have the "
+                    f"unit axes {','.join(unit.unit_axes)} of its layout {unit}"
+                )
+        return {layer: layouts[layer] for layer in self.layers if layer in layouts}
 
     def _check_layer(self, layer: str, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One layer's arrays as float64, checked: known keys, G leading axes, one unit shape."""
@@ -209,7 +230,7 @@ class AnalysisResult:
             layer: a layer of this result.
 
         Returns:
-            (C, H, W), (C,) or (F,).
+            (C, H, W), (C,) or (F,); (H, W, C) or (L, D) for other layouts.
 
         Raises:
             ValueError: an unknown layer.
@@ -217,6 +238,37 @@ class AnalysisResult:
         values = self._layer(layer)
         key, array = next(iter(values.items()))
         return tuple(array.shape[_leading_axes(key):])
+
+    def unit_layout(self, layer: str) -> UnitLayout | None:
+        """The unit layout of a layer.
+
+        Args:
+            layer: a layer of this result.
+
+        Returns:
+            Its ``UnitLayout``, None when the result has no record of it.
+
+        Raises:
+            ValueError: an unknown layer.
+        """
+        self._layer(layer)
+        return self.layouts.get(layer)
+
+    def features_first(self, layer: str, key: str) -> np.ndarray:
+        """A layer's ``key`` array with the channels (hidden features) right after the
+        variable axes: (G, C, H, W) of an (H, W, C) map, (G, D, L) of tokens (L, D); unchanged
+        for channels-first units and layers without a record. Correlation, LDA and the
+        reports take maps this way.
+
+        Args:
+            layer: a layer of this result.
+            key: one of its keys.
+
+        Returns:
+            The array, or a C-contiguous transposed copy (``layouts.features_first``).
+        """
+        values = self._layer(layer)[key]
+        return features_first(values, _leading_axes(key), self.layouts.get(layer))
 
     def _layer(self, layer: str) -> dict[str, np.ndarray]:
         """The arrays of ``layer``, or a ValueError listing the layers."""

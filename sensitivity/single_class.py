@@ -41,6 +41,7 @@ from torchmetrics import Metric
 
 from sensitivity.augmentations import AUGMENTATIONS
 from sensitivity.distributed import resolve_world
+from sensitivity.layouts import UnitLayout
 from sensitivity.masking import (
     MaskConfig,
     MaskedRun,
@@ -337,6 +338,7 @@ def evaluate_single_class(
     valid: Mapping[str, np.ndarray] | None = None,
     head_valid: np.ndarray | None = None,
     progress: bool = True,
+    layouts: Mapping[str, UnitLayout] | None = None,
 ) -> SingleClassResult:
     """Self-masking Jaccard indices of every augmentation variable (module docstring); every
     rank must call it (DDP) and gets the global result.
@@ -353,7 +355,7 @@ def evaluate_single_class(
         value, analysis, layer: recorded (value type, analysis, classification layer).
         progress: rank zero reports the image forwards (as ``masking.run_plans``).
         model, configurations, k, seed, problem, ties, batch_images, reuse_prefix,
-            layer_root, rank, world_size: as ``masking.evaluate_masking``.
+            layer_root, rank, world_size, layouts: as ``masking.evaluate_masking``.
 
     Returns:
         Mean Jaccard indices (variables, configurations), references, candidates, threshold.
@@ -369,7 +371,8 @@ def evaluate_single_class(
     classes, scores = candidate_classes(head_maps[[list(variables).index(v) for v in chosen]],
                                         n, head_valid)
     run = MaskedRun.prepare(model, maps, variables, chosen, inputs, configs, ties=ties,
-                            reuse_prefix=reuse_prefix, layer_root=layer_root, valid=valid)
+                            reuse_prefix=reuse_prefix, layer_root=layer_root, valid=valid,
+                            layouts=layouts)
     stride = len(configs) + 2  # per variable: unmasked original, unmasked augmented, configs
     metric = JaccardMean(len(chosen) * stride).to(run.device)
     work = (f"{inputs.n_images} probe images: the originals unmasked, and {inputs.k} draws "

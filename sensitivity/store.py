@@ -48,6 +48,7 @@ from sensitivity.h5files import (
     to_attr,
     utc_now,
 )
+from sensitivity.layouts import UnitLayout
 from sensitivity.provenance import describe_differences, height_width
 from sensitivity.results import AnalysisResult
 
@@ -111,9 +112,12 @@ def _analysis_attrs(result: AnalysisResult) -> dict[str, Any]:
 def _write_layer(
     lg: h5py.Group, result: AnalysisResult, layer: str, values: Mapping[str, np.ndarray]
 ) -> None:
-    """One layer of an analysis: unit shape and validity counts, the value arrays (float32)
-    and the unit flags (uint8)."""
+    """One layer of an analysis: unit shape, unit layout (when the result has one) and
+    validity counts, the value arrays (float32) and the unit flags (uint8)."""
     lg.attrs["unit_shape"] = np.asarray(result.unit_shape(layer), dtype=np.int64)
+    unit = result.unit_layout(layer)
+    for key, value in ({} if unit is None else unit.attrs()).items():
+        lg.attrs[key] = value
     lg.attrs["n_constant"] = int(result.n_constant.get(layer, 0))
     flag = result.flags[layer]
     lg.attrs["n_valid"] = int(np.count_nonzero(flag == 0))
@@ -394,6 +398,7 @@ class ResultsStore:
             layers: dict[str, dict[str, np.ndarray]] = {}
             n_constant: dict[str, int] = {}
             flags: dict[str, np.ndarray] = {}
+            layouts: dict[str, UnitLayout] = {}
             for layer in from_attr(g.attrs["layers"]):
                 lg = g[layer]
                 layers[layer] = {
@@ -402,6 +407,10 @@ class ResultsStore:
                 n_constant[layer] = int(lg.attrs.get("n_constant", 0))
                 if FLAG_DATASET in lg:
                     flags[layer] = lg[FLAG_DATASET][()]
+                if "layout" in lg.attrs:  # files written before layouts were recorded lack it
+                    layouts[layer] = UnitLayout.from_attrs(
+                        {k: from_attr(lg.attrs[k]) for k in ("layout", "reduction", "element")}
+                    )
             names = from_attr(g.attrs["group_names"])
             toggles = g.attrs.get("toggles")
             return AnalysisResult(
@@ -420,6 +429,7 @@ class ResultsStore:
                 toggles={} if toggles is None else {
                     name: int(c) for name, c in zip(names, toggles, strict=True) if c >= 0
                 },
+                layouts=layouts,
             )
 
     # ------------------------------------------------------------------------- derived groups

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import torch_threads
+from helpers import forget_user_augmentations, torch_threads
 
 # Tests never reach the network; set before anything imports wandb.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -69,3 +70,12 @@ def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "resnet18.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+
+@pytest.fixture
+def user():
+    """tests/user_augmentations.py imported (it registers channel_swap and posterize) for one
+    test, forgotten afterwards: the registry is global, and other tests iterate the built-ins."""
+    forget_user_augmentations()
+    yield importlib.import_module("user_augmentations")
+    forget_user_augmentations()

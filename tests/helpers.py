@@ -48,3 +48,19 @@ def requires_cuda(test: T) -> T:
     skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
     return pytest.mark.gpu(skip(test))
 
+
+
+USER_AUGMENTATIONS = ("channel_swap", "posterize")  # what tests/user_augmentations.py registers
+
+
+def forget_user_augmentations() -> None:
+    """What a fresh process knows: no user registration, tests/user_augmentations.py not
+    imported (importing it again registers its augmentations again)."""
+    import sys
+
+    from sensitivity.augmentations import AUGMENTATIONS, unregister_augmentation
+
+    for name in USER_AUGMENTATIONS:
+        if name in AUGMENTATIONS:
+            unregister_augmentation(name)
+    sys.modules.pop("user_augmentations", None)

@@ -129,6 +129,31 @@ def test_two_processes_equal_one_and_store_every_row_once(checkpoint, tmp_path, 
 
 
 @pytest.mark.slow
+def test_two_processes_run_a_user_augmentation_as_one(checkpoint, tmp_path, one_thread, user):
+    """An augmentation registered by import path (tests/user_augmentations.py): every rank
+    imports it, and two processes give one process's result."""
+    augmentations = ["hue", "user_augmentations:channel_swap"]
+    problem = AugmentationProblem(augmentations, n_classes=4, images_per_class=2)
+    rows = len(problem.group_names) + 2
+    # 8 base points, 2 per batch: both runs forward the same batches (see above)
+    args = ["sobol", "--checkpoint", checkpoint, "--n", "8", "--batch_rows", str(2 * rows),
+            "--set", json.dumps(augmentations), *COMMON]
+    assert cli(*args, "--output", tmp_path / "one", quiet=True) == 0
+    env = {**subprocess_env(), "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "analyze.py"), *map(str, args), "--output",
+         str(tmp_path / "ddp"), "--devices", "2", "--strategy", "ddp"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in done.stderr + done.stdout
+    one = ResultsStore(tmp_path / "one" / "results.h5").read_analysis("sobol")
+    two = ResultsStore(tmp_path / "ddp" / "results.h5").read_analysis("sobol")
+    assert "channel_swap" in one.group_names
+    assert_same_indices(one, two)
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(checkpoint, tmp_path, one_thread, caplog):
     # One block per batch and a checkpoint after every block: the run lasts long enough to be
     # killed after its first checkpoints.

@@ -47,6 +47,8 @@ from unittest import mock
 
 import pytest
 
+from sensitivity.augmentations import AUGMENTATIONS, unregister_augmentation
+
 ROOT = Path(__file__).resolve().parent.parent
 # Spelled in two parts so that this file does not contain it.
 OLD_DOCS = "shared" + "/docs"
@@ -519,4 +521,9 @@ def test_python_blocks_run_as_written(block, tmp_path, monkeypatch):
         status, text, _ = _quiet(analyze.main, command.tokens)
         assert status == 0, f"{command.where}: analyze.py {command.raw.strip()}\n{text[-1500:]}"
     code = compile(block.text, block.where, "exec")
-    exec(code, {"__name__": "__doc_block__"})
+    known = set(AUGMENTATIONS)
+    try:
+        exec(code, {"__name__": "__doc_block__"})
+    finally:  # a block may register an augmentation: the registry is global
+        for name in set(AUGMENTATIONS) - known:
+            unregister_augmentation(name)

@@ -390,6 +390,39 @@ def test_ddp_resume_gives_every_rank_rank_zeros_seconds(problem, probe, tmp_path
     assert zero["seconds"] > zero["saved"] > 0 and one["saved"] != zero["saved"]
 
 
+def _mismatch_worker(rank: int, world_size: int, port: int, problem, probe, out: str) -> None:
+    """One rank of a gloo group; rank 1 was started with another p_on (as a rank importing
+    another version of an augmentation would differ): every rank must refuse the run."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        if rank == 1:
+            problem = AugmentationProblem.from_config({**problem.to_config(), "p_on": 0.25})
+        config = EngineConfig(layers=["stats"], progress=False, **PROGRESS_SETTINGS)
+        try:
+            run_analysis(AnalyticNet(), problem, probe, config)
+        except ValueError as error:
+            (Path(out) / f"rank{rank}.txt").write_text(str(error))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_started_with_another_problem_are_refused_on_every_rank(problem, probe,
+                                                                      tmp_path):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    torch.multiprocessing.start_processes(
+        _mismatch_worker, args=(2, port, problem, probe, str(tmp_path)), nprocs=2,
+        start_method="fork",
+    )
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert message.startswith("ranks [1] have another problem (augmentations, their "
+                                  "registrations and bounds) than rank 0")
+
+
 def test_activation_writer_gets_every_row_with_its_outputs(problem, probe, tmp_path):
     config = EngineConfig(method="sobol", n=8, layers=["stats", "head"], progress=False,
                           batch_rows=27)

@@ -24,6 +24,7 @@ from torchmetrics import Metric
 
 from sensitivity.capture import model_device
 from sensitivity.distributed import resolve_world, shard_range
+from sensitivity.layouts import UnitLayout
 from sensitivity.masking.inputs import ProbeInputs, load_images
 from sensitivity.masking.masks import (
     MaskConfig,
@@ -152,12 +153,15 @@ class MaskedRun:
         reuse_prefix: bool,
         layer_root: nn.Module | None,
         valid: Mapping[str, np.ndarray] | None,
+        layouts: Mapping[str, UnitLayout] | None = None,
     ) -> MaskedRun:
         """The masks of ``mask_variables`` (``prepare_masks``, maps {layer: (V, *u)} of the
-        V ``variables``) and the masked network over the maps' layers."""
+        V ``variables``, their unit ``layouts``) and the masked network over the maps'
+        layers."""
         quantiles = configuration_quantiles(configs)
         masks = prepare_masks(model, maps, variables, mask_variables,
-                              (inputs.height, inputs.width), quantiles, ties, layer_root, valid)
+                              (inputs.height, inputs.width), quantiles, ties, layer_root, valid,
+                              layouts)
         network = MaskedNetwork(model, list(maps), reuse_prefix, layer_root)
         return cls(inputs, quantiles, masks, network, model_device(model)[0])
 
@@ -240,6 +244,7 @@ def evaluate_masking(
     world_size: int | None = None,
     valid: Mapping[str, np.ndarray] | None = None,
     progress: bool = True,
+    layouts: Mapping[str, UnitLayout] | None = None,
 ) -> MaskingResult:
     """Accuracy of ``model`` under every mask configuration of every mask variable.
 
@@ -257,6 +262,9 @@ def evaluate_masking(
         ties, batch_images, reuse_prefix: ``quantile_mask``, ``run_plans``, ``MaskedNetwork``.
         rank, world_size: default torch.distributed's, else (0, 1).
         progress: rank zero reports the image forwards.
+        layouts: {masked layer: unit layout} the analysis recorded (``MaskingMaps.layouts``):
+            the layouts of NHWC and token outputs given by an override, and which reduction
+            made each map (``prepare_masks``); None: detected and told from the shapes.
 
     Returns:
         The accuracies (inputs, mask variables, configurations) and the masks' statistics.
@@ -270,7 +278,8 @@ def evaluate_masking(
     )
     inputs = ProbeInputs(images, labels, augmentations, k, seed, problem)
     run = MaskedRun.prepare(model, maps, variables, chosen, inputs, configs, ties=ties,
-                            reuse_prefix=reuse_prefix, layer_root=layer_root, valid=valid)
+                            reuse_prefix=reuse_prefix, layer_root=layer_root, valid=valid,
+                            layouts=layouts)
     plan: list[PlanItem] = [(0, None)]
     for v, variable in enumerate(chosen):
         plan += run.masks[variable].plan(configs, 1 + v * len(configs))

@@ -6,17 +6,19 @@ Masks. For a value type ("S1" or "ST" clipped to [0, 1], or "shapley_normalized"
 M_v over the layer's valid units (numpy's linear interpolation); valid units with M_v >= t are
 multiplied by alpha, for alpha in ALPHAS x q in QUANTILES. Soft masks multiply every valid unit
 by M_v ("soft") or by 1 - M_v ("soft_inverse"). 15 + 2 = 17 configurations; one variable's mask
-is applied at every masked layer at once. Default masked layers: the convolutional checkpoints,
-i.e. the analysed layers whose output per image is (C, H, W).
+is applied at every masked layer at once. Default masked layers: the analysed layers whose
+output has positions, i.e. maps (C, H, W) or (H, W, C) and tokens (L, D), not flat (F,) ones.
 
 Flagged units. Units the analysis flagged (``AnalysisResult.flags``: zero, unsupported or
 negligible variance) have no meaningful M_v; their raw values can be anything. They are left out
 of the quantile, never selected by a quantile mask, and left untouched (factor 1) by the soft
 masks; ``sensitivity_maps`` returns which units are valid next to the maps.
 
-Map shapes. A map of reduction "none" has the layer's output shape (C, H, W) and masks units one
-by one. A channel-mean map (C,) masks whole channels: its factor is broadcast over H and W and
-the quantile is taken over the C channels. Anything else is a ValueError.
+Map shapes. A map of reduction "none" has the layer's output shape ((C, H, W), (H, W, C), (L, D)
+or (F,)) and masks units one by one. A channel-mean map (C,) or (D,) masks whole channels
+(hidden features): its factor is broadcast over the positions, along the channel axis of the
+output's layout (``MapPlacement``), and the quantile is taken over the C channels. A class-token
+map (D,) masks the class token's features only. Anything else is a ValueError.
 
 Ties. When many map values are equal to the layer's minimum (typically 0: clipped negative S1
 estimates, dead units), the quantile can equal the minimum and "M_v >= t" would select the whole
@@ -36,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from sensitivity.capture import model_device
-from sensitivity.masking.network import Mask, layer_output_shapes
+from sensitivity.layouts import UnitLayout
+from sensitivity.masking.network import Mask, layer_outputs
 from sensitivity.results import AnalysisResult
 from sensitivity.units import unit_mask
 
@@ -144,29 +147,85 @@ def sensitivity_maps(
     return maps, {layer: result.valid(layer) for layer in layers}
 
 
-def broadcast_shape(
-    layer: str, map_shape: tuple[int, ...], output_shape: tuple[int, ...]
-) -> tuple[int, ...]:
-    """The shape a map takes to multiply the layer's output.
+@dataclass(frozen=True)
+class MapPlacement:
+    """Where a map's units sit in its layer's output (per image).
+
+    Attributes:
+        shape: the shape the map takes to multiply the output: the output shape itself, or
+            the channel axis alone among ones ((C, 1, 1) of NCHW, (1, 1, C) of NHWC, (1, D) of
+            tokens).
+        tokens: L, the tokens of the output, for a class-token map (it fills token 0 and the
+            other L - 1 tokens are left alone); 0 for other maps.
+    """
+
+    shape: tuple[int, ...]
+    tokens: int = 0
+
+    def place(self, values: Tensor, fill: float | bool) -> Tensor:
+        """A map's tensor (*u) in its place: ``shape``, or (L, D) with ``fill`` (a factor of 1,
+        a selection of False) at every token but the class token."""
+        placed = values.reshape(self.shape)
+        if not self.tokens:
+            return placed
+        rest = torch.full((self.tokens - 1, placed.shape[-1]), fill, dtype=placed.dtype,
+                          device=placed.device)
+        return torch.cat([placed, rest])
+
+
+def _map_reduction(layer: str, map_shape: tuple[int, ...], output_shape: tuple[int, ...],
+                   layout: str, unit: UnitLayout | None) -> str:
+    """The reduction that made a layer's map: recorded, else told from the shapes."""
+    if unit is not None:
+        return unit.reduction
+    if map_shape == output_shape:
+        return "none"
+    if layout == "tokens_cls":
+        raise ValueError(
+            f"the maps of layer {layer!r} have unit shape {map_shape}, a channel mean or a "
+            f"class token of its {output_shape} tokens; pass the analysis's unit layouts "
+            "(AnalysisResult.layouts) to tell which"
+        )
+    return "channel_mean"
+
+
+def map_placement(
+    layer: str,
+    map_shape: tuple[int, ...],
+    output_shape: tuple[int, ...],
+    layout: str,
+    unit: UnitLayout | None = None,
+) -> MapPlacement:
+    """How a map multiplies the layer's output.
 
     Args:
         layer: the layer's name, for the error message.
         map_shape: the map's unit shape.
         output_shape: the layer's output shape per image (without batch).
+        layout: the output's layout (``masking.layer_outputs``).
+        unit: the unit layout the analysis recorded (its reduction); None: reduction "none"
+            when the shapes agree, else "channel_mean" (refused for tokens_cls outputs, where
+            it could be "cls_token").
 
     Returns:
-        The output shape itself, or (C, 1, 1) for a channel map (C,) of a (C, H, W) output;
-        ValueError for any other pair.
+        The placement; ValueError for a map that does not fit the output.
     """
-    if tuple(map_shape) == tuple(output_shape):
-        return tuple(output_shape)
-    if len(map_shape) == 1 and len(output_shape) == 3 and map_shape[0] == output_shape[0]:
-        return (map_shape[0], 1, 1)
+    map_shape, output_shape = tuple(map_shape), tuple(output_shape)
+    reduction = _map_reduction(layer, map_shape, output_shape, layout, unit)
+    channel = UnitLayout(layout).feature_axis
+    size = output_shape[channel]
+    if reduction == "none" and map_shape == output_shape:
+        return MapPlacement(output_shape)
+    if reduction != "none" and map_shape == (size,):
+        if reduction == "cls_token":
+            return MapPlacement((1, size), tokens=output_shape[0])
+        return MapPlacement(tuple(size if axis == channel else 1
+                                  for axis in range(len(output_shape))))
     raise ValueError(
-        f"the maps of layer {layer!r} have unit shape {tuple(map_shape)} but the model's layer "
-        f"outputs {tuple(output_shape)} per image: the results belong to another model or "
+        f"the maps of layer {layer!r} have unit shape {map_shape} but the model's layer "
+        f"outputs {output_shape} per image: the results belong to another model or "
         "image size; pass the model and --data.image_size the analysis used (masking needs "
-        "maps of reduction 'none' or 'channel_mean')"
+        "maps of reduction 'none', 'channel_mean' or 'cls_token')"
     )
 
 
@@ -253,7 +312,8 @@ class VariableMasks:
 
     Args:
         maps: {layer: M_v (map shape)} in [0, 1].
-        shapes: {layer: the shape M_v takes against the layer's output} (``broadcast_shape``).
+        placements: {layer: where M_v sits in the layer's output} (``map_placement``), or the
+            shape M_v is reshaped to (``MapPlacement(shape)``).
         quantiles: the q of the quantile masks.
         ties: "strict" or "inclusive" (``quantile_mask``).
         device: where the masks live.
@@ -268,7 +328,7 @@ class VariableMasks:
     def __init__(
         self,
         maps: Mapping[str, np.ndarray],
-        shapes: Mapping[str, tuple[int, ...]],
+        placements: Mapping[str, MapPlacement | tuple[int, ...]],
         quantiles: Sequence[float],
         ties: str,
         device: torch.device,
@@ -276,13 +336,16 @@ class VariableMasks:
     ) -> None:
         masks = {layer: unit_mask(None if valid is None else valid[layer], m.shape, "the map")
                  for layer, m in maps.items()}
+        places = {layer: p if isinstance(p, MapPlacement) else MapPlacement(tuple(p))
+                  for layer, p in placements.items()}
         self.soft: dict[str, Tensor] = {}
         self.soft_inverse: dict[str, Tensor] = {}
         for layer, m in maps.items():
             weight = torch.as_tensor(m, dtype=torch.float32, device=device)
             keep = torch.as_tensor(masks[layer], device=device)
-            self.soft[layer] = torch.where(keep, weight, 1.0).reshape(shapes[layer])
-            self.soft_inverse[layer] = torch.where(keep, 1.0 - weight, 1.0).reshape(shapes[layer])
+            self.soft[layer] = places[layer].place(torch.where(keep, weight, 1.0), 1.0)
+            self.soft_inverse[layer] = places[layer].place(torch.where(keep, 1.0 - weight, 1.0),
+                                                           1.0)
         self.selected: dict[float, dict[str, Tensor]] = {}
         self.fraction: dict[float, dict[str, float]] = {}
         self.tied: dict[float, dict[str, bool]] = {}
@@ -290,8 +353,8 @@ class VariableMasks:
             self.selected[q], self.fraction[q], self.tied[q] = {}, {}, {}
             for layer, m in maps.items():
                 chosen, tied = quantile_mask(m, q, ties, masks[layer])
-                self.selected[q][layer] = torch.as_tensor(chosen, device=device).reshape(
-                    shapes[layer]
+                self.selected[q][layer] = places[layer].place(
+                    torch.as_tensor(chosen, device=device), False
                 )
                 self.fraction[q][layer] = float(chosen.mean())
                 self.tied[q][layer] = tied
@@ -318,6 +381,7 @@ def prepare_masks(
     ties: str,
     layer_root: nn.Module | None = None,
     valid: Mapping[str, np.ndarray] | None = None,
+    layouts: Mapping[str, UnitLayout] | None = None,
 ) -> dict[str, VariableMasks]:
     """The masks of each mask variable, fitted to the model's layer outputs.
 
@@ -331,27 +395,34 @@ def prepare_masks(
         layer_root: where the layers are named (default ``model.net`` or ``model``).
         valid: {layer: (*u) bool} the units masks may touch (``sensitivity_maps``; default
             every unit).
+        layouts: {layer: unit layout} the analysis recorded (``AnalysisResult.layouts``):
+            the outputs' layouts (given to the capture, so that an override of the analysis
+            applies here too) and the maps' reductions; a layer without one has its layout
+            detected and its reduction told from the shapes (``map_placement``).
 
     Returns:
         {variable: VariableMasks} on the model's device; ValueError when a map does not fit
-        its layer (``broadcast_shape``).
+        its layer (``map_placement``).
     """
     missing = [layer for layer in maps if valid is not None and layer not in valid]
     if missing:
         raise ValueError(f"valid units are not given for the masked layers {missing}")
     device = model_device(model)[0]
-    outputs = layer_output_shapes(model, list(maps), image_size, layer_root)
-    shapes = {}
+    units = {layer: unit for layer, unit in (layouts or {}).items() if layer in maps}
+    shapes, found = layer_outputs(model, list(maps), image_size, layer_root,
+                                  {layer: unit.layout for layer, unit in units.items()})
+    placements = {}
     for layer, values in maps.items():
         if values.shape[0] != len(variables):
             raise ValueError(
                 f"maps of layer {layer!r} have {values.shape[0]} variables, expected "
                 f"{len(variables)} ({list(variables)})"
             )
-        shapes[layer] = broadcast_shape(layer, values.shape[1:], outputs[layer])
+        placements[layer] = map_placement(layer, values.shape[1:], shapes[layer], found[layer],
+                                          units.get(layer))
     index = {v: i for i, v in enumerate(variables)}
     return {
-        v: VariableMasks({layer: m[index[v]] for layer, m in maps.items()}, shapes, quantiles,
-                         ties, device, valid)
+        v: VariableMasks({layer: m[index[v]] for layer, m in maps.items()}, placements,
+                         quantiles, ties, device, valid)
         for v in mask_variables
     }

@@ -11,6 +11,10 @@ configuration only the suffix runs, the first layer's mask applied to the cached
 output, the other layers' masks by forward hooks, which fire in the suffix because it calls the
 very same module objects. A network fx cannot trace (data-dependent control flow) falls back to
 full masked forwards with a warning.
+
+A masked layer may name one element of a tuple or dict output ("<module>:<element>",
+``sensitivity.layouts``): its mask multiplies that element, the others pass unchanged. Masks
+act on the module's output in its own layout (NCHW, NHWC, tokens: ``masks.MapPlacement``).
 """
 
 from __future__ import annotations
@@ -24,10 +28,40 @@ import torch.fx
 from torch import Tensor, nn
 
 from sensitivity.capture import ActivationCapture
+from sensitivity.layouts import split_layer_name
+from sensitivity.output_layouts import element_applier
 from sensitivity.plan import hooked_module
 
 # A mask: layer name -> function of the layer's output (B, *shape) returning the masked output.
 Mask = dict[str, Callable[[Tensor], Tensor]]
+
+
+def layer_outputs(
+    model: nn.Module,
+    layers: Sequence[str],
+    image_size: tuple[int, int],
+    layer_root: nn.Module | None = None,
+    layouts: Mapping[str, str] | None = None,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The output shapes and layouts of ``model``'s named layers (one dry forward).
+
+    Args:
+        model: the network (``model(x)`` on (1, 3, H, W) images).
+        layers: layer names under the hooked module (":<element>" picks an element).
+        image_size: (H, W) in pixels.
+        layer_root: where the layers are named (default ``model.net`` or ``model``).
+        layouts: {layer: layout} overrides (the analysis's ``UnitLayout.layout``).
+
+    Returns:
+        ({layer: output shape per image}, {layer: layout}).
+
+    Raises:
+        ValueError: what ``ActivationCapture`` refuses (unknown layers, undetected layouts).
+    """
+    capture = ActivationCapture(hooked_module(model, layer_root), list(layers), "none", [],
+                                layouts=layouts)
+    shapes = capture.unit_shapes(image_size, forward=model)
+    return shapes, {layer: capture.layouts[layer].layout for layer in shapes}
 
 
 def layer_output_shapes(
@@ -35,15 +69,15 @@ def layer_output_shapes(
     layers: Sequence[str],
     image_size: tuple[int, int],
     layer_root: nn.Module | None = None,
+    layouts: Mapping[str, str] | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    """{layer: output shape per image} of ``model``'s named layers (one dry forward)."""
-    capture = ActivationCapture(hooked_module(model, layer_root), list(layers), "none", [])
-    return capture.unit_shapes(image_size, forward=model)
+    """{layer: output shape per image} of ``model``'s named layers (``layer_outputs``)."""
+    return layer_outputs(model, layers, image_size, layer_root, layouts)[0]
 
 
-def convolutional_layers(output_shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """The layers whose output per image is (C, H, W)."""
-    return [layer for layer, shape in output_shapes.items() if len(shape) == 3]
+def positional_layers(layouts: Mapping[str, str]) -> list[str]:
+    """The layers whose output has positions: maps (NCHW, NHWC) and tokens, not flat ones."""
+    return [layer for layer, layout in layouts.items() if layout != "flat"]
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -60,18 +94,18 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 class _Split:
-    """``net`` cut after the first masked layer: ``prefix(x)`` returns the values still needed
+    """``net`` cut after the first masked module: ``prefix(x)`` returns the values still needed
     later (a tuple); ``suffix(*values)`` computes the output from them."""
 
-    def __init__(self, net: nn.Module, layers: Sequence[str]) -> None:
-        graph = _LeafTracer(set(layers)).trace(net)
+    def __init__(self, net: nn.Module, modules: Sequence[str]) -> None:
+        graph = _LeafTracer(set(modules)).trace(net)
         nodes = list(graph.nodes)
         index = {node: i for i, node in enumerate(nodes)}
-        calls: dict[str, list[torch.fx.Node]] = {layer: [] for layer in layers}
+        calls: dict[str, list[torch.fx.Node]] = {module: [] for module in modules}
         for node in nodes:
             if node.op == "call_module" and node.target in calls:
                 calls[node.target].append(node)
-        odd = {layer: len(found) for layer, found in calls.items() if len(found) != 1}
+        odd = {module: len(found) for module, found in calls.items() if len(found) != 1}
         if odd:
             raise ValueError(f"masked layers not called exactly once in the traced graph: {odd}")
         cut = min((found[0] for found in calls.values()), key=index.__getitem__)
@@ -110,6 +144,20 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
+def _cloned(value: Any) -> Any:
+    """A cached value with its tensors cloned: a tensor, or a module's tuple, list or dict."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {key: _cloned(v) for key, v in value.items()}
+    if isinstance(value, tuple | list):
+        items = [_cloned(v) for v in value]
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
+
+
 class MaskedNetwork:
     """``model`` with masks at named layers, optionally split at the first of them.
 
@@ -119,7 +167,8 @@ class MaskedNetwork:
 
     Args:
         model: ``model(x)`` maps images (B, 3, H, W) in [0, 1] to logits.
-        layers: the masked layers, as named under the hooked module.
+        layers: the masked layers, as named under the hooked module (":<element>" masks one
+            element of a tuple or dict output).
         reuse_prefix: split the network (module docstring) when ``model`` is an
             ImageClassifier (``net`` and ``normalize``, forward ``net(normalize(x))``) or the
             hooked module itself.
@@ -140,10 +189,12 @@ class MaskedNetwork:
         self.layers = list(layers)
         root = hooked_module(model, layer_root)
         modules = dict(root.named_modules())
-        unknown = [layer for layer in self.layers if layer not in modules or not layer]
+        self._targets = {layer: split_layer_name(layer, modules) for layer in self.layers}
+        unknown = [layer for layer, (module, _) in self._targets.items()
+                   if not module or module not in modules]
         if unknown:
             raise ValueError(f"unknown layer name(s) {unknown} for {type(root).__name__}")
-        self._modules = {layer: modules[layer] for layer in self.layers}
+        self._modules = {layer: modules[module] for layer, (module, _) in self._targets.items()}
         self._mask: Mask | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.split: _Split | None = None
@@ -160,16 +211,26 @@ class MaskedNetwork:
             self.split_note = "the hooked module is neither the model nor an ImageClassifier's net"
             return
         try:
-            self.split = _Split(root, self.layers)
+            modules = list(dict.fromkeys(module for module, _ in self._targets.values()))
+            self.split = _Split(root, modules)
             self.split_note = f"prefix up to {self.split.layer!r} computed once per batch"
         except Exception as error:  # tracing fails in many ways; every one means "no split"
             self.split_note = f"torch.fx could not split the network ({error}); full forwards"
             warnings.warn(f"masking: {self.split_note}", stacklevel=3)
 
-    def _hook(self, layer: str) -> Callable[[nn.Module, Any, Tensor], Tensor | None]:
-        def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
-            transform = None if self._mask is None else self._mask.get(layer)
-            return None if transform is None else transform(output)
+    def _masked(self, layers: Sequence[str], output: Any, mask: Mask) -> Any:
+        """A module's ``output`` with the masks of ``layers`` (its masked elements) applied."""
+        for layer in layers:
+            transform = mask.get(layer)
+            if transform is not None:
+                output = element_applier(self._targets[layer][1], transform)(output)
+        return output
+
+    def _hook(self, layer: str) -> Callable[[nn.Module, Any, Any], Any]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+            if self._mask is None or layer not in self._mask:
+                return None
+            return self._masked([layer], output, self._mask)
 
         return hook
 
@@ -202,10 +263,12 @@ class MaskedNetwork:
         if self.split is None:
             return self.forward(state, mask)
         # Clones: the suffix may modify its inputs in place (e.g. ReLU(inplace=True)).
-        values = [v.clone() if isinstance(v, Tensor) else v for v in state]
-        first = None if mask is None else mask.get(self.split.layer)
-        if first is not None:
-            values[self.split.cut] = first(state[self.split.cut])
+        values = [_cloned(v) for v in state]
+        if mask is not None:
+            # The cut module ran in the prefix: its masks apply to its cached output.
+            cut = [layer for layer, (module, _) in self._targets.items()
+                   if module == self.split.layer]
+            values[self.split.cut] = self._masked(cut, values[self.split.cut], mask)
         self._mask = mask
         try:
             return self.split.suffix(*values)

@@ -17,8 +17,9 @@ import numpy as np
 from torch import nn
 
 from sensitivity.augmentations import AUGMENTATIONS
+from sensitivity.layouts import UnitLayout
 from sensitivity.masking.masks import default_value, sensitivity_maps
-from sensitivity.masking.network import convolutional_layers, layer_output_shapes
+from sensitivity.masking.network import layer_outputs, positional_layers
 from sensitivity.problem import AugmentationProblem
 from sensitivity.provenance import height_width
 from sensitivity.results import AnalysisResult
@@ -71,11 +72,13 @@ class MaskingMaps:
 
     Attributes:
         value: the value type of the maps ("S1", "ST" or "shapley_normalized").
-        layers: the masked layers (may be empty: no layer of the analysis has (C, H, W)
-            outputs and none were named).
+        layers: the masked layers (may be empty: no layer of the analysis has outputs with
+            positions, maps or tokens, and none were named).
         augmentations: the input augmentations, each applied alone.
         maps: {layer: (G, *unit_shape) float64} in [0, 1] (``masks.sensitivity_maps``).
         valid: {layer: (*unit_shape) bool}, the units not flagged in the analysis.
+        layouts: {layer: unit layout} the analysis recorded of the masked layers (none for
+            results written before layouts were recorded): ``evaluate_masking(layouts=)``.
     """
 
     value: str
@@ -83,6 +86,7 @@ class MaskingMaps:
     augmentations: list[str]
     maps: dict[str, np.ndarray]
     valid: dict[str, np.ndarray]
+    layouts: dict[str, UnitLayout]
 
 
 def masking_maps(
@@ -99,10 +103,11 @@ def masking_maps(
     Args:
         result: the stored analysis.
         model: the network to mask; one dry forward of a zero image (1, 3, H, W) finds the
-            output shapes of the analysed layers (an error when they do not exist).
+            output layouts of the analysed layers (an error when they do not exist).
         image_size: (H, W) of the probe images, in pixels.
         value: the map's value type; None: ST, else shapley_normalized (``default_value``).
-        layers: the masked layers; None: the analysed layers whose output is (C, H, W).
+        layers: the masked layers; None: the analysed layers whose output has positions
+            (maps (C, H, W) or (H, W, C), tokens (L, D); not flat (F,) ones).
         augmentations: the input augmentations; None: the analysis's augmentations.
 
     Returns:
@@ -113,9 +118,11 @@ def masking_maps(
             layers the model lacks, or a value type it has no maps of.
     """
     value = value or default_value(result)
-    shapes = layer_output_shapes(model, result.layer_names, image_size)
-    chosen = list(layers or convolutional_layers(shapes))
+    _, found = layer_outputs(model, result.layer_names, image_size,
+                             layouts={layer: unit.layout for layer, unit in result.layouts.items()})
+    chosen = list(layers or positional_layers(found))
     if augmentations is None:
         augmentations = [v for v in result.group_names if v in AUGMENTATIONS]
     maps, valid = sensitivity_maps(result, value, chosen)
-    return MaskingMaps(value, chosen, list(augmentations), maps, valid)
+    units = {layer: result.layouts[layer] for layer in chosen if layer in result.layouts}
+    return MaskingMaps(value, chosen, list(augmentations), maps, valid, units)

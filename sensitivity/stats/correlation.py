@@ -4,7 +4,9 @@ against the unit covariates mean, variance and CV (METHOD.md section 10;
 
 Units the analysis flagged (``AnalysisResult.flags``) take part in no correlation: their raw
 indices can be anything (1e16, -25) and would dominate the ranks. ``spearman_by_position`` and
-``map_correlations`` are pure numpy/scipy.
+``map_correlations`` are pure numpy/scipy and take the channels first; ``correlation_statistics``
+puts them there (``AnalysisResult.features_first``): the channels of an NHWC map (H, W, C), the
+hidden features of tokens (L, D), correlated at each pixel or token.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
+from sensitivity.layouts import features_first
 from sensitivity.progress import Progress
 from sensitivity.stats.groups import (
     CORRELATION_GROUP,
@@ -162,6 +165,7 @@ def map_correlations(
 
 
 def _covariates(values: dict[str, np.ndarray]) -> np.ndarray | None:
+    """(3, *u) mean, variance and CV of a layer's units, None without moments."""
     if not all(key in values for key in ("mean", "var")):
         return None
     cv = values.get("cv")
@@ -216,10 +220,14 @@ def correlation_statistics(
                   work=f"{total} maps: {len(result.layers)} layers x {len(keys)} value types "
                        f"({', '.join(keys)})") as bar:
         for layer, arrays in result.layers.items():
+            unit = result.unit_layout(layer)
             covariates = _covariates(arrays)
+            if covariates is not None:
+                covariates = features_first(covariates, 1, unit)
+            valid = features_first(result.valid(layer), 0, unit)
             tree[layer] = {}
             for key in keys:
-                corr = map_correlations(arrays[key], covariates, result.valid(layer))
+                corr = map_correlations(result.features_first(layer, key), covariates, valid)
                 tree[layer][key] = _correlation_arrays(corr)
                 bar.update()
     write_tree(

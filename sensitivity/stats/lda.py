@@ -1,6 +1,7 @@
 """Linear discriminant analysis of channel maps by variable (METHOD.md section 10;
 ``lda_statistics``, written as /lda/<name>): can a channel's spatial map tell which variable it
-belongs to?
+belongs to? A channel's map is its values over the positions: the H x W pixels of a conv map
+(NCHW or NHWC), the L tokens of a hidden feature of a token layer.
 
 Units the analysis flagged (``AnalysisResult.flags``) are left out as ``lda_samples`` says:
 their raw indices can be anything and would dominate the features. ``lda_samples`` and
@@ -17,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from sensitivity.layouts import features_first
 from sensitivity.progress import Progress
+from sensitivity.results import AnalysisResult
 from sensitivity.stats.groups import LDA_GROUP, check_overwrite, value_keys, write_tree
 from sensitivity.store import ResultsStore
 from sensitivity.units import unit_mask
@@ -33,7 +36,8 @@ class LdaResult:
             and repeats (every sample is tested once per repeat).
         chance: 1 / V.
         solver: "svd" or "lsqr+shrinkage" (see lda_channel_maps).
-        n_samples: V * C'; n_features: H * W; n_channels: channels used (C', lda_samples).
+        n_samples: V * C'; n_features: positions P (H * W, or L tokens); n_channels: channels
+            used (C', lda_samples).
     """
 
     accuracy: np.ndarray
@@ -65,27 +69,29 @@ def lda_samples(maps: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray
     from all, which empties the features of sparse layers.
 
     Args:
-        maps: (V, C, H, W) one map per variable.
-        valid: (C, H, W) bool, the units whose values mean something (default all).
+        maps: (V, C, *positions) one map per variable.
+        valid: (C, *positions) bool, the units whose values mean something (default all).
 
     Returns:
-        (V, C', H, W) float64; ValueError when fewer than 2 channels stay.
+        (V, C', *positions) float64; ValueError when fewer than 2 channels stay.
     """
     maps = np.asarray(maps, dtype=np.float64)
     if valid is None:
         return maps
-    valid = unit_mask(valid, maps.shape[1:])
-    per_channel = valid.reshape(len(valid), -1).sum(axis=1)
-    keep = 2 * per_channel >= valid[0].size
+    positions = maps.shape[2:]
+    valid = unit_mask(valid, maps.shape[1:]).reshape(maps.shape[1], -1)
+    maps = maps.reshape(*maps.shape[:2], -1)
+    per_channel = valid.sum(axis=1)
+    keep = 2 * per_channel >= valid.shape[1]
     if np.count_nonzero(keep) < 2:
         raise ValueError(
             f"only {np.count_nonzero(keep)} of {len(valid)} channels have at most half of their "
             "units flagged; LDA needs at least 2 such channels"
         )
     kept, mask = maps[:, keep], valid[keep]
-    total = np.where(mask, kept, 0.0).sum(axis=(2, 3), keepdims=True)
-    mean = total / per_channel[keep][None, :, None, None]
-    return np.where(mask, kept, mean)
+    total = np.where(mask, kept, 0.0).sum(axis=2, keepdims=True)
+    mean = total / per_channel[keep][None, :, None]
+    return np.where(mask, kept, mean).reshape(*kept.shape[:2], *positions)
 
 
 def lda_channel_maps(
@@ -100,17 +106,19 @@ def lda_channel_maps(
     """Can a channel's spatial map tell which variable it belongs to? (METHOD.md 10)
 
     Samples are the (variable, channel) pairs of the C' channels used, features the channel's
-    flattened H*W map, labels the variable (balanced: C' samples each, chance 1/V);
-    scikit-learn's LinearDiscriminantAnalysis under RepeatedStratifiedKFold. Small-sample
-    guard: when the features are at least the training samples minus the classes, the pooled
-    within-class covariance is singular; then the solver is "lsqr" with Ledoit-Wolf shrinkage
-    (shrinkage="auto"), a well-conditioned covariance estimate, instead of the default "svd"
-    solver (which would fit the noise of a rank-deficient covariance).
+    flattened map over the positions (H*W pixels, L tokens), labels the variable (balanced: C'
+    samples each, chance 1/V); scikit-learn's LinearDiscriminantAnalysis under
+    RepeatedStratifiedKFold. Small-sample guard: when the features are at least the training
+    samples minus the classes, the pooled within-class covariance is singular; then the solver
+    is "lsqr" with Ledoit-Wolf shrinkage (shrinkage="auto"), a well-conditioned covariance
+    estimate, instead of the default "svd" solver (which would fit the noise of a
+    rank-deficient covariance).
 
     Args:
-        maps: (V, C, H, W) one sensitivity map per variable of a conv layer.
-        valid: (C, H, W) bool, the units whose values mean something (default all; flagged
-            units are handled by ``lda_samples``).
+        maps: (V, C, *positions) one sensitivity map per variable, channels first: (V, C, H, W)
+            of a conv layer, (V, D, L) of a token layer.
+        valid: (C, *positions) bool, the units whose values mean something (default all;
+            flagged units are handled by ``lda_samples``).
         n_folds, n_repeats, seed: the cross-validation splits.
         progress: counts each of the n_folds * n_repeats fits.
 
@@ -122,10 +130,10 @@ def lda_channel_maps(
     from sklearn.model_selection import RepeatedStratifiedKFold
 
     maps = np.asarray(maps, dtype=np.float64)
-    if maps.ndim != 4:
+    if maps.ndim < 3:
         raise ValueError(
-            f"LDA needs conv maps (variables, channels, height, width), got shape {maps.shape}; "
-            "analyse the layer with reduction none"
+            f"LDA needs maps with positions (variables, channels, *positions), got shape "
+            f"{maps.shape}; analyse the layer with reduction none"
         )
     maps = lda_samples(maps, valid)
     n_vars, channels = maps.shape[:2]
@@ -160,6 +168,13 @@ def lda_channel_maps(
     )
 
 
+def _has_positions(result: AnalysisResult, layer: str) -> bool:
+    """Whether a layer's units have positions besides the channels: a recorded layout says;
+    without a record, (C, H, W) maps do."""
+    unit = result.unit_layout(layer)
+    return len(result.unit_shape(layer)) == 3 if unit is None else unit.has_positions
+
+
 def lda_statistics(
     results: str | Path,
     name: str,
@@ -171,10 +186,11 @@ def lda_statistics(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """LDA of analysis ``name``'s conv maps per layer and value type, written atomically as
-    /lda/<name> (docs/RESULTS_FORMAT.md). Layers without spatial maps (channel means, fully
-    connected) are skipped; none left is a ValueError. Units flagged in the analysis are left
-    out as ``lda_samples`` says; a layer with too few channels left is a ValueError naming it.
+    """LDA of analysis ``name``'s maps per layer and value type, written atomically as
+    /lda/<name> (docs/RESULTS_FORMAT.md). Layers without positions (channel means, class
+    tokens, fully connected) are skipped; none left is a ValueError. Units flagged in the
+    analysis are left out as ``lda_samples`` says; a layer with too few channels left is a
+    ValueError naming it.
 
     Args:
         results: the results file.
@@ -191,11 +207,13 @@ def lda_statistics(
     store = ResultsStore(results)
     result = store.read_analysis(name)
     keys = value_keys(result, values, "lda")
-    layers = [layer for layer in result.layer_names if len(result.unit_shape(layer)) == 3]
+    layers = [layer for layer in result.layer_names if _has_positions(result, layer)]
     if not layers:
+        shapes = {layer: result.unit_shape(layer) for layer in result.layer_names}
         raise ValueError(
-            f"analysis {name!r} has no conv maps (layers {result.layer_names} all have unit "
-            "shape (C,) or (F,)); LDA needs spatial maps: analyse with --reduction none"
+            f"analysis {name!r} has no maps with positions (unit shapes {shapes}: channel "
+            "means, class tokens or flat features); LDA needs a conv map (C, H, W) or "
+            "(H, W, C), or tokens (L, D): analyse such a layer with --reduction none"
         )
     check_overwrite(store, LDA_GROUP, name, overwrite)
     tree: dict[str, dict[str, dict[str, np.ndarray]]] = {}
@@ -208,8 +226,9 @@ def lda_statistics(
         for layer in layers:
             tree[layer], accuracy[layer] = {}, {}
             for key in keys:
+                valid = features_first(result.valid(layer), 0, result.unit_layout(layer))
                 try:
-                    lda = lda_channel_maps(result.layers[layer][key], valid=result.valid(layer),
+                    lda = lda_channel_maps(result.features_first(layer, key), valid=valid,
                                            n_folds=n_folds, n_repeats=n_repeats, seed=seed,
                                            progress=bar)
                 except ValueError as error:
