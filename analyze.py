@@ -4,7 +4,7 @@ Per layer and unit, how much of each activation's variance each augmentation (an
 class and image variables) explains: Sobol indices, Shapley effects, per-unit moments, or paired
 treatment-control contrasts (METHOD.md). On a stored analysis (``--results RUN/results.h5
 --analysis NAME``): ``masking|single-class`` (they run the network) and
-``contrast-stats|correlation|lda|report``; results go into the same file.
+``contrast-stats|correlation|lda|compare|report``; results go into the same file.
 
 ``python analyze.py sobol`` alone runs the CPU demo (configs/analyze/demo.yaml); presets for the
 published ImageNet settings are in configs/analyze/. Options, outputs, W&B, several processes

@@ -5,13 +5,15 @@ the sensitivity maps of an analysis from the run's results file - by default the
 ``SensitivityCallback`` wrote for the same epoch (``epoch_XXXX``; list MaskingCallback after it,
 callbacks run in list order) - and runs ``sensitivity.masking.evaluate_masking`` on a probe set
 from the datamodule (``probe_set(images_per_class, split)``): top-1/top-5 accuracy on original
-and singly-augmented inputs under the 17 mask configurations of every mask variable.
+and singly-augmented inputs under the 17 mask configurations of every mask variable, with
+per-class accuracies, confusion matrices and (``cluster``) the hierarchical clustering of the
+(input, mask variable) profiles.
 
 Outputs (rank zero), in the run directory (``output_dir``, default
 ``trainer.default_root_dir``): /masking/<analysis> in the results file (docs/RESULTS_FORMAT.md),
-``<figures_dir>/<analysis>_masking_specificity.png``, and on W&B (``masking_record``): the
-accuracy table, the unmasked accuracies, the specificity matrix and its heatmap against
-``analysis/epoch``.
+``<figures_dir>/<analysis>_masking_specificity.png`` and ``..._masking_dendrogram.png``, and on
+W&B (``masking_record``): the accuracy tables, the unmasked accuracies, the specificity matrix,
+its heatmap and the dendrogram against ``analysis/epoch``.
 
 Distributed (DDP): rank zero reads the maps and broadcasts them (and its buffers, such as the
 BatchNorm statistics); every rank evaluates its shard of the probe images and the accuracy sums
@@ -35,6 +37,7 @@ from callbacks.wandb_logging import STEP_METRIC, define_metrics, wandb_run
 from sensitivity import masking, report
 from sensitivity.augmentations import AUGMENTATIONS
 from sensitivity.distributed import broadcast_buffers
+from sensitivity.masking.figures import save_dendrogram
 from sensitivity.probe import probe_size
 from sensitivity.store import ResultsStore
 
@@ -43,17 +46,22 @@ TABLE_COLUMNS = ["epoch", "input", "variable", "configuration", "acc1", "acc5"]
 SPLITS = ("train", "val")
 
 
-def masking_record(result: masking.MaskingResult, heatmap: str | Path) -> dict[str, Any]:
+def masking_record(
+    result: masking.MaskingResult, heatmap: str | Path, dendrogram: str | Path | None = None
+) -> dict[str, Any]:
     """What ``run.log`` receives for one masking evaluation.
 
     Args:
         result: the masking result (its epoch, or -1, is the step).
         heatmap: the specificity PNG.
+        dendrogram: the dendrogram PNG of its clustering, if any.
 
     Returns:
         {``masking/unmasked/<input>/acc1`` and ``.../acc5``,
-        ``masking/specificity/<input>/<variable>`` (Spearman, top-1), ``masking/table`` (every
-        accuracy), ``masking/specificity_heatmap``, the step metric}.
+        ``masking/specificity/<input>/<variable>`` (Spearman of the result's profiles),
+        ``masking/table`` (every accuracy), ``masking/class_table`` (per-class top-1
+        accuracies, one column ``acc1/<class>`` per class, the rows of ``masking/table``),
+        ``masking/specificity_heatmap``, ``masking/dendrogram``, the step metric}.
     """
     import wandb
 
@@ -68,9 +76,19 @@ def masking_record(result: masking.MaskingResult, heatmap: str | Path) -> dict[s
     record[f"{PREFIX}/table"] = wandb.Table(
         columns=TABLE_COLUMNS, data=[[epoch, *row] for row in result.table()]
     )
+    class_rows = result.class_table()
+    if class_rows:
+        record[f"{PREFIX}/class_table"] = wandb.Table(
+            columns=[*TABLE_COLUMNS[:4], *(f"acc1/{name}" for name in result.classes or [])],
+            data=[[epoch, *row[:3], *row[3]] for row in class_rows],
+        )
     record[f"{PREFIX}/specificity_heatmap"] = wandb.Image(
         str(heatmap), caption=f"masking specificity, epoch {epoch}"
     )
+    if dendrogram is not None:
+        record[f"{PREFIX}/dendrogram"] = wandb.Image(
+            str(dendrogram), caption=f"masking profile clusters, epoch {epoch}"
+        )
     return record
 
 
@@ -95,9 +113,14 @@ class MaskingCallback(pl.Callback):
             off by default: the training's own progress bar shares the terminal.
         figures_dir: PNG folder, relative to the run directory.
         output_dir: the run directory; None: ``trainer.default_root_dir``.
+        profile, max_confusion_classes: as ``evaluate_masking`` ("top1" | "per_class" |
+            "confusion").
+        cluster: cluster the (input, mask variable) profiles (``masking.cluster_masking``
+            with ``cluster_method``, ``cluster_metric``, ``cluster_threshold``).
 
     Raises:
-        ValueError: non-positive counts, an unknown value, ties, split or augmentation.
+        ValueError: non-positive counts, an unknown value, ties, split, augmentation, profile
+            or clustering option.
     """
 
     def __init__(
@@ -119,6 +142,12 @@ class MaskingCallback(pl.Callback):
         progress: bool = False,
         figures_dir: str = "sensitivity",
         output_dir: str | None = None,
+        profile: str = "top1",
+        max_confusion_classes: int = 100,
+        cluster: bool = True,
+        cluster_method: str = "average",
+        cluster_metric: str = "spearman",
+        cluster_threshold: float | None = None,
     ) -> None:
         super().__init__()
         for label, number in (("every_n_epochs", every_n_epochs), ("k", k),
@@ -132,6 +161,10 @@ class MaskingCallback(pl.Callback):
             raise ValueError(f"ties must be one of {list(masking.TIES)}, got {ties!r}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        if profile not in masking.PROFILES:
+            raise ValueError(f"profile must be one of {list(masking.PROFILES)}, got {profile!r}")
+        if cluster:
+            masking.check_clustering(cluster_method, cluster_metric, cluster_threshold)
         unknown = [a for a in augmentations or [] if a not in AUGMENTATIONS]
         if unknown:
             raise ValueError(f"unknown augmentations {unknown}; valid: {list(AUGMENTATIONS)}")
@@ -152,8 +185,15 @@ class MaskingCallback(pl.Callback):
         self.progress = progress
         self.figures_dir = figures_dir
         self.output_dir = output_dir
+        self.profile = profile
+        self.max_confusion_classes = max_confusion_classes
+        self.cluster = cluster
+        self.cluster_method = cluster_method
+        self.cluster_metric = cluster_metric
+        self.cluster_threshold = cluster_threshold
         self.results: list[masking.MaskingResult] = []
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._class_names: list[str] | None = None
         self._run_dir: Path | None = None
         self._wandb_ready = False
 
@@ -185,6 +225,7 @@ class MaskingCallback(pl.Callback):
                 f"{type(datamodule).__name__}: pass datamodule= to trainer.fit"
             )
         self._probe = datamodule.probe_set(self.images_per_class, split=self.split)
+        self._class_names = getattr(datamodule, "class_names", None)
         self._run_dir = run_directory(trainer, self.output_dir)
         self._wandb_ready = False
 
@@ -243,21 +284,28 @@ class MaskingCallback(pl.Callback):
             mask_variables=self.variables, k=self.k, seed=self.seed, problem=stored.problem,
             ties=self.ties, batch_images=self.batch_images, reuse_prefix=self.reuse_prefix,
             rank=trainer.global_rank, world_size=trainer.world_size, valid=chosen.valid,
-            progress=self.progress, layouts=chosen.layouts,
+            progress=self.progress, layouts=chosen.layouts, profile=self.profile,
+            max_confusion_classes=self.max_confusion_classes, class_names=self._class_names,
         )
         result.epoch = epoch
+        if self.cluster:
+            result.clustering = masking.cluster_masking(
+                result, method=self.cluster_method, metric=self.cluster_metric,
+                threshold=self.cluster_threshold)
         self.results.append(result)
         if trainer.is_global_zero:
             self._write(trainer, name, result)
         return result
 
     def _write(self, trainer: pl.Trainer, name: str, result: masking.MaskingResult) -> None:
-        """Rank zero: /masking/<name> in the results file, the specificity PNG, W&B."""
+        """Rank zero: /masking/<name> in the results file, the specificity PNG and the
+        dendrogram, W&B."""
         store = ResultsStore(self.results_path)
         group = store.write_result(masking.GROUP_KIND, name, result, overwrite=True)
-        heatmap = report.save_specificity(
-            result, self.results_path.parent / self.figures_dir, name
-        )
+        figures = self.results_path.parent / self.figures_dir
+        heatmap = report.save_specificity(result, figures, name)
+        dendrogram = (None if result.clustering is None
+                      else save_dendrogram(result.clustering, figures, name))
         rank_zero_info(
             f"MaskingCallback: epoch {result.epoch}, unmasked top-1 "
             f"{result.unmasked_acc1[0]:.3f} -> {store.path} [/{group}]"
@@ -267,4 +315,4 @@ class MaskingCallback(pl.Callback):
             if not self._wandb_ready:
                 define_metrics(run, PREFIX)
                 self._wandb_ready = True
-            run.log(masking_record(result, heatmap))
+            run.log(masking_record(result, heatmap, dendrogram))

@@ -31,6 +31,7 @@ from callbacks.wandb_artifacts import RESULTS_TYPE
 from callbacks.wandb_config import RunNames
 from sensitivity.results import ranked_variables
 from sensitivity.single_class import SingleClassResult
+from sensitivity.stats.comparison import SIDES
 
 STEP_METRIC = "analysis/epoch"
 PREFIX = "sensitivity"
@@ -476,4 +477,59 @@ def lda_record(out: Mapping[str, Any]) -> dict[str, Any]:
     record["lda/table"] = wandb.Table(
         columns=["layer", "value", "accuracy", "accuracy_sd", "chance"], data=rows
     )
+    return record
+
+
+def comparison_record(
+    tree: Mapping[str, Any], attrs: Mapping[str, Any], figures: Mapping[str, str | Path]
+) -> dict[str, Any]:
+    """What ``run.log`` receives for compare.
+
+    Args:
+        tree, attrs: ``sensitivity.stats.read_tree(results, "comparison", name)``.
+        figures: {"scatter/<layer>", "covariates/<layer>", "decay": PNG path}, as
+            ``sensitivity.comparison.save_figures`` returns.
+
+    Returns:
+        ``compare/<layer>/<variable>/spearman`` (the Spearman correlation of the variable's
+        two maps over the units valid in both; NaN where undefined) and
+        ``.../spearman_positions`` (across channels per position, averaged), the tables
+        ``compare/table`` (layer, variable, both correlations, units valid in both) and
+        ``compare/covariate_table`` (layer, analysis, value, variable, covariate, both
+        correlations), and one image ``compare/<figure key>`` per figure.
+    """
+    import wandb
+
+    variables = list(attrs["variables"])
+    record: dict[str, Any] = {}
+    rows, covariate_rows = [], []
+    for layer in attrs["layers"]:
+        entry = tree[layer]
+        for g, variable in enumerate(variables):
+            pooled = float(entry["spearman"][g, g])
+            by_position = float(entry["spearman_positions"][g, g])
+            record[f"compare/{layer}/{variable}/spearman"] = pooled
+            record[f"compare/{layer}/{variable}/spearman_positions"] = by_position
+            rows.append([layer, variable, pooled, by_position, int(entry["valid_units"])])
+        for side, analysis, value in zip(SIDES, attrs["analyses"], attrs["values"],
+                                         strict=True):
+            against = entry[side]
+            if "covariates" not in against:  # an analysis without the unit moments
+                continue
+            covariate_rows += [
+                [layer, analysis, value, variable, covariate, float(against["covariates"][g, c]),
+                 float(against["covariates_positions"][g, c])]
+                for g, variable in enumerate(variables)
+                for c, covariate in enumerate(attrs["covariates"])
+            ]
+    record["compare/table"] = wandb.Table(
+        columns=["layer", "variable", "spearman", "spearman_positions", "valid_units"],
+        data=rows)
+    record["compare/covariate_table"] = wandb.Table(
+        columns=["layer", "analysis", "value", "variable", "covariate", "spearman",
+                 "spearman_positions"], data=covariate_rows)
+    pair = " vs ".join(f"{a} {v}" for a, v in zip(attrs["analyses"], attrs["values"],
+                                                   strict=True))
+    for key, path in figures.items():
+        record[f"compare/{key}"] = wandb.Image(str(path), caption=f"{pair}: {key}")
     return record

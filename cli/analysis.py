@@ -19,7 +19,7 @@ import torch
 from jsonargparse import Namespace
 
 from callbacks.wandb_logging import AnalysisLog
-from cli.inputs import build_model, build_probe, build_problem, weights_sha256
+from cli.inputs import build_model, build_probe, build_problem, build_segment, weights_sha256
 from cli.options import engine_config
 from cli.reporting import (
     INPUT_ERRORS,
@@ -105,7 +105,9 @@ def prepare(cfg: Namespace, config_text: str) -> AnalysisModule:
             provenance (nothing written).
     """
     check_run_options(cfg)
-    name = check_name("analysis", cfg.name or cfg.method)
+    # A segment's analysis goes next to the network's it may rank channels by: another name.
+    default = f"{cfg.method}_segment" if cfg.segment.modules else cfg.method
+    name = check_name("analysis", cfg.name or default)
     output = None if cfg.output is None else Path(cfg.output).expanduser()
     if output is not None:
         check_output_dir(output, name, cfg.overwrite)
@@ -122,6 +124,9 @@ def prepare(cfg: Namespace, config_text: str) -> AnalysisModule:
     )
     if output is not None:
         check_provenance(ResultsStore(output / RESULTS_FILE), record)
+    model, config, segment = build_segment(
+        cfg, model, config, record["image_size"], None if output is None else output / RESULTS_FILE
+    )
     plan = plan_analysis(model, problem, probe, config)
     outputs = AnalysisOutputs(
         name=name, output=output, runs_dir=Path(cfg.runs_dir), overwrite=cfg.overwrite,
@@ -133,7 +138,7 @@ def prepare(cfg: Namespace, config_text: str) -> AnalysisModule:
         },
         # Each analysis describes itself: provenance and its own configuration (the engine's
         # settings come with the result).
-        analysis_attrs={**record, "config": config_text},
+        analysis_attrs={**record, "config": config_text, **segment},
         config_text=config_text,
     )
     return AnalysisModule(model, problem, probe, config, outputs, plan=plan)

@@ -10,9 +10,12 @@ or FileNotFoundError naming the option to change, before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from jsonargparse import Namespace
@@ -31,10 +34,18 @@ from lightning_modules.weights import (
     weights_file,
 )
 from sensitivity.capture import classification_layer
+from sensitivity.config import EngineConfig
+from sensitivity.plan import hooked_module
 from sensitivity.problem import AugmentationProblem
+from sensitivity.segments import STREAMS, SegmentNetwork, top_channels
+from sensitivity.store import ResultsStore
 
 # Datamodules a checkpoint's recorded init arguments can rebuild (--data.checkpoint_split).
 DATAMODULES = (PlantedFactorDataModule, ImageFolderDataModule)
+# The options that choose a segment's channels (meaningless without --segment.modules); the
+# ranking ones only serve --segment.top_k.
+SEGMENT_RANKING = ("from_analysis", "variable", "key", "layer")
+SEGMENT_CHOICES = ("channels", "top_k", *SEGMENT_RANKING)
 
 
 def build_probe(
@@ -217,6 +228,104 @@ def weights_sha256(cfg: Namespace, arch: str, model: nn.Module) -> str:
     if cfg.weights is not None:
         return file_sha256(weights_file(arch, cfg.weights)[0])
     return state_dict_sha256(model)
+
+
+def build_segment(
+    cfg: Namespace,
+    model: nn.Module,
+    config: EngineConfig,
+    image_size: Sequence[int],
+    results: Path | None,
+) -> tuple[nn.Module, EngineConfig, dict[str, Any]]:
+    """What the analysis runs: the model, or with --segment.modules its single-channel segment.
+
+    Args:
+        cfg: the parsed options.
+        model: the network (an ImageClassifier: its ``.net`` names the modules, its mean and
+            std normalise the streams).
+        config: the engine settings.
+        image_size: (H, W) of the probe images.
+        results: the run's results file (--output), where --segment.top_k finds the analysis
+            that ranks the channels; None without --output.
+
+    Returns:
+        (the module to analyse, its settings, attributes the analysis records). With a segment:
+        the ``SegmentNetwork``, the settings with the layers H, S, V (or those of them --layers
+        lists), and {"segment": its description with "chosen": how its channels were chosen};
+        without one: the model, the settings and {}.
+
+    Raises:
+        ValueError, FileNotFoundError: segment options without --segment.modules, channels and
+            top_k together, ranking options without top_k, layers that are not streams, a bad
+            segment (``SegmentNetwork``), or top_k without the analysis it reads or a bad
+            ranking (``top_channels``).
+    """
+    seg = cfg.segment
+    if not seg.modules:
+        given = [f"--segment.{name}" for name in SEGMENT_CHOICES if seg[name] is not None]
+        if given:
+            raise ValueError(f"{given} describe a segment's channels: pass --segment.modules too")
+        return model, config, {}
+    if seg.channels is not None and seg.top_k is not None:
+        raise ValueError("give --segment.channels or --segment.top_k, not both")
+    ranking = [f"--segment.{name}" for name in SEGMENT_RANKING if seg[name] is not None]
+    if ranking and seg.top_k is None:
+        raise ValueError(f"{ranking} rank the channels of --segment.top_k: pass it too")
+    root = hooked_module(model)
+    channels, chosen = seg.channels, {"by": "all" if seg.channels is None else "hand"}
+    if seg.top_k is not None:
+        available = SegmentNetwork(root, seg.modules, image_size=image_size).out_channels
+        channels, chosen = _ranked_channels(seg, results, available)
+    normalize = {"mean": model.mean, "std": model.std} if seg.normalize else {}
+    network = SegmentNetwork(root, seg.modules, channels, image_size=image_size, **normalize)
+    layers = list(STREAMS) if config.layers is None else list(config.layers)
+    outside = [name for name in layers if name not in STREAMS]
+    if outside:
+        raise ValueError(f"--layers {outside}: a segment's layers are its streams "
+                         f"{list(STREAMS)}; list some of them, or none for all three")
+    config = dataclasses.replace(config, layers=layers)
+    return network, config, {"segment": {**network.describe(), "chosen": chosen}}
+
+
+def _ranked_channels(
+    seg: Namespace, results: Path | None, available: int
+) -> tuple[list[int], dict[str, Any]]:
+    """--segment.top_k: the channels a stored analysis ranks first, and how they were chosen.
+
+    Args:
+        seg: the segment options.
+        results: the run's results file, or None.
+        available: output channels of the segment's last module.
+
+    Returns:
+        (channels, {"by": "top_k", "analysis", "layer", "variable", "key", "top_k",
+        "scores"}).
+    """
+    if results is None or seg.from_analysis is None or seg.variable is None:
+        raise ValueError(
+            "--segment.top_k ranks the channels of a stored analysis: pass --output (the run "
+            "directory whose results file holds it), --segment.from_analysis (its name) and "
+            "--segment.variable (the variable whose index ranks them)"
+        )
+    if not results.is_file():
+        raise FileNotFoundError(f"{results} does not exist: --segment.top_k reads "
+                                f"--segment.from_analysis from the results file of --output")
+    result = ResultsStore(results).read_analysis(seg.from_analysis)
+    layer = seg.layer or seg.modules[-1]
+    key = seg.key or next((k for k in ("ST", *result.value_keys)
+                           if k in result.value_keys), "ST")
+    channels, scores = top_channels(result, layer, seg.variable, key, seg.top_k)
+    layout = result.unit_layout(layer)
+    counted = result.unit_shape(layer)[layout.feature_axis if layout else 0]
+    if counted != available:
+        raise ValueError(
+            f"layer {layer!r} of analysis {seg.from_analysis!r} has {counted} channels, the "
+            f"segment's last module {seg.modules[-1]} {available}: rank the channels of the "
+            f"same module (--segment.layer)"
+        )
+    return channels, {"by": "top_k", "analysis": seg.from_analysis, "layer": layer,
+                      "variable": seg.variable, "key": key, "top_k": seg.top_k,
+                      "scores": scores}
 
 
 def build_problem(cfg: Namespace, n_classes: int) -> AugmentationProblem:

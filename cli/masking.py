@@ -32,6 +32,7 @@ from cli.reporting import (
 from lightning_modules import ImageClassifier
 from sensitivity import masking, report, single_class
 from sensitivity.capture import classification_layer
+from sensitivity.masking.figures import save_dendrogram
 from sensitivity.probe import probe_size
 from sensitivity.store import ResultsStore, check_name
 
@@ -148,19 +149,41 @@ def masking_inputs(cfg: Namespace) -> MaskingInputs:
 
 
 def _run_masking(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str], Log]:
-    """Guided masking: accuracies and specificity, stored and drawn; the lines to print."""
+    """Guided masking: accuracies, specificity and the clustering of the profiles, stored and
+    drawn; the lines to print."""
     options, chosen = cfg.masking, inputs.chosen
+    if options.cluster:  # bad clustering options fail before the forwards, not after
+        masking.check_clustering(options.cluster_method, options.cluster_metric,
+                                 options.cluster_threshold)
     out = masking.evaluate_masking(
         inputs.model, chosen.maps, inputs.stored.result.group_names, inputs.probe,
         inputs.labels, chosen.augmentations, value=chosen.value, analysis=inputs.name,
         mask_variables=options.variables, k=options.k, seed=cfg.seed,
         problem=inputs.stored.problem, ties=options.ties, batch_images=options.batch_images,
         reuse_prefix=options.reuse_prefix, valid=chosen.valid, progress=cfg.progress,
-        layouts=chosen.layouts,
+        layouts=chosen.layouts, profile=options.profile,
+        max_confusion_classes=options.max_confusion_classes, class_names=inputs.class_names,
     )
+    if options.cluster:
+        out.clustering = masking.cluster_masking(
+            out, method=options.cluster_method, metric=options.cluster_metric,
+            threshold=options.cluster_threshold)
     store = inputs.store
     group = store.write_result(masking.GROUP_KIND, inputs.output, out, overwrite=cfg.overwrite)
-    figure = report.save_specificity(out, store.path.parent / "figures", inputs.output)
+    figures = store.path.parent / "figures"
+    figure = report.save_specificity(out, figures, inputs.output)
+    dendrogram = (None if out.clustering is None
+                  else save_dendrogram(out.clustering, figures, inputs.output))
+    lines = _masking_lines(out, store, group, figure, dendrogram)
+    return lines, record_log(lambda: masking_record(out, figure, dendrogram), "masking")
+
+
+def _masking_lines(
+    out: masking.MaskingResult, store: ResultsStore, group: str, figure: Path,
+    dendrogram: Path | None,
+) -> list[str]:
+    """What masking prints: where its outputs went, the masks' ties, the unmasked accuracies,
+    the specificity matrix and the clusters."""
     lines = [
         f"results file    {store.path}  (/{group}: {len(out.variables)} mask variables x "
         f"{len(out.configurations)} configurations, {out.n_images} images x {out.k} draws, "
@@ -173,11 +196,20 @@ def _run_masking(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str], Log]
             f"{n} {a:.3f}" for n, a in zip(out.inputs, out.unmasked_acc1, strict=True)),
     ]
     if len(out.inputs) > 1:
-        lines.append("specificity (Spearman of top-1 profiles vs original; rows: input):")
+        lines.append(f"specificity (Spearman of {out.profile} profiles vs original; rows: "
+                     "input):")
         lines.append(" " * 16 + " ".join(f"{v[:8]:>8}" for v in out.variables))
         for name, row in zip(out.inputs[1:], out.specificity, strict=True):
             lines.append(f"  {name:<14}" + " ".join(f"{x:8.2f}" for x in row))
-    return lines, record_log(lambda: masking_record(out, figure), "masking")
+    clustering = out.clustering
+    if clustering is not None:
+        lines.append(
+            f"clusters        {clustering.count} of {len(clustering.labels)} (input | mask "
+            f"variable) {clustering.profile} profiles ({clustering.metric}, "
+            f"{clustering.method} linkage, cut at {clustering.threshold:.3g}): {dendrogram}")
+        lines += [f"  {k}: {', '.join(members)}"
+                  for k, members in enumerate(clustering.members(), start=1)]
+    return lines
 
 
 def _run_single_class(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str], Log]:

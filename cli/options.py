@@ -2,7 +2,7 @@
 
 ``build_parser`` serves the analyses (sobol | shapley | variance | contrast) and masking |
 single-class; ``build_statistics_parser`` the commands on a results file (contrast-stats |
-correlation | lda | report). The engine's options are generated from
+correlation | lda | compare | report). The engine's options are generated from
 ``sensitivity.config.EngineConfig``: one option per field (``--n``, ``--seed``, ``--reduction``,
 ...), its type, default and docstring help, so that the command line and the training callback
 share one definition of every setting; ``engine_config`` turns the parsed options back into
@@ -24,12 +24,13 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespac
 from callbacks.wandb_config import NAME_OPTIONS
 from callbacks.wandb_logging import DEFAULT_PROJECT
 from sensitivity.config import METHODS, EngineConfig
+from sensitivity.stats import DEFAULT_TOP
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ROOT / "configs" / "analyze"
 DEMO_CONFIG = PRESETS / "demo.yaml"
 MASKING_METHODS = ("masking", "single-class")
-STATISTICS = ("contrast-stats", "correlation", "lda", "report")
+STATISTICS = ("contrast-stats", "correlation", "lda", "compare", "report")
 # EngineConfig fields given as options; the method is the command itself.
 ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineConfig) if f.name != "method")
 
@@ -126,6 +127,7 @@ def build_parser() -> ArgumentParser:
     add_engine_options(p)
     add_switch(p, "store_activations", default=False,
                help="also store every raw activation row (large!)")
+    _add_segment_options(p)
     _add_process_options(p)
     _add_masking_options(p)
     _add_wandb_options(p)
@@ -193,6 +195,37 @@ def _add_problem_options(p: ArgumentParser) -> None:
                help="narrower parameter bounds at 224 px: {aug: {param: [low, high]}}")
 
 
+def _add_segment_options(p: ArgumentParser) -> None:
+    """Single-channel segments (docs/CLI.md): the H, S and V streams of the augmented image
+    through a chain of the network's first modules (``sensitivity.segments``)."""
+    add_option(p, "segment.modules", type=list[str] | None, default=None,
+               help="analyse a single-channel segment instead of the network: module names run "
+                    "in order on each of H, S and V of the augmented image, repeated over the 3 "
+                    "input channels, e.g. '[conv1, bn1, relu]' (a block such as layer1.0 for a "
+                    "residual segment); its layers are the streams H, S and V")
+    add_option(p, "segment.channels", type=list[int] | None, default=None,
+               help="output channels of the segment's last module to keep, e.g. '[0, 5, 9]' "
+                    "(default: all, or --segment.top_k)")
+    add_option(p, "segment.top_k", type=int | None, default=None,
+               help="keep the k channels of the largest index of --segment.variable in the "
+                    "stored analysis --segment.from_analysis of the --output run (valid units "
+                    "only)")
+    add_option(p, "segment.from_analysis", type=str | None, default=None,
+               help="with top_k: the analysis in <output>/results.h5 that ranks the channels")
+    add_option(p, "segment.variable", type=str | None, default=None,
+               help="with top_k: the variable whose index ranks the channels, e.g. hue")
+    add_option(p, "segment.key", type=str | None, default=None,
+               help="with top_k: the value that ranks them (default: ST, else the analysis's "
+                    "headline value: shapley_normalized, effect_size)")
+    add_option(p, "segment.layer", type=str | None, default=None,
+               help="with top_k: the stored analysis's layer whose channels are ranked "
+                    "(default: the segment's last module)")
+    add_switch(p, "segment.normalize", default=True,
+               help="normalise each repeated stream with the network's input normalisation "
+                    "(ImageNet mean/std), as the network sees a gray image; false: raw H, S, V "
+                    "in [0, 1]")
+
+
 def _add_process_options(p: ArgumentParser) -> None:
     """Lightning's processes and devices."""
     add_option(p, "accelerator", type=str, default="auto",
@@ -240,6 +273,23 @@ def _add_masking_options(p: ArgumentParser) -> None:
     add_option(p, "masking.batch_images", type=int, default=16, help="probe images per batch")
     add_switch(p, "masking.reuse_prefix", default=True,
                help="compute the network up to the first masked layer once per batch")
+    add_option(p, "masking.profile", type=str, default="top1",
+               help="what specificity and clustering compare per (input, mask variable): top1 "
+                    "(top-1 accuracy per configuration) | per_class (per-class top-1 "
+                    "accuracy) | confusion (confusion matrices, rows per class's inputs)")
+    add_option(p, "masking.max_confusion_classes", type=int, default=100,
+               help="store confusion matrices when the network has at most this many classes")
+    add_switch(p, "masking.cluster", default=True,
+               help="cluster the (input, mask variable) profiles hierarchically (stored with "
+                    "the result, and a dendrogram PNG)")
+    add_option(p, "masking.cluster_method", type=str, default="average",
+               help="scipy linkage method: single | complete | average | weighted, or "
+                    "centroid | median | ward with the euclidean metric")
+    add_option(p, "masking.cluster_metric", type=str, default="spearman",
+               help="profile distance: spearman (sqrt(1 - |rho|)) | euclidean")
+    add_option(p, "masking.cluster_threshold", type=float | None, default=None,
+               help="cut distance of the flat clusters (default: 0.7 x the largest merge "
+                    "distance, where the dendrogram's colours change)")
     add_option(p, "single_class.n", type=int, default=5,
                help="candidate classes (and top-n predictions) per variable")
     add_option(p, "single_class.trials", type=int, default=100_000,
@@ -250,7 +300,7 @@ def build_statistics_parser(method: str) -> ArgumentParser:
     """The parser of a command on a results file (docs/CLI.md).
 
     Args:
-        method: contrast-stats, correlation, lda or report.
+        method: contrast-stats, correlation, lda, compare or report.
 
     Returns:
         The parser.
@@ -261,8 +311,9 @@ def build_statistics_parser(method: str) -> ArgumentParser:
             "analyze.py report --results RUN/results.h5 [--analysis NAME]: a self-contained "
             "HTML page of the file's analyses (<run directory>/report/index.html and its PNGs)."
             if method == "report"
-            else f"analyze.py {method} --results RUN/results.h5 --analysis NAME: statistics of "
-            "a stored analysis, written into the same file."
+            else f"analyze.py {method} --results RUN/results.h5 --analysis NAME"
+            f"{' [--other NAME]' if method == 'compare' else ''}: statistics of a stored "
+            "analysis, written into the same file."
         ),
     )
     p.add_argument("--method", type=str, default=method, help="the method (given first)")
@@ -282,6 +333,16 @@ def build_statistics_parser(method: str) -> ArgumentParser:
     if method == "contrast-stats":
         add_option(p, "alpha", type=float, default=0.05,
                    help="false discovery rate of the Benjamini-Yekutieli correction")
+    elif method == "compare":
+        add_option(p, "other", type=str | None, default=None,
+                   help="the analysis compared with --analysis (default: the file's only other "
+                        "sobol or shapley analysis)")
+        add_option(p, "value_types", type=list[str] | None, default=None,
+                   help="the maps compared: one value type for both or one per analysis, e.g. "
+                        "'[ST, shapley_normalized]' (default: ST, else shapley_normalized, "
+                        "else S1 of each)")
+        add_option(p, "top", type=int, default=DEFAULT_TOP,
+                   help="largest values per variable drawn as decay curves")
     else:
         add_option(p, "value_types", type=list[str] | None, default=None,
                    help="value types, e.g. '[S1, ST]' (default: those of S1, ST, "

@@ -48,7 +48,7 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, MisconfigurationException)
 Log = Callable[[Any], None]
 # The job type of each command (docs/CLI.md "W&B").
 JOB_TYPES = {"masking": "masking", "single-class": "masking", "contrast-stats": "statistics",
-             "correlation": "statistics", "lda": "statistics"}
+             "correlation": "statistics", "lda": "statistics", "compare": "statistics"}
 
 
 def input_error(command: str | None, error: BaseException) -> int:

@@ -1,6 +1,7 @@
-"""``analyze.py contrast-stats | correlation | lda | report``: statistics of a stored analysis
-and the HTML report, computed on the CPU from a results file and written into it (the report:
-into <run directory>/report). No network runs.
+"""``analyze.py contrast-stats | correlation | lda | compare | report``: statistics of a stored
+analysis, the comparison of two analyses and the HTML report, computed on the CPU from a results
+file and written into it (compare's figures: into <run directory>/figures; the report: into
+<run directory>/report). No network runs.
 """
 
 from __future__ import annotations
@@ -10,17 +11,23 @@ from pathlib import Path
 
 from jsonargparse import Namespace
 
-from callbacks.wandb_logging import contrast_stats_record, correlation_record, lda_record
+from callbacks.wandb_logging import (
+    comparison_record,
+    contrast_stats_record,
+    correlation_record,
+    lda_record,
+)
 from cli.options import build_statistics_parser
 from cli.reporting import Log, input_error, log_wandb, print_outputs, record_log, wandb_settings
-from sensitivity import html_report, stats
+from sensitivity import comparison, html_report, stats
+from sensitivity.html_page import number
 
 
 def run_statistics(method: str, args: Sequence[str]) -> int:
     """Run one statistics command on its command line.
 
     Args:
-        method: contrast-stats, correlation, lda or report.
+        method: contrast-stats, correlation, lda, compare or report.
         args: the command line after the method.
 
     Returns:
@@ -57,7 +64,8 @@ def _statistics(method: str, cfg: Namespace) -> tuple[list[str], Log | None]:
     if cfg.analysis is None:
         raise ValueError(f"analyze.py {method} needs --analysis NAME (an analysis in "
                          f"{cfg.results})")
-    run = {"contrast-stats": _contrast_stats, "correlation": _correlation, "lda": _lda}[method]
+    run = {"contrast-stats": _contrast_stats, "correlation": _correlation, "lda": _lda,
+           "compare": _compare}[method]
     return run(cfg, f"results file    {Path(cfg.results)}")
 
 
@@ -95,3 +103,25 @@ def _lda(cfg: Namespace, where: str) -> tuple[list[str], Log]:
     if out["skipped"]:
         lines.append(f"skipped (no spatial maps): {', '.join(out['skipped'])}")
     return lines, record_log(lambda: lda_record(out))
+
+
+def _compare(cfg: Namespace, where: str) -> tuple[list[str], Log]:
+    """Two analyses compared (``stats.comparison_statistics``) and its figures as PNGs in
+    <results dir>/figures (``comparison.save_figures``)."""
+    out = stats.comparison_statistics(cfg.results, cfg.analysis, cfg.other,
+                                      values=cfg.value_types, top=cfg.top,
+                                      overwrite=cfg.overwrite, progress=cfg.progress)
+    folder = Path(cfg.results).parent / "figures"
+    figures = comparison.save_figures(comparison.read_comparison(cfg.results, out["name"]),
+                                      folder)
+    (a, b), (key_a, key_b) = out["analyses"], out["values"]
+    lines = [f"{where}  ({out['group']}: {a} {key_a} vs {b} {key_b}, "
+             f"{len(out['layers'])} layers)",
+             "Spearman correlation of the two maps per layer (units valid in both):"]
+    lines += [f"  {layer:<14} " + ", ".join(f"{v} {number(rho, 2)}" for v, rho in values.items())
+              for layer, values in out["spearman"].items()]
+    lines.append(f"figures         {folder / out['name']}_*.png ({len(figures)} PNGs: per "
+                 f"layer scatter and covariates, decay)")
+    return lines, record_log(lambda: comparison_record(
+        *stats.read_tree(cfg.results, stats.COMPARISON_GROUP, out["name"]), figures
+    ))

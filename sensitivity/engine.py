@@ -128,9 +128,8 @@ def run_analysis(
         half-widths for every method; ``settings`` holds ``config.analysis_attrs``.
 
     Raises:
-        ValueError: for invalid inputs (``plan_analysis``), a plan made for other inputs, a
-            writer for other layers, a writer with checkpointing, a resume state of another
-            analysis, or (on every rank) ranks started with different problems.
+        ValueError: invalid inputs (``plan_analysis``), a plan or writer not for them, a writer
+            with checkpointing, another analysis's resume state, ranks with other problems.
     """
     started = time.perf_counter()
     rank, world_size = resolve_world(rank, world_size)

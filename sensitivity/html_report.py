@@ -18,7 +18,10 @@ an e-mail attachment or an archive. Sections (each only where the results file h
 - Spearman correlation matrices between variables and against mean/variance/CV
   (/correlation/<name>); LDA accuracy against chance and confusion matrices (/lda/<name>);
 - guided-masking specificity (/masking/<name>) and the single-class table
-  (/single_class/<name>).
+  (/single_class/<name>);
+- comparisons of two reported analyses (/comparison/<name>): Spearman correlation of their
+  maps per layer and variable, per layer the scatter of the two maps and of each against mean,
+  variance and CV, and the decay of each variable's largest values.
 """
 
 from __future__ import annotations
@@ -32,10 +35,18 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from sensitivity.comparison import (
+    Comparison,
+    covariates_figure,
+    decay_figure,
+    read_comparison,
+    scatter_figure,
+)
 from sensitivity.config import MIN_TOGGLES
 from sensitivity.estimators import FLAG_NAMES
 from sensitivity.html_page import Page, escape, markup_table, number, statistic, table
 from sensitivity.layouts import features_first
+from sensitivity.masking.figures import dendrogram_figure
 from sensitivity.masking.result import GROUP_KIND as MASKING_GROUP
 from sensitivity.masking.result import MaskingResult
 from sensitivity.report import (
@@ -50,7 +61,14 @@ from sensitivity.report import (
 from sensitivity.results import AnalysisResult
 from sensitivity.single_class import GROUP_KIND as SINGLE_CLASS_GROUP
 from sensitivity.single_class import SingleClassResult
-from sensitivity.stats import CORRELATION_GROUP, COVARIATES, LDA_GROUP, WILCOXON_GROUP, read_tree
+from sensitivity.stats import (
+    COMPARISON_GROUP,
+    CORRELATION_GROUP,
+    COVARIATES,
+    LDA_GROUP,
+    WILCOXON_GROUP,
+    read_tree,
+)
 from sensitivity.store import ResultsStore
 
 DPI = 100
@@ -425,6 +443,37 @@ def _masking_section(page: Page, store: ResultsStore, group: str) -> None:
         [(name, number(a1), number(a5)) for name, a1, a5 in
          zip(result.inputs, result.unmasked_acc1, result.unmasked_acc5, strict=True)],
     ))
+    _masking_profiles_section(page, store, group)
+
+
+def _masking_profiles_section(page: Page, store: ResultsStore, group: str) -> None:
+    """The unmasked per-class accuracies and the clustering of the profiles of
+    /masking/<group> (nothing for groups stored before they were recorded)."""
+    result = MaskingResult.from_group(*store.read_group(f"{MASKING_GROUP}/{group}", nested=True))
+    if result.class_acc1 is None and result.clustering is None:
+        return
+    page.heading(3, f"Masking profiles and clusters ({group})")
+    stored = ("per-class top-1 accuracies and confusion matrices" if result.confusion is not None
+              else "per-class top-1 accuracies (no confusion matrices: too many classes)")
+    classes = result.classes or []
+    shown = result.unmasked_class_acc1 is not None and len(classes) <= 20  # a readable table
+    page.note(f"Specificity compares {result.profile} profiles; the results file holds the "
+              f"{stored} of every configuration."
+              + (" Unmasked top-1 accuracy per class:" if shown else ""))
+    if shown:
+        page.add(table(["input", *classes], [
+            (name, *(number(a) for a in row))
+            for name, row in zip(result.inputs, result.unmasked_class_acc1, strict=True)
+        ]))
+    clustering = result.clustering
+    if clustering is None:
+        return
+    page.figure(dendrogram_figure(clustering), f"masking_{group}_dendrogram",
+                f"masking {group}: {clustering.method}-linkage dendrogram of the (input | mask "
+                f"variable) {clustering.profile} profiles, {clustering.metric} distance")
+    page.add(table(["cluster", "profiles (input | mask variable)"], [
+        (k, ", ".join(members)) for k, members in enumerate(clustering.members(), start=1)
+    ], left=2))
 
 
 def _single_class_section(page: Page, store: ResultsStore, group: str) -> None:
@@ -452,6 +501,64 @@ def _single_class_section(page: Page, store: ResultsStore, group: str) -> None:
         ["variable", "candidate classes", "J original", "J augmented", "max J masked",
          "at configuration", "matched (J > threshold)"], rows, left=2,
     ))
+
+
+def _comparison_table(comparison: Comparison) -> str:
+    """Rows the layers, columns the units valid in both and each variable's Spearman
+    correlation (pooled; by position below it for spatial maps)."""
+    rows = []
+    for layer in comparison.layers:
+        entry = comparison.tree[layer]
+        cells = []
+        for g in range(len(comparison.variables)):
+            cell = number(entry["spearman"][g, g], 2)
+            if comparison.spatial(layer):
+                cell += f"<br><small>by position {number(entry['spearman_positions'][g, g], 2)}"
+                cell += "</small>"
+            cells.append(cell)
+        rows.append([escape(layer), str(int(entry["valid_units"])), *cells])
+    header = ["layer", "units valid in both", *comparison.variables]
+    return markup_table([escape(h) for h in header], rows)
+
+
+def _comparison_section(page: Page, comparison: Comparison) -> None:
+    """Two analyses compared (/comparison/<name>): the correlation table and matrices, per
+    layer the scatter of the two maps and of each against the unit covariates, the decay
+    curves."""
+    (a, b), (key_a, key_b), name = comparison.analyses, comparison.values, comparison.name
+    page.heading(2, f"Comparison of {a} ({key_a}) and {b} ({key_b})")
+    page.note(
+        "Spearman correlation of the two maps of each variable over the units valid in both "
+        "analyses (flagged units left out), pooled over the layer's units as in the scatter "
+        "plots; below it, for spatial maps, across the channels at each position and averaged "
+        "over positions (as the correlation statistics)."
+    )
+    page.add(_comparison_table(comparison))
+    page.figure(
+        matrix_figure([comparison.tree[layer]["spearman"] for layer in comparison.layers],
+                      comparison.layers, comparison.variables, comparison.variables,
+                      f"{name}: Spearman correlation, rows {a} {key_a}, columns {b} {key_b}"),
+        f"{name}_spearman", f"{name}: correlation between every two variables' maps",
+    )
+    for layer in comparison.layers:
+        page.figure(scatter_figure(comparison, layer), f"{name}_scatter_{layer}",
+                    f"{name}, {layer}: {b} {key_b} against {a} {key_a}, units valid in both")
+    page.heading(3, f"Maps against mean, variance and CV ({name})")
+    page.note("Each analysis's map of every variable against its units' mean, variance and "
+              "coefficient of variation, over its valid units: how much of a sensitivity map "
+              "the activation statistics alone would predict.")
+    for layer in comparison.layers:
+        figure = covariates_figure(comparison, layer)
+        if figure is not None:
+            page.figure(figure, f"{name}_covariates_{layer}",
+                        f"{name}, {layer}: maps against mean, variance and CV")
+    page.heading(3, f"Decay of the largest values ({name})")
+    page.note(f"Per layer and variable the {comparison.top} largest values over the valid "
+              f"units, descending: how fast sensitivity falls off from the most specialised "
+              f"units. Single-class selection takes its candidate classes from the head of the "
+              f"classification layer's curve.")
+    page.figure(decay_figure(comparison), f"{name}_decay",
+                f"{name}: largest values per variable, descending")
 
 
 # ------------------------------------------------------------------------------- entry point
@@ -507,6 +614,9 @@ def write_report(
                 "analysis", group
             ) in names:
                 section(page, store, group)
+    for group in store.groups(COMPARISON_GROUP):
+        if set(store.read_group(f"{COMPARISON_GROUP}/{group}")[1]["analyses"]) <= set(names):
+            _comparison_section(page, read_comparison(store.path, group, loaded))
     index = out / "index.html"
     tmp = out / f".{index.name}.tmp"
     tmp.write_text(page.html(f"Augmentation sensitivity report: {store.path.parent.name}"),

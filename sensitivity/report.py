@@ -398,8 +398,12 @@ def specificity_figure(result: MaskingResult, top5: bool = False) -> Figure:
     ax.set_yticks(range(rows), result.inputs[1:])
     ax.set_xlabel(f"mask variable ({result.value} maps)")
     ax.set_ylabel("input augmentation")
-    ax.set_title(f"masking specificity (top-{5 if top5 else 1} accuracy)\nSpearman vs original "
-                 f"inputs over {len(result.configurations)} configurations", fontsize=10)
+    # what the specificity compared: the stored profile (top-k always compares accuracies)
+    what = "top-5 accuracy" if top5 else {
+        "top1": "top-1 accuracy", "per_class": "per-class top-1 accuracy",
+        "confusion": "confusion rates"}[result.profile]
+    ax.set_title(f"masking specificity ({what})\nSpearman vs original inputs over "
+                 f"{len(result.configurations)} configurations", fontsize=10)
     figure.colorbar(image, ax=ax, label="Spearman correlation")
     return figure
 

@@ -263,7 +263,9 @@ def test_run_names_given_on_the_command_line_and_an_unknown_entity_offline(tmp_p
     # the defaults, where nothing is given
     assert cli("sobol", "--output", run_dir, "--name", "plain", "--n", "4", *COMMON,
                quiet=True) == 0
-    (plain,) = [r.run for r in wandb_runs(run_dir)["sobol"] if r.HasField("run")]
-    assert plain.display_name == "plain"
+    wandb.teardown()  # flushes the second run's file
+    runs = [r.run for log in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+            for r in read_wandb_records(log) if r.HasField("run")]
+    (plain,) = [run for run in runs if run.display_name == "plain"]
     assert (plain.run_group, plain.job_type) == (f"{tmp_path.name}-run", "analyze")
     assert list(plain.tags) == ["resnet18", "set-1"]

@@ -1,5 +1,6 @@
 """Guided masking (METHOD.md section 8): damage the units most sensitive to a variable and
-measure top-1/top-5 accuracy on original and on singly-augmented inputs.
+measure top-1/top-5 accuracy, per-class accuracy and confusion matrices on original and on
+singly-augmented inputs.
 
 One concern per module:
 
@@ -10,15 +11,26 @@ One concern per module:
 - ``inputs``: the probe inputs, each image original and singly augmented (``ProbeInputs``);
 - ``evaluation``: the loop of masked forwards and the accuracies (``run_plans``,
   ``evaluate_masking``);
-- ``result``: ``MaskingResult`` and its specificity; stored with
-  ``ResultsStore.write_result(GROUP_KIND, name, result)``, drawn by
+- ``result``: ``MaskingResult``, its profiles (top-1, per-class, confusion) and its
+  specificity; stored with ``ResultsStore.write_result(GROUP_KIND, name, result)``, drawn by
   ``sensitivity.report.specificity_figure``;
+- ``clustering``: hierarchical clustering of the (input, mask variable) profiles
+  (``cluster_masking``, the reference's prediction/hca step), stored with the result;
+- ``figures``: its dendrogram (imports matplotlib, so not imported here);
 - ``stored``: what masking takes from a stored analysis (``read_stored_analysis``,
   ``masking_maps``), for analyze.py and the MaskingCallback alike.
 
 This package imports torch, numpy and scipy; never Lightning or wandb.
 """
 
+from sensitivity.masking.clustering import (
+    METHODS,
+    METRICS,
+    ProfileClustering,
+    check_clustering,
+    cluster_masking,
+    cluster_profiles,
+)
 from sensitivity.masking.evaluation import (
     MaskedAccuracy,
     MaskedRun,
@@ -57,7 +69,7 @@ from sensitivity.masking.network import (
     layer_outputs,
     positional_layers,
 )
-from sensitivity.masking.result import GROUP_KIND, MaskingResult, specificity_matrix
+from sensitivity.masking.result import GROUP_KIND, PROFILES, MaskingResult, specificity_matrix
 from sensitivity.masking.stored import (
     MaskingMaps,
     StoredAnalysis,
@@ -69,7 +81,10 @@ __all__ = [
     "ALPHAS",
     "GROUP_KIND",
     "KINDS",
+    "METHODS",
+    "METRICS",
     "ORIGINAL",
+    "PROFILES",
     "QUANTILES",
     "TIES",
     "VALUE_KEYS",
@@ -83,8 +98,12 @@ __all__ = [
     "MaskingResult",
     "PlanItem",
     "ProbeInputs",
+    "ProfileClustering",
     "StoredAnalysis",
     "VariableMasks",
+    "check_clustering",
+    "cluster_masking",
+    "cluster_profiles",
     "computed",
     "configuration_quantiles",
     "default_configurations",

@@ -1,8 +1,9 @@
 """The evaluation loop of guided masking (METHOD.md section 8): masked forwards of the probe
-inputs and the accuracies they give.
+inputs and the accuracies they give, overall, per class and as confusion matrices.
 
 Distributed. Images are sharded over ranks (contiguous, ``distributed.shard_range``); accuracies are
-sums in a torchmetrics Metric (``dist_reduce_fx="sum"``), so every rank gets the global result.
+sums in a torchmetrics Metric (``dist_reduce_fx="sum"``), so every rank gets the global result:
+hit counts as float64, per-class counts and confusion matrices as int64.
 
 Progress (``progress=True``, rank zero, stderr; ``sensitivity.progress``): the image forwards
 of the masked part up front, then a bar (terminal) or plain lines (logs) with rate and ETA.
@@ -35,7 +36,7 @@ from sensitivity.masking.masks import (
     prepare_masks,
 )
 from sensitivity.masking.network import MaskedNetwork
-from sensitivity.masking.result import MaskingResult
+from sensitivity.masking.result import PROFILES, MaskingResult
 from sensitivity.problem import AugmentationProblem
 from sensitivity.progress import Progress
 
@@ -112,13 +113,17 @@ def run_plans(
             module.training = mode
 
 
-def computed(metric: Metric) -> np.ndarray:
-    """``metric.compute()`` as a numpy array. A rank that got no image (more ranks than
-    images) never calls ``update``; its zero sums are right, so torchmetrics' warning about
-    that is silenced."""
+def _compute(metric: Metric) -> Any:
+    """``metric.compute()``. A rank that got no image (more ranks than images) never calls
+    ``update``; its zero sums are right, so torchmetrics' warning about that is silenced."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was called before the ``update``")
-        return metric.compute().cpu().numpy()
+        return metric.compute()
+
+
+def computed(metric: Metric) -> np.ndarray:
+    """``metric.compute()`` (a tensor) as a numpy array, summed over ranks."""
+    return _compute(metric).cpu().numpy()
 
 
 @dataclass
@@ -165,6 +170,14 @@ class MaskedRun:
         network = MaskedNetwork(model, list(maps), reuse_prefix, layer_root)
         return cls(inputs, quantiles, masks, network, model_device(model)[0])
 
+    def passes(self, variables: Sequence[str], configs: Sequence[MaskConfig]) -> list[PlanItem]:
+        """The passes of every input set: unmasked (plan index 0), then configuration c of
+        mask variable v (plan index 1 + v M + c)."""
+        plan: list[PlanItem] = [(0, None)]
+        for v, variable in enumerate(variables):
+            plan += self.masks[variable].plan(configs, 1 + v * len(configs))
+        return plan
+
     def mask_table(self, variables: Sequence[str], table: str) -> np.ndarray:
         """(V, Q, L) of ``VariableMasks.fraction`` or ``.tied`` ("fraction", "tied") per mask
         variable, quantile and masked layer."""
@@ -175,26 +188,59 @@ class MaskedRun:
 
 
 class MaskedAccuracy(Metric):
-    """Top-1 and top-k hits per (input set, plan) as float64 sums (summed over ranks)."""
+    """Top-1 and top-k hits per (input set, plan) as float64 sums; per class the top-1 hits,
+    the inputs and (``confusion``) the confusion matrix as int64 counts; all summed over ranks.
+
+    Args:
+        n_inputs, n_plans: the input sets and the passes of each.
+        top_k: k of the top-k accuracy.
+        n_classes: C, the network's outputs (labels are below it).
+        confusion: count the (C, C) confusion matrix of every (input set, plan).
+    """
 
     full_state_update = False
 
-    def __init__(self, n_inputs: int, n_plans: int, top_k: int) -> None:
+    def __init__(
+        self, n_inputs: int, n_plans: int, top_k: int, n_classes: int, confusion: bool = True
+    ) -> None:
         super().__init__()
         self.top_k = int(top_k)
+        self.n_classes = int(n_classes)
+        self.record_confusion = bool(confusion)
         self.add_state("hits", torch.zeros(n_inputs, n_plans, 2, dtype=torch.float64), "sum")
         self.add_state("total", torch.zeros(n_inputs, n_plans, dtype=torch.float64), "sum")
+        per_class = (n_inputs, n_plans, self.n_classes)
+        self.add_state("class_hits", torch.zeros(per_class, dtype=torch.int64), "sum")
+        self.add_state("class_total", torch.zeros(per_class, dtype=torch.int64), "sum")
+        if self.record_confusion:
+            self.add_state("confusion", torch.zeros(*per_class, self.n_classes,
+                                                    dtype=torch.int64), "sum")
 
     def update(self, input_index: int, plan: int, logits: Tensor, labels: Tensor) -> None:
-        """Count the top-1 and top-k hits of one pass: logits (B, classes), labels (B,)."""
-        hit = logits.topk(self.top_k, dim=1).indices == labels[:, None]
+        """Count the hits of one pass: logits (B, classes), labels (B,) in [0, C)."""
+        top = logits.topk(self.top_k, dim=1).indices
+        hit = top == labels[:, None]
         self.hits[input_index, plan, 0] += hit[:, 0].sum()
         self.hits[input_index, plan, 1] += hit.any(dim=1).sum()
         self.total[input_index, plan] += len(labels)
+        classes = self.n_classes
+        self.class_hits[input_index, plan] += torch.bincount(labels[hit[:, 0]], minlength=classes)
+        self.class_total[input_index, plan] += torch.bincount(labels, minlength=classes)
+        if self.record_confusion:
+            # The top-1 prediction of the hits above (topk's first index, not argmax: the same
+            # choice among tied logits), so the trace is the top-1 hit count.
+            cells = torch.bincount(labels * classes + top[:, 0], minlength=classes * classes)
+            self.confusion[input_index, plan] += cells.view(classes, classes)
 
-    def compute(self) -> Tensor:
-        """(n_inputs, n_plans, 2) top-1 and top-k accuracy (NaN where nothing was seen)."""
-        return self.hits / self.total[..., None]
+    def compute(self) -> dict[str, Tensor]:
+        """{"accuracy": (n_inputs, n_plans, 2) top-1 and top-k accuracy (NaN where nothing was
+        seen), "class_hits", "class_total": (n_inputs, n_plans, C), "confusion":
+        (n_inputs, n_plans, C, C) when recorded}."""
+        counts = {"accuracy": self.hits / self.total[..., None],
+                  "class_hits": self.class_hits.clone(), "class_total": self.class_total.clone()}
+        if self.record_confusion:
+            counts["confusion"] = self.confusion.clone()
+        return counts
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -245,8 +291,12 @@ def evaluate_masking(
     valid: Mapping[str, np.ndarray] | None = None,
     progress: bool = True,
     layouts: Mapping[str, UnitLayout] | None = None,
+    profile: str = "top1",
+    max_confusion_classes: int = 100,
+    class_names: Sequence[str] | None = None,
 ) -> MaskingResult:
-    """Accuracy of ``model`` under every mask configuration of every mask variable.
+    """Accuracy of ``model`` under every mask configuration of every mask variable: overall,
+    per class and (up to ``max_confusion_classes`` classes) as confusion matrices.
 
     Every rank must call it (DDP); every rank gets the global result.
 
@@ -265,9 +315,14 @@ def evaluate_masking(
         layouts: {masked layer: unit layout} the analysis recorded (``MaskingMaps.layouts``):
             the layouts of NHWC and token outputs given by an override, and which reduction
             made each map (``prepare_masks``); None: detected and told from the shapes.
+        profile: what the specificity compares (``result.PROFILES``).
+        max_confusion_classes: count confusion matrices (I x passes x C x C int64) up to this
+            many classes C (0: never); class_names: the C names (default "0".."C-1").
 
     Returns:
-        The accuracies (inputs, mask variables, configurations) and the masks' statistics.
+        The accuracies (inputs, mask variables, configurations) and the masks' statistics;
+        ValueError before any masked forward for unknown variables or profile, labels outside
+        the network's classes, or profile "confusion" above ``max_confusion_classes`` classes.
     """
     started = time.perf_counter()
     rank, world_size = resolve_world(rank, world_size)
@@ -280,36 +335,87 @@ def evaluate_masking(
     run = MaskedRun.prepare(model, maps, variables, chosen, inputs, configs, ties=ties,
                             reuse_prefix=reuse_prefix, layer_root=layer_root, valid=valid,
                             layouts=layouts)
-    plan: list[PlanItem] = [(0, None)]
-    for v, variable in enumerate(chosen):
-        plan += run.masks[variable].plan(configs, 1 + v * len(configs))
-    top_k = min(5, _class_count(run.network, inputs, run.device))
-    metric = MaskedAccuracy(len(inputs.names), len(plan), top_k).to(run.device)
-    work = (f"{inputs.n_images} probe images, each as the original and {inputs.k} draws of "
-            f"each of {len(inputs.augmentations)} augmentations, x {len(plan)} passes: "
-            f"unmasked and {len(chosen)} mask variables x {len(configs)} configurations")
+    plan = run.passes(chosen, configs)
+    metric = _accuracy_metric(run, len(plan), profile, max_confusion_classes, class_names)
     run_plans(run.network, inputs, [plan] * len(inputs.names), metric.update,
               batch_images=batch_images, device=run.device, rank=rank, world_size=world_size,
-              progress=progress, desc="masking", work=work)
+              progress=progress, desc="masking", work=_work(inputs, len(chosen), len(configs)))
     return _masking_result(
-        run, computed(metric), chosen, configs, valid, value=value, analysis=analysis, ties=ties,
-        top_k=top_k, seed=seed, seconds=time.perf_counter() - started,
+        run, _compute(metric), chosen, configs, valid, value=value, analysis=analysis, ties=ties,
+        top_k=metric.top_k, seed=seed, seconds=time.perf_counter() - started, profile=profile,
+        classes=None if class_names is None else list(class_names),
     )
+
+
+def _work(inputs: ProbeInputs, variables: int, configs: int) -> str:
+    """What the image forwards of an evaluation are (the progress report's work line)."""
+    return (f"{inputs.n_images} probe images, each as the original and {inputs.k} draws of "
+            f"each of {len(inputs.augmentations)} augmentations, x {1 + variables * configs} "
+            f"passes: unmasked and {variables} mask variables x {configs} configurations")
+
+
+def _accuracy_metric(
+    run: MaskedRun,
+    n_plans: int,
+    profile: str,
+    max_confusion_classes: int,
+    class_names: Sequence[str] | None,
+) -> MaskedAccuracy:
+    """The metric of an evaluation, on the run's device: top-min(5, C) accuracy, confusion
+    matrices up to ``max_confusion_classes`` classes; ValueError for an unknown profile,
+    labels outside [0, C), class names of another count, or the confusion profile without
+    confusion matrices."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown masking profile {profile!r}; valid: {list(PROFILES)}")
+    inputs = run.inputs
+    classes = _class_count(run.network, inputs, run.device)
+    if int(inputs.labels.min()) < 0 or int(inputs.labels.max()) >= classes:
+        raise ValueError(f"probe labels must lie in [0, {classes}), the network's outputs; got "
+                         f"{int(inputs.labels.min())}..{int(inputs.labels.max())}")
+    if class_names is not None and len(class_names) != classes:
+        raise ValueError(f"{len(class_names)} class names for a network of {classes} outputs")
+    confusion = classes <= max_confusion_classes
+    if profile == "confusion" and not confusion:
+        raise ValueError(f"profile 'confusion' needs confusion matrices, counted up to "
+                         f"max_confusion_classes = {max_confusion_classes} classes; the network "
+                         f"has {classes}: raise it, or use profile 'per_class'")
+    metric = MaskedAccuracy(len(inputs.names), n_plans, min(5, classes), classes, confusion)
+    return metric.to(run.device)
+
+
+def _class_fields(counts: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> dict[str, Any]:
+    """The per-class fields of a MaskingResult from the counts of ``MaskedAccuracy.compute``
+    (passes: the unmasked one, then ``shape`` = (I, V, M) masked ones)."""
+    hits, total = counts["class_hits"], counts["class_total"]
+    accuracy = np.divide(hits, total, out=np.full(hits.shape, np.nan), where=total > 0)
+    classes = hits.shape[-1]
+    fields = {
+        "class_acc1": accuracy[:, 1:].reshape(*shape, classes),
+        "unmasked_class_acc1": accuracy[:, 0],
+        "class_images": total[:, 0],  # every pass of an input set sees the same inputs
+    }
+    if "confusion" in counts:
+        fields["confusion"] = counts["confusion"][:, 1:].reshape(*shape, classes, classes)
+        fields["unmasked_confusion"] = counts["confusion"][:, 0]
+    return fields
 
 
 def _masking_result(
     run: MaskedRun,
-    accuracy: np.ndarray,
+    counts: Mapping[str, Tensor],
     chosen: Sequence[str],
     configs: Sequence[MaskConfig],
     valid: Mapping[str, np.ndarray] | None,
     **recorded: Any,
 ) -> MaskingResult:
-    """The MaskingResult of an evaluation: accuracy is (I, 1 + V M, 2), the unmasked pass
-    first, then V mask variables x M configurations, top-1 and top-k; ``recorded`` are the
-    remaining fields (value, analysis, ties, top_k, seed, seconds)."""
+    """The MaskingResult of an evaluation: counts are ``MaskedAccuracy.compute``'s, its
+    accuracy (I, 1 + V M, 2) the unmasked pass first, then V mask variables x M
+    configurations, top-1 and top-k; ``recorded`` are the remaining fields (value, analysis,
+    ties, top_k, seed, seconds, profile, classes)."""
     shape = (len(run.inputs.names), len(chosen), len(configs))
     layers = run.network.layers
+    counts = {key: value.cpu().numpy() for key, value in counts.items()}
+    accuracy = counts["accuracy"]
     return MaskingResult(
         inputs=run.inputs.names, variables=list(chosen),
         configurations=[c.label for c in configs], layers=layers, quantiles=run.quantiles,
@@ -320,5 +426,5 @@ def _masking_result(
         n_images=run.inputs.n_images, k=run.inputs.k, prefix_reuse=run.network.split_note,
         valid_fraction=np.array([1.0 if valid is None else float(np.mean(valid[layer]))
                                  for layer in layers]),
-        **recorded,
+        **_class_fields(counts, shape), **recorded,
     )

@@ -55,9 +55,16 @@ def read_stored_analysis(store: ResultsStore, name: str) -> StoredAnalysis:
 
     Raises:
         ValueError: when the file holds no complete analysis ``name`` (the message lists those
-            it holds).
+            it holds), or ``name`` analysed a single-channel segment (its layers H, S, V are
+            not modules of the network that masking runs).
     """
     result = store.read_analysis(name)
+    if "segment" in store.analysis_attrs(name):
+        raise ValueError(
+            f"analysis {name!r} analysed a single-channel segment (layers H, S, V), not the "
+            f"network: masking and single-class need an analysis of the whole network; give "
+            f"another --analysis"
+        )
     meta = store.read_metadata()
     problem = None
     if "problem" in meta:

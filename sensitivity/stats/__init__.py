@@ -7,17 +7,29 @@
 - ``correlation``: Spearman correlation between the sensitivity maps of two variables across
   units, and against the unit covariates mean, variance and CV (``correlation_statistics``);
 - ``lda``: linear discriminant analysis of channel maps by variable (``lda_statistics``);
-- ``groups``: the /wilcoxon, /correlation, /lda groups of the results file, written and read
-  (``read_tree``) through ``ResultsStore``; layout in docs/RESULTS_FORMAT.md.
+- ``comparison``: two analyses of one network compared (Sobol' against Shapley): Spearman
+  correlation of their maps per variable, of each map against mean, variance and CV, and the
+  decay of each variable's largest values (``comparison_statistics``);
+- ``groups``: the /wilcoxon, /correlation, /lda, /comparison groups of the results file,
+  written and read (``read_tree``) through ``ResultsStore``; layout in docs/RESULTS_FORMAT.md.
 
-Correlation and LDA leave out the units the analysis flagged (``AnalysisResult.flags``): their
-raw indices can be anything (1e16, -25) and would dominate ranks and features. The array
-functions are pure numpy/scipy/scikit-learn; the ``*_statistics`` functions read an analysis
-from a results file and write their result next to it. With ``progress`` (default) they report
-their work up front and then per layer (Wilcoxon), per layer and value type (correlation) or per
-LDA fit, on stderr (``sensitivity.progress``). No Lightning, no wandb.
+Correlation, LDA and comparison leave out the units the analysis flagged
+(``AnalysisResult.flags``): their raw indices can be anything (1e16, -25) and would dominate
+ranks and features. The array functions are pure numpy/scipy/scikit-learn; the ``*_statistics``
+functions read an analysis from a results file and write their result next to it. With
+``progress`` (default) they report their work up front and then per layer (Wilcoxon,
+comparison), per layer and value type (correlation) or per LDA fit, on stderr
+(``sensitivity.progress``). No Lightning, no wandb.
 """
 
+from sensitivity.stats.comparison import (
+    DEFAULT_TOP,
+    LayerMaps,
+    comparison_statistics,
+    cross_spearman,
+    layer_maps,
+    top_values,
+)
 from sensitivity.stats.correlation import (
     MIN_CORRELATION_UNITS,
     MapCorrelation,
@@ -26,6 +38,7 @@ from sensitivity.stats.correlation import (
     spearman_by_position,
 )
 from sensitivity.stats.groups import (
+    COMPARISON_GROUP,
     CORRELATION_GROUP,
     COVARIATES,
     LDA_GROUP,
@@ -48,8 +61,10 @@ from sensitivity.stats.wilcoxon import (
 
 __all__ = [
     "ASYMPTOTIC",
+    "COMPARISON_GROUP",
     "CORRELATION_GROUP",
     "COVARIATES",
+    "DEFAULT_TOP",
     "EXACT",
     "LDA_GROUP",
     "MIN_CORRELATION_UNITS",
@@ -57,12 +72,16 @@ __all__ = [
     "SENSITIVITY_KEYS",
     "TEST_METHODS",
     "WILCOXON_GROUP",
+    "LayerMaps",
     "LdaResult",
     "MapCorrelation",
     "SignedRankResult",
     "by_correction",
+    "comparison_statistics",
     "contrast_statistics",
     "correlation_statistics",
+    "cross_spearman",
+    "layer_maps",
     "lda_channel_maps",
     "lda_samples",
     "lda_statistics",
@@ -71,4 +90,5 @@ __all__ = [
     "read_tree",
     "signed_rank_test",
     "spearman_by_position",
+    "top_values",
 ]

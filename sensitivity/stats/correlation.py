@@ -116,7 +116,15 @@ class MapCorrelation:
     valid_units: int
 
 
-def _position_mean(values: np.ndarray) -> np.ndarray:
+def position_mean(values: np.ndarray) -> np.ndarray:
+    """The mean over the last axis (positions) of the finite values.
+
+    Args:
+        values: (..., P) correlations per position, NaN where undefined.
+
+    Returns:
+        (...) float64; NaN where no position has a finite value.
+    """
     defined = np.isfinite(values)
     count = defined.sum(axis=-1)
     total = np.where(defined, values, 0.0).sum(axis=-1)
@@ -152,11 +160,11 @@ def map_correlations(
             raise ValueError(
                 f"covariates have unit shape {covariates.shape[1:]}, maps {maps.shape[1:]}"
             )
-        against = _position_mean(spearman_by_position(maps, covariates, mask))
+        against = position_mean(spearman_by_position(maps, covariates, mask))
     by_position = mask.reshape(mask.shape[0], -1)
     enough = by_position.sum(axis=0) >= MIN_CORRELATION_UNITS
     return MapCorrelation(
-        variables=_position_mean(per_position),
+        variables=position_mean(per_position),
         covariates=against,
         n_positions=per_position.shape[-1],
         defined=np.isfinite(per_position).sum(axis=-1),
@@ -164,8 +172,16 @@ def map_correlations(
     )
 
 
-def _covariates(values: dict[str, np.ndarray]) -> np.ndarray | None:
-    """(3, *u) mean, variance and CV of a layer's units, None without moments."""
+def unit_covariates(values: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The unit covariates of a layer.
+
+    Args:
+        values: the layer's arrays (``AnalysisResult.layers[layer]``).
+
+    Returns:
+        (3, *u) mean, variance and CV (``COVARIATES``) of its units (CV from std / |mean|
+        where the analysis has none); None without the moments mean and var.
+    """
     if not all(key in values for key in ("mean", "var")):
         return None
     cv = values.get("cv")
@@ -221,7 +237,7 @@ def correlation_statistics(
                        f"({', '.join(keys)})") as bar:
         for layer, arrays in result.layers.items():
             unit = result.unit_layout(layer)
-            covariates = _covariates(arrays)
+            covariates = unit_covariates(arrays)
             if covariates is not None:
                 covariates = features_first(covariates, 1, unit)
             valid = features_first(result.valid(layer), 0, unit)

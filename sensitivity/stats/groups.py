@@ -1,6 +1,6 @@
 """The statistics groups of a results file: their kinds, the value types and covariates the
 statistics compare, and one write/read path for their nested layout (docs/RESULTS_FORMAT.md:
-/wilcoxon, /correlation, /lda, one subgroup per layer (and value type))."""
+/wilcoxon, /correlation, /lda, /comparison, one subgroup per layer (and value type))."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ COVARIATES = ("mean", "var", "cv")
 WILCOXON_GROUP = "wilcoxon"
 CORRELATION_GROUP = "correlation"
 LDA_GROUP = "lda"
+COMPARISON_GROUP = "comparison"
 
 
 def check_overwrite(store: ResultsStore, kind: str, name: str, overwrite: bool) -> None:
@@ -53,7 +54,7 @@ def read_tree(results: str | Path, kind: str, name: str) -> tuple[dict[str, Any]
 
     Args:
         results: the results file.
-        kind: the statistics kind ("wilcoxon", "correlation", "lda").
+        kind: the statistics kind ("wilcoxon", "correlation", "lda", "comparison").
         name: the analysis name.
 
     Returns:
