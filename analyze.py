@@ -4,7 +4,9 @@ Per layer and unit, how much of each activation's variance each augmentation (an
 class and image variables) explains: Sobol indices, Shapley effects, per-unit moments, or paired
 treatment-control contrasts (METHOD.md). On a stored analysis (``--results RUN/results.h5
 --analysis NAME``): ``masking|single-class`` (they run the network) and
-``contrast-stats|correlation|lda|compare|report``; results go into the same file.
+``contrast-stats|correlation|lda|compare|report``, and ``suppress`` (a nuisance's units
+attenuated, chosen on a validation split, reported on a test split); results go into the same
+file.
 
 ``python analyze.py sobol`` alone runs the CPU demo (configs/analyze/demo.yaml); presets for the
 published ImageNet settings are in configs/analyze/. Options, outputs, W&B, several processes
@@ -27,10 +29,12 @@ from cli.options import (
     STATISTICS,
     build_parser,
     build_statistics_parser,
+    build_suppress_parser,
     normalise_args,
     requested_method,
 )
 from cli.statistics import run_statistics
+from cli.suppress import run_suppress
 from sensitivity.config import METHODS
 
 # What tests and docs/CLI.md reach through ``analyze``: the parsers, the method names, the
@@ -43,6 +47,7 @@ __all__ = [
     "build_parser",
     "build_probe",
     "build_statistics_parser",
+    "build_suppress_parser",
     "main",
     "normalise_args",
     "requested_method",
@@ -63,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = normalise_args(sys.argv[1:] if argv is None else argv)
     method = requested_method(args)
+    if method == "suppress":
+        return run_suppress(args)
     if method in STATISTICS:
         return run_statistics(method, args)
     parser = build_parser()

@@ -533,3 +533,53 @@ def comparison_record(
     for key, path in figures.items():
         record[f"compare/{key}"] = wandb.Image(str(path), caption=f"{pair}: {key}")
     return record
+
+
+def suppression_record(result: Any, figure: str | Path | None = None) -> dict[str, Any]:
+    """What ``run.log`` receives for a suppression experiment (``analyze.py suppress``).
+
+    Args:
+        result: the ``sensitivity.suppression.SuppressionResult``.
+        figure: its accuracy-vs-strength PNG, if drawn.
+
+    Returns:
+        ``suppress/test/<method>/<condition>`` (top-1 test accuracy; method ``unmasked``,
+        ``suppression``, ``random_mean``, ``random_sd``; condition ``clean`` or ``s<strength>``),
+        ``suppress/val/unmasked_score`` and ``suppress/val/chosen_score``,
+        ``suppress/units/<layer>`` (units the chosen mask touches), the tables
+        ``suppress/table`` (every test accuracy: method, draw, strength, acc1) and
+        ``suppress/candidates`` (every candidate's validation accuracies and score),
+        ``suppress/figure`` and the step metric (-1).
+    """
+    import wandb
+
+    strengths = [0.0, *(float(s) for s in result.strengths)]
+    conditions = ["clean", *(f"s{s:g}" for s in strengths[1:])]
+    random = np.asarray(result.test_random_acc1, dtype=float).reshape(-1, len(strengths))
+    methods = {"unmasked": result.test_unmasked_acc1, "suppression": result.test_chosen_acc1}
+    if len(random):
+        methods.update(random_mean=random.mean(axis=0), random_sd=random.std(axis=0))
+    record: dict[str, Any] = {
+        STEP_METRIC: -1,
+        "suppress/val/unmasked_score": float(result.val_unmasked_score),
+        "suppress/val/chosen_score": float(result.val_score[result.chosen_index]),
+    }
+    for method, values in methods.items():
+        for condition, value in zip(conditions, values, strict=True):
+            record[f"suppress/test/{method}/{condition}"] = float(value)
+    for layer, count in zip(result.layers, result.unit_counts, strict=True):
+        record[f"suppress/units/{layer}"] = int(count)
+    rows = [[method, -1, s, float(a)] for method in ("unmasked", "suppression")
+            for s, a in zip(strengths, methods[method], strict=True)]
+    rows += [["random", d, s, float(a)] for d, draw in enumerate(random)
+             for s, a in zip(strengths, draw, strict=True)]
+    record["suppress/table"] = wandb.Table(columns=["method", "draw", "strength", "acc1"],
+                                           data=rows)
+    record["suppress/candidates"] = wandb.Table(
+        columns=["candidate", "val_score", *(f"val_acc1/{c}" for c in conditions)],
+        data=[[str(label), float(score), *(float(a) for a in acc)] for label, score, acc in
+              zip(result.candidates, result.val_score, result.val_acc1, strict=True)])
+    if figure is not None:
+        record["suppress/figure"] = wandb.Image(
+            str(figure), caption=f"suppressing {result.variable}: {result.chosen}")
+    return record

@@ -354,6 +354,92 @@ def build_statistics_parser(method: str) -> ArgumentParser:
     return p
 
 
+def build_suppress_parser() -> ArgumentParser:
+    """The parser of ``analyze.py suppress`` (docs/CLI.md, suppressing a nuisance).
+
+    Returns:
+        The parser (no preset file: its data options describe a validation and a test split).
+    """
+    p = ArgumentParser(
+        prog="analyze.py suppress",
+        description=(
+            "analyze.py suppress --results RUN/results.h5 --analysis NAME --variable hue: "
+            "attenuate the units most sensitive to a nuisance augmentation, choose the mask on "
+            "the validation split, report test accuracy clean and distorted against the "
+            "unmasked network and random masks of the same size per layer."
+        ),
+    )
+    p.add_argument("--method", type=str, default="suppress", help="the method (given first)")
+    add_option(p, "results", type=str | None, default=None,
+               help="the results file holding the analysis (results.h5)")
+    add_option(p, "analysis", type=str | None, default=None,
+               help="analysis name in --results (default: its only one)")
+    add_option(p, "variable", type=str | None, default=None,
+               help="the nuisance variable: an augmentation of the analysis, e.g. hue")
+    add_option(p, "name", type=str | None, default=None,
+               help="group /suppression/<name> (default: <analysis>_<variable>)")
+    add_switch(p, "overwrite", default=False, help="replace a suppression group of that name")
+    add_option(p, "seed", type=int, default=0,
+               help="seed of the distortion draws and of the random masks")
+    add_switch(p, "progress", default=True,
+               help="the work up front, then a progress bar (terminal) or lines (logs) on stderr")
+    add_option(p, "accelerator", type=str, default="auto", help="auto | cpu | gpu (one device)")
+    _add_model_options(p)
+    _add_suppress_data_options(p)
+    _add_suppress_options(p)
+    _add_wandb_options(p)
+    return p
+
+
+def _add_suppress_data_options(p: ArgumentParser) -> None:
+    """The validation (selection) and test (report) splits of suppress."""
+    add_option(p, "data.source", type=str, default="planted", help="planted | folder")
+    add_option(p, "data.root", type=str | None, default=None,
+               help="folder source: the validation images (one subfolder per class)")
+    add_option(p, "data.test_root", type=str | None, default=None,
+               help="folder source: the held-out test images (the same class subfolders)")
+    add_option(p, "data.factor", type=str, default="colour",
+               help="planted factor: colour | shape | mixed")
+    add_option(p, "data.num_classes", type=int, default=4, help="planted classes")
+    add_option(p, "data.image_size", type=int, default=64,
+               help="image side in pixels (the analysis's)")
+    add_option(p, "data.seed", type=int, default=0, help="data seed (planted images)")
+    add_option(p, "data.val_per_class", type=int, default=16,
+               help="validation images per class (selection)")
+    add_option(p, "data.test_per_class", type=int, default=16,
+               help="test images per class (report)")
+    add_option(p, "data.nuisance", type=str | None, default=None,
+               help="planted spurious cue: null or hue (with factor shape)")
+    add_option(p, "data.agreement", type=float | None, default=None,
+               help="planted cue: train share agreeing with the class (default: the data's)")
+    add_option(p, "data.eval_nuisance", type=str | None, default=None,
+               help="planted cue in val and test: random | shifted (default: the data's)")
+
+
+def _add_suppress_options(p: ArgumentParser) -> None:
+    """The candidates, the choice and the controls of suppress."""
+    add_option(p, "suppress.strengths", type=list[float], default=[0.25, 0.5, 1.0],
+               help="distortion strengths in (0, 1]: the fraction of the nuisance's bound range")
+    add_option(p, "suppress.criterion", type=str, default="mean",
+               help="validation score: mean (of clean and distorted accuracies) | worst | "
+                    "distorted (mean of the distorted ones)")
+    add_option(p, "suppress.scope", type=str, default="both",
+               help="candidates per masked layer (per_layer), at all at once (across) or both")
+    add_option(p, "suppress.layers", type=list[str] | None, default=None,
+               help="masked layers (default: the analysed layers whose output has positions)")
+    add_option(p, "suppress.value", type=str | None, default=None,
+               help="map value: S1 | ST | shapley_normalized (default: ST, else "
+                    "shapley_normalized)")
+    add_option(p, "suppress.random_draws", type=int, default=5,
+               help="random masks with the chosen mask's unit count per layer")
+    add_option(p, "suppress.ties", type=str, default="strict",
+               help="strict: a quantile at the layer's minimum masks only larger values; "
+                    "inclusive")
+    add_option(p, "suppress.batch_images", type=int, default=16, help="images per batch")
+    add_switch(p, "suppress.reuse_prefix", default=True,
+               help="compute the network up to the first masked layer once per batch")
+
+
 def normalise_args(args: Sequence[str]) -> list[str]:
     """Rewrite a command line for the parser.
 

@@ -47,7 +47,8 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, MisconfigurationException)
 # Logs what a command computed into its W&B run, called only when it logs.
 Log = Callable[[Any], None]
 # The job type of each command (docs/CLI.md "W&B").
-JOB_TYPES = {"masking": "masking", "single-class": "masking", "contrast-stats": "statistics",
+JOB_TYPES = {"masking": "masking", "single-class": "masking", "suppress": "masking",
+             "contrast-stats": "statistics",
              "correlation": "statistics", "lda": "statistics", "compare": "statistics"}
 
 

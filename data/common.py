@@ -34,21 +34,22 @@ def sub_seed(seed: int, *keys: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def check_split(split: str) -> int:
-    """Index of a split in ``SPLITS``.
+def check_split(split: str, splits: tuple[str, ...] = SPLITS) -> int:
+    """Index of a split in ``splits``.
 
     Args:
-        split: "train" or "val".
+        split: "train" or "val" (or another of ``splits``).
+        splits: the splits a datamodule has; ``SPLITS`` unless it adds some (e.g. "test").
 
     Returns:
-        0 or 1.
+        Its index in ``splits``.
 
     Raises:
         ValueError: any other split.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return SPLITS.index(split)
+    if split not in splits:
+        raise ValueError(f"split must be one of {splits}, got {split!r}")
+    return splits.index(split)
 
 
 def check_num_classes(model_num_classes: int, datamodule: HasClasses) -> None:
@@ -134,9 +135,11 @@ class LabelledSplitsDataModule(pl.LightningDataModule):
     Subclasses set ``num_classes``, make the splits in ``setup()`` and give ``_loader(split,
     shuffle)``, ``_labels(split)`` and ``_images(split, idx)``; this class turns those into the
     Lightning loaders and ``probe_set``, the probe contract the callbacks and analyze.py rely on.
+    A subclass with more splits (e.g. a held-out "test") lists them in ``splits``.
     """
 
     num_classes: int
+    splits: tuple[str, ...] = SPLITS
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         """The DataLoader of the set-up ``split``."""
@@ -154,7 +157,7 @@ class LabelledSplitsDataModule(pl.LightningDataModule):
         """How a user gives a split more images per class, for error messages.
 
         Args:
-            split: "train" or "val".
+            split: "train", "val", or another of ``splits``.
 
         Returns:
             The datamodule options to change (as ``--data.<option>``) or the data to add.
@@ -162,14 +165,14 @@ class LabelledSplitsDataModule(pl.LightningDataModule):
         Raises:
             ValueError: an unknown split.
         """
-        check_split(split)
+        check_split(split, self.splits)
         return f"see the options of {type(self).__name__}"
 
     def class_counts(self, split: str) -> list[int]:
         """Images of each class in a split (sets up the data first).
 
         Args:
-            split: "train" or "val".
+            split: "train", "val", or another of ``splits``.
 
         Returns:
             num_classes counts, in class order.
@@ -177,7 +180,7 @@ class LabelledSplitsDataModule(pl.LightningDataModule):
         Raises:
             ValueError: an unknown split, or data that cannot be set up.
         """
-        check_split(split)
+        check_split(split, self.splits)
         self.setup()
         return torch.bincount(self._labels(split), minlength=self.num_classes).tolist()
 
@@ -196,7 +199,7 @@ class LabelledSplitsDataModule(pl.LightningDataModule):
 
         Args:
             images_per_class: n.
-            split: "train" or "val".
+            split: "train", "val", or another of ``splits``.
 
         Returns:
             (images (C*n, 3, S, S) float32 in [0, 1], labels (C*n,) int64); class c owns rows
@@ -205,7 +208,7 @@ class LabelledSplitsDataModule(pl.LightningDataModule):
         Raises:
             ValueError: an unknown split, n < 1, or a class with fewer than n images.
         """
-        check_split(split)
+        check_split(split, self.splits)
         self.setup()
         labels = self._labels(split)
         idx = first_per_class(labels, self.num_classes, images_per_class, f"{split} split")

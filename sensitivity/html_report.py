@@ -18,7 +18,8 @@ an e-mail attachment or an archive. Sections (each only where the results file h
 - Spearman correlation matrices between variables and against mean/variance/CV
   (/correlation/<name>); LDA accuracy against chance and confusion matrices (/lda/<name>);
 - guided-masking specificity (/masking/<name>) and the single-class table
-  (/single_class/<name>);
+  (/single_class/<name>); nuisance suppression (/suppression/<name>): test accuracy
+  against distortion strength of the unmasked network, the chosen mask and random controls;
 - comparisons of two reported analyses (/comparison/<name>): Spearman correlation of their
   maps per layer and variable, per layer the scatter of the two maps and of each against mean,
   variance and CV, and the decay of each variable's largest values.
@@ -70,6 +71,9 @@ from sensitivity.stats import (
     read_tree,
 )
 from sensitivity.store import ResultsStore
+from sensitivity.suppression import GROUP_KIND as SUPPRESSION_GROUP
+from sensitivity.suppression import SuppressionResult
+from sensitivity.suppression_figures import suppression_figure
 
 DPI = 100
 TOP_UNITS = 3
@@ -503,6 +507,34 @@ def _single_class_section(page: Page, store: ResultsStore, group: str) -> None:
     ))
 
 
+def _suppression_section(page: Page, store: ResultsStore, group: str) -> None:
+    """Nuisance suppression (/suppression/<group>): the choice, the test accuracies against
+    distortion strength (figure and table) and the chosen mask's units per layer."""
+    result = store.read_result(SuppressionResult, SUPPRESSION_GROUP, group)
+    page.heading(2, f"Suppression {group} ({result.variable}, {result.value} maps of "
+                    f"{result.analysis})")
+    page.note(
+        f"{len(result.candidates)} candidates (mask configurations per masked layer and across "
+        f"layers) scored on {result.n_val} validation images by the {result.criterion} of "
+        f"their top-1 accuracies clean and at strengths "
+        f"{', '.join(f'{s:g}' for s in result.strengths)}; chosen: {result.chosen} (score "
+        f"{result.val_score[result.chosen_index]:.3f}, unmasked {result.val_unmasked_score:.3f})."
+        f" Test: {result.n_test} images; {result.random_draws} random masks with the chosen "
+        f"mask's unit count per layer. Distortion: {result.distortion}."
+    )
+    page.figure(suppression_figure(result), f"suppression_{group}",
+                f"suppression {group}: test top-1 accuracy against {result.variable} strength")
+    random = result.test_random_acc1
+    rows = [("unmasked", *(number(a) for a in result.test_unmasked_acc1)),
+            ("suppression", *(number(a) for a in result.test_chosen_acc1))]
+    if len(random):
+        rows.append((f"random (mean of {len(random)})", *(number(a) for a in random.mean(0))))
+    page.add(table(["test top-1", *result.conditions], rows))
+    page.add(table(["layer", "units masked", "valid units"], [
+        (layer, int(n), int(u)) for layer, n, u in
+        zip(result.layers, result.unit_counts, result.layer_units, strict=True)]))
+
+
 def _comparison_table(comparison: Comparison) -> str:
     """Rows the layers, columns the units valid in both and each variable's Spearman
     correlation (pooled; by position below it for spatial maps)."""
@@ -599,7 +631,8 @@ def write_report(
     page = Page(out)
     _overview(page, store, names)
     groups = {kind: store.groups(kind) for kind in (
-        WILCOXON_GROUP, CORRELATION_GROUP, LDA_GROUP, MASKING_GROUP, SINGLE_CLASS_GROUP)}
+        WILCOXON_GROUP, CORRELATION_GROUP, LDA_GROUP, MASKING_GROUP, SINGLE_CLASS_GROUP,
+        SUPPRESSION_GROUP)}
     sections = ((WILCOXON_GROUP, _wilcoxon_section), (CORRELATION_GROUP, _correlation_section),
                 (LDA_GROUP, _lda_section))
     for name, result in loaded.items():
@@ -608,7 +641,8 @@ def write_report(
             if name in groups[kind]:
                 section(page, store.path, name)
     for kind, section in ((MASKING_GROUP, _masking_section),
-                          (SINGLE_CLASS_GROUP, _single_class_section)):
+                          (SINGLE_CLASS_GROUP, _single_class_section),
+                          (SUPPRESSION_GROUP, _suppression_section)):
         for group in groups[kind]:
             if analyses is None or store.read_group(f"{kind}/{group}")[1].get(
                 "analysis", group

@@ -356,6 +356,8 @@ def _analyze_parser(method: str):
 
     if method in analyze.STATISTICS:
         return analyze.build_statistics_parser(method)
+    if method == "suppress":
+        return analyze.build_suppress_parser()
     return analyze.build_parser()
 
 
@@ -414,7 +416,7 @@ def check_analyze(command: Command) -> None:
     status, text, cfg = _quiet(parser.parse_args, args)
     assert status == 0, f"{command.where}: analyze.py {command.raw.strip()}\n{text[-1500:]}"
     if cfg is not None and method not in analyze.STATISTICS:  # None: --help
-        assert cfg.method in (*analyze.METHODS, *analyze.MASKING_METHODS), command.where
+        assert cfg.method in (*analyze.METHODS, *analyze.MASKING_METHODS, "suppress"), command.where
 
 
 def check_train(command: Command) -> None:
