@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from sensitivity.html_page import number
 from sensitivity.layouts import features_first
-from sensitivity.report import file_part, grid_axes, new_figure
+from sensitivity.report import file_part, grid_axes, new_figure, save_figure
 from sensitivity.results import AnalysisResult
 from sensitivity.stats import COMPARISON_GROUP, COVARIATES, LayerMaps, layer_maps, read_tree
 from sensitivity.stats.comparison import SIDES
@@ -252,15 +252,13 @@ def save_figures(comparison: Comparison, out_dir: str | Path) -> dict[str, Path]
         ``<out_dir>/<name>_scatter_<layer>.png``, ``<name>_covariates_<layer>.png`` (layers
         with covariates) and ``<name>_decay.png``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
 
     def save(key: str, figure: Figure | None) -> None:
         # Written as drawn: the figures of many large layers are not all held in memory.
         if figure is not None:
-            paths[key] = out / f"{file_part(comparison.name)}_{file_part(key)}.png"
-            figure.savefig(paths[key])
+            paths[key] = save_figure(figure, out_dir,
+                                     f"{file_part(comparison.name)}_{file_part(key)}.png")
 
     for layer in comparison.layers:
         save(f"scatter/{layer}", scatter_figure(comparison, layer))

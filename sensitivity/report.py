@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from sensitivity.masking.result import PROFILES
 from sensitivity.results import PER_VARIABLE_KEYS, SUMMARY_STATISTICS, AnalysisResult
 
 if TYPE_CHECKING:
@@ -399,9 +400,7 @@ def specificity_figure(result: MaskingResult, top5: bool = False) -> Figure:
     ax.set_xlabel(f"mask variable ({result.value} maps)")
     ax.set_ylabel("input augmentation")
     # what the specificity compared: the stored profile (top-k always compares accuracies)
-    what = "top-5 accuracy" if top5 else {
-        "top1": "top-1 accuracy", "per_class": "per-class top-1 accuracy",
-        "confusion": "confusion rates"}[result.profile]
+    what = "top-5 accuracy" if top5 else PROFILES[result.profile]
     ax.set_title(f"masking specificity ({what})\nSpearman vs original inputs over "
                  f"{len(result.configurations)} configurations", fontsize=10)
     figure.colorbar(image, ax=ax, label="Spearman correlation")
@@ -419,8 +418,22 @@ def save_specificity(result: MaskingResult, out_dir: str | Path, name: str) -> P
     Returns:
         The path written.
     """
+    return save_figure(specificity_figure(result), out_dir, f"{name}_masking_specificity.png")
+
+
+def save_figure(figure: Figure, out_dir: str | Path, filename: str) -> Path:
+    """Write ``figure`` as ``<out_dir>/<filename>``, the folder created when missing.
+
+    Args:
+        figure: the figure.
+        out_dir: the folder.
+        filename: the file name, e.g. ``sobol_masking_specificity.png``.
+
+    Returns:
+        The path written.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}_masking_specificity.png"
-    specificity_figure(result).savefig(path)
+    path = out / filename
+    figure.savefig(path)
     return path

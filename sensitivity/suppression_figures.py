@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from sensitivity.report import new_figure
+from sensitivity.report import new_figure, save_figure
 from sensitivity.suppression import SuppressionResult
 
 
@@ -61,8 +61,4 @@ def save_suppression_figure(result: SuppressionResult, out_dir: str | Path, name
     Returns:
         The path written.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}_suppression.png"
-    suppression_figure(result).savefig(path)
-    return path
+    return save_figure(suppression_figure(result), out_dir, f"{name}_suppression.png")

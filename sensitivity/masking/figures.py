@@ -9,10 +9,9 @@ import scipy.cluster.hierarchy
 from matplotlib.figure import Figure
 
 from sensitivity.masking.clustering import ProfileClustering
-from sensitivity.report import new_figure
+from sensitivity.masking.result import PROFILES
+from sensitivity.report import new_figure, save_figure
 
-_PROFILES = {"top1": "top-1 accuracy", "per_class": "per-class top-1 accuracy",
-             "confusion": "confusion rates"}
 _DISTANCES = {"spearman": r"$\sqrt{1 - |\rho_{\mathrm{Spearman}}|}$",
               "euclidean": "Euclidean distance"}
 
@@ -38,7 +37,7 @@ def dendrogram_figure(clustering: ProfileClustering) -> Figure:
     ax.axvline(clustering.threshold, color="black", linestyle=":", linewidth=1.0)
     ax.set_xlabel(_DISTANCES[clustering.metric])
     ax.set_title(
-        f"masking profiles ({_PROFILES[clustering.profile]})\n{clustering.method} linkage, "
+        f"masking profiles ({PROFILES[clustering.profile]})\n{clustering.method} linkage, "
         f"{clustering.count} clusters at distance {clustering.threshold:.3g}", fontsize=10,
     )
     return figure
@@ -55,8 +54,4 @@ def save_dendrogram(clustering: ProfileClustering, out_dir: str | Path, name: st
     Returns:
         The path written.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}_masking_dendrogram.png"
-    dendrogram_figure(clustering).savefig(path)
-    return path
+    return save_figure(dendrogram_figure(clustering), out_dir, f"{name}_masking_dendrogram.png")

@@ -27,7 +27,9 @@ from sensitivity.masking.clustering import SUBGROUP, ProfileClustering
 
 # The group kind of masking results in a results file: /masking/<name>.
 GROUP_KIND = "masking"
-PROFILES = ("top1", "per_class", "confusion")
+# What specificity can compare, with how figures name it.
+PROFILES = {"top1": "top-1 accuracy", "per_class": "per-class top-1 accuracy",
+            "confusion": "confusion rates"}
 
 
 def specificity_matrix(accuracy: np.ndarray) -> np.ndarray:
