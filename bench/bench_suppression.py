@@ -45,7 +45,7 @@ for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from test_ground_truth import SmallCNN  # noqa: E402
+from test_ground_truth import SmallCNN, fit  # noqa: E402
 
 from data import PlantedFactorDataModule  # noqa: E402
 from lightning_modules.finetune import (  # noqa: E402
@@ -95,21 +95,9 @@ class SeedRun:
 
 
 def train_model(data: PlantedFactorDataModule, epochs: int, seed: int, width: int) -> nn.Module:
-    """A SmallCNN trained on ``data``'s train split (AdamW + OneCycle, as the tests' ``train``)."""
+    """A SmallCNN trained on ``data``'s train split (the tests' ``fit``)."""
     torch.manual_seed(seed)
-    model = SmallCNN(data.num_classes, width=width)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    loader = data.train_dataloader()
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, epochs * len(loader))
-    model.train()
-    for _ in range(epochs):
-        for images, labels in loader:
-            loss = nn.functional.cross_entropy(model(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
+    return fit(SmallCNN(data.num_classes, width=width), data, epochs)
 
 
 @torch.no_grad()

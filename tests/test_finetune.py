@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from test_ground_truth import SmallCNN
+from test_ground_truth import SmallCNN, fit
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -186,17 +186,7 @@ def test_distort_and_evaluate():
 
 def train_on_spurious(data: PlantedFactorDataModule, epochs: int) -> SmallCNN:
     """SmallCNN trained on shape classes whose train hue agrees with the class."""
-    model = small_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    loader = data.train_dataloader()
-    model.train()
-    for _ in range(epochs):
-        for images, labels in loader:
-            loss = nn.functional.cross_entropy(model(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+    return fit(small_model(), data, epochs)
 
 
 def test_demo_suppression_vs_augmentation_on_the_spurious_cue(capsys):

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import chi2
-from test_ground_truth import SmallCNN
-from torch import nn
+from test_ground_truth import SmallCNN, fit
 
 from data import PlantedFactorDataModule
 from data.planted import HUE_JITTER, HUES, generate
@@ -279,19 +278,7 @@ def test_a_network_trained_with_the_cue_leans_on_it(one_thread):
     common = {"num_classes": 3, "train_per_class": 128, "val_per_class": 64,
               "batch_size": 64, "agreement": 0.95}
     data = {e: spurious(eval_nuisance=e, **common) for e in ("random", "shifted")}
-    model = SmallCNN(3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    loader, epochs = data["random"].train_dataloader(), 4
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, epochs * len(loader))
-    model.train()
-    for _ in range(epochs):
-        for images, labels in loader:
-            loss = nn.functional.cross_entropy(model(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval()
+    model = fit(SmallCNN(3), data["random"], epochs=4)
 
     def accuracy(dm: PlantedFactorDataModule, split: str) -> float:
         dm.setup()
