@@ -17,15 +17,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import wandb
 from helpers import cli
 from wandb.proto import wandb_internal_pb2
 from wandb_records import (
     artifacts,
     assert_sobol_summary_logged,
     history_row,
-    read_wandb_records,
+    offline_runs,
     run_config,
+    runs_by_command,
 )
 
 from callbacks.wandb_logging import ARTIFACT_TYPE, STEP_METRIC, TABLE_COLUMNS, wandb_mode
@@ -41,20 +41,6 @@ COMMON = [
 # One intra-op thread: on the shared 2-core machine two threads under contention make the
 # masking forwards tens of times slower.
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
-
-
-def wandb_runs(run_dir: Path) -> dict[str, list[wandb_internal_pb2.Record]]:
-    """{the analyze.py command (config "command"): records of its offline run} under
-    run_dir/wandb."""
-    # run.finish() returns before W&B's core process has closed (flushed) the run's .wandb
-    # file; teardown waits for it, as the exit of an analyze.py process does.
-    wandb.teardown()
-    runs = {}
-    for directory in sorted((run_dir / "wandb").glob("offline-run-*")):
-        (log,) = directory.glob("run-*.wandb")
-        records = read_wandb_records(log)
-        runs[run_config(records)["command"]] = records
-    return runs
 
 
 def logged_row(records: list[wandb_internal_pb2.Record]) -> dict:
@@ -84,7 +70,7 @@ def test_sobol_logs_an_offline_run_in_the_run_directory(sobol_run):
     (directory,) = (run_dir / "wandb").glob("offline-run-*")
     assert f"W&B offline run {directory}" in printed
     assert f"wandb sync {directory}" in printed
-    records = wandb_runs(run_dir)["sobol"]
+    records = runs_by_command(run_dir)["sobol"]
     (run,) = [r.run for r in records if r.HasField("run")]
     assert (run.project, run.display_name) == ("augsens", "sobol")
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
@@ -110,7 +96,7 @@ def test_masking_on_the_results_file_logs_the_masking_keys(sobol_run, capsys):
     assert cli("masking", "--results", run_dir / "results.h5", "--analysis", "sobol",
                "--masking.k", "1", "--masking.augmentations", "[erasing]",
                "--masking.variables", "[erasing, class]", *COMMON) == 0
-    records = wandb_runs(run_dir)["masking"]
+    records = runs_by_command(run_dir)["masking"]
     printed = capsys.readouterr().out
     (directory,) = [d for d in (run_dir / "wandb").glob("offline-run-*") if str(d) in printed]
     assert step_metrics(records)["masking/*"] == STEP_METRIC
@@ -135,7 +121,7 @@ def test_masking_on_the_results_file_logs_the_masking_keys(sobol_run, capsys):
 def test_correlation_logs_a_table_and_mean_correlations(sobol_run):
     run_dir, _ = sobol_run
     assert cli("correlation", "--results", run_dir / "results.h5", "--analysis", "sobol") == 0
-    row = logged_row(wandb_runs(run_dir)["correlation"])
+    row = logged_row(runs_by_command(run_dir)["correlation"])
     with h5py.File(run_dir / "results.h5", "r") as f:
         variables = len(f["correlation/sobol"].attrs["variables"])
         for layer in LAYERS:
@@ -158,7 +144,7 @@ def test_single_class_and_lda_log_their_keys(sobol_run):
                "--single_class.trials", "1000", *COMMON) == 0
     assert cli("lda", "--results", results, "--analysis", "sobol", "--folds", "2",
                "--repeats", "1") == 0
-    runs = wandb_runs(run_dir)
+    runs = runs_by_command(run_dir)
     row = logged_row(runs["single-class"])
     assert step_metrics(runs["single-class"])["single_class/*"] == STEP_METRIC
     with h5py.File(results, "r") as f:
@@ -184,7 +170,7 @@ def test_contrast_stats_log_the_significant_unit_counts(tmp_path):
                "--store-activations", "--wandb", "false", *COMMON) == 0
     assert cli("contrast-stats", "--results", out / "results.h5", "--analysis", "contrast",
                "--alpha", "0.5") == 0
-    row = logged_row(wandb_runs(out)["contrast-stats"])
+    row = logged_row(runs_by_command(out)["contrast-stats"])
     assert row["contrast_stats/n_pairs"] == 4 and row["contrast_stats/alpha"] == 0.5
     with h5py.File(out / "results.h5", "r") as f:
         augmentations = list(f["wilcoxon/contrast"].attrs["variables"])
@@ -254,7 +240,7 @@ def test_run_names_given_on_the_command_line_and_an_unknown_entity_offline(tmp_p
     assert cli("sobol", "--output", run_dir, "--n", "4", "--wandb_entity", "no-such-team-4f7",
                "--wandb_group", "sweep-3", "--wandb_job_type", "baseline",
                "--wandb_tags", "[a,b]", *COMMON, quiet=True) == 0
-    records = wandb_runs(run_dir)["sobol"]
+    records = runs_by_command(run_dir)["sobol"]
     (run,) = [r.run for r in records if r.HasField("run")]
     assert (run.entity, run.run_group, run.job_type) == ("no-such-team-4f7", "sweep-3",
                                                          "baseline")
@@ -263,9 +249,7 @@ def test_run_names_given_on_the_command_line_and_an_unknown_entity_offline(tmp_p
     # the defaults, where nothing is given
     assert cli("sobol", "--output", run_dir, "--name", "plain", "--n", "4", *COMMON,
                quiet=True) == 0
-    wandb.teardown()  # flushes the second run's file
-    runs = [r.run for log in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-            for r in read_wandb_records(log) if r.HasField("run")]
+    runs = [r.run for records in offline_runs(run_dir) for r in records if r.HasField("run")]
     (plain,) = [run for run in runs if run.display_name == "plain"]
     assert (plain.run_group, plain.job_type) == (f"{tmp_path.name}-run", "analyze")
     assert list(plain.tags) == ["resnet18", "set-1"]

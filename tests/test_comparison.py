@@ -22,9 +22,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 import scipy.stats
-import wandb
 from helpers import cli
-from wandb_records import history_row, read_wandb_records, run_config
+from wandb_records import history_row, runs_by_command
 
 from sensitivity import comparison
 from sensitivity.results import AnalysisResult
@@ -372,17 +371,6 @@ def test_the_command_prints_the_correlations_and_the_figures(pair, capsys):
 
 
 # ------------------------------------------------------------------------------- a real run
-def wandb_runs(run_dir: Path) -> dict[str, list]:
-    """{command: records of its offline run} under run_dir/wandb (test_analyze_wandb.py)."""
-    wandb.teardown()  # flushes the runs' .wandb files, as an analyze.py process's exit does
-    runs = {}
-    for directory in sorted((run_dir / "wandb").glob("offline-run-*")):
-        (log,) = directory.glob("run-*.wandb")
-        records = read_wandb_records(log)
-        runs[run_config(records)["command"]] = records
-    return runs
-
-
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory) -> Path:
     """Sobol and Shapley analyses of a random 32 px ResNet18 (n = 16), compared with W&B
@@ -400,7 +388,7 @@ def real_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_compare_logs_the_correlations_tables_and_figures(real_run):
-    records = wandb_runs(real_run)["compare"]
+    records = runs_by_command(real_run)["compare"]
     (run,) = [r.run for r in records if r.HasField("run")]
     assert (run.display_name, run.job_type) == ("compare sobol", "statistics")
     (row,) = [history_row(r.history) for r in records if r.HasField("history")]

@@ -15,11 +15,16 @@ import json
 from pathlib import Path
 
 import pytest
-import wandb
 import yaml
 from helpers import cli
 from wandb.proto import wandb_internal_pb2
-from wandb_records import artifacts, history_row, read_wandb_records, run_config, run_summary
+from wandb_records import (
+    artifacts,
+    history_row,
+    offline_runs,
+    run_config,
+    run_summary,
+)
 
 import train
 from callbacks.wandb_artifacts import CHECKPOINT_TYPE, RESULTS_TYPE, checkpoint_artifact
@@ -54,13 +59,6 @@ VARIANCE = {
 }
 
 
-def offline_records(run_dir: Path) -> list[list[wandb_internal_pb2.Record]]:
-    """The records of every offline run under ``run_dir/wandb``, oldest first."""
-    wandb.teardown()  # flushes the runs' .wandb files, as a process exit does
-    return [read_wandb_records(next(d.glob("run-*.wandb")))
-            for d in sorted((run_dir / "wandb").glob("offline-run-*"))]
-
-
 def run_record(records: list[wandb_internal_pb2.Record]) -> wandb_internal_pb2.RunRecord:
     (run,) = [r.run for r in records if r.HasField("run")]
     return run
@@ -92,14 +90,14 @@ def runs(tmp_path_factory) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
         trained = train.main(["--config", str(config)])
     run_dir = trained.run_dir
-    (train_records,) = offline_records(run_dir)
+    (train_records,) = offline_runs(run_dir)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     analysis_dir = tmp / "analysis"
     assert cli("sobol", "--checkpoint", checkpoint, "--output", analysis_dir, "--n", "4",
                "--images-per-class", "2", "--data.num_classes", "2", "--data.image_size", "32",
                "--problem.augmentations", "[hue,hflip]", "--data.checkpoint_split", "val",
                "--reduction", "channel_mean", quiet=True) == 0
-    (analysis_records,) = offline_records(analysis_dir)
+    (analysis_records,) = offline_runs(analysis_dir)
     return {"train": train_records, "analysis": analysis_records, "run_dir": run_dir,
             "analysis_dir": analysis_dir, "checkpoint": checkpoint}
 

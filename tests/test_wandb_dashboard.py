@@ -17,10 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import wandb
 import yaml
 from helpers import cli
-from wandb_records import history_row, read_wandb_records, run_config, run_summary
+from wandb_records import history_row, offline_runs, run_config, run_summary
 
 from callbacks.wandb_dashboard import (
     GROUP_BY,
@@ -62,15 +61,14 @@ def analysed(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     run_dir = tmp_path_factory.mktemp("dashboard") / "run"
     assert cli("sobol", "--output", run_dir, *COMMON, quiet=True) == 0
     assert cli("contrast", "--output", run_dir, "--contrast_k", "2", *COMMON, quiet=True) == 0
-    wandb.teardown()  # flushes the runs' .wandb files, as the exit of analyze.py does
     runs = {}
-    for log in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
-        records = read_wandb_records(log)
+    for records in offline_runs(run_dir):
         rows = [history_row(r.history) for r in records if r.HasField("history")]
         config = run_config(records)
+        (run,) = [r.run for r in records if r.HasField("run")]
         runs[config["method"]] = {
             "keys": {key for row in rows for key in row}, "summary": run_summary(records),
-            "config": config, "id": log.stem.removeprefix("run-")}
+            "config": config, "id": run.run_id}
     assert sorted(runs) == sorted(METHODS)
     return run_dir / "results.h5", runs
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import wandb
 from PIL import Image
 from wandb.proto import wandb_internal_pb2
 
@@ -107,3 +108,22 @@ def same_summary(a: object, b: object) -> bool:
     """Whether two summaries (or history entries) are equal, NaN equal to NaN (a layer without
     valid units has NaN statistics)."""
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def offline_runs(run_dir: Path) -> list[list[wandb_internal_pb2.Record]]:
+    """The records of every offline run under ``run_dir/wandb``, in folder order (the start
+    time, then the run id)."""
+    # run.finish() returns before W&B's core process has closed (flushed) the run's .wandb
+    # file; teardown waits for it, as the exit of an analyze.py or train.py process does.
+    wandb.teardown()
+    runs = []
+    for directory in sorted((run_dir / "wandb").glob("offline-run-*")):
+        (log,) = directory.glob("run-*.wandb")
+        runs.append(read_wandb_records(log))
+    return runs
+
+
+def runs_by_command(run_dir: Path) -> dict[str, list[wandb_internal_pb2.Record]]:
+    """{the analyze.py command (config "command"): records of its offline run} under
+    ``run_dir/wandb``; of two runs of one command, the later folder's."""
+    return {run_config(records)["command"]: records for records in offline_runs(run_dir)}
