@@ -7,7 +7,7 @@ the agreement (hue random over the class hues). A second module with the same se
 SmallCNN (tests/test_ground_truth.py) is trained on train, a Sobol' analysis of
 [hue, hflip, rolling] (+ class, image) is run at ``--layers`` (channel means), and every method
 is evaluated on the test split, clean and with the hue distortion at each strength
-(``sensitivity.suppression.NuisanceDistortion``, the test stream: every method sees exactly the
+(``sensitivity.distortion.NuisanceDistortion``, the test stream: every method sees exactly the
 same distorted images):
 
 - unmasked: the trained network.
@@ -55,13 +55,12 @@ from lightning_modules.finetune import (  # noqa: E402
     top_units,
 )
 from sensitivity.config import EngineConfig  # noqa: E402
+from sensitivity.distortion import TEST_STREAM, NuisanceDistortion  # noqa: E402
 from sensitivity.engine import run_analysis  # noqa: E402
 from sensitivity.masking import default_configurations, masking_maps, selection_mask  # noqa: E402
 from sensitivity.masking.network import MaskedNetwork  # noqa: E402
 from sensitivity.problem import AugmentationProblem  # noqa: E402
 from sensitivity.suppression import (  # noqa: E402
-    TEST_STREAM,
-    NuisanceDistortion,
     SuppressionMasks,
     evaluate_suppression,
     run_suppression,

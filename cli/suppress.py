@@ -33,6 +33,7 @@ from cli.reporting import (
 from data import ImageFolderDataModule, PlantedFactorDataModule
 from lightning_modules import ImageClassifier
 from sensitivity import masking, suppression
+from sensitivity.distortion import NuisanceDistortion
 from sensitivity.store import ResultsStore, check_name
 from sensitivity.suppression_figures import save_suppression_figure
 
@@ -120,7 +121,7 @@ def _check_options(cfg: Namespace, variables: Sequence[str]) -> None:
     if cfg.variable not in variables:
         raise ValueError(f"--variable {cfg.variable!r} is not a variable of the analysis; it "
                          f"has {list(variables)}")
-    suppression.NuisanceDistortion(cfg.variable)  # refuses auxiliaries (class, image, ...)
+    NuisanceDistortion(cfg.variable)  # refuses auxiliaries (class, image, ...)
     suppression.check_strengths(options.strengths)
     suppression.criterion_scores(torch.zeros(1).numpy(), options.criterion)
     suppression.suppression_candidates(["layer"], masking.default_configurations(),

@@ -34,11 +34,11 @@ from torch.utils.data import DataLoader
 from data.common import sub_seed
 from sensitivity.augmentations import apply, augmentation_spec
 from sensitivity.capture import model_device
+from sensitivity.distortion import VAL_STREAM, NuisanceDistortion
 from sensitivity.masking.masks import map_placement, top_units_mask
 from sensitivity.masking.network import Mask, MaskedNetwork, layer_outputs
 from sensitivity.masking.stored import masking_maps
 from sensitivity.results import AnalysisResult
-from sensitivity.suppression import VAL_STREAM, NuisanceDistortion
 
 TRAIN_MODES = ("head", "all")
 OPTIMIZER = "adamw"
@@ -201,7 +201,7 @@ def random_parameters(
 def distort(images: Tensor, augmentation: str, strength: float, seed: int = 0) -> Tensor:
     """Images with the nuisance at a fixed fraction of its range (hue: a shift of +-s x 0.5).
 
-    The inference-time suppression's distortion (``sensitivity.suppression.NuisanceDistortion``,
+    The inference-time suppression's distortion (``sensitivity.distortion.NuisanceDistortion``,
     its validation stream), so that both measure the same thing: parameters move from their
     identity by ``strength`` times the distance to one end of the bounds (a coin per image);
     augmentations without identity values are blended, x + s (aug(x) - x).
