@@ -19,6 +19,8 @@ from matplotlib.figure import Figure
 
 from sensitivity.report import file_part
 
+# Resolution of the report's figures (their PNGs are embedded in the page).
+DPI = 100
 # Value types in the activations' own units (any magnitude): significant digits, not decimals.
 SCALED_KEYS = ("shapley", "mean_diff")
 
