@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     PUBLISHED_ROWS,
     build_case,
+    competing_load,
     index_difference,
     machine,
     median,
@@ -67,12 +68,15 @@ PREPARED_BATCHES = 4
 
 def prepared_batches(
     problem: Any, probe: torch.Tensor, config: EngineConfig, device: torch.device
-) -> tuple[list[torch.Tensor], int, int]:
-    """(the first augmented batches of the design, as the engine forms them; number of batches;
-    rows of the design). Built with the public API: design rows -> decode -> augment."""
+) -> tuple[list[torch.Tensor], list[int], int]:
+    """(the first augmented batches of the design, as the engine forms them; the rows of every
+    batch of the design; rows of the design). Built with the public API: design rows -> decode
+    -> augment."""
     design = build_design(problem, config)
     per_batch = max(1, config.batch_rows // design.block_size)
     starts = list(range(0, design.n_blocks, per_batch))
+    sizes = [(min(start + per_batch, design.n_blocks) - start) * design.block_size
+             for start in starts]
     size = (probe.shape[2], probe.shape[3])
     batches = []
     with torch.inference_mode():
@@ -81,7 +85,7 @@ def prepared_batches(
             decoded = problem.decode(rows, *size)
             images = probe[decoded.image_index].to(device)
             batches.append(problem.augment(images, decoded))
-    return batches, len(starts), design.n_rows
+    return batches, sizes, design.n_rows
 
 
 def autocast_for(config: EngineConfig, device: torch.device) -> torch.autocast:
@@ -102,17 +106,18 @@ def model_format(model: torch.nn.Module, channels_last: bool):
 
 
 def bare_forward(
-    forward: Any, batches: list[torch.Tensor], n_batches: int, config: EngineConfig,
+    forward: Any, batches: list[torch.Tensor], sizes: list[int], config: EngineConfig,
     device: torch.device,
 ) -> float:
-    """Seconds for ``n_batches`` forward passes of the prepared batches (cycled)."""
+    """Seconds for forward passes of the prepared batches (cycled), one of ``sizes[i]`` rows per
+    batch of the design: the rows the analysis forwards, no more."""
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     inputs = [b.contiguous(memory_format=fmt) for b in batches]
 
     def run() -> None:
         with torch.inference_mode(), autocast_for(config, device):
-            for i in range(n_batches):
-                forward(inputs[i % len(inputs)])
+            for i, size in enumerate(sizes):
+                forward(inputs[i % len(inputs)][:size])
 
     return timed(run, device)[0]
 
@@ -125,16 +130,18 @@ def measure(
     model, probe, problem = case
     config = EngineConfig(
         method="sobol", n=args.n, reduction="none", batch_rows=args.batch_rows,
-        num_workers=args.workers, progress=False, **VARIANTS[variant],
+        num_workers=args.workers, progress=False, second_order=args.second_order,
+        threads=args.threads, accumulation_threads=args.accumulation_threads,
+        **VARIANTS[variant],
     )
-    batches, n_batches, rows = prepared_batches(problem, probe, config, device)
+    batches, sizes, rows = prepared_batches(problem, probe, config, device)
     load_before = list(os.getloadavg())
     compile_seconds = None
     forward = torch.compile(model) if config.compile else model
     with model_format(model, config.channels_last):
         if config.compile:
-            compile_seconds = bare_forward(forward, batches[:1], 1, config, device)
-        bare_forward(forward, batches[:1], 1, config, device)  # warm-up (kernels, algorithms)
+            compile_seconds = bare_forward(forward, batches[:1], sizes[:1], config, device)
+        bare_forward(forward, batches[:1], sizes[:1], config, device)  # warm-up
     bare, analysis, breakdowns = [], [], []
     result = None
     if device.type == "cuda":
@@ -142,7 +149,7 @@ def measure(
     # bare, analysis, bare, ..., analysis, bare: both see the same load drift
     for rep in range(args.reps + 1):
         with model_format(model, config.channels_last):
-            bare.append(bare_forward(forward, batches, n_batches, config, device))
+            bare.append(bare_forward(forward, batches, sizes, config, device))
         if rep == args.reps:
             break
         timings: dict[str, float] | None = {} if device.type == "cpu" else None
@@ -170,7 +177,7 @@ def measure(
         "options": VARIANTS[variant],
         "n": args.n,
         "rows": rows,
-        "batches": n_batches,
+        "batches": len(sizes),
         "forwarded": int(breakdown.get("forwarded", rows)),
         "units": int(sum(a["var"].size for a in arrays.values())),
         "analysis_seconds": analysis,
@@ -244,7 +251,7 @@ def measure_all(
     for arch in args.archs.split(","):
         for aug_set in (int(s) for s in args.sets.split(",")):
             case = build_case(arch, args.size, aug_set, device)
-            block_size = len(case[2].groups) + 2
+            block_size = (2 if args.second_order else 1) * len(case[2].groups) + 2
             reference = None
             for variant in variants:
                 elapsed = time.perf_counter() - started
@@ -284,7 +291,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--batch-rows", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (EngineConfig.threads of the analysis)")
+    parser.add_argument("--accumulation-threads", type=int, default=1,
+                        help="EngineConfig.accumulation_threads of the analysis")
+    parser.add_argument("--second-order", action="store_true", help="Sobol' S2 (2G + 2 rows "
+                        "per base point)")
+    parser.add_argument("--load", type=int, default=0,
+                        help="competing busy processes running during the measurement")
     parser.add_argument("--full", action="store_true",
                         help="n=32, 3 reps, variants baseline,channels_last,dedup,bf16,fast")
     parser.add_argument("--out", default=None, help="results folder (default $OUT or "
@@ -310,7 +324,8 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True  # fixed shapes: both sides profit alike
     info = machine(device)
     print(f"{info['device_name']}, torch {info['torch']}, {info['torch_threads']} threads, "
-          f"load average {info['load_average'][0]:.2f}; Sobol', reduction none, default "
+          f"load average {info['load_average'][0]:.2f}, {args.load} competing processes; "
+          f"Sobol'{' second order' if args.second_order else ''}, reduction none, default "
           f"checkpoints, {args.size} px, N = {args.n}, batch_rows {args.batch_rows}, "
           f"{args.reps} reps", flush=True)
     rows: list[dict[str, Any]] = []
@@ -330,7 +345,8 @@ def main() -> None:
             "seconds": time.perf_counter() - started,
         }, quiet=True)
 
-    measure_all(args, variants, device, started, rows, skipped, save)
+    with competing_load(args.load):
+        measure_all(args, variants, device, started, rows, skipped, save)
     print()
     if rows:
         print_table(rows)

@@ -14,6 +14,7 @@
 Writes bench/results/estimators.json.
 
     .venv/bin/python bench/bench_estimators.py [--units 100000] [--device cpu|cuda] [--threads 2]
+        [--load 1] [--updates-only]   # --threads: torch's threads and the accumulators' workers
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import competing_load  # noqa: E402
 from sensitivity.designs import ShapleyDesign, SobolDesign, saltelli_rows  # noqa: E402
 from sensitivity.estimators import (  # noqa: E402
     ContrastAccumulator,
@@ -59,18 +61,27 @@ G = 8
 
 
 def accumulators(units: int) -> dict:
-    """name -> (factory, block_size, needs permutations)."""
+    """name -> (factory, block_size, extra argument: None, "permutations" or "replicates").
+
+    The rqmc entries are the engine's default (16 replicates) with the block order of an N = 32
+    design: two base points per replicate, so every update spans many replicates.
+    """
     return {
-        "sobol": (lambda: SobolAccumulator(G, (units,)), G + 2, False),
-        "sobol_second_order": (
-            lambda: SobolAccumulator(G, (units,), second_order=True),
-            2 * G + 2,
-            False,
+        "sobol_mc": (lambda: SobolAccumulator(G, (units,)), G + 2, None),
+        "sobol_mc_second_order": (
+            lambda: SobolAccumulator(G, (units,), second_order=True), 2 * G + 2, None,
         ),
-        "goda": (lambda: ShapleyAccumulator(G, (units,)), G + 1, True),
-        "permutation_1x3": (lambda: PermutationShapleyAccumulator(G, 1, 3, (units,)), 3 * G, True),
-        "contrast_k4": (lambda: ContrastAccumulator(G, 4, (units,)), 1 + 4 * G, False),
-        "moments": (lambda: MomentsAccumulator((units,)), 1, False),
+        "sobol_rqmc16": (lambda: SobolAccumulator(G, (units,), replicates=16), G + 2,
+                         "replicates"),
+        "sobol_rqmc16_second_order": (
+            lambda: SobolAccumulator(G, (units,), second_order=True, replicates=16), 2 * G + 2,
+            "replicates",
+        ),
+        "goda": (lambda: ShapleyAccumulator(G, (units,)), G + 1, "permutations"),
+        "permutation_1x3": (lambda: PermutationShapleyAccumulator(G, 1, 3, (units,)), 3 * G,
+                            "permutations"),
+        "contrast_k4": (lambda: ContrastAccumulator(G, 4, (units,)), 1 + 4 * G, None),
+        "moments": (lambda: MomentsAccumulator((units,)), 1, None),
     }
 
 
@@ -79,16 +90,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_update(factory, block_size, perms, units, rows, device, repeats) -> dict:
+def time_update(factory, block_size, extra, units, rows, device, repeats, threads) -> dict:
     """Median ms per million (row x unit) of update() on float32 outputs of ``rows`` rows."""
     acc = factory().to(device)
+    acc.threads = threads
     n_blocks = max(1, rows // block_size)
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (n_blocks * block_size, units) if block_size == 1 else (n_blocks, block_size, units)
     Y = torch.randn(shape, generator=gen, device=device)
     args = [Y]
-    if perms:
+    if extra == "permutations":
         args.append(torch.stack([torch.randperm(G) for _ in range(n_blocks)]).to(device))
+    if extra == "replicates":
+        args.append(torch.arange(n_blocks) // 2)
     acc.update(*args)  # warm-up; also fixes the shift
     times = []
     for _ in range(repeats):
@@ -239,20 +253,27 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1000, help="coverage seeds")
     parser.add_argument("--rmse-seeds", type=int, default=200)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--load", type=int, default=0,
+                        help="competing busy processes while the update costs are timed")
+    parser.add_argument("--updates-only", action="store_true",
+                        help="only the update costs (printed, not written)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     throughput = {}
-    for name, (factory, block, perms) in accumulators(args.units).items():
-        throughput[name] = time_update(
-            factory, block, perms, args.units, args.rows, device, args.repeats
-        )
-        print(
-            f"{name:20s} {throughput[name]['ms_per_million_row_units']:8.2f} ms per 1e6 "
-            f"row x unit updates; {throughput[name]['state_float64_per_unit']:.0f} float64 "
-            f"states per unit"
-        )
+    with competing_load(args.load):
+        for name, (factory, block, extra) in accumulators(args.units).items():
+            throughput[name] = time_update(
+                factory, block, extra, args.units, args.rows, device, args.repeats, args.threads
+            )
+            print(
+                f"{name:26s} {throughput[name]['ms_per_million_row_units']:8.2f} ms per 1e6 "
+                f"row x unit updates; {throughput[name]['state_float64_per_unit']:.0f} float64 "
+                f"states per unit"
+            )
+    if args.updates_only:
+        return
     analysis = full_analysis(args.units, args.base_points, device, args.salib_columns)
     for name, r in analysis.items():
         print(

@@ -6,13 +6,15 @@ engine benchmarks run on a bare GPU machine (bench/gpu_check.sh).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,19 @@ def set_threads(threads: int) -> None:
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def competing_load(processes: int) -> Iterator[None]:
+    """Inside: ``processes`` busy Python processes (another job on the machine's cores)."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
 
 
 def synchronize(device: torch.device) -> None:

@@ -8,13 +8,18 @@
 # (no SALib, wandb or jsonargparse: nothing on this path imports them). Steps, each with its own
 # time limit, a failure logged and the next step run anyway:
 #   1. environment and import check (the engine path must not load SALib / wandb / jsonargparse)
-#   2. the augmentations' CUDA test: pytest tests/test_augmentations.py -m gpu
+#   2. the CUDA tests: the augmentations, and the float32 partial sums of the accumulators
+#      against float64 ones within their derived bound (pytest -m gpu)
 #   3. bench/bench_augmentations.py --device cuda (needs scikit-learn's sample photos)
 #   4. bench/bench_engine.py: ResNet18 at 224 px, Sobol' N = 2^12, sets 1 and 2, reduction none
 #      at the published checkpoints: rows/s against bare forward passes, breakdown, the time
 #      extrapolated to the published 2.4 M-row design, variants baseline (float32), fast (bf16 +
 #      channels-last + deduplication) and fp16, within a deadline
-#   5. a compact summary of the JSON written
+#   5. bench/bench_engine.py: AlexNet at 224 px, all 8 published layers, second order, N = 512
+#      (9,216 rows), float32: the accumulation's heaviest case against its bare forward passes
+#   6. bench/bench_masking.py: guided masking against the bare masked forwards of its schedule
+#      (batched configurations at the GPU default of 256 rows per forward, and unbatched)
+#   7. a compact summary of the JSON written
 # Results and logs go to $OUT when set (the device tool collects it), else bench/results.
 set -u
 cd "$(dirname "$0")/.."
@@ -73,7 +78,8 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clo
     --format=csv >>"$LOG" 2>&1
 
 if "$PY" -c "import pytest" 2>/dev/null; then
-    step cuda-test 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_augmentations.py -m gpu
+    step cuda-test 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_augmentations.py \
+        tests/test_partial_sums.py -m gpu
 else
     log "pytest missing: CUDA augmentation test skipped"
 fi
@@ -87,6 +93,17 @@ step engine $(( DEADLINE + 60 )) "$PY" bench/bench_engine.py --device "$DEVICE" 
     --archs resnet18 --sets 1,2 --n "$N" --reps 1 --variants baseline,fast,fp16 --workers "$WORKERS" \
     --threads "$THREADS" --deadline "$DEADLINE" --out "$OUT_DIR" \
     --name "engine_efficiency_${DEVICE}_${SIZE}.json"
+
+if [ "$QUICK" = 1 ]; then S2_N=8; else S2_N=512; fi
+step engine-second-order 150 "$PY" bench/bench_engine.py --device "$DEVICE" --size "$SIZE" \
+    --archs alexnet --sets 1 --n "$S2_N" --reps 1 --variants baseline --second-order \
+    --workers "$WORKERS" --threads "$THREADS" --out "$OUT_DIR" \
+    --name "engine_second_order_${DEVICE}_${SIZE}.json"
+
+if [ "$QUICK" = 1 ]; then MASK_ARGS=(--images-per-class 1 --k 1 --reps 1); else
+    MASK_ARGS=(--images-per-class 4 --k 4); fi
+step masking 120 "$PY" bench/bench_masking.py --device "$DEVICE" --no-processes \
+    "${MASK_ARGS[@]}" --batch-rows auto 0 --out "$OUT_DIR"
 
 log "== summary"
 "$PY" - "$OUT_DIR" "$DEVICE" "$SIZE" <<'EOF' 2>&1 | tee -a "$LOG"
@@ -131,7 +148,17 @@ for s in e.get("skipped", []):
 base = [r for r in e["runs"] if r["variant"] == "baseline" and r["set"] == 1]
 if base:
     r = base[0]
-    print(f"targets: ratio >= 0.8: {r['ratio']:.2f}; published 2.4 M rows < 1 h: "
+    print(f"targets: ratio >= 0.8: {r['ratio']:.2f}; published 2.4 M rows < 0.5 h: "
           f"{r['extrapolation']['published_2.4M_rows_hours']:.2f} h (float32)")
+second = out / f"engine_second_order_{device}_{size}.json"
+for r in (json.loads(second.read_text())["runs"] if second.exists() else []):
+    print(f"AlexNet second order, N = {r['n']} ({r['rows']} rows, {r['units']} units): "
+          f"{r['analysis_rows_per_s']:.0f} rows/s, bare {r['bare_rows_per_s']:.0f}, ratio "
+          f"{r['ratio']:.2f} (target >= 0.85)")
+masking = out / "masking.json"
+for r in (json.loads(masking.read_text())["efficiency"] if masking.exists() else []):
+    print(f"masking, batch_rows {r['batch_rows']}: {r['forwards']} forwards, evaluation "
+          f"{r['evaluation_s']:.1f} s vs bare masked forwards {r['bare_s']:.1f} s: ratio "
+          f"{r['ratio']:.2f} (target >= 0.7)")
 EOF
 log "gpu_check done in $(( $(date +%s) - START )) s; results in $OUT_DIR"

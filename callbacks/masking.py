@@ -108,7 +108,8 @@ class MaskingCallback(pl.Callback):
         k: parameter draws per probe image and input augmentation.
         images_per_class, split: the probe set (``datamodule.probe_set``).
         ties: "strict" | "inclusive" (``sensitivity.masking.quantile_mask``).
-        batch_images, reuse_prefix, seed: as ``evaluate_masking``.
+        batch_images, reuse_prefix, seed, batch_rows: as ``evaluate_masking`` (batch_rows
+            None: the device's default, ``masking.default_batch_rows``).
         progress: report the image forwards on rank zero (stderr), as ``evaluate_masking``;
             off by default: the training's own progress bar shares the terminal.
         figures_dir: PNG folder, relative to the run directory.
@@ -148,6 +149,7 @@ class MaskingCallback(pl.Callback):
         cluster_method: str = "average",
         cluster_metric: str = "spearman",
         cluster_threshold: float | None = None,
+        batch_rows: int | None = None,
     ) -> None:
         super().__init__()
         for label, number in (("every_n_epochs", every_n_epochs), ("k", k),
@@ -155,6 +157,8 @@ class MaskingCallback(pl.Callback):
                               ("batch_images", batch_images)):
             if isinstance(number, bool) or not isinstance(number, int) or number < 1:
                 raise ValueError(f"{label} must be an integer >= 1, got {number!r}")
+        if batch_rows is not None and (isinstance(batch_rows, bool) or batch_rows < 0):
+            raise ValueError(f"batch_rows must be an integer >= 0 or None, got {batch_rows!r}")
         if value is not None and value not in masking.VALUE_KEYS:
             raise ValueError(f"value must be one of {list(masking.VALUE_KEYS)}, got {value!r}")
         if ties not in masking.TIES:
@@ -181,6 +185,7 @@ class MaskingCallback(pl.Callback):
         self.ties = ties
         self.batch_images = batch_images
         self.reuse_prefix = reuse_prefix
+        self.batch_rows = batch_rows
         self.seed = seed
         self.progress = progress
         self.figures_dir = figures_dir
@@ -283,6 +288,7 @@ class MaskingCallback(pl.Callback):
             chosen.augmentations, value=chosen.value, analysis=name,
             mask_variables=self.variables, k=self.k, seed=self.seed, problem=stored.problem,
             ties=self.ties, batch_images=self.batch_images, reuse_prefix=self.reuse_prefix,
+            batch_rows=self.batch_rows,
             rank=trainer.global_rank, world_size=trainer.world_size, valid=chosen.valid,
             progress=self.progress, layouts=chosen.layouts, profile=self.profile,
             max_confusion_classes=self.max_confusion_classes, class_names=self._class_names,

@@ -351,7 +351,7 @@ class SensitivityCallback(pl.Callback):
         design = self.plan.design
         return ActivationWriter(
             self._activation_file(name, rank, world_size), name, self.plan.unit_shapes,
-            self.problem.d, design.row_kinds(), n_rows=design.n_rows,
+            self.problem.d, design.row_kinds(), n_rows=self.plan.n_rows,
             attrs={"method": self.method, "epoch": epoch, "rank": rank,
                    "world_size": world_size},
         )

@@ -62,18 +62,7 @@ def run_engine(cfg: Namespace, config_text: str) -> int:
     try:
         mode = wandb_settings(cfg)
         module = prepare(cfg, config_text)
-        trainer = pl.Trainer(
-            accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
-            num_nodes=cfg.num_nodes, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False,
-            use_distributed_sampler=False, inference_mode=True,
-        )
-        with warnings.catch_warnings():
-            # Lightning's own notices, irrelevant here: the predict loader has one item per
-            # process on purpose, and pytree's deprecation is internal to Lightning.
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-            predictions = trainer.predict(module, dataloaders=one_step_loader())
+        trainer, predictions = predict_per_process(cfg, module)
     except INPUT_ERRORS as error:
         return input_error(None, error)
     if not (trainer.is_global_zero and predictions):
@@ -88,6 +77,33 @@ def run_engine(cfg: Namespace, config_text: str) -> int:
     )
     print_outputs(analysis_lines(written, name) + wandb_lines)
     return status
+
+
+def predict_per_process(
+    cfg: Namespace, module: pl.LightningModule
+) -> tuple[pl.Trainer, list[Any] | None]:
+    """One predict step of ``module`` in every process of the run options (--accelerator,
+    --devices, --strategy, --num_nodes).
+
+    Args:
+        cfg: the parsed options.
+        module: the module (``AnalysisModule``, ``ShardModule``).
+
+    Returns:
+        (the trainer, its predictions: [rank zero's step output] on rank zero).
+    """
+    trainer = pl.Trainer(
+        accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, inference_mode=True,
+    )
+    with warnings.catch_warnings():
+        # Lightning's own notices, irrelevant here: the predict loader has one item per
+        # process on purpose, and pytree's deprecation is internal to Lightning.
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+        return trainer, trainer.predict(module, dataloaders=one_step_loader())
 
 
 def prepare(cfg: Namespace, config_text: str) -> AnalysisModule:

@@ -1,6 +1,11 @@
 """``analyze.py masking | single-class``: guided masking and the single-class analysis with the
-maps of a stored analysis (METHOD.md sections 8-9), on one device; results go into the same
-results file (and a specificity PNG next to it).
+maps of a stored analysis (METHOD.md sections 8-9); results go into the same results file (and
+a specificity PNG next to it).
+
+Every process of the run options (--devices, --strategy: Lightning launches them, as for the
+analyses) evaluates its share of the probe images (``lightning_modules.analysis.ShardModule``);
+the counts are summed over the processes and rank zero writes. Masking resumes from
+``state_path`` (``--masking.checkpoint_every``).
 
 ``masking_inputs`` checks and builds everything before anything is written: the stored
 analysis (``sensitivity.masking.read_stored_analysis``), the probe and the model of the
@@ -10,6 +15,7 @@ options, and the maps (``sensitivity.masking.masking_maps``, as the MaskingCallb
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,6 +25,7 @@ from torch.utils.data import Dataset
 
 from callbacks.masking import masking_record
 from callbacks.wandb_logging import single_class_record
+from cli.analysis import check_run_options, predict_per_process
 from cli.inputs import build_model, build_probe, device_of
 from cli.reporting import (
     INPUT_ERRORS,
@@ -30,6 +37,7 @@ from cli.reporting import (
     wandb_settings,
 )
 from lightning_modules import ImageClassifier
+from lightning_modules.analysis import ShardModule
 from sensitivity import masking, report, single_class
 from sensitivity.capture import classification_layer
 from sensitivity.masking.figures import save_dendrogram
@@ -65,20 +73,36 @@ class MaskingInputs:
 
 
 def run_masking(cfg: Namespace) -> int:
-    """Run masking or single-class (``cfg.method``) on the parsed options.
+    """Run masking or single-class (``cfg.method``) on the parsed options, in every process of
+    the run options (``cli.analysis.predict_per_process``); rank zero writes and reports.
 
     Args:
         cfg: the parsed options.
 
     Returns:
-        The exit status: 0, 2 for bad input (no results file or analysis, maps that do not fit
-        the model...) with nothing written, 1 when W&B failed.
+        The exit status: 0 (also on ranks other than zero), 2 for bad input (no results file
+        or analysis, maps that do not fit the model, a resume state of other inputs...) with
+        nothing written, 1 when W&B failed.
     """
+    masking_run = cfg.method == "masking"
     try:
         mode = wandb_settings(cfg)
+        check_run_options(cfg)
+        options = cfg.masking
+        if not masking_run and options.checkpoint_every:
+            raise ValueError("--masking.checkpoint_every resumes masking only; run "
+                             "single-class without it")
+        if masking_run and options.cluster:  # bad clustering options fail before the forwards
+            masking.check_clustering(options.cluster_method, options.cluster_metric,
+                                     options.cluster_threshold)
         inputs = masking_inputs(cfg)
-        run = _run_masking if cfg.method == "masking" else _run_single_class
-        lines, log = run(cfg, inputs)
+        evaluate = _evaluate_masking if masking_run else _evaluate_single_class
+        module = ShardModule(inputs.model, partial(evaluate, cfg, inputs))
+        trainer, _ = predict_per_process(cfg, module)
+        if not (trainer.is_global_zero and module.output is not None):
+            return 0
+        write = _write_masking if masking_run else _write_single_class
+        lines, log = write(cfg, inputs, module.output)
     except INPUT_ERRORS as error:
         return input_error(cfg.method, error)
     wandb_lines, status = log_wandb(
@@ -87,6 +111,12 @@ def run_masking(cfg: Namespace) -> int:
     )
     print_outputs(lines + wandb_lines)
     return status
+
+
+def state_path(inputs: MaskingInputs) -> Path:
+    """The masking run's resume file: ``<results dir>/<name>.masking.resume.pt`` (one per rank
+    under several processes, ``distributed.shard_path``)."""
+    return inputs.store.path.parent / f"{inputs.output}.masking.resume.pt"
 
 
 def _analysis_name(cfg: Namespace, store: ResultsStore) -> str:
@@ -148,22 +178,31 @@ def masking_inputs(cfg: Namespace) -> MaskingInputs:
     return MaskingInputs(store, name, output, stored, model, probe, labels, class_names, chosen)
 
 
-def _run_masking(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str], Log]:
-    """Guided masking: accuracies, specificity and the clustering of the profiles, stored and
-    drawn; the lines to print."""
+def _evaluate_masking(
+    cfg: Namespace, inputs: MaskingInputs, rank: int, world_size: int
+) -> masking.MaskingResult:
+    """Guided masking of this process's share of the probe images; every rank gets the global
+    result."""
     options, chosen = cfg.masking, inputs.chosen
-    if options.cluster:  # bad clustering options fail before the forwards, not after
-        masking.check_clustering(options.cluster_method, options.cluster_metric,
-                                 options.cluster_threshold)
-    out = masking.evaluate_masking(
+    return masking.evaluate_masking(
         inputs.model, chosen.maps, inputs.stored.result.group_names, inputs.probe,
         inputs.labels, chosen.augmentations, value=chosen.value, analysis=inputs.name,
         mask_variables=options.variables, k=options.k, seed=cfg.seed,
         problem=inputs.stored.problem, ties=options.ties, batch_images=options.batch_images,
-        reuse_prefix=options.reuse_prefix, valid=chosen.valid, progress=cfg.progress,
+        batch_rows=options.batch_rows, reuse_prefix=options.reuse_prefix, rank=rank,
+        world_size=world_size, valid=chosen.valid, progress=cfg.progress,
         layouts=chosen.layouts, profile=options.profile,
         max_confusion_classes=options.max_confusion_classes, class_names=inputs.class_names,
+        state_path=state_path(inputs), checkpoint_every=options.checkpoint_every,
     )
+
+
+def _write_masking(
+    cfg: Namespace, inputs: MaskingInputs, out: masking.MaskingResult
+) -> tuple[list[str], Log]:
+    """Rank zero: the clustering of the profiles, the result stored and drawn; the lines to
+    print."""
+    options = cfg.masking
     if options.cluster:
         out.clustering = masking.cluster_masking(
             out, method=options.cluster_method, metric=options.cluster_metric,
@@ -212,8 +251,11 @@ def _masking_lines(
     return lines
 
 
-def _run_single_class(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str], Log]:
-    """The single-class analysis against its chance threshold, stored; the lines to print."""
+def _evaluate_single_class(
+    cfg: Namespace, inputs: MaskingInputs, rank: int, world_size: int
+) -> single_class.SingleClassResult:
+    """The single-class analysis of this process's share of the probe images; every rank gets
+    the global result."""
     result, model, chosen = inputs.stored.result, inputs.model, inputs.chosen
     head = classification_layer(model.net)
     if head not in result.layers:
@@ -221,15 +263,21 @@ def _run_single_class(cfg: Namespace, inputs: MaskingInputs) -> tuple[list[str],
                          f"{head!r} (layers: {result.layer_names}); analyse it too")
     head_maps, head_valid = masking.sensitivity_maps(result, chosen.value, [head])
     options = cfg.masking
-    out = single_class.evaluate_single_class(
+    return single_class.evaluate_single_class(
         model, chosen.maps, result.group_names, head_maps[head], inputs.probe, inputs.labels,
         n=cfg.single_class.n, augmentations=options.variables, class_names=inputs.class_names,
         k=options.k, seed=cfg.seed, problem=inputs.stored.problem, ties=options.ties,
         trials=cfg.single_class.trials, batch_images=options.batch_images,
-        reuse_prefix=options.reuse_prefix, value=chosen.value, analysis=inputs.name,
-        layer=head, valid=chosen.valid, head_valid=head_valid[head], progress=cfg.progress,
-        layouts=chosen.layouts,
+        batch_rows=options.batch_rows, reuse_prefix=options.reuse_prefix, value=chosen.value,
+        analysis=inputs.name, layer=head, rank=rank, world_size=world_size, valid=chosen.valid,
+        head_valid=head_valid[head], progress=cfg.progress, layouts=chosen.layouts,
     )
+
+
+def _write_single_class(
+    cfg: Namespace, inputs: MaskingInputs, out: single_class.SingleClassResult
+) -> tuple[list[str], Log]:
+    """Rank zero: the single-class result stored; the lines to print."""
     store = inputs.store
     group = store.write_result(single_class.GROUP_KIND, inputs.output, out,
                                overwrite=cfg.overwrite)

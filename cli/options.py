@@ -271,6 +271,13 @@ def _add_masking_options(p: ArgumentParser) -> None:
                help="strict: a quantile at the layer's minimum masks only larger values; "
                     "inclusive")
     add_option(p, "masking.batch_images", type=int, default=16, help="probe images per batch")
+    add_option(p, "masking.batch_rows", type=int | None, default=None,
+               help="the most rows (inputs x configurations) of one forward of the masked part: "
+                    "several configurations run as one batch, or an input set's rows in parts "
+                    "(default: 8 on a CPU, 256 on a GPU; 0: one forward per configuration)")
+    add_option(p, "masking.checkpoint_every", type=int, default=0,
+               help="masking: save the counts every k forwards of the masked part to "
+                    "<results dir>/<name>.masking.resume.pt, which a rerun continues (0: off)")
     add_switch(p, "masking.reuse_prefix", default=True,
                help="compute the network up to the first masked layer once per batch")
     add_option(p, "masking.profile", type=str, default="top1",

@@ -5,10 +5,14 @@ per process. Lightning's strategy (ddp, torchrun, SLURM) starts the processes, s
 their device and the process group; each process calls ``run_analysis`` on its shard of the
 design, the accumulators' sync gives every process the global result, and rank zero writes the
 results file, the heatmaps and (with activation storage) the merged activation file.
+
+``ShardModule`` does the same for any work that shards itself over the processes (masking,
+single-class): one call of ``work(rank, world_size)`` per process.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +41,36 @@ def one_step_loader() -> DataLoader:
         A DataLoader of one unbatched item.
     """
     return DataLoader(range(1), batch_size=None)
+
+
+class ShardModule(pl.LightningModule):
+    """Run ``work(rank, world_size)`` once per process in Lightning's predict loop.
+
+    Args:
+        network: the model the work runs (Lightning moves it to the process's device).
+        work: this process's share of the work (every rank calls it, so collectives inside it
+            meet).
+
+    Attributes:
+        output: what ``work`` returned in this process (None before the predict step). Kept
+            here rather than returned: Lightning would walk through the predictions (and
+            refuses frozen dataclasses).
+    """
+
+    def __init__(self, network: nn.Module, work: Callable[[int, int], Any]) -> None:
+        super().__init__()
+        self.network = network
+        self.work = work
+        self.output: Any = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The network's forward: (B, 3, H, W) images in [0, 1] -> its output (logits)."""
+        return self.network(x)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> None:
+        """``output = work(global rank, world size)`` (batch: the one item of
+        ``one_step_loader``)."""
+        self.output = self.work(self.global_rank, self.trainer.world_size)
 
 
 @dataclass
@@ -155,7 +189,7 @@ class AnalysisModule(pl.LightningModule):
         path = shard_path(self.outputs.activations_path(run_dir), self.global_rank, world_size)
         return ActivationWriter(
             path, self.outputs.name, plan.unit_shapes, self.problem.d, plan.design.row_kinds(),
-            n_rows=plan.design.n_rows,
+            n_rows=plan.n_rows,
             attrs={"method": self.config.method, "rank": self.global_rank,
                    "world_size": world_size},
         )

@@ -27,6 +27,7 @@ from sensitivity.estimators import (
     ShapleyAccumulator,
     SobolAccumulator,
 )
+from sensitivity.estimators.partial_sums import intra_op_threads
 from sensitivity.problem import AugmentationProblem
 
 
@@ -73,12 +74,16 @@ class LayerAccumulators:
         self.main: dict[str, Metric | None] = {}
         self.moments: dict[str, MomentsAccumulator | None] = {}
         own = config.method == "sobol" and not config.second_order
+        threads = config.accumulation_threads
         for layer, shape in shapes.items():
             main = _main_accumulator(config, problem, shape)
             self.main[layer] = None if main is None else main.to(device)
             self.moments[layer] = (
                 None if own else MomentsAccumulator(shape, config.conf_level).to(device)
             )
+            for metric in (self.main[layer], self.moments[layer]):
+                if metric is not None:
+                    metric.threads = threads
 
     def update(
         self,
@@ -95,20 +100,23 @@ class LayerAccumulators:
             perms: (n_blocks, G) group orders (Shapley designs), else None.
             replicate: (n_blocks,) replicate ids (replicated Sobol'), else None.
         """
-        for layer, Y in outputs.items():
-            moments = self.moments[layer]
-            if moments is not None:
-                moments.update(Y)
-            main = self.main[layer]
-            if main is None:
-                continue
-            blocks = Y.reshape(n_blocks, -1, *Y.shape[1:])
-            if perms is not None:
-                main.update(blocks, perms.to(Y.device))
-            elif isinstance(main, SobolAccumulator):
-                main.update(blocks, replicate)
-            else:
-                main.update(blocks)
+        # One intra-op thread (EngineConfig.threads: parallel regions stall under load); the
+        # accumulators' own workers (accumulation_threads) take the chunks.
+        with intra_op_threads(1):
+            for layer, Y in outputs.items():
+                moments = self.moments[layer]
+                if moments is not None:
+                    moments.update(Y)
+                main = self.main[layer]
+                if main is None:
+                    continue
+                blocks = Y.reshape(n_blocks, -1, *Y.shape[1:])
+                if perms is not None:
+                    main.update(blocks, perms.to(Y.device))
+                elif isinstance(main, SobolAccumulator):
+                    main.update(blocks, replicate)
+                else:
+                    main.update(blocks)
 
     def metrics(self) -> dict[str, Metric]:
         """Every accumulator by a stable key ("<layer>/main", "<layer>/moments")."""
@@ -153,7 +161,9 @@ class LayerAccumulators:
             {layer: (the method's result or None, the moments' result)}.
         """
         out = {}
-        with warnings.catch_warnings():
+        # One intra-op thread, as in update(): the Sobol' compute takes its chunks of units with
+        # the update's workers; the others are a few whole-layer operations.
+        with warnings.catch_warnings(), intra_op_threads(1):
             # A rank whose shard is empty (more ranks than blocks) never updates; its zero sums
             # are still part of the global ones.
             warnings.filterwarnings("ignore", message=".*was called before the ``update``")

@@ -10,6 +10,7 @@ turns it into the sampling design and ``analysis_attrs`` into the attributes of
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +102,25 @@ class EngineConfig:
             to minutes) is paid by the first run in a process (later runs reuse the compiled
             code), and the capture hooks break the compiled graph at every checkpoint, so it
             rarely pays off (docs/PERFORMANCE.md). Outputs change by float round-off.
+        threads: torch's intra-op threads for the forward passes (None: torch's current
+            setting); restored afterwards. The augmentation and the accumulation run with one
+            intra-op thread whatever this says: under a competing load their many short
+            parallel regions stall on a descheduled thread and ran 2x slower with 2 threads
+            than with 1 (docs/PERFORMANCE.md, "Threads").
+        accumulation_threads: worker threads taking chunks of units in the accumulation and
+            in compute(), each with one intra-op thread; results are identical for any number.
+            1 (the default) is never slower than itself under load; more are faster on a
+            machine of one's own (2 workers: 1.2-1.5x on 2 cores) but were 2x slower than 1
+            with another job on the cores (Python's lock passes between the workers).
+        target_halfwidth: adaptive N (sobol and shapley; METHOD.md "Adaptive N"): start at n
+            and double N (Sobol' base points: each replicate's sequence extended; trajectories or
+            permutations) until every layer's ``halfwidth_quantile`` quantile of the half-widths
+            of its valid units' main indices (S1 and ST; Shapley shares) is at most this, or N
+            reaches ``max_n``. None: a fixed N = n.
+        max_n: the largest N an adaptive run may reach (a power of two for Sobol'); required
+            with ``target_halfwidth``.
+        halfwidth_quantile: the quantile, in (0, 1], of a layer's half-widths that must meet
+            ``target_halfwidth`` (1: every valid unit's).
     """
 
     method: str = "sobol"
@@ -126,6 +146,11 @@ class EngineConfig:
     deduplicate: bool = False
     channels_last: bool = False
     compile: bool = False
+    threads: int | None = None
+    accumulation_threads: int = 1
+    target_halfwidth: float | None = None
+    max_n: int | None = None
+    halfwidth_quantile: float = 0.9
 
     def __post_init__(self) -> None:
         self.validate()
@@ -165,6 +190,46 @@ class EngineConfig:
         for name in ("deduplicate", "channels_last", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        t = self.threads
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int | np.integer) or t < 1):
+            raise ValueError(f"threads must be a positive integer or None (torch's), got {t!r}")
+        t = self.accumulation_threads
+        if isinstance(t, bool) or not isinstance(t, int | np.integer) or t < 1:
+            raise ValueError(f"accumulation_threads must be a positive integer, got {t!r}")
+        self._validate_adaptive()
+
+    def _validate_adaptive(self) -> None:
+        """Check target_halfwidth, max_n and halfwidth_quantile (ValueError naming the fix)."""
+        q = self.halfwidth_quantile
+        if isinstance(q, bool) or not isinstance(q, int | float) or not 0.0 < q <= 1.0:
+            raise ValueError(
+                f"halfwidth_quantile must lie in (0, 1] (0.5: the median half-width, 1: the "
+                f"largest), got {q!r}"
+            )
+        eps, max_n = self.target_halfwidth, self.max_n
+        if eps is None:
+            if max_n is not None:
+                raise ValueError(
+                    f"max_n ({max_n}) applies only to an adaptive run: give target_halfwidth "
+                    f"too, or drop max_n"
+                )
+            return
+        if (isinstance(eps, bool) or not isinstance(eps, int | float)
+                or not math.isfinite(eps) or eps <= 0):
+            raise ValueError(f"target_halfwidth must be a number > 0, got {eps!r}")
+        if self.method not in ("sobol", "shapley"):
+            raise ValueError(
+                f"target_halfwidth (adaptive N) applies to sobol and shapley, not {self.method}"
+            )
+        if max_n is None:
+            raise ValueError(
+                "target_halfwidth needs max_n, the largest N the run may grow to (it bounds "
+                "the cost)"
+            )
+        if isinstance(max_n, bool) or not isinstance(max_n, int | np.integer) or max_n < self.n:
+            raise ValueError(f"max_n must be an integer >= n ({self.n}), got {max_n!r}")
+        if self.method == "sobol":
+            check_power_of_two("max_n", max_n)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain mapping of the settings (for metadata and resume fingerprints).
@@ -173,6 +238,16 @@ class EngineConfig:
             {field name: value}, every field of the dataclass.
         """
         return dataclasses.asdict(self)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the data choose N (``target_halfwidth`` given)."""
+        return self.target_halfwidth is not None
+
+    @property
+    def design_n(self) -> int:
+        """Blocks of the design: ``max_n`` for an adaptive run, else n."""
+        return self.max_n if self.adaptive and self.max_n is not None else self.n
 
     @property
     def effective_replicates(self) -> int:
@@ -191,7 +266,8 @@ def build_design(problem: AugmentationProblem, config: EngineConfig) -> Design:
 
     Returns:
         A ``SobolDesign``, ``ShapleyDesign``, ``PermutationDesign``, ``VarianceDesign`` or
-        ``ContrastDesign`` of ``config.n`` blocks.
+        ``ContrastDesign`` of ``config.n`` blocks (``max_n`` blocks in stages of doubling
+        size for an adaptive run, the first n of them the design of n).
 
     Raises:
         ValueError: for invalid settings or a problem the design cannot take (e.g. contrast
@@ -201,18 +277,19 @@ def build_design(problem: AugmentationProblem, config: EngineConfig) -> Design:
     groups = problem.group_columns
     if config.method == "sobol":
         return SobolDesign(
-            problem.d, config.n, config.seed, groups, config.second_order,
+            problem.d, config.design_n, config.seed, groups, config.second_order,
             replicates=config.effective_replicates,
             sampling="sobol" if config.sampling == "rqmc" else "random",
-            discrete=problem.discrete_columns(),
+            discrete=problem.discrete_columns(), first_stage=config.n,
         )
     if config.method == "shapley" and config.shapley_method == "goda":
         return ShapleyDesign(
-            problem.d, config.n, config.seed, groups, discrete=problem.discrete_columns()
+            problem.d, config.design_n, config.seed, groups, discrete=problem.discrete_columns(),
+            first_stage=config.n,
         )
     if config.method == "shapley":
         return PermutationDesign(
-            problem.d, config.n, config.n_outer, config.n_inner, config.seed, groups
+            problem.d, config.design_n, config.n_outer, config.n_inner, config.seed, groups
         )
     if config.method == "variance":
         return VarianceDesign(problem.d, config.n, config.seed)
@@ -232,7 +309,8 @@ def analysis_attrs(config: EngineConfig, design: Design) -> dict[str, Any]:
         "min_toggles", "reduction", "precision", "conf_level", the forward options
         "deduplicate", "channels_last", "compile", and the method's own settings
         ("second_order" and "sampling" for Sobol; "shapley_method", plus "n_outer" and
-        "n_inner" for permutations; "contrast_k").
+        "n_inner" for permutations; "contrast_k"), and for an adaptive run "n_start",
+        "max_n", "target_halfwidth" and "halfwidth_quantile" (the engine adds what it reached).
     """
     attrs: dict[str, Any] = {
         "design": type(design).__name__,
@@ -254,4 +332,8 @@ def analysis_attrs(config: EngineConfig, design: Design) -> dict[str, Any]:
             attrs.update(n_outer=config.n_outer, n_inner=config.n_inner)
     if config.method == "contrast":
         attrs["contrast_k"] = config.contrast_k
+    if config.adaptive:
+        attrs.update(n_start=config.n, max_n=config.max_n,
+                     target_halfwidth=float(config.target_halfwidth),
+                     halfwidth_quantile=float(config.halfwidth_quantile))
     return attrs

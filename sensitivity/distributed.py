@@ -3,8 +3,9 @@
 Every long loop of the framework (the engine's analyses, masking) shards its work the same way:
 ``resolve_world`` gives (rank, world size), ``shard_range`` this rank's contiguous block range,
 ``shard_path`` its own file next to the merged one, and ``rank_zero_seconds`` makes every rank
-report the same wall time; ``broadcast_buffers`` gives every rank rank zero's buffers before
-the training callbacks analyse a model; ``check_same_on_every_rank`` refuses ranks that were
+report the same wall time (``max_on_every_rank`` agrees on a resumed adaptive run's stage);
+``broadcast_buffers`` gives every rank rank zero's buffers before the training callbacks
+analyse a model; ``check_same_on_every_rank`` refuses ranks that were
 started with different settings (e.g. another registration of an augmentation). Without an
 initialised process group everything is one process.
 """
@@ -95,6 +96,24 @@ def rank_zero_seconds(seconds: float, world_size: int, device: torch.device) -> 
     value = torch.tensor([seconds], dtype=torch.float64, device=device)
     torch.distributed.broadcast(value, src=0)
     return float(value.item())
+
+
+def max_on_every_rank(value: int, world_size: int, device: torch.device) -> int:
+    """The largest of the ranks' ``value`` (one all-reduce under DDP; a collective).
+
+    Args:
+        value: this rank's integer (e.g. the stage its resume state reached).
+        world_size: processes; 1 returns ``value`` without communication.
+        device: where the process group's collectives run (CUDA for NCCL).
+
+    Returns:
+        The maximum over ranks, on every rank.
+    """
+    if world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def broadcast_buffers(module: torch.nn.Module, world_size: int) -> None:

@@ -24,6 +24,13 @@ A state file whose fingerprint differs is a ValueError naming the differing fiel
 file is removed when the analysis completes. With several processes each rank keeps its own
 file, ``<stem>.rank<r>-of-<W><suffix>`` (``distributed.shard_path``).
 
+Adaptive N (``EngineConfig.target_halfwidth``, sensitivity.adaptive): the design of ``max_n``
+blocks runs in stages [0, n), [n, 2n), ...; each stage is sharded like a whole run, then every
+rank computes the (synced) accumulators and takes the same decision: stop, or run the next
+stage. A stage boundary is saved to the resume file (with the stage), and a resumed rank whose
+state lies in an earlier stage than another rank's catches up without deciding (the decisions
+it would take were taken already: to grow).
+
 Seconds: ``AnalysisResult.seconds`` is the wall time of the analysis as rank zero measures it,
 from the call of ``run_analysis`` to its result, summed over an interrupted run (up to its last
 saved checkpoint: the work after it is lost and redone) and the runs that resume it. Every rank
@@ -31,7 +38,9 @@ returns rank zero's number, so it means the same for one process and for DDP.
 
 Progress (``EngineConfig.progress``, rank zero, stderr; ``sensitivity.progress``): first the work
 ("320 rows (32 blocks of 10 rows, 25 blocks per batch)") and, resumed, "resuming at row N of M"
-(rows of this rank's shard), then a bar with rows/s and ETA on a terminal, plain lines otherwise.
+(rows of this rank's shard), then a bar with rows/s and ETA on a terminal, plain lines otherwise;
+an adaptive run has one per stage, each followed by its decision ("half-width 0.031 > target
+0.02 at N=256, growing to 512").
 
 This module imports torch, numpy and the rest of ``sensitivity``; never Lightning or wandb.
 """
@@ -52,6 +61,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from sensitivity import adaptive
 from sensitivity.accumulators import LayerAccumulators, layer_arrays
 from sensitivity.activations import ActivationWriter
 from sensitivity.batches import Batch, BatchSource, batch_loader, batch_ranges
@@ -60,13 +70,22 @@ from sensitivity.config import EngineConfig
 from sensitivity.designs import Design
 from sensitivity.distributed import (
     check_same_on_every_rank,
+    max_on_every_rank,
     rank_zero_seconds,
     resolve_world,
     shard_path,
     shard_range,
 )
+from sensitivity.estimators.partial_sums import intra_op_threads
 from sensitivity.forward import BatchForward, Stopwatch, channels_last_weights
-from sensitivity.plan import AnalysisPlan, SmallSampleWarning, hooked_module, plan_analysis
+from sensitivity.plan import (
+    AnalysisPlan,
+    SmallSampleWarning,
+    hooked_module,
+    plan_analysis,
+    small_n_advice,
+    toggle_counts,
+)
 from sensitivity.problem import AugmentationProblem
 from sensitivity.progress import Progress
 from sensitivity.results import AnalysisResult
@@ -129,7 +148,7 @@ def run_analysis(
 
     Raises:
         ValueError: invalid inputs (``plan_analysis``), a plan or writer not for them, a writer
-            with checkpointing, another analysis's resume state, ranks with other problems.
+            with checkpointing, another's resume state, ranks with other problems (``_start``).
     """
     started = time.perf_counter()
     rank, world_size = resolve_world(rank, world_size)
@@ -137,20 +156,20 @@ def run_analysis(
     model.to(device)
     plan = _checked_plan(plan, model, problem, probe, config, layer_root)
     _check_writer(activation_writer, plan, state_path)
-    if plan.advice and rank == 0:
+    if plan.advice and rank == 0 and not config.adaptive:  # adaptive: checked at the N reached
         warnings.warn(plan.advice, SmallSampleWarning, stacklevel=2)
-    run = _start(plan, model, device, (rank, world_size), state_path, activation_writer,
-                 timings, started)
+    run = _start(plan, model, device, (rank, world_size), state_path, activation_writer, timings,
+                 started)
     # The plan's layouts (detected or given) as overrides: nothing is detected mid-run.
     capture = ActivationCapture(
         hooked_module(model, layer_root), list(plan.unit_shapes), config.reduction,
         layouts={name: unit.layout for name, unit in plan.layouts.items()},
     )
     computed = _accumulate(run, model, capture, device)
-    seconds = rank_zero_seconds(
-        run.seconds_before + time.perf_counter() - started, world_size, device
-    )
-    result = _result(plan, computed, seconds)
+    seconds = rank_zero_seconds(run.seconds_before + time.perf_counter() - started, world_size,
+                                device)
+    result = _result(plan, computed, seconds, run.decision)
+    _warn_adaptive(config, result, run.decision, rank)
     if run.resume is not None:
         run.resume.remove()
     run.watch.mark("results")
@@ -203,11 +222,17 @@ def _check_writer(
 
 @dataclass
 class _Run:
-    """One rank's pass over its shard: what the steps of ``run_analysis`` share.
+    """One rank's pass over its shards: what the steps of ``run_analysis`` share.
 
     Attributes:
         plan: the analysis plan.
-        shard: this rank's blocks [start, stop).
+        world: (rank, world size).
+        stages: the block ranges run one after the other (``adaptive.stages``; one for a
+            fixed N).
+        stage: the stage running.
+        decide_from: the first stage after which to decide; the stages before it were
+            decided (to grow) by the run a resumed one continues.
+        shard: this rank's blocks [start, stop) of the stage.
         per_batch: design blocks per batch.
         accumulators: the per-layer sums.
         resume: the rank's resume file, or None.
@@ -215,12 +240,17 @@ class _Run:
         next_block: the first block to run (after a resumed state's).
         seconds_before: seconds spent by the runs this one resumes.
         started: ``time.perf_counter()`` at the call of ``run_analysis``.
-        bar: rank zero's progress.
+        bar: rank zero's progress over the stage.
         watch: the phases' timings.
         last_saved: the block after the last saved state.
+        decision: an adaptive run's last decision, else None.
     """
 
     plan: AnalysisPlan
+    world: tuple[int, int]
+    stages: list[tuple[int, int]]
+    stage: int
+    decide_from: int
     shard: tuple[int, int]
     per_batch: int
     accumulators: LayerAccumulators
@@ -232,6 +262,13 @@ class _Run:
     bar: Progress
     watch: Stopwatch
     last_saved: int
+    decision: adaptive.Decision | None = None
+
+
+def _stage_shard(stage: tuple[int, int], rank: int, world_size: int) -> tuple[int, int]:
+    """This rank's blocks [start, stop) of a stage's blocks."""
+    start, stop = shard_range(stage[1] - stage[0], rank, world_size)
+    return stage[0] + start, stage[0] + stop
 
 
 def _start(
@@ -258,51 +295,71 @@ def _start(
         The state of this rank's pass, at ``next_block`` (after a saved state's).
 
     Raises:
-        ValueError: ranks with different problems (``check_same_on_every_rank``).
+        ValueError: ranks with different problems (``check_same_on_every_rank``); an adaptive
+            run with fewer first-stage blocks than processes.
     """
     config, design = plan.config, plan.design
     rank, world_size = world
     check_same_on_every_rank(json.dumps(plan.problem.to_config(), sort_keys=True),
                              "problem (augmentations, their registrations and bounds)",
                              world_size, device)
-    shard = shard_range(design.n_blocks, rank, world_size)
+    if config.adaptive and config.n < world_size:
+        # Every rank must add blocks between two computes: torchmetrics returns a cached
+        # result, without the collective the other ranks wait in, from a metric not updated.
+        raise ValueError(
+            f"an adaptive run needs n >= the number of processes ({world_size}), got n = "
+            f"{config.n}"
+        )
+    stages = adaptive.stages(config)
     per_batch = max(1, config.batch_rows // design.block_size)
     accumulators = LayerAccumulators(config, plan.problem, plan.unit_shapes, device)
-    next_block, seconds_before, resume = shard[0], 0.0, None
+    stage, seconds_before, resume, saved = 0, 0.0, None, None
     if state_path is not None:
         resume = ResumeFile(
             shard_path(Path(state_path), rank, world_size),
             resume_fields(plan, model, rank, world_size, per_batch),
         )
         saved = resume.load()
-        if saved is not None:
-            accumulators.load_state(saved["states"])
-            next_block, seconds_before = int(saved["next_block"]), float(saved["seconds"])
-            log.info(
-                "resuming %s from %s at row %d of %d: blocks [%d, %d) of this shard already "
-                "done", config.method, resume.path, (next_block - shard[0]) * design.block_size,
-                (shard[1] - shard[0]) * design.block_size, shard[0], next_block,
-            )
-    bar = _progress(config, design, shard, next_block, rank, world_size)
+    shard = _stage_shard(stages[0], rank, world_size)
+    next_block = shard[0]
+    if saved is not None:
+        accumulators.load_state(saved["states"])
+        stage, seconds_before = int(saved.get("stage", 0)), float(saved["seconds"])
+        shard, next_block = _stage_shard(stages[stage], rank, world_size), int(saved["next_block"])
+        log.info(
+            "resuming %s from %s at row %d of %d%s: blocks [%d, %d) of this shard already "
+            "done", config.method, resume.path, (next_block - shard[0]) * design.block_size,
+            (shard[1] - shard[0]) * design.block_size,
+            f" of stage {stage}" if config.adaptive else "", shard[0], next_block,
+        )
+    decide_from = max_on_every_rank(stage, world_size, device) if config.adaptive else 0
+    bar = _progress(config, design, stages[stage], shard, next_block, world)
     watch = Stopwatch(timings, device, started)
     watch.mark("setup")
-    return _Run(plan, shard, per_batch, accumulators, resume, writer, next_block,
-                seconds_before, started, bar, watch, next_block)
+    return _Run(plan, world, stages, stage, decide_from, shard, per_batch, accumulators, resume,
+                writer, next_block, seconds_before, started, bar, watch, next_block)
 
 
 def _progress(
-    config: EngineConfig, design: Design, shard: tuple[int, int], next_block: int,
-    rank: int, world_size: int,
+    config: EngineConfig, design: Design, stage: tuple[int, int], shard: tuple[int, int],
+    next_block: int, world: tuple[int, int],
 ) -> Progress:
-    """Rank zero's progress over the rows of its shard [start, stop) (blocks), from
-    ``next_block`` on (a resumed run); its work line says what the run will forward."""
+    """Rank zero's progress over the rows of its shard [start, stop) (blocks) of a stage, from
+    ``next_block`` on (a resumed run); its work line says what the stage will forward."""
     start, stop = shard
+    rank, world_size = world
     per_batch = min(max(1, config.batch_rows // design.block_size), max(1, stop - start))
     rows = (stop - start) * design.block_size
     work = (f"{rows} rows ({stop - start} blocks of {design.block_size} rows, {per_batch} "
             f"blocks per batch)")
     if world_size > 1:
-        work += f": this process's shard of {design.n_rows} rows over {world_size} processes"
+        work += (f": this process's shard of {(stage[1] - stage[0]) * design.block_size} "
+                 f"rows over {world_size} processes")
+    if config.adaptive and stage[0] == 0:
+        work += (f", N = {stage[1]} first (adaptive: doubled up to {config.max_n} until the "
+                 f"half-width is <= {config.target_halfwidth:g})")
+    elif config.adaptive:
+        work += f", N {stage[0]} -> {stage[1]} (adaptive)"
     return Progress(
         f"{config.method} rank {rank}" if world_size > 1 else config.method, rows, "rows",
         work=work, initial=(next_block - start) * design.block_size,
@@ -313,38 +370,75 @@ def _progress(
 def _accumulate(
     run: _Run, model: nn.Module, capture: ActivationCapture, device: torch.device
 ) -> dict[str, tuple[Any, Any]]:
-    """Forward every batch of the shard from ``run.next_block`` on and sum it.
+    """Forward every batch of the shard from ``run.next_block`` on and sum it, stage by stage
+    until an adaptive run decides to stop.
 
     Returns:
         ``LayerAccumulators.compute()``: {layer: (the method's result or None, moments)}, the
         global sums under DDP.
     """
     plan, config = run.plan, run.plan.config
-    batches = batch_ranges(*run.shard, run.per_batch, run.next_block)
-    loader = batch_loader(
-        BatchSource(plan.design, plan.problem, plan.probe, batches, config.deduplicate),
-        config.num_workers, pin_memory=device.type == "cuda",
-    )
     forward = BatchForward(model, plan, capture, device, run.watch)
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         # Parameters change format outside inference mode: they must stay usable for training.
-        with channels_last_weights(model, config.channels_last), torch.inference_mode(), capture:
+        with (intra_op_threads(config.threads),
+              channels_last_weights(model, config.channels_last),
+              torch.inference_mode(), capture):
             forward.module = torch.compile(model) if config.compile else model
-            for batch in loader:
-                outputs = forward(batch)
-                _record(run, batch, outputs)
-                # Free this batch's outputs before the next forward allocates its own: the peak
-                # holds one batch of activations, not two.
-                del outputs
-            computed = run.accumulators.compute()
-            run.watch.mark("compute")
+            while True:
+                batches = batch_ranges(*run.shard, run.per_batch, run.next_block)
+                loader = batch_loader(
+                    BatchSource(plan.design, plan.problem, plan.probe, batches,
+                                config.deduplicate),
+                    config.num_workers, pin_memory=device.type == "cuda",
+                )
+                for batch in loader:
+                    outputs = forward(batch)
+                    _record(run, batch, outputs)
+                    # Free this batch's outputs before the next forward allocates its own: the
+                    # peak holds one batch of activations, not two.
+                    del outputs
+                run.bar.close()
+                if run.stage < run.decide_from:
+                    _next_stage(run)
+                    continue
+                computed = run.accumulators.compute()
+                run.watch.mark("compute")
+                if not _grows(run, computed):
+                    return computed
+                _next_stage(run)
     finally:
         run.bar.close()
         for module, mode in modes.items():
             module.training = mode
-    return computed
+
+
+def _grows(run: _Run, computed: dict[str, tuple[Any, Any]]) -> bool:
+    """An adaptive run's decision after its stage (False for a fixed N), said on rank zero."""
+    config = run.plan.config
+    if not config.adaptive:
+        return False
+    last = run.stage == len(run.stages) - 1
+    run.decision = adaptive.decide(config, computed, run.stages[run.stage], last)
+    run.bar.note(run.decision.text)
+    log.info("%s: %s", config.method, run.decision.text)
+    return run.decision.grow
+
+
+def _next_stage(run: _Run) -> None:
+    """Move to the next stage's shard and progress; save the boundary (all sums so far)."""
+    config = run.plan.config
+    run.stage += 1
+    stage = run.stages[run.stage]
+    run.shard = _stage_shard(stage, *run.world)
+    run.next_block = run.last_saved = run.shard[0]
+    run.bar = _progress(config, run.plan.design, stage, run.shard, run.next_block, run.world)
+    if run.resume is not None and config.checkpoint_every:
+        run.resume.save(run.next_block, run.seconds_before + time.perf_counter() - run.started,
+                        run.accumulators.state(), run.stage)
+        run.watch.mark("checkpoint")
 
 
 def _record(run: _Run, batch: Batch, outputs: dict[str, Tensor]) -> None:
@@ -365,13 +459,14 @@ def _record(run: _Run, batch: Batch, outputs: dict[str, Tensor]) -> None:
         and batch.stop < run.shard[1]
     ):
         run.resume.save(batch.stop, run.seconds_before + time.perf_counter() - run.started,
-                        run.accumulators.state())
+                        run.accumulators.state(), run.stage)
         run.last_saved = batch.stop
         run.watch.mark("checkpoint")
 
 
 def _result(
-    plan: AnalysisPlan, computed: dict[str, tuple[Any, Any]], seconds: float
+    plan: AnalysisPlan, computed: dict[str, tuple[Any, Any]], seconds: float,
+    decision: adaptive.Decision | None,
 ) -> AnalysisResult:
     """The AnalysisResult of the computed accumulators.
 
@@ -379,6 +474,7 @@ def _result(
         plan: the analysis plan (method, variables, design, toggles, settings).
         computed: ``LayerAccumulators.compute()``.
         seconds: rank zero's wall time of the analysis.
+        decision: an adaptive run's last decision (its N and half-width), else None.
     """
     config, problem = plan.config, plan.problem
     layers: dict[str, dict[str, np.ndarray]] = {}
@@ -389,20 +485,35 @@ def _result(
             config.method, main, moments
         )
     main, moments = next(iter(computed.values()))
+    n = config.n if decision is None else decision.n
     return AnalysisResult(
         method=config.method,
         group_names=(
             list(problem.augmentations) if config.method == "contrast" else problem.group_names
         ),
         layers=layers,
-        n=config.n,
-        evaluations=plan.design.n_rows,
+        n=n,
+        evaluations=n * plan.design.block_size,
         seconds=seconds,
         n_constant=n_constant,
         flags=flags,
         interval=(moments if main is None else main).interval,
         replicates=config.effective_replicates,
-        toggles=plan.toggles,
-        settings=plan.settings(),
+        toggles=plan.toggles if decision is None else toggle_counts(problem, plan.design, n),
+        settings={**plan.settings(), **({} if decision is None else decision.attrs())},
         layouts=plan.layouts,
     )
+
+
+def _warn_adaptive(
+    config: EngineConfig, result: AnalysisResult, decision: adaptive.Decision | None, rank: int
+) -> None:
+    """Rank zero, an adaptive run (a decision): the max_n shortfall, and the small-N advice at
+    the N reached (the fixed-N advice is given before the run)."""
+    if decision is None or rank != 0:
+        return
+    if decision.warning is not None:
+        warnings.warn(decision.warning, adaptive.HalfwidthWarning, stacklevel=3)
+    advice = small_n_advice(result.toggles, config, result.n)
+    if advice:
+        warnings.warn(advice, SmallSampleWarning, stacklevel=3)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from sensitivity.batches import Batch
 from sensitivity.capture import ActivationCapture, model_device
+from sensitivity.estimators.partial_sums import intra_op_threads
 from sensitivity.plan import AnalysisPlan
 
 
@@ -95,9 +96,12 @@ class BatchForward:
         chunks = []
         for first in range(0, len(rows_of), self.batch_rows):
             rows = slice(first, first + self.batch_rows)
-            augmented = self.problem.augment(
-                unique[rows_of[rows]], decoded.select(rows)
-            ).contiguous(memory_format=self.format)
+            # One intra-op thread (EngineConfig.threads): many short kernels, whose parallel
+            # regions stall under a competing load.
+            with intra_op_threads(1):
+                augmented = self.problem.augment(
+                    unique[rows_of[rows]], decoded.select(rows)
+                ).contiguous(memory_format=self.format)
             self.watch.mark("augment")
             with self.autocast:
                 self.module(augmented)
@@ -161,3 +165,4 @@ def channels_last_weights(model: nn.Module, channels_last: bool) -> Iterator[Non
     finally:
         for tensor in converted:
             tensor.data = tensor.data.contiguous()
+

@@ -45,8 +45,9 @@ class AnalysisPlan:
             activation writer and the result hold per row.
         layouts: {layer: unit layout} (output layout, reduction, element), in checkpoint
             order: what the result records of each layer.
-        toggles: {variable: base points (trajectories) in which it changes}; empty for the
-            designs without pairs (``toggle_counts``).
+        toggles: {variable: base points (trajectories) in which it changes}, among the first
+            n (the first stage of an adaptive run); empty for the designs without pairs
+            (``toggle_counts``).
     """
 
     problem: AugmentationProblem
@@ -66,6 +67,12 @@ class AnalysisPlan:
     def advice(self) -> str | None:
         """The small-N warning for these toggle counts (``small_n_advice``), or None."""
         return small_n_advice(self.toggles, self.config)
+
+    @property
+    def n_rows(self) -> int | None:
+        """Rows the run will evaluate, or None when the data choose N (adaptive): what an
+        activation writer checks its merged rows against."""
+        return None if self.config.adaptive else self.design.n_rows
 
     def settings(self) -> dict[str, Any]:
         """The settings a results file records of this analysis (``config.analysis_attrs``)."""
@@ -161,10 +168,12 @@ def plan_analysis(
     design = build_design(problem, config)
     shapes, layouts = layer_units(model, source.size, config, layer_root)
     return AnalysisPlan(problem, config, design, source, shapes, layouts,
-                        toggle_counts(problem, design))
+                        toggle_counts(problem, design, config.n))
 
 
-def toggle_counts(problem: AugmentationProblem, design: Design) -> dict[str, int]:
+def toggle_counts(
+    problem: AugmentationProblem, design: Design, stop: int | None = None
+) -> dict[str, int]:
     """What each variable's indices rest on.
 
     S1_j and ST_j are means over base points of terms that are zero wherever AB_j equals A in
@@ -174,6 +183,7 @@ def toggle_counts(problem: AugmentationProblem, design: Design) -> dict[str, int
         problem: decodes the pairs (which groups differ).
         design: a ``SobolDesign`` (pairs A, B) or ``ShapleyDesign`` (pairs x1, x2); decoded in
             chunks of about 2^20 values.
+        stop: count the first ``stop`` blocks (an adaptive run's N); None: every block.
 
     Returns:
         {variable: base points (Sobol') or trajectories (Goda) in which it changes}; empty for
@@ -183,18 +193,22 @@ def toggle_counts(problem: AugmentationProblem, design: Design) -> dict[str, int
         return {}
     counts = np.zeros(len(problem.groups), dtype=np.int64)
     step = max(1, 2**20 // max(1, problem.d))
-    for start in range(0, design.n_blocks, step):
-        first, second = design.pair_rows(start, min(start + step, design.n_blocks))
+    stop = design.n_blocks if stop is None else stop
+    for start in range(0, stop, step):
+        first, second = design.pair_rows(start, min(start + step, stop))
         counts += problem.changed_groups(first, second).sum(axis=0)
     return {name: int(c) for name, c in zip(problem.group_names, counts, strict=True)}
 
 
-def small_n_advice(toggles: Mapping[str, int], config: EngineConfig) -> str | None:
+def small_n_advice(
+    toggles: Mapping[str, int], config: EngineConfig, n: int | None = None
+) -> str | None:
     """The warning to give when a variable changes in fewer than MIN_TOGGLES base points.
 
     Args:
-        toggles: ``toggle_counts`` of the design.
+        toggles: ``toggle_counts`` of the design's first n blocks.
         config: its method and n.
+        n: the N the toggles were counted over (an adaptive run's N reached); None: config.n.
 
     Returns:
         The text, with the smallest n that reaches MIN_TOGGLES for every variable (a power of
@@ -205,7 +219,8 @@ def small_n_advice(toggles: Mapping[str, int], config: EngineConfig) -> str | No
     short = {name: count for name, count in toggles.items() if count < MIN_TOGGLES}
     if not short:
         return None
-    rate = min(count for count in toggles.values()) / config.n
+    n = config.n if n is None else n
+    rate = min(count for count in toggles.values()) / n
     needed = math.ceil(MIN_TOGGLES / rate) if rate > 0 else None
     if needed is not None and config.method == "sobol":
         needed = 1 << (needed - 1).bit_length()
@@ -215,7 +230,7 @@ def small_n_advice(toggles: Mapping[str, int], config: EngineConfig) -> str | No
     )
     fix = f"use n >= {needed}" if needed else "check the problem (a variable never changes)"
     return (
-        f"n = {config.n} is too small for this problem: these variables change in fewer than "
-        f"{MIN_TOGGLES} {what} (of {config.n}): {listed}; their indices rest on too few terms "
+        f"n = {n} is too small for this problem: these variables change in fewer than "
+        f"{MIN_TOGGLES} {what} (of {n}): {listed}; their indices rest on too few terms "
         f"to be trusted; {fix}"
     )

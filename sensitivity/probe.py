@@ -161,16 +161,24 @@ class ProbeImages:
         return stacked
 
     def fingerprint(self) -> str:
-        """What identifies the probe in a resume state.
+        """What identifies the probe in a resume state (``probe_fingerprint``)."""
+        return probe_fingerprint(self.probe)
 
-        Returns:
-            A tensor probe's exact digest; for a Dataset its class name, length and the digest
-            of item 0 (hashing every item would load the whole probe once more).
-        """
-        if isinstance(self.probe, Tensor):
-            return tensor_digest([self.probe])
-        first = _as_image(self.probe[0], 0)
-        return f"{type(self.probe).__name__}:{self.count}:{tensor_digest([first])}"
+
+def probe_fingerprint(probe: Tensor | Dataset) -> str:
+    """What identifies probe images in a resume state (the analysis's, masking's).
+
+    Args:
+        probe: a tensor (N, 3, H, W), or a Dataset of images or (image, label) pairs.
+
+    Returns:
+        A tensor's exact digest; for a Dataset its class name, length and the digest of item 0
+        (hashing every item would load the whole probe once more).
+    """
+    if isinstance(probe, Tensor):
+        return tensor_digest([probe])
+    first = _as_image(probe[0], 0)
+    return f"{type(probe).__name__}:{len(probe)}:{tensor_digest([first])}"
 
 
 def tensor_digest(tensors: list[Tensor]) -> str:

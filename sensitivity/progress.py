@@ -109,6 +109,16 @@ class Progress:
             if self.n < self.total:
                 self._print(self.line(now))
 
+    def note(self, text: str) -> None:
+        """Print ``"<desc>: <text>"`` (an event of the loop, e.g. an adaptive run's decision),
+        when enabled.
+
+        Args:
+            text: the event.
+        """
+        if self.enabled:
+            self._print(f"{self.desc}: {text}")
+
     def line(self, now: float | None = None) -> str:
         """The plain progress line.
 

@@ -1,10 +1,12 @@
-"""Resume states of the engine: what a run has summed so far, and proof of what it was summing.
+"""Resume states of the engine and of masking: what a run has summed so far, and proof of what
+it was summing.
 
 A state file holds the accumulator states after some block, the next block, the seconds spent
 and a fingerprint (sha256) of every input that determines the result: the settings (without
 the ones that only change speed or output), the layers and unit shapes, the problem, the
 design, the rank and world size, the batch boundaries, the image size and the exact digests of
-the probe and of the model's weights. A run with the same inputs continues after the saved
+the probe and of the model's weights (``resume_fields``; masking has its own,
+``sensitivity.masking.resume``). A run with the same inputs continues after the saved
 block; one with other inputs is refused naming the differing values (never a silent restart:
 the file may hold days of work). Files are written atomically (temporary file + ``os.replace``).
 """
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 from sensitivity.probe import tensor_digest
 from sensitivity.provenance import describe_differences
@@ -79,6 +82,27 @@ def resume_fields(
     }
 
 
+def metric_states(metric: Metric) -> dict[str, Tensor]:
+    """A metric's states to save: {state name: CPU tensor copy} (this rank's, unsynced)."""
+    return {name: value.detach().to("cpu").clone() for name, value in metric.metric_state.items()}
+
+
+def load_metric_states(metric: Metric, saved: dict[str, Tensor]) -> None:
+    """Restore ``metric_states`` of a run with the same inputs into ``metric``.
+
+    Raises:
+        ValueError: a saved state missing, or of another shape than the current one.
+    """
+    for name, current in metric.metric_state.items():
+        value = saved.get(name)
+        if value is None or value.shape != current.shape:
+            raise ValueError(
+                f"saved state {name} has shape {None if value is None else tuple(value.shape)}, "
+                f"expected {tuple(current.shape)}"
+            )
+        setattr(metric, name, value.to(current.device, current.dtype))
+
+
 def save_state(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically: a killed writer leaves the previous file.
 
@@ -116,8 +140,11 @@ class ResumeFile:
 
         Returns:
             None without a file, else {"version", "fingerprint", "fields", "next_block" (the
-            first block not yet summed), "seconds" (wall time so far, s), "states" (the
-            accumulators' states)}.
+            first block, masking: forward, not yet summed), "stage" (the stage of an adaptive
+            run it belongs to; absent in states of fixed runs written before adaptive runs
+            existed: 0),
+            "seconds" (wall time so far, s), "states" (the accumulators' or metrics'
+            states)}.
 
         Raises:
             ValueError: for an unreadable file, another engine version, or a state of other
@@ -147,19 +174,25 @@ class ResumeFile:
             )
         return saved
 
-    def save(self, next_block: int, seconds: float, states: dict[str, dict[str, Tensor]]) -> None:
+    def save(
+        self, next_block: int, seconds: float, states: dict[str, dict[str, Tensor]],
+        stage: int = 0,
+    ) -> None:
         """Save the sums so far, atomically (``save_state``).
 
         Args:
-            next_block: the first block not yet summed.
+            next_block: the first block (masking: forward) not yet summed.
             seconds: wall time of the analysis so far, earlier resumed parts included (s).
-            states: the accumulators' states (``LayerAccumulators.state()``).
+            states: the accumulators' states (``LayerAccumulators.state()``), or {metric key:
+                ``metric_states``}.
+            stage: the stage ``next_block`` belongs to (``adaptive.stages``; 0 for a fixed N).
         """
         save_state(self.path, {
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint,
             "fields": self.fields,
             "next_block": next_block,
+            "stage": stage,
             "seconds": seconds,
             "states": states,
         })

@@ -48,6 +48,7 @@ from sensitivity.masking import (
     PlanItem,
     ProbeInputs,
     computed,
+    default_batch_rows,
     default_configurations,
     run_plans,
 )
@@ -196,9 +197,12 @@ class JaccardMean(Metric):
         self.add_state("count", torch.zeros(n_plans, dtype=torch.float64), "sum")
 
     def update(self, plan: int, values: Tensor) -> None:
-        """Add the (B,) Jaccard indices of one batch under plan ``plan``."""
-        self.total[plan] += values.sum()
-        self.count[plan] += len(values)
+        """Add the Jaccard indices of one batch: (B,) under plan ``plan``, or (n, B) under the
+        plans ``plan`` ... ``plan`` + n - 1."""
+        values = values.reshape(-1, values.shape[-1])
+        plans = slice(plan, plan + len(values))
+        self.total[plans] += values.sum(dim=1)
+        self.count[plans] += values.shape[1]
 
     def compute(self) -> Tensor:
         """(n_plans,) float64 means (NaN for a plan without values)."""
@@ -339,6 +343,7 @@ def evaluate_single_class(
     head_valid: np.ndarray | None = None,
     progress: bool = True,
     layouts: Mapping[str, UnitLayout] | None = None,
+    batch_rows: int | None = None,
 ) -> SingleClassResult:
     """Self-masking Jaccard indices of every augmentation variable (module docstring); every
     rank must call it (DDP) and gets the global result.
@@ -355,7 +360,8 @@ def evaluate_single_class(
         value, analysis, layer: recorded (value type, analysis, classification layer).
         progress: rank zero reports the image forwards (as ``masking.run_plans``).
         model, configurations, k, seed, problem, ties, batch_images, reuse_prefix,
-            layer_root, rank, world_size, layouts: as ``masking.evaluate_masking``.
+            layer_root, rank, world_size, layouts, batch_rows: as
+            ``masking.evaluate_masking``.
 
     Returns:
         Mean Jaccard indices (variables, configurations), references, candidates, threshold.
@@ -381,7 +387,8 @@ def evaluate_single_class(
     run_plans(run.network, inputs, _self_masking_plans(run, chosen, configs, stride),
               _jaccard_updates(metric, classes, len(names), n, stride, run.device),
               batch_images=batch_images, device=run.device, rank=rank, world_size=world_size,
-              progress=progress, desc="single-class", work=work)
+              progress=progress, desc="single-class", work=work,
+              batch_rows=default_batch_rows(run.device) if batch_rows is None else batch_rows)
     means = computed(metric).reshape(len(chosen), stride)
     return SingleClassResult(
         value=value, analysis=analysis, layer=layer, variables=chosen,
@@ -454,10 +461,10 @@ def _jaccard_updates(
 
     def consume(i: int, plan: int, logits: Tensor, labels: Tensor) -> None:
         top = logits.topk(n, dim=1).indices
-        if plan < 0:
+        if plan < 0:  # one pass (the originals), never batched with others
             for v in range(len(classes)):
                 metric.update(v * stride, jaccard(top, candidates[v]))
-        else:
-            metric.update(plan, jaccard(top, candidates[i - 1]))
+        else:  # passes plan, plan + 1, ... of the same inputs
+            metric.update(plan, jaccard(top, candidates[i - 1]).view(-1, len(labels)))
 
     return consume

@@ -7,24 +7,37 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
 import torch
 
+from sensitivity.estimators.partial_sums import intra_op_threads
+
 T = TypeVar("T")
 
+# The engine sums each batch's float32 outputs in float32 before adding them to float64 states
+# (sensitivity/estimators/partial_sums.py). Against a float64 accumulation of the same outputs
+# an index moves by float32 round-off, below the results files' own float32 resolution (two
+# units in the last place of 1 are 1.2e-7), and an output moment by a few float32 ulps.
+FLOAT32_SUMS = {"rtol": 1e-6, "atol": 1e-7}
 
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the body with ``count`` intra-op threads, then restore the previous count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+
+# Runs the body with a given number of intra-op threads, then restores the previous count.
+torch_threads = intra_op_threads
+
+
+def fork_ranks(worker: Callable[..., None], world_size: int, *args: object) -> None:
+    """Run ``worker(rank, world_size, port, *args)`` in ``world_size`` forked processes (they
+    reuse this process's imports; spawn would import everything again, slowly), with a free
+    local port for their process group."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.start_processes(worker, args=(world_size, port, *args),
+                                          nprocs=world_size, start_method="fork")
 
 
 def cli(*args: object, quiet: bool = False) -> int:

@@ -16,6 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from helpers import FLOAT32_SUMS
 from jsonargparse import ArgumentParser
 from PIL import Image
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -306,10 +307,13 @@ def test_two_process_ddp_fit_equals_one_process_analysis(tmp_path):
     single = run_analysis(model, problem, probe, config)
     saved = stored(run_dir / "sensitivity.h5", "epoch_0000")
     for layer in LAYERS:
+        valid = single.flags[layer] == 0
+        np.testing.assert_array_equal(saved[layer]["flag"], single.flags[layer])
         for key in ("S1", "ST", "S1_conf", "ST_conf", "mean", "var"):
-            # float64 sums in another order, then float32 storage
-            np.testing.assert_allclose(saved[layer][key], single.layers[layer][key], rtol=1e-6,
-                                       atol=1e-9)
+            # partial sums of other batches, then float32 storage; flagged units (never shown)
+            # amplify round-off without bound
+            np.testing.assert_allclose(saved[layer][key][..., valid],
+                                       single.layers[layer][key][..., valid], **FLOAT32_SUMS)
     with h5py.File(run_dir / "sensitivity.h5", "r") as f:  # both shards merged, every row once
         np.testing.assert_array_equal(f["activations/epoch_0000/row_index"][()],
                                       np.arange(8 * (len(GROUPS) + 2)))

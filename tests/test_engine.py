@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import re
-import socket
 import sys
 import time
 import warnings
@@ -20,6 +19,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import FLOAT32_SUMS, fork_ranks
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -161,9 +161,9 @@ def test_sobol_equals_gsa_on_the_same_rows_and_ranks_the_augmentations(problem, 
     expected = gsa.sobol_from_outputs(gsa_problem(problem), Y, replicates=16)
     stats = result.layers["stats"]
     for key in ("S1", "ST", "S1_conf", "ST_conf"):
-        np.testing.assert_allclose(stats[key], getattr(expected, key), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(stats["mean"], Y.mean(0), rtol=1e-10)
-    np.testing.assert_allclose(stats["var"], Y.var(0), rtol=1e-9)
+        np.testing.assert_allclose(stats[key], getattr(expected, key), **FLOAT32_SUMS)
+    np.testing.assert_allclose(stats["mean"], Y.mean(0), rtol=FLOAT32_SUMS["rtol"])
+    np.testing.assert_allclose(stats["var"], Y.var(0), rtol=FLOAT32_SUMS["rtol"])
     assert result.evaluations == design.n_rows == 64 * (len(problem.groups) + 2)
     assert result.group_names == problem.group_names and result.n == 64
     names = problem.group_names
@@ -185,11 +185,12 @@ def test_shapley_matches_gsa_and_puts_saturation_and_grayscale_on_top(problem, p
     )
     stats = result.layers["stats"]
     for key in ("shapley", "shapley_normalized", "shapley_conf"):
-        np.testing.assert_allclose(stats[key], getattr(expected, key), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(stats[key], getattr(expected, key), **FLOAT32_SUMS)
     names = problem.group_names
     top = {names[i] for i in np.argsort(stats["shapley_normalized"][:, 0])[-2:]}
     assert top == {"saturation", "grayscale"}
-    np.testing.assert_allclose(stats["shapley_normalized"].sum(0), 1.0, rtol=1e-10)
+    # efficiency: the shares' float32 partial sums are rounded apart from their total's
+    np.testing.assert_allclose(stats["shapley_normalized"].sum(0), 1.0, rtol=FLOAT32_SUMS["rtol"])
 
 
 def test_permutation_shapley_contrast_and_variance_equal_direct_accumulation(problem, probe):
@@ -217,7 +218,7 @@ def test_permutation_shapley_contrast_and_variance_equal_direct_accumulation(pro
             assert result.group_names == AUGS
         else:
             expected = Y.var(0)
-        np.testing.assert_allclose(result.layers["stats"][key], expected, rtol=1e-9, atol=1e-12,
+        np.testing.assert_allclose(result.layers["stats"][key], expected, **FLOAT32_SUMS,
                                    err_msg=label)
         assert result.evaluations == design.n_rows
 
@@ -233,7 +234,8 @@ def test_partition_selects_the_second_half_of_the_probe(probe):
     assert set(index.tolist()) == set(range(8))
     with torch.no_grad():
         Y = ColourStats()(problem.augment(both_splits[index].double(), decoded)).float().double()
-    np.testing.assert_allclose(result.layers["stats"]["mean"], Y.numpy().mean(0), rtol=1e-10)
+    np.testing.assert_allclose(result.layers["stats"]["mean"], Y.numpy().mean(0),
+                               rtol=FLOAT32_SUMS["rtol"])
     with pytest.raises(ValueError, match=r"expects 8 .* x 2 partitions"):
         run(problem, probe, method="variance", n=4)
 
@@ -377,14 +379,7 @@ def _ddp_resume_worker(rank: int, world_size: int, port: int, problem, probe, ou
 
 @pytest.mark.slow
 def test_ddp_resume_gives_every_rank_rank_zeros_seconds(problem, probe, tmp_path):
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    # fork: the children reuse this process's imports (spawn would re-import them, slowly)
-    torch.multiprocessing.start_processes(
-        _ddp_resume_worker, args=(2, port, problem, probe, str(tmp_path)), nprocs=2,
-        start_method="fork",
-    )
+    fork_ranks(_ddp_resume_worker, 2, problem, probe, str(tmp_path))
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert zero["seconds"] == one["seconds"]  # rank zero's number, not each rank its own
     assert zero["seconds"] > zero["saved"] > 0 and one["saved"] != zero["saved"]
@@ -410,13 +405,7 @@ def _mismatch_worker(rank: int, world_size: int, port: int, problem, probe, out:
 @pytest.mark.slow
 def test_ranks_started_with_another_problem_are_refused_on_every_rank(problem, probe,
                                                                       tmp_path):
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    torch.multiprocessing.start_processes(
-        _mismatch_worker, args=(2, port, problem, probe, str(tmp_path)), nprocs=2,
-        start_method="fork",
-    )
+    fork_ranks(_mismatch_worker, 2, problem, probe, str(tmp_path))
     for rank in range(2):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert message.startswith("ranks [1] have another problem (augmentations, their "
@@ -651,6 +640,23 @@ def test_bad_inputs_are_clear_value_errors(problem, probe):
         EngineConfig(precision="fp16")
     with pytest.raises(ValueError, match="channels_last must be True or False"):
         EngineConfig(channels_last="yes")
+    with pytest.raises(ValueError, match=r"threads must be a positive integer or None"):
+        EngineConfig(threads=0)
+    with pytest.raises(ValueError, match="accumulation_threads must be a positive integer"):
+        EngineConfig(accumulation_threads=True)
+
+
+def test_threads_leave_the_results_and_torchs_setting_as_they_were(problem, probe):
+    """threads sets the forward's intra-op threads and accumulation_threads the accumulation's
+    workers; neither changes a value (the analytic net's kernels do not depend on them), and
+    torch's thread count is restored."""
+    before = torch.get_num_threads()
+    one, _ = run(problem, probe, method="sobol", n=16, threads=1)
+    assert torch.get_num_threads() == before
+    two, _ = run(problem, probe, method="sobol", n=16, threads=2, accumulation_threads=2)
+    assert torch.get_num_threads() == before
+    for key, value in one.layers["stats"].items():
+        np.testing.assert_array_equal(two.layers["stats"][key], value, err_msg=key)
 
 
 def test_shards_cover_every_block_once():

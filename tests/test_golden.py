@@ -9,7 +9,10 @@ Bit-identity is a property of the same kernels: the recording notes the CPU capa
 used (``torch.backends.cpu.get_cpu_capability()``, e.g. AVX512 vs AVX2 give other float
 summation orders in convolutions). On another capability the arrays are compared to the
 float32 storage's resolution instead, and the test says so. To record anew (only when results
-are meant to change): ``AUGSENS_WRITE_GOLDEN=1 pytest tests/test_golden.py``.
+are meant to change): ``AUGSENS_WRITE_GOLDEN=1 pytest tests/test_golden.py``. Recorded anew
+once, for the float32 partial sums of the accumulators (issue "accumulation at memory speed"):
+every array was within the storage resolution of the previous recording (at most 1.2e-6
+apart) and every count equal.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ import hashlib
 import math
 import os
 import re
-import socket
 from pathlib import Path
 
 import helpers
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import fork_ranks
 from torch import nn
 
 from callbacks.masking import MaskingCallback, masking_record
@@ -415,13 +415,8 @@ def test_masking_gives_its_image_forwards_up_front_then_plain_lines(capsys):
 
 @pytest.mark.slow
 def test_two_processes_give_the_single_process_accuracies(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     out = tmp_path / "ddp.npz"
-    # fork: the children reuse this process's imports (spawn would re-import them, slowly)
-    torch.multiprocessing.start_processes(_ddp_worker, args=(2, port, str(out)), nprocs=2,
-                                          start_method="fork")
+    fork_ranks(_ddp_worker, 2, str(out))
     single = small_masking_run()
     ddp = np.load(out)
     # Ranks take images 0-4 and 5-9; the hit counts are summed exactly.

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import scipy.cluster.hierarchy
 import scipy.spatial.distance
 import scipy.stats
 import torch
-from helpers import cli
+from helpers import cli, fork_ranks
 from torch import nn
 
 from callbacks.masking import masking_record
@@ -323,12 +322,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_give_the_single_process_counts(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     out = tmp_path / "ddp.npz"
-    torch.multiprocessing.start_processes(_ddp_worker, args=(2, port, str(out)), nprocs=2,
-                                          start_method="fork")
+    fork_ranks(_ddp_worker, 2, str(out))
     single, ddp = tiny_run(), np.load(out)
     for key in ("confusion", "class_acc1", "class_images"):
         np.testing.assert_array_equal(ddp[key], getattr(single, key), err_msg=key)

@@ -12,7 +12,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from helpers import forget_user_augmentations
+from helpers import FLOAT32_SUMS, forget_user_augmentations
 from torch import nn
 
 from sensitivity.augmentation_specs import AUGMENTATION_SETS, AUGMENTATIONS, BUILTIN
@@ -276,7 +276,8 @@ def test_a_network_reading_only_the_user_augmentation_gives_it_every_index(user,
         assert np.all(np.abs(sobol[key][others]) < NULL), key
     # Goda's trajectories credit every change of the output to the group that made it
     goda = planted(problem, probe, method="shapley", n=32)["shapley_normalized"]
-    np.testing.assert_allclose(goda[swap], 1.0, rtol=1e-9)
+    # 1 up to the float32 partial sums of the shares and of their total
+    np.testing.assert_allclose(goda[swap], 1.0, rtol=FLOAT32_SUMS["rtol"])
     assert np.all(np.abs(goda[others]) < NULL)
     # Song-Nelson-Staum estimates conditional variances: null groups are 0 within their error
     sns = planted(problem, probe, method="shapley", shapley_method="permutation", n=32,
@@ -285,7 +286,7 @@ def test_a_network_reading_only_the_user_augmentation_gives_it_every_index(user,
     assert np.all(effects.argmax(0) == swap)
     assert np.all(np.abs(effects[swap] - 1) <= conf[swap])
     assert np.all(np.abs(effects[others]) <= conf[others] + NULL)
-    np.testing.assert_allclose(effects.sum(0), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(effects.sum(0), 1.0, rtol=FLOAT32_SUMS["rtol"])
     contrast = planted(problem, probe, method="contrast", n=2, contrast_k=8)
     assert np.all(np.abs(contrast["mean_diff"][swap]) > 0.1)
     assert np.all(np.abs(contrast["mean_diff"][[0, 2]]) < NULL)  # hflip, rolling

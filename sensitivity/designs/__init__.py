@@ -14,7 +14,7 @@ pairs of values from ``BalancedPairs`` instead of the sequence (see there why).
 """
 
 from sensitivity.designs.balanced import BalancedPairs
-from sensitivity.designs.base import Design, check_power_of_two, uniform_rows
+from sensitivity.designs.base import Design, check_power_of_two, doubling_stages, uniform_rows
 from sensitivity.designs.contrast import ContrastDesign
 from sensitivity.designs.permutations import PermutationDesign, ShapleyDesign
 from sensitivity.designs.sobol import SAMPLINGS, SobolDesign, saltelli_rows
@@ -30,6 +30,7 @@ __all__ = [
     "SobolDesign",
     "VarianceDesign",
     "check_power_of_two",
+    "doubling_stages",
     "saltelli_rows",
     "uniform_rows",
 ]

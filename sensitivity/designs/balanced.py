@@ -10,7 +10,12 @@ import numpy as np
 if TYPE_CHECKING:
     pass
 
-from sensitivity.designs.base import _STREAM_DISCRETE, uniform_rows
+from sensitivity.designs.base import (
+    _STREAM_DISCRETE,
+    _STREAM_NESTED,
+    doubling_stages,
+    uniform_rows,
+)
 
 
 def _check_discrete(
@@ -41,31 +46,75 @@ class BalancedPairs:
     inside it the second's. Values are cell midpoints, which decode exactly. Pair n is a pure
     function of (seed, n_pairs, n).
 
+    Nested (``first`` < n_pairs, a design grown by doubling, METHOD.md "Adaptive N"): the first
+    ``first`` pairs are exactly those of ``BalancedPairs(seed, first)``, and every doubling
+    keeps the pairs drawn so far and stratifies the new ones so that every stage's prefix, the
+    first ``first`` 2^k pairs, holds exactly one v in each of ``first`` 2^k equal strata of
+    [0, 1): each old v lies in one half of its stratum, a new pair takes the other half of a
+    random one (a random permutation keyed by the seed, the column and the stage) and its own w
+    in it. Pair n is then a pure function of (seed, first, n) for every n < n_pairs.
+
     Args:
         seed: the design's seed.
         n_pairs: the design's number of pairs (base points or trajectories).
         discrete: {column: (cells + 1,) cell edges from 0 to 1}, checked by the caller.
+        first: pairs of the first stage of a design grown by doubling; None: n_pairs (one
+            stratification over all pairs).
     """
 
-    def __init__(self, seed: int, n_pairs: int, discrete: Mapping[int, np.ndarray]) -> None:
+    def __init__(
+        self,
+        seed: int,
+        n_pairs: int,
+        discrete: Mapping[int, np.ndarray],
+        first: int | None = None,
+    ) -> None:
         self.seed = seed
         self.n_pairs = n_pairs
+        self.first = n_pairs if first is None else first
         self.discrete = dict(discrete)
-        self._strata: np.ndarray | None = None
+        self._strata: tuple[np.ndarray, np.ndarray] | None = None
 
-    def _permutations(self) -> np.ndarray:
-        """(n_pairs, C) int64: the stratum of each pair, per discrete column."""
+    def _permutations(self) -> tuple[np.ndarray, np.ndarray]:
+        """((n_pairs, C) int64 stratum of each pair per discrete column, (n_pairs,) int64 the
+        number of strata it was drawn among)."""
         if self._strata is None:
-            self._strata = np.stack(
-                [
-                    np.random.default_rng([self.seed, _STREAM_DISCRETE, c]).permutation(
-                        self.n_pairs
-                    )
-                    for c in self.discrete
-                ],
-                axis=1,
-            ) if self.discrete else np.empty((self.n_pairs, 0), dtype=np.int64)
+            w = (uniform_rows([self.seed, _STREAM_DISCRETE], 0, self.n_pairs, len(self.discrete))
+                 if self.first < self.n_pairs else None)
+            columns = [self._nested(c, None if w is None else w[:, k])
+                       for k, c in enumerate(self.discrete)]
+            strata = (np.stack(columns, axis=1) if columns
+                      else np.empty((self.n_pairs, 0), dtype=np.int64))
+            # A stage after the first doubles the strata: 2 start of them.
+            scale = np.concatenate([np.full(stop - start, 2 * start if start else stop)
+                                    for start, stop in doubling_stages(self.first, self.n_pairs)])
+            self._strata = strata, scale
         return self._strata
+
+    def _nested(self, column: int, w: np.ndarray | None) -> np.ndarray:
+        """(n_pairs,) int64: the stratum of each pair of ``column`` among the strata of the
+        stage that drew it; ``w`` (n_pairs,) its positions inside them (None: one stage)."""
+        strata = np.random.default_rng([self.seed, _STREAM_DISCRETE, column]).permutation(
+            self.first
+        )
+        if w is None:
+            return strata
+        drawn = [strata]
+        # current: every pair's stratum at this stage's resolution; u: its position inside it.
+        current, u = strata, w[: self.first].copy()
+        for stage, (start, stop) in enumerate(doubling_stages(self.first, self.n_pairs)[1:], 1):
+            half = (u >= 0.5).astype(np.int64)
+            u = 2.0 * u - half  # exact in binary floating point
+            current = 2 * current + half
+            other = np.empty(start, dtype=np.int64)
+            other[current // 2] = current ^ 1  # the free half of each old pair's stratum
+            taken = np.random.default_rng([self.seed, _STREAM_NESTED, column, stage]).permutation(
+                start
+            )[: stop - start]
+            drawn.append(other[taken])
+            current = np.concatenate([current, other[taken]])
+            u = np.concatenate([u, w[start:stop]])
+        return np.concatenate(drawn)
 
     def apply(self, first: np.ndarray, second: np.ndarray, start: int) -> None:
         """Overwrite the discrete columns of pairs [start, start + len(first)) in place.
@@ -78,9 +127,9 @@ class BalancedPairs:
         if not self.discrete:
             return
         stop = start + first.shape[0]
-        strata = self._permutations()[start:stop]
+        strata, scale = (part[start:stop] for part in self._permutations())
         w = uniform_rows([self.seed, _STREAM_DISCRETE], start, stop, len(self.discrete))
-        v = (strata + w) / self.n_pairs
+        v = (strata + w) / scale[:, None]
         for k, (column, edges) in enumerate(self.discrete.items()):
             widths = np.diff(edges)
             last = len(widths) - 1

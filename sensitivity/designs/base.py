@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 _STREAM_REPLICATE = 1
 _STREAM_DISCRETE = 2
 _STREAM_RANDOM_POINTS = 3
+_STREAM_NESTED = 4
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -33,6 +34,24 @@ def check_power_of_two(name: str, value: int) -> None:
             f"dyadic box holds its exact share of points) only over its first 2^m points, and "
             f"the Sobol estimators' convergence rests on that; use {lower} or {lower * 2}"
         )
+
+
+def doubling_stages(first: int, total: int) -> list[tuple[int, int]]:
+    """The block ranges of a design grown by doubling: [0, first), [first, 2 first), ...
+
+    Args:
+        first: blocks of the first stage, >= 1.
+        total: blocks of the whole design, >= first; the last stage ends there (it is shorter
+            than a doubling when total / first is not a power of two).
+
+    Returns:
+        [(start, stop), ...] covering [0, total) in order; [(0, total)] when first == total.
+    """
+    stages, stop = [(0, first)], first
+    while stop < total:
+        stages.append((stop, min(2 * stop, total)))
+        stop = stages[-1][1]
+    return stages
 
 
 def _check_groups(groups: Sequence[Sequence[int]] | None, d: int) -> list[list[int]]:

@@ -78,9 +78,14 @@ class ShapleyDesign(_PermutationBlocks):
         groups: G lists of columns partitioning 0..d-1 (default: one group per column).
         discrete: {column: cell edges} of the columns of (x1, x2) drawn by ``BalancedPairs``
             over the n trajectories instead.
+        first_stage: a design grown by doubling (METHOD.md "Adaptive N"): the discrete pairs
+            are nested ``BalancedPairs`` from this many trajectories on, so that the first m
+            trajectories of every stage boundary m are balanced (trajectory b's other draws
+            never depend on n). In [1, n]; None: n.
 
     Raises:
-        ValueError: non-positive d or n, a negative seed, bad groups or discrete columns.
+        ValueError: non-positive d or n, a negative seed, first_stage outside [1, n], bad groups
+            or discrete columns.
     """
 
     def __init__(
@@ -90,14 +95,18 @@ class ShapleyDesign(_PermutationBlocks):
         seed: int = 0,
         groups: Sequence[Sequence[int]] | None = None,
         discrete: Mapping[int, Sequence[float]] | None = None,
+        first_stage: int | None = None,
     ) -> None:
         self.d = _check_int("d", d, 1)
         self.n_blocks = _check_int("n (number of trajectories)", n, 1)
+        if first_stage is not None and not 1 <= _check_int("first_stage", first_stage, 1) <= n:
+            raise ValueError(f"first_stage ({first_stage}) must not exceed n ({n})")
         self.seed = _check_int("seed", seed, 0)
         self.groups = _check_groups(groups, self.d)
         self.block_size = len(self.groups) + 1
         self._mask = _group_mask(self.groups, self.d)
-        self.balanced = BalancedPairs(self.seed, self.n_blocks, _check_discrete(discrete, self.d))
+        self.balanced = BalancedPairs(self.seed, self.n_blocks,
+                                      _check_discrete(discrete, self.d), first_stage)
 
     def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(x1, x2) as (2, d) and the group permutation (G,), in that order from ``rng``."""

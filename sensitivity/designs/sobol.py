@@ -21,6 +21,7 @@ from sensitivity.designs.base import (
     _check_int,
     _group_mask,
     check_power_of_two,
+    doubling_stages,
     uniform_rows,
 )
 
@@ -84,10 +85,17 @@ class SobolDesign(Design):
             points each (randomised QMC), whose spread gives the intervals.
         sampling: "sobol" (the above) or "random" (i.i.d. uniform base points).
         discrete: {column: cell edges} of the columns drawn by ``BalancedPairs`` instead.
+        first_stage: a design grown by doubling (METHOD.md "Adaptive N"): its blocks come in
+            stages, the first ``first_stage`` being the design of that many base points and
+            each later stage [m, 2m) adding to every replicate the next m / R points of its
+            own sequence (and nested balanced pairs), so that the first m blocks of any stage
+            boundary m hold the base points of the m-point design. A power of two in
+            [replicates, n]; None: n (one stage, blocks in replicate order).
 
     Raises:
-        ValueError: n or replicates not a power of two, replicates > n, n > 2^30, an unknown
-            sampling, bad groups or discrete columns.
+        ValueError: n, replicates or first_stage not a power of two, replicates > first_stage
+            or n, first_stage > n, n > 2^30, an unknown sampling, bad groups or discrete
+            columns.
     """
 
     def __init__(
@@ -100,16 +108,24 @@ class SobolDesign(Design):
         replicates: int = 1,
         sampling: str = "sobol",
         discrete: Mapping[int, Sequence[float]] | None = None,
+        first_stage: int | None = None,
     ) -> None:
         self.d = _check_int("d", d, 1)
         n = _check_int("n", n, 1)
+        first_stage = n if first_stage is None else _check_int("first_stage", first_stage, 1)
+        check_power_of_two("first_stage", first_stage)
+        if first_stage > n:
+            raise ValueError(f"first_stage ({first_stage}) must not exceed n ({n})")
         replicates = _check_int("replicates", replicates, 1)
         check_power_of_two("n", n)
         check_power_of_two("replicates", replicates)
         if n > _SOBOL_MAX_POINTS:
             raise ValueError(f"n must be at most 2^30 (scipy's 30-bit Sobol' engine), got {n}")
-        if replicates > n:
-            raise ValueError(f"replicates ({replicates}) must not exceed n ({n}) base points")
+        if replicates > first_stage:
+            stage = "" if first_stage == n else " of the first stage"
+            raise ValueError(
+                f"replicates ({replicates}) must not exceed n ({first_stage}) base points{stage}"
+            )
         if sampling not in SAMPLINGS:
             raise ValueError(f"unknown sampling {sampling!r}; valid: {list(SAMPLINGS)}")
         self.seed = _check_int("seed", seed, 0)
@@ -120,12 +136,26 @@ class SobolDesign(Design):
         g = len(self.groups)
         self.n_blocks = n
         self.block_size = 2 * g + 2 if self.second_order else g + 2
-        self.balanced = BalancedPairs(self.seed, n, _check_discrete(discrete, self.d))
+        self.stages = doubling_stages(first_stage, n)
+        self.balanced = BalancedPairs(self.seed, n, _check_discrete(discrete, self.d),
+                                      first_stage)
 
-    @property
-    def replicate_size(self) -> int:
-        """Base points per replicate: n / R."""
-        return self.n_blocks // self.replicates
+    def _segments(self, start: int, stop: int) -> list[tuple[int, int, int, int]]:
+        """The runs of consecutive points of one replicate's sequence among blocks
+        [start, stop): (first block, last block + 1, replicate, position of the first block in
+        its replicate's sequence), in block order."""
+        out = []
+        for low, high in self.stages:
+            # A stage of m blocks gives each replicate m / R consecutive points, from the
+            # low / R it already has on.
+            per = (high - low) // self.replicates
+            for replicate in range(self.replicates):
+                first = max(start, low + replicate * per)
+                last = min(stop, low + (replicate + 1) * per)
+                if first < last:
+                    position = low // self.replicates + first - low - replicate * per
+                    out.append((first, last, replicate, position))
+        return out
 
     def replicate_of(self, start: int, stop: int) -> np.ndarray:
         """The replicate of each base point in a range.
@@ -136,7 +166,10 @@ class SobolDesign(Design):
         Returns:
             (stop - start,) int64 replicate indices.
         """
-        return np.arange(start, stop, dtype=np.int64) // self.replicate_size
+        out = np.empty(stop - start, dtype=np.int64)
+        for first, last, replicate, _ in self._segments(start, stop):
+            out[first - start : last - start] = replicate
+        return out
 
     def _engine(self, replicate: int) -> qmc.Sobol:
         """A fresh scrambled Sobol' engine of dimension 2d for ``replicate``."""
@@ -169,13 +202,10 @@ class SobolDesign(Design):
             base = uniform_rows([self.seed, _STREAM_RANDOM_POINTS], start, stop, 2 * self.d)
         else:
             parts = []
-            size = self.replicate_size
-            for replicate in range(start // size, -(-stop // size)):
-                first = max(start, replicate * size) - replicate * size
-                last = min(stop, (replicate + 1) * size) - replicate * size
+            for first, last, replicate, position in self._segments(start, stop):
                 engine = self._engine(replicate)
-                if first > 0:
-                    engine.fast_forward(first)
+                if position > 0:
+                    engine.fast_forward(position)
                 with warnings.catch_warnings():
                     # A slice of a power-of-two design is rarely a power of two itself; the
                     # balance the warning is about belongs to the whole replicate.

@@ -90,24 +90,27 @@ def _n_groups(n_groups: int) -> int:
     return n_groups
 
 
-def _check_finite(Y: Tensor, rows_before: Tensor | int, block_size: int) -> None:
-    """Raise ``ValueError`` naming the first non-finite entry of Y.
+def _check_finite(Y: Tensor, rows_before: Tensor | int, block_size: int) -> tuple[float, float]:
+    """Raise ``ValueError`` naming the first non-finite entry of Y; else its range.
 
     Args:
         Y: (n_blocks, block_size, U) blocks or (rows, U) rows of outputs.
         rows_before: blocks (or rows) already accumulated; read only to name a bad entry, so
             that a count kept on a GPU costs no synchronisation.
         block_size: rows per block (to name the row of a block's entry).
+
+    Returns:
+        (smallest, largest) output, which chooses the partial sums' dtype
+        (``partial_sums.compute_dtype``).
     """
-    # A sum is finite only if every term is: one pass without temporaries, where isfinite()
-    # costs several full-size passes (docs/PERFORMANCE.md, "Engine efficiency"). Overflow of a
-    # sum of finite values falls through to the exact check.
-    total = Y.sum(dtype=torch.float64 if Y.dtype == torch.float64 else torch.float32)
-    if bool(torch.isfinite(total)):
-        return
+    # The extremes are finite only if every entry is: one pass without temporaries, where
+    # isfinite() costs several full-size passes (docs/PERFORMANCE.md, "Engine efficiency").
+    if Y.numel() == 0:
+        return 0.0, 0.0
+    low, high = (float(v) for v in torch.aminmax(Y))
+    if math.isfinite(low) and math.isfinite(high):
+        return low, high
     bad = ~torch.isfinite(Y)
-    if not bool(bad.any()):
-        return
     rows_before = int(rows_before)
     index = [int(i) for i in bad.nonzero()[0]]
     value = float(Y[tuple(index)])
@@ -279,6 +282,8 @@ class _UnitMetric(Metric):
         self.n_units = math.prod(self.unit_shape)
         self.conf_level = conf_level
         self._z = _z_score(conf_level)
+        # Workers of an update (partial_sums, "Threads"); set by the caller, not a state.
+        self.threads = 1
 
     def _add_sum_states(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """A float64 zero state per entry, summed across processes, then the block count n."""

@@ -17,7 +17,6 @@ from sensitivity.estimators.common import (
     _constant_flags,
     _ConstantUnits,
     _numpy,
-    _unit_slices,
 )
 from sensitivity.estimators.power_sums import Exponents, _rebase_table, _ShiftedPowerSums
 
@@ -73,27 +72,11 @@ class MomentsAccumulator(_ShiftedPowerSums):
                 f"MomentsAccumulator.update expects a tensor (rows, *{self.unit_shape}), got "
                 f"{tuple(Y.shape) if isinstance(Y, Tensor) else type(Y).__name__}"
             )
-        Y = Y.reshape(Y.shape[0], -1)
-        _check_finite(Y, self.n, 1)
+        Y = Y.reshape(Y.shape[0], 1, -1)  # rows as blocks of one row
+        value_range = _check_finite(Y[:, 0], self.n, 1)
         self._fix_shift(Y)
-        rows = Y.shape[0]
-        sums = self.table("one")
-        # Two arrays of (rows, units) in flight: about 2^16 values each keeps them in L2.
-        slices = _unit_slices(self.n_units, 16 * rows, Y.device)
-        buffer = torch.empty(
-            (slices[0].stop - slices[0].start) * rows, dtype=torch.float64, device=Y.device
-        )
-        for units in slices:
-            # Rows first, units contiguous: sums over rows need no transposed copy.
-            y = buffer[: rows * (units.stop - units.start)].view(rows, -1)
-            y.copy_(Y[:, units]).sub_(self.shift[units])
-            power = y
-            for k in range(1, 5):
-                sums[(k,)][units] += power.sum(0)
-                if k < 4:
-                    power = power * y
-        sums[(0,)] += rows
-        self.n = self.n + rows
+        self._update_blocks(Y, [(0, slice(0, Y.shape[0]))], _row_terms, value_range)
+        self.n = self.n + Y.shape[0]
 
     def compute(self) -> MomentsResult:
         """The moments of every row seen so far (at least 2)."""
@@ -146,3 +129,8 @@ def _moments_result(
         n=int(n),
         conf_level=conf_level,
     )
+
+
+def _row_terms(y: Tensor) -> tuple[tuple[Tensor], dict[str, Tensor]]:
+    """A chunk's one variable, y (rows, 1, c) -> (rows, c); no weighted table."""
+    return (y[:, 0],), {}

@@ -21,6 +21,13 @@ from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from sensitivity.estimators.common import _UnitMetric
+from sensitivity.estimators.partial_sums import (
+    ChunkedUpdate,
+    TableSpec,
+    Terms,
+    compute_dtype,
+    feature_layout,
+)
 
 Exponents = tuple[int, ...]
 
@@ -73,11 +80,12 @@ class _ShiftedPowerSums(_UnitMetric):
 
     A *table* is a weight name (a per-block, shift-invariant tensor such as AB_j - A) with a
     downward-closed set of exponent tuples over the shifted variables; it is one state
-    ``<weight>_sums`` (U, K, *lead), units first, so that an update adds one contiguous block per
-    chunk of units (a batched matrix product straight into the state) instead of K strided
-    writes. ``table`` gives the entries as (*lead, U) views. ``_rebased_states`` re-expands every
-    table about a new shift, which is how accumulators with different shifts are merged;
-    ``compute`` centres the sums the same way (``_rebase_table``).
+    ``<weight>_sums`` (K, *lead, U), or (R, K, *lead, U) for a replicated table, units last like
+    the captured outputs, so that a chunk's partial sums (``partial_sums``) are added without a
+    transposing copy. A table of lead () has weight 1 (plain power sums); every other table's
+    weight comes from the subclass's terms. ``table`` gives the entries as (*lead, U) views.
+    ``_rebased_states`` re-expands every table about a new shift, which is how accumulators with
+    different shifts are merged; ``compute`` centres the sums the same way (``_rebase_table``).
 
     Args:
         unit_shape: shape of one row's outputs.
@@ -103,6 +111,8 @@ class _ShiftedPowerSums(_UnitMetric):
         # are the first k monomials reads them as a slice of the per-chunk monomial tensor.
         self._monomials: list[Exponents] = []
         self._selection: dict[str, slice | Tensor] = {}
+        self._leads: dict[str, tuple[int, ...]] = {}
+        self._specs: list[TableSpec] | None = None
         self.add_state("shift", torch.zeros(self.n_units, dtype=torch.float64), _agreed)
         self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -120,7 +130,7 @@ class _ShiftedPowerSums(_UnitMetric):
             weight: the table's name; its state is ``<weight>_sums``.
             lead: shape of the weight per block (e.g. (G,) for one value per group).
             exponents: the highest exponent tuples needed; every lower one is kept too.
-            replicated: keep one table per replicate: state (U, R, K, *lead), else (U, K, *lead).
+            replicated: keep one table per replicate: state (R, K, *lead, U), else (K, *lead, U).
         """
         closure = _closure(exponents)
         self._monomials += [e for e in closure if e not in self._monomials]
@@ -132,9 +142,10 @@ class _ShiftedPowerSums(_UnitMetric):
         )
         if replicated:
             self._replicated.add(weight)
-            shape: tuple[int, ...] = (self.n_units, self.replicates, k, *lead)
+            shape: tuple[int, ...] = (self.replicates, k, *lead, self.n_units)
         else:
-            shape = (self.n_units, k, *lead)
+            shape = (k, *lead, self.n_units)
+        self._leads[weight] = tuple(lead)
         self._add_sum_state(self._state_name(weight), shape)
 
     def _add_sum_state(self, name: str, shape: tuple[int, ...]) -> None:
@@ -168,8 +179,8 @@ class _ShiftedPowerSums(_UnitMetric):
         name = self._state_name(weight)
         sums = states[name] if states is not None else getattr(self, name)
         if weight in self._replicated:
-            return {e: sums[:, :, k].movedim(0, -1) for k, e in enumerate(self._tables[weight])}
-        return {e: sums[:, k].movedim(0, -1) for k, e in enumerate(self._tables[weight])}
+            return {e: sums[:, k] for k, e in enumerate(self._tables[weight])}
+        return {e: sums[k] for k, e in enumerate(self._tables[weight])}
 
     # ------------------------------------------------------------------------------------ update
     def _fix_shift(self, Y: Tensor) -> None:
@@ -179,89 +190,38 @@ class _ShiftedPowerSums(_UnitMetric):
         if self._update_count <= 1 and float(self.n) == 0.0:
             # A mean in the outputs' own dtype is much faster on CPU than one accumulated in
             # float64 (docs/PERFORMANCE.md, "Engine efficiency") and just as good a shift (any
-            # value near the mean keeps the sums exact).
+            # value near the mean keeps the sums exact); a float32 mean is a float32 number,
+            # which float32 partial sums need (partial_sums.compute_dtype).
             self.shift = Y.reshape(-1, self.n_units).mean(0).to(torch.float64)
 
-    def _shifted_chunk(self, Y: Tensor, units: slice, buffer: Tensor) -> Tensor:
-        """The outputs of some units minus the shift, units first.
-
-        Each unit's rows are contiguous; written into ``buffer``, which is reused across chunks
-        because fresh large temporaries cost page faults on CPU.
-
-        Args:
-            Y: (n, r, U) outputs of n blocks of r rows.
-            units: the c units of this chunk.
-            buffer: float64 with at least c * r * n values.
-
-        Returns:
-            (c, r, n) float64 view of ``buffer``.
-        """
-        c = units.stop - units.start
-        out = buffer[: c * Y.shape[0] * Y.shape[1]].view(c, Y.shape[1], Y.shape[0])
-        out.copy_(Y[:, :, units].permute(2, 1, 0))
-        return out.sub_(self.shift[units, None, None])
-
-    def _monomial_chunk(self, variables: Sequence[Tensor]) -> Tensor:
-        """Every monomial prod_t variables[t]^e_t in ``self._monomials`` order.
-
-        Args:
-            variables: the shifted variables, each (c, n).
-
-        Returns:
-            (c, M, n), M = len(self._monomials).
-        """
-        first = variables[0]
-        out = torch.empty(
-            (first.shape[0], len(self._monomials), first.shape[1]),
-            dtype=first.dtype,
-            device=first.device,
-        )
-        position = {e: i for i, e in enumerate(self._monomials)}
-        for i, e in enumerate(self._monomials):
-            # Tables are downward closed and added lowest degree first, so e minus one power
-            # of its first variable is already in ``out``: one product per monomial.
-            t = next((t for t, k in enumerate(e) if k > 0), None)
-            if t is None:
-                out[:, i] = 1.0
-                continue
-            lower = tuple(k - (u == t) for u, k in enumerate(e))
-            if sum(lower) == 0:
-                out[:, i] = variables[t]
-            else:
-                torch.mul(out[:, position[lower]], variables[t], out=out[:, i])
-        return out
-
-    def _accumulate(
+    def _update_blocks(
         self,
-        weight: str,
-        values: Tensor | None,
-        monomials: Tensor,
-        units: slice,
-        replicate: int = 0,
+        Y: Tensor,
+        runs: Sequence[tuple[int, slice]],
+        terms: Terms,
+        value_range: tuple[float, float],
     ) -> None:
-        """Add sum_n values[u, :, n] * monomial_e[u, n] to each entry e of a table.
+        """Add the partial sums of n blocks to every table (``partial_sums``).
 
         Args:
-            weight: the table's name.
-            values: (c, L, n) weights per block, or None for weight 1 (a table without lead).
-            monomials: (c, M, n) from ``_monomial_chunk`` for the c units ``units``.
-            units: the chunk's units.
-            replicate: the replicate of every block n (replicated tables only).
+            Y: (n, r, U) outputs, rows of each block in order, units last.
+            runs: [(replicate, blocks)] runs of consecutive blocks of one replicate
+                ([(0, slice(0, n))] without replicated tables).
+            terms: per chunk, y (n, r, c) shifted -> (shifted variables, each (n, c);
+                {weighted table: (n, *lead, c)}).
+            value_range: the smallest and largest output (``_check_finite``).
         """
-        selection = self._selection[weight]
-        chosen = (
-            monomials[:, selection]
-            if isinstance(selection, slice)
-            else monomials.index_select(1, selection.to(monomials.device))
-        )
-        state = getattr(self, self._state_name(weight))[units]  # (c, K, *lead), contiguous
-        if weight in self._replicated:
-            state = state[:, replicate]  # (c, K, *lead): contiguous matrices, strided batch
-        # Units as the batch of one small matrix product, added in place into the state.
-        if values is None:
-            state += chosen.sum(2)
-        else:
-            state.baddbmm_(chosen, values.transpose(1, 2))
+        dtype = compute_dtype(Y, self.shift, *value_range)
+        if self._specs is None:
+            self._specs = feature_layout(
+                self._tables, self._leads, self._selection, self._replicated,
+                {w for w, lead in self._leads.items() if lead},
+            )
+        states = {w: getattr(self, self._state_name(w)) for w in self._tables}
+        ChunkedUpdate(
+            self._specs, self._monomials, states, self.shift.to(dtype), runs, Y.shape[0],
+            Y.shape[1], dtype, self.threads,
+        ).run(Y, terms)
 
     # ----------------------------------------------------------------------------- merge and sync
     def _rebased_states(self, states: dict[str, Tensor], new_shift: Tensor) -> dict[str, Tensor]:
@@ -271,8 +231,7 @@ class _ShiftedPowerSums(_UnitMetric):
         for weight, exponents in self._tables.items():
             rebased = _rebase_table(self.table(weight, states), delta)
             out[self._state_name(weight)] = torch.stack(
-                [rebased[e].movedim(-1, 0) for e in exponents],
-                dim=2 if weight in self._replicated else 1,
+                [rebased[e] for e in exponents], dim=1 if weight in self._replicated else 0
             )
         out["shift"] = new_shift.clone()
         return out
@@ -283,11 +242,16 @@ class _ShiftedPowerSums(_UnitMetric):
 
     @staticmethod
     def _common_shift(counts: Sequence[Tensor], shifts: Sequence[Tensor]) -> Tensor:
-        """The count-weighted mean of the shifts (zeros when no process has seen a row)."""
+        """The count-weighted mean of the shifts (zeros when no process has seen a row),
+        rounded to float32 when every shift is a float32 number, so that float32 partial sums
+        (``partial_sums.compute_dtype``) go on after a merge."""
         total = sum(counts)
         if float(total) == 0.0:
             return torch.zeros_like(shifts[0])
-        return sum(c * s for c, s in zip(counts, shifts, strict=True)) / total
+        common = sum(c * s for c, s in zip(counts, shifts, strict=True)) / total
+        if all(torch.equal(s.to(torch.float32).to(s.dtype), s) for s in shifts):
+            common = common.to(torch.float32).to(common.dtype)
+        return common
 
     def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
         # Behind merge_state (and forward): move both sets of sums to one shift, then add.

@@ -30,6 +30,7 @@ from sensitivity.estimators.common import (
     _unit_slices,
     _UnitMetric,
 )
+from sensitivity.estimators.partial_sums import run_chunks
 
 
 @dataclass
@@ -68,6 +69,10 @@ class _ContributionSums(_UnitMetric):
     """
 
     block_size: int
+    # A batch's sums in float32 for float32 outputs (partial_sums). Not for the permutation
+    # estimator: its per-permutation contributions are averages that vary little between
+    # permutations, so the variance of its intervals cancels float32 round-off badly.
+    float32_partial_sums = True
 
     def __init__(
         self, n_groups: int, unit_shape: Sequence[int] = (), conf_level: float = 0.95, **kwargs: Any
@@ -110,8 +115,13 @@ class _ContributionSums(_UnitMetric):
         _check_finite(Y, self.n, self.block_size)
         n = Y.shape[0]
         position = torch.argsort(perms.to(Y.device), dim=1)  # step at which group j changes
-        for units in _unit_slices(self.n_units, n * (2 * self.block_size + 6), Y.device):
-            steps = self._steps(Y[:, :, units].to(torch.float64))  # (n, G steps, c)
+        # A batch's sums of differences in float32 for float32 outputs, added to float64 states
+        # (partial_sums: the round-off is that of an n-term float32 sum).
+        low = self.float32_partial_sums and Y.dtype != torch.float64
+        dtype = torch.float32 if low else torch.float64
+
+        def chunk(units: slice, _: None) -> None:
+            steps = self._steps(Y[:, :, units].to(dtype))  # (n, G steps, c)
             c = torch.gather(steps, 1, position[:, :, None].expand_as(steps))  # group order
             r = c.sum(1)
             self.c[:, units] += c.sum(0)
@@ -119,6 +129,9 @@ class _ContributionSums(_UnitMetric):
             self.cr[:, units] += (c * r[:, None]).sum(0)
             self.r[units] += r.sum(0)
             self.rr[units] += (r * r).sum(0)
+
+        chunks = _unit_slices(self.n_units, n * (2 * self.block_size + 6), Y.device)
+        run_chunks(chunks, chunk, lambda: None, self.threads, Y.device)
         self.y0 += Y[:, 0].sum(0, dtype=torch.float64)
         self.n = self.n + n
 
@@ -202,6 +215,8 @@ class PermutationShapleyAccumulator(_ContributionSums):
         conf_level: confidence level of the half-widths, in (0, 1).
         **kwargs: passed to ``torchmetrics.Metric``.
     """
+
+    float32_partial_sums = False  # see _ContributionSums
 
     def __init__(
         self,

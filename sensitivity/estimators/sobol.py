@@ -37,6 +37,7 @@ from sensitivity.estimators.common import (
     _unit_slices,
 )
 from sensitivity.estimators.moments import MomentsResult, _moments_result
+from sensitivity.estimators.partial_sums import run_chunks
 from sensitivity.estimators.power_sums import Exponents, _rebase_table, _ShiftedPowerSums
 
 # A Sobol' unit is also degenerate when the variance of [A; B] is below this fraction of its
@@ -193,24 +194,10 @@ class SobolAccumulator(_ShiftedPowerSums):
         """
         Y = _as_blocks(Y, self.block_size, self.unit_shape, "SobolAccumulator.update")
         runs = self._replicate_runs(replicate, Y.shape[0])
-        _check_finite(Y, self.n, self.block_size)
+        value_range = _check_finite(Y, self.n, self.block_size)
         self._fix_shift(Y)
-        g, n = self.n_groups, Y.shape[0]
-        pairs = len(self._pair_j)
-        per_unit = n * (
-            self.block_size + len(self._monomials) + 4 * g
-            + (4 * pairs + 3 * g if self.second_order else 0)
-        )
-        slices = _unit_slices(self.n_units, per_unit, Y.device)
-        buffer = torch.empty(
-            (slices[0].stop - slices[0].start) * self.block_size * n,
-            dtype=torch.float64,
-            device=Y.device,
-        )
-        for r, blocks in runs:
-            for units in slices:
-                self._update_units(self._shifted_chunk(Y[blocks], units, buffer), units, r)
-        self.n = self.n + n
+        self._update_blocks(Y, runs, self._terms, value_range)
+        self.n = self.n + Y.shape[0]
 
     def _replicate_runs(
         self, replicate: Tensor | np.ndarray | None, n_blocks: int
@@ -242,53 +229,45 @@ class SobolAccumulator(_ShiftedPowerSums):
         edges = [0, *(np.flatnonzero(np.diff(ids)) + 1).tolist(), n_blocks]
         return [(int(ids[a]), slice(a, b)) for a, b in itertools.pairwise(edges)]
 
-    def _update_units(self, Y: Tensor, units: slice, r: int) -> None:
-        """Add one chunk of units.
+    def _terms(self, y: Tensor) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
+        """The variables and weights of one chunk (``_ShiftedPowerSums._update_blocks``).
 
         Args:
-            Y: (c, block_size, n) shifted float64 outputs of the units ``units``.
-            units: the chunk's units.
-            r: the replicate of these n blocks.
+            y: (n, block_size, c) shifted outputs of n blocks.
+
+        Returns:
+            ((A, B), each (n, c)), {weighted table: (n, *lead, c)}.
         """
         g = self.n_groups
-        A, B = Y[:, 0], Y[:, -1]
-        D = Y[:, 1 : g + 1] - A[:, None]  # (c, G, n) AB_j - A
+        A, B = y[:, 0], y[:, -1]
+        D = y[:, 1 : g + 1] - A[:, None]  # (n, G, c) AB_j - A
         D2 = D * D
-        monomials = self._monomial_chunk((A, B))
+        weights: dict[str, Tensor] = {}
         if not self.second_order:
-            self._accumulate("one", None, monomials, units)
-            self._accumulate("S", D.sum(1, keepdim=True), monomials, units)
-            self._accumulate("S3", (D2 * D).sum(1, keepdim=True), monomials, units)
+            weights["S"] = D.sum(1, keepdim=True)
+            weights["S3"] = (D2 * D).sum(1, keepdim=True)
         if self.replicates > 1:
-            self._accumulate("rone", None, monomials, units, r)
-            self._accumulate("rD", D, monomials, units, r)
-            self._accumulate("rD2", D2, monomials, units, r)
+            weights.update(rD=D, rD2=D2)
             if not self.second_order:
-                self._accumulate("SD2", D2.sum(1, keepdim=True), monomials, units)
-                self._accumulate("SD4", (D2 * D2).sum(1, keepdim=True), monomials, units)
+                weights["SD2"] = D2.sum(1, keepdim=True)
+                weights["SD4"] = (D2 * D2).sum(1, keepdim=True)
         else:
-            if self.second_order:
-                self._accumulate("one", None, monomials, units)
-            self._accumulate("D", D, monomials, units)
-            self._accumulate("D2", D2, monomials, units)
-            self._accumulate("D4", D2 * D2, monomials, units)
+            weights.update(D=D, D2=D2, D4=D2 * D2)
         if self.second_order:
-            self._accumulate_pairs(Y, D, monomials, units, r)
+            weights.update(self._pair_terms(y, D))
+        return (A, B), weights
 
-    def _accumulate_pairs(
-        self, Y: Tensor, D: Tensor, monomials: Tensor, units: slice, r: int
-    ) -> None:
-        """Add the second-order tables of one chunk (``units``, replicate ``r``).
+    def _pair_terms(self, y: Tensor, D: Tensor) -> dict[str, Tensor]:
+        """The second-order tables' weights of one chunk.
 
         Args:
-            Y: (c, 2G + 2, n) shifted outputs.
-            D: (c, G, n) AB_j - A.
-            monomials: (c, M, n) monomials of (A, B).
+            y: (n, 2G + 2, c) shifted outputs.
+            D: (n, G, c) AB_j - A.
         """
         g = self.n_groups
-        A, B = Y[:, 0], Y[:, -1]
-        j, k = self._pair_j.to(Y.device), self._pair_k.to(Y.device)
-        E = Y[:, g + 1 : 2 * g + 1] - B[:, None]  # BA_j - B
+        A, B = y[:, 0], y[:, -1]
+        j, k = self._pair_j.to(y.device), self._pair_k.to(y.device)
+        E = y[:, g + 1 : 2 * g + 1] - B[:, None]  # BA_j - B
         H = E - D
         half = ((A - B) / 2.0)[:, None]
         # z_jk(m) = (BA_j - m)(AB_k - m) - (A - m)(B - m) - (B - m)(D_j + D_k) is linear in m:
@@ -296,14 +275,8 @@ class SobolAccumulator(_ShiftedPowerSums):
         # Zt = z(p) = E_j D_k + (A - B)/2 (E_j + D_j).
         Z = E[:, j] * D[:, k] + half * (E + D)[:, j]
         if self.replicates > 1:
-            self._accumulate("rZ", Z, monomials, units, r)
-            self._accumulate("rH", H, monomials, units, r)
-        else:
-            self._accumulate("Z", Z, monomials, units)
-            self._accumulate("Z2", Z * Z, monomials, units)
-            self._accumulate("ZH", Z * H[:, j], monomials, units)
-            self._accumulate("H", H, monomials, units)
-            self._accumulate("H2", H * H, monomials, units)
+            return {"rZ": Z, "rH": H}
+        return {"Z": Z, "Z2": Z * Z, "ZH": Z * H[:, j], "H": H, "H2": H * H}
 
     # ----------------------------------------------------------------------------------- compute
     @property
@@ -348,9 +321,11 @@ class SobolAccumulator(_ShiftedPowerSums):
         compute_units = (
             self._compute_units if self.replicates == 1 else self._compute_units_replicated
         )
-        for units in _unit_slices(u, 256, device):
+        def chunk(units: slice, _: None) -> None:
             for key, value in compute_units(units, n).items():
                 out[key][..., units] = value
+
+        run_chunks(_unit_slices(u, 256, device), chunk, lambda: None, self.threads, device)
         return out
 
     def _result(self, out: dict[str, Tensor], flag: Tensor, n: Tensor) -> SobolResult:
@@ -400,7 +375,7 @@ class SobolAccumulator(_ShiftedPowerSums):
     def _group_sums(self, weight: str) -> dict[Exponents, Tensor]:
         """A table's entries summed over its lead axis: {exponents: (U,)}."""
         name = self._state_name(weight)
-        summed = getattr(self, name).sum(2, keepdim=True)  # contiguous axis: a fast reduction
+        summed = getattr(self, name).sum(-2, keepdim=True)  # the lead axis: (K, 1, U)
         return {e: t[0] for e, t in self.table(weight, {name: summed}).items()}
 
     def _unit_tables(self, weights: Sequence[str], units: slice) -> Tables:

@@ -9,8 +9,11 @@ One concern per module:
 - ``network``: the masked network, split with torch.fx so that the unmasked prefix runs once
   per input batch (``MaskedNetwork``);
 - ``inputs``: the probe inputs, each image original and singly augmented (``ProbeInputs``);
+- ``schedule``: the suffix forwards in order, several configurations batched in one or row
+  ranges of one, at most ``batch_rows`` rows each (``Schedule``, ``default_batch_rows``);
 - ``evaluation``: the loop of masked forwards and the accuracies (``run_plans``,
   ``evaluate_masking``);
+- ``resume``: a masking run's resume states (``MaskingCheckpoints``, ``masking_resume_fields``);
 - ``result``: ``MaskingResult``, its profiles (top-1, per-class, confusion) and its
   specificity; stored with ``ResultsStore.write_result(GROUP_KIND, name, result)``, drawn by
   ``sensitivity.report.specificity_figure``;
@@ -36,7 +39,6 @@ from sensitivity.masking.evaluation import (
     MaskedRun,
     computed,
     evaluate_masking,
-    plan_forwards,
     run_plans,
 )
 from sensitivity.masking.inputs import ORIGINAL, ProbeInputs, input_problem, load_images
@@ -46,6 +48,7 @@ from sensitivity.masking.masks import (
     QUANTILES,
     TIES,
     VALUE_KEYS,
+    FactorMask,
     MapPlacement,
     MaskConfig,
     PlanItem,
@@ -60,6 +63,7 @@ from sensitivity.masking.masks import (
     random_units_mask,
     selection_mask,
     sensitivity_maps,
+    stacked_mask,
     top_units_mask,
 )
 from sensitivity.masking.network import (
@@ -70,6 +74,8 @@ from sensitivity.masking.network import (
     positional_layers,
 )
 from sensitivity.masking.result import GROUP_KIND, PROFILES, MaskingResult, specificity_matrix
+from sensitivity.masking.resume import MaskingCheckpoints, masking_resume_fields
+from sensitivity.masking.schedule import Forward, Schedule, default_batch_rows, pass_groups
 from sensitivity.masking.stored import (
     MaskingMaps,
     StoredAnalysis,
@@ -88,17 +94,21 @@ __all__ = [
     "QUANTILES",
     "TIES",
     "VALUE_KEYS",
+    "FactorMask",
+    "Forward",
     "MapPlacement",
     "Mask",
     "MaskConfig",
     "MaskedAccuracy",
     "MaskedNetwork",
     "MaskedRun",
+    "MaskingCheckpoints",
     "MaskingMaps",
     "MaskingResult",
     "PlanItem",
     "ProbeInputs",
     "ProfileClustering",
+    "Schedule",
     "StoredAnalysis",
     "VariableMasks",
     "check_clustering",
@@ -106,6 +116,7 @@ __all__ = [
     "cluster_profiles",
     "computed",
     "configuration_quantiles",
+    "default_batch_rows",
     "default_configurations",
     "default_value",
     "evaluate_masking",
@@ -116,7 +127,8 @@ __all__ = [
     "load_images",
     "map_placement",
     "masking_maps",
-    "plan_forwards",
+    "masking_resume_fields",
+    "pass_groups",
     "positional_layers",
     "prepare_masks",
     "quantile_mask",
@@ -126,5 +138,6 @@ __all__ = [
     "selection_mask",
     "sensitivity_maps",
     "specificity_matrix",
+    "stacked_mask",
     "top_units_mask",
 ]

@@ -5,12 +5,21 @@ Distributed. Images are sharded over ranks (contiguous, ``distributed.shard_rang
 sums in a torchmetrics Metric (``dist_reduce_fx="sum"``), so every rank gets the global result:
 hit counts as float64, per-class counts and confusion matrices as int64.
 
+Batching (``masking.schedule``). The prefix runs once per image batch and input set; the
+suffix forwards hold at most ``batch_rows`` rows: several configurations as copies of the rows,
+each copy with its own mask, or row ranges of one configuration. The counts do not depend on it.
+
+Resume (``masking.resume``): with a state path every rank continues its saved counts and, with
+``checkpoint_every = k > 0``, saves them after every k forwards; the counts equal those of an
+uninterrupted run.
+
 Progress (``progress=True``, rank zero, stderr; ``sensitivity.progress``): the image forwards
 of the masked part up front, then a bar (terminal) or plain lines (logs) with rate and ETA.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +33,7 @@ from torch.utils.data import Dataset
 from torchmetrics import Metric
 
 from sensitivity.capture import model_device
-from sensitivity.distributed import resolve_world, shard_range
+from sensitivity.distributed import rank_zero_seconds, resolve_world, shard_range
 from sensitivity.layouts import UnitLayout
 from sensitivity.masking.inputs import ProbeInputs, load_images
 from sensitivity.masking.masks import (
@@ -37,19 +46,34 @@ from sensitivity.masking.masks import (
 )
 from sensitivity.masking.network import MaskedNetwork
 from sensitivity.masking.result import PROFILES, MaskingResult
+from sensitivity.masking.resume import MaskingCheckpoints, masking_resume_fields
+from sensitivity.masking.schedule import Schedule, default_batch_rows
 from sensitivity.problem import AugmentationProblem
 from sensitivity.progress import Progress
 
 
 # --------------------------------------------------------------------------------- the loop
-def plan_forwards(
-    inputs: ProbeInputs, plans: Sequence[Sequence[PlanItem]], images: int
-) -> int:
-    """Image forwards of the masked part (one image through the suffix) for ``images`` probe
-    images: per input set, its inputs (the images, ``k`` draws each for augmented sets) times
-    its plans."""
-    return sum(len(plan) * images * (1 if i == 0 else inputs.k)
-               for i, plan in enumerate(plans[:len(inputs.names)]))
+def plan_schedule(
+    network: MaskedNetwork,
+    inputs: ProbeInputs,
+    plans: Sequence[Sequence[PlanItem]],
+    images: tuple[int, int],
+    batch_images: int,
+    batch_rows: int,
+    device: torch.device,
+) -> Schedule:
+    """The suffix forwards of the probe images [start, stop) (``schedule.Schedule``); one
+    prefix of up to two images (the model in eval mode) tells whether its state can be
+    batched."""
+    start, stop = images
+    batchable = False
+    if batch_rows and stop > start:
+        x = load_images(inputs.images, start, min(start + 2, stop))
+        with torch.inference_mode():
+            x = x.to(device, model_device(network.model)[1])
+            batchable = network.batchable(network.prefix(x), len(x))
+    rows = [1 if i == 0 else inputs.k for i in range(len(inputs.names))]
+    return Schedule(plans, rows, images, batch_images, batch_rows, batchable)
 
 
 def run_plans(
@@ -59,55 +83,68 @@ def run_plans(
     consume: Callable[[int, int, Tensor, Tensor], None],
     *,
     batch_images: int = 16,
+    batch_rows: int = 0,
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
     desc: str = "masking",
     work: str = "",
+    checkpoints: MaskingCheckpoints | None = None,
 ) -> None:
     """Run every input set of this rank's probe images through its plans.
 
-    For every batch of images and every input set i: the prefix once, then for each (plan
-    index, mask) of ``plans[i]`` the suffix, and ``consume(i, plan index, logits, labels)``.
-    The model runs in eval mode under inference mode; its train/eval flags are restored
+    For every batch of images and every input set i: the prefix once, then the suffix
+    forwards of ``plans[i]`` (``schedule.Schedule``: several passes in one forward, or row
+    ranges of one pass), each followed by ``consume(i, plan index, logits, labels)``. The
+    model runs in eval mode under inference mode; its train/eval flags are restored
     afterwards.
 
     Args:
         network: the masked network.
         inputs: the probe inputs (input sets).
         plans: per input set, its passes [(plan index, mask or None)].
-        consume: receives (input set, plan index, logits (B, classes), labels (B,)).
+        consume: receives (input set, p, logits (n r, classes), labels (r,)): the passes p,
+            p + 1, ..., p + n - 1 of r inputs, pass p + j at rows j r ... (j + 1) r - 1.
         batch_images: probe images per batch.
+        batch_rows: the most rows of a suffix forward (``schedule``); 0: one forward per pass
+            over the input set's rows.
         device: where the inputs go.
         rank, world_size: this process's share of the images (``shard_range``).
         progress: rank zero reports its image forwards as ``desc``; ``work`` says what they
             are, after their count.
+        checkpoints: the rank's resume file: forwards before its ``next_forward`` are
+            skipped, and it saves after every forward (``MaskingCheckpoints.after``).
     """
-    if batch_images < 1:
-        raise ValueError(f"batch_images must be >= 1, got {batch_images}")
-    start, stop = shard_range(inputs.n_images, rank, world_size)
+    images = shard_range(inputs.n_images, rank, world_size)
     model = network.model
     dtype = model_device(model)[1]
     modes = {module: module.training for module in model.modules()}
-    total = plan_forwards(inputs, plans, stop - start)
     if world_size > 1:
-        work += f"; this process: images {start}-{stop - 1} of {inputs.n_images}"
+        work += f"; this process: images {images[0]}-{images[1] - 1} of {inputs.n_images}"
     model.eval()
     try:
+        # In eval mode: the schedule's dry prefix must not move BatchNorm statistics.
+        schedule = plan_schedule(network, inputs, plans, images, batch_images, batch_rows,
+                                 device)
+        resume_at = 0 if checkpoints is None else checkpoints.next_forward
+        total = schedule.image_forwards
         with torch.inference_mode(), network, Progress(
             desc, total, "image forwards", work=f"{total} image forwards ({work})",
-            enabled=progress and rank == 0,
+            initial=schedule.done_before(resume_at), enabled=progress and rank == 0,
         ) as bar:
-            for first in range(start, stop, batch_images):
-                batches = inputs.batch(first, min(first + batch_images, stop), device, dtype)
-                for i, (x, labels) in enumerate(batches):
-                    if not plans[i] or len(x) == 0:
-                        continue
-                    state = network.prefix(x)
-                    for index, mask in plans[i]:
-                        consume(i, index, network.suffix(state, mask), labels)
-                        bar.update(len(x))
+            for first, last, forwards in schedule.pending(resume_at):
+                batches = inputs.batch(first, last, device, dtype)
+                cached: tuple[int, Any] = (-1, None)
+                for number, f in forwards:
+                    x, labels = batches[f.input_set]
+                    if cached[0] != f.input_set:
+                        cached = (f.input_set, network.prefix(x))
+                    logits = network.suffix(cached[1], f.mask, slice(f.start, f.stop), f.copies)
+                    consume(f.input_set, f.first, logits, labels[f.start:f.stop])
+                    bar.update(f.image_forwards)
+                    if checkpoints is not None:
+                        checkpoints.after(number + 1, schedule.total)
     finally:
         for module, mode in modes.items():
             module.training = mode
@@ -217,20 +254,25 @@ class MaskedAccuracy(Metric):
                                                     dtype=torch.int64), "sum")
 
     def update(self, input_index: int, plan: int, logits: Tensor, labels: Tensor) -> None:
-        """Count the hits of one pass: logits (B, classes), labels (B,) in [0, C)."""
-        top = logits.topk(self.top_k, dim=1).indices
+        """Count the hits of n passes of the same R inputs: logits (n R, classes), pass
+        ``plan`` + j at rows j R ... (j + 1) R - 1; labels (R,) in [0, C)."""
+        rows, classes = len(labels), self.n_classes
+        top = logits.topk(self.top_k, dim=1).indices.view(-1, rows, self.top_k)  # (n, R, k)
+        plans = slice(plan, plan + len(top))
         hit = top == labels[:, None]
-        self.hits[input_index, plan, 0] += hit[:, 0].sum()
-        self.hits[input_index, plan, 1] += hit.any(dim=1).sum()
-        self.total[input_index, plan] += len(labels)
-        classes = self.n_classes
-        self.class_hits[input_index, plan] += torch.bincount(labels[hit[:, 0]], minlength=classes)
-        self.class_total[input_index, plan] += torch.bincount(labels, minlength=classes)
+        first = hit[..., 0]
+        self.hits[input_index, plans, 0] += first.sum(dim=1)
+        self.hits[input_index, plans, 1] += hit.any(dim=2).sum(dim=1)
+        self.total[input_index, plans] += rows
+        # Integer sums by index: no boolean indexing (a device synchronisation per pass).
+        self.class_hits[input_index, plans].index_add_(1, labels, first.long())
+        self.class_total[input_index, plans] += torch.bincount(labels, minlength=classes)
         if self.record_confusion:
             # The top-1 prediction of the hits above (topk's first index, not argmax: the same
             # choice among tied logits), so the trace is the top-1 hit count.
-            cells = torch.bincount(labels * classes + top[:, 0], minlength=classes * classes)
-            self.confusion[input_index, plan] += cells.view(classes, classes)
+            cells = labels * classes + top[..., 0]
+            counts = self.confusion[input_index, plans].view(len(top), classes * classes)
+            counts.scatter_add_(1, cells, torch.ones_like(cells))
 
     def compute(self) -> dict[str, Tensor]:
         """{"accuracy": (n_inputs, n_plans, 2) top-1 and top-k accuracy (NaN where nothing was
@@ -294,6 +336,9 @@ def evaluate_masking(
     profile: str = "top1",
     max_confusion_classes: int = 100,
     class_names: Sequence[str] | None = None,
+    batch_rows: int | None = None,
+    state_path: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 0,
 ) -> MaskingResult:
     """Accuracy of ``model`` under every mask configuration of every mask variable: overall,
     per class and (up to ``max_confusion_classes`` classes) as confusion matrices.
@@ -318,11 +363,19 @@ def evaluate_masking(
         profile: what the specificity compares (``result.PROFILES``).
         max_confusion_classes: count confusion matrices (I x passes x C x C int64) up to this
             many classes C (0: never); class_names: the C names (default "0".."C-1").
+        batch_rows: the most rows of a suffix forward (``schedule``: several configurations
+            in one forward, or row ranges of one); None: ``default_batch_rows`` of the model's
+            device; 0: one forward per configuration over an input set's rows.
+        state_path, checkpoint_every: resume (``masking.resume``): a saved state of the same
+            inputs is continued, and with ``checkpoint_every = k > 0`` the counts are saved
+            after every k forwards; each rank's file is ``shard_path(state_path)``, removed
+            when the evaluation completes.
 
     Returns:
         The accuracies (inputs, mask variables, configurations) and the masks' statistics;
         ValueError before any masked forward for unknown variables or profile, labels outside
-        the network's classes, or profile "confusion" above ``max_confusion_classes`` classes.
+        the network's classes, profile "confusion" above ``max_confusion_classes`` classes, or
+        a resume state of other inputs.
     """
     started = time.perf_counter()
     rank, world_size = resolve_world(rank, world_size)
@@ -337,13 +390,27 @@ def evaluate_masking(
                             layouts=layouts)
     plan = run.passes(chosen, configs)
     metric = _accuracy_metric(run, len(plan), profile, max_confusion_classes, class_names)
+    rows = default_batch_rows(run.device) if batch_rows is None else batch_rows
+    checkpoints = None
+    if state_path is not None:
+        settings = {"ties": ties, "batch_images": batch_images, "batch_rows": rows,
+                    "reuse_prefix": reuse_prefix, "top_k": metric.top_k,
+                    "classes": metric.n_classes, "confusion": metric.record_confusion}
+        fields = masking_resume_fields(model, maps, valid, layouts, inputs,
+                                       (variables, chosen, configs), settings, (rank, world_size))
+        checkpoints = MaskingCheckpoints(state_path, fields, checkpoint_every, metric, started)
     run_plans(run.network, inputs, [plan] * len(inputs.names), metric.update,
-              batch_images=batch_images, device=run.device, rank=rank, world_size=world_size,
-              progress=progress, desc="masking", work=_work(inputs, len(chosen), len(configs)))
+              batch_images=batch_images, batch_rows=rows, device=run.device, rank=rank,
+              world_size=world_size, progress=progress, desc="masking",
+              work=_work(inputs, len(chosen), len(configs)), checkpoints=checkpoints)
+    counts = _compute(metric)
+    seconds = time.perf_counter() - started if checkpoints is None else checkpoints.seconds()
+    if checkpoints is not None:
+        checkpoints.remove()
     return _masking_result(
-        run, _compute(metric), chosen, configs, valid, value=value, analysis=analysis, ties=ties,
-        top_k=metric.top_k, seed=seed, seconds=time.perf_counter() - started, profile=profile,
-        classes=None if class_names is None else list(class_names),
+        run, counts, chosen, configs, valid, value=value, analysis=analysis, ties=ties,
+        top_k=metric.top_k, seed=seed, seconds=rank_zero_seconds(seconds, world_size, run.device),
+        profile=profile, classes=None if class_names is None else list(class_names),
     )
 
 

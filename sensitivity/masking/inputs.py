@@ -78,6 +78,7 @@ class ProbeInputs:
     Attributes:
         names: the input sets: "original", then the augmentations.
         n_images, height, width: the probe's size (pixels).
+        k, seed: the draws per image and augmentation, and their seed.
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class ProbeInputs:
         self.augmentations = list(augmentations)
         self.names = [ORIGINAL, *self.augmentations]
         self.k = int(k)
+        self.seed = int(seed)
         first = load_images(images, 0, 1)
         self.height, self.width = int(first.shape[-2]), int(first.shape[-1])
         if self.augmentations:

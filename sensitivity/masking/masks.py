@@ -20,6 +20,11 @@ or (F,)) and masks units one by one. A channel-mean map (C,) or (D,) masks whole
 output's layout (``MapPlacement``), and the quantile is taken over the C channels. A class-token
 map (D,) masks the class token's features only. Anything else is a ValueError.
 
+Factors. Every mask of a configuration multiplies each masked layer's output by a factor
+tensor (alpha at the selected units and 1 elsewhere, or the soft factors): a ``FactorMask``,
+which keeps its factors so that several configurations can run in one batch of copies of the
+same inputs (``stacked_mask``), with exactly the products each would give alone.
+
 Ties. When many map values are equal to the layer's minimum (typically 0: clipped negative S1
 estimates, dead units), the quantile can equal the minimum and "M_v >= t" would select the whole
 layer. ``ties="strict"`` (default) then masks only M_v > t; ``ties="inclusive"`` keeps the
@@ -32,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -299,9 +305,56 @@ def selection_mask(selected: Mapping[str, Tensor], alpha: float) -> Mask:
     }
 
 
-def factor_mask(factors: Mapping[str, Tensor]) -> Mask:
+def _multiply(factor: Tensor, output: Tensor) -> Tensor:
+    """``output`` times ``factor`` (broadcast), in the output's dtype."""
+    return output * factor.to(output.dtype)
+
+
+def _multiply_copies(factors: Tensor, output: Tensor) -> Tensor:
+    """``output`` (n R, *s), n copies of R rows, copy j times ``factors[j]`` (broadcast to s),
+    in the output's dtype."""
+    copies = output.unflatten(0, (len(factors), -1))
+    return (copies * factors.to(output.dtype).unsqueeze(1)).flatten(0, 1)
+
+
+class FactorMask(dict):
+    """A mask that multiplies each layer's output by a factor tensor: a ``Mask`` (layer ->
+    transform) that keeps its factors, so that several can run in one batch
+    (``stacked_mask``).
+
+    Args:
+        factors: {layer: factor tensor broadcastable to the layer's output per image}.
+    """
+
+    def __init__(self, factors: Mapping[str, Tensor]) -> None:
+        super().__init__({layer: partial(_multiply, f) for layer, f in factors.items()})
+        self.factors = dict(factors)
+
+
+def factor_mask(factors: Mapping[str, Tensor]) -> FactorMask:
     """Multiply each layer's output by a factor tensor broadcastable to it."""
-    return {layer: (lambda out, w=w: out * w) for layer, w in factors.items()}
+    return FactorMask(factors)
+
+
+def stacked_mask(masks: Sequence[FactorMask | None]) -> Mask | None:
+    """One mask for n passes run as one batch of n copies of the same R rows (copy j first
+    rows j R ... (j + 1) R - 1): copy j gets ``masks[j]``, a None copy (unmasked) and a layer a
+    mask lacks get the factor 1. Exactly each mask's own products (x * 1 = x).
+
+    Args:
+        masks: the n passes' masks; at every layer their factors share a shape.
+
+    Returns:
+        {layer: transform of the (n R, *s) output}, or None when every pass is unmasked.
+    """
+    layers = list(dict.fromkeys(layer for m in masks if m is not None for layer in m.factors))
+    stacked: Mask = {}
+    for layer in layers:
+        given = [None if m is None else m.factors.get(layer) for m in masks]
+        one = torch.ones_like(next(f for f in given if f is not None))
+        factors = torch.stack([one if f is None else f for f in given])
+        stacked[layer] = partial(_multiply_copies, factors)
+    return stacked or None
 
 
 class VariableMasks:
@@ -346,6 +399,7 @@ class VariableMasks:
             self.soft[layer] = places[layer].place(torch.where(keep, weight, 1.0), 1.0)
             self.soft_inverse[layer] = places[layer].place(torch.where(keep, 1.0 - weight, 1.0),
                                                            1.0)
+        self._masks: dict[MaskConfig, FactorMask] = {}
         self.selected: dict[float, dict[str, Tensor]] = {}
         self.fraction: dict[float, dict[str, float]] = {}
         self.tied: dict[float, dict[str, bool]] = {}
@@ -359,11 +413,20 @@ class VariableMasks:
                 self.fraction[q][layer] = float(chosen.mean())
                 self.tied[q][layer] = tied
 
-    def mask(self, config: MaskConfig) -> Mask:
-        """The mask of one configuration at every layer."""
-        if config.kind == "quantile":
-            return selection_mask(self.selected[config.q], config.alpha)
-        return factor_mask(self.soft if config.kind == "soft" else self.soft_inverse)
+    def mask(self, config: MaskConfig) -> FactorMask:
+        """The mask of one configuration at every layer, as factors (a quantile mask: alpha at
+        the selected units, 1 elsewhere; the same products as ``selection_mask``), made once
+        per configuration."""
+        if config not in self._masks:
+            if config.kind == "quantile":
+                self._masks[config] = factor_mask({
+                    layer: torch.where(chosen, config.alpha, 1.0).to(torch.float32)
+                    for layer, chosen in self.selected[config.q].items()
+                })
+            else:
+                self._masks[config] = factor_mask(
+                    self.soft if config.kind == "soft" else self.soft_inverse)
+        return self._masks[config]
 
     def plan(self, configs: Sequence[MaskConfig], start: int) -> list[PlanItem]:
         """[(start + c, mask of configs[c])]: one pass per configuration, numbered from

@@ -12,6 +12,11 @@ output, the other layers' masks by forward hooks, which fire in the suffix becau
 very same module objects. A network fx cannot trace (data-dependent control flow) falls back to
 full masked forwards with a warning.
 
+A suffix forward may take a row range of the cached values, or n copies of them in one batch
+(``masking.schedule``): the cached values are sliced or repeated along the batch, and a stacked
+mask gives each copy its own factors (``masks.stacked_mask``). Only where every cached value has
+the batch as its first axis (``batchable``); a value computed from the batch size is not.
+
 A masked layer may name one element of a tuple or dict output ("<module>:<element>",
 ``sensitivity.layouts``): its mask multiplies that element, the others pass unchanged. Masks
 act on the module's output in its own layout (NCHW, NHWC, tokens: ``masks.MapPlacement``).
@@ -144,26 +149,42 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
-def _cloned(value: Any) -> Any:
-    """A cached value with its tensors cloned: a tensor, or a module's tuple, list or dict."""
+def _taken(value: Any, rows: slice, copies: int) -> Any:
+    """A cached value's tensors, rows ``rows`` of each, repeated ``copies`` times along the
+    batch (copy j at rows j R ... (j + 1) R - 1), always a copy: a tensor, or a module's
+    tuple, list or dict; anything else as it is."""
     if isinstance(value, Tensor):
-        return value.clone()
+        taken = value[rows]
+        return taken.repeat(copies, *(1,) * (taken.dim() - 1)) if copies > 1 else taken.clone()
     if isinstance(value, dict):
-        return {key: _cloned(v) for key, v in value.items()}
+        return {key: _taken(v, rows, copies) for key, v in value.items()}
     if isinstance(value, tuple | list):
-        items = [_cloned(v) for v in value]
+        items = [_taken(v, rows, copies) for v in value]
         if isinstance(value, list):
             return items
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     return value
 
 
+def _batched(value: Any, rows: int) -> bool:
+    """Whether every leaf of a cached value is a tensor of ``rows`` rows (so its rows can be
+    sliced and repeated); a value computed from the batch size (an int) is not."""
+    if isinstance(value, Tensor):
+        return value.dim() > 0 and value.shape[0] == rows
+    if isinstance(value, dict):
+        return all(_batched(v, rows) for v in value.values())
+    if isinstance(value, tuple | list):
+        return all(_batched(v, rows) for v in value)
+    return False
+
+
 class MaskedNetwork:
     """``model`` with masks at named layers, optionally split at the first of them.
 
     Use inside ``with``: the hooks exist only there. ``prefix(x)`` -> the state computed once
-    per input batch; ``suffix(state, mask)`` -> logits with ``mask`` (None: unmasked);
-    ``forward(x, mask)`` the plain masked forward.
+    per input batch; ``suffix(state, mask)`` -> logits with ``mask`` (None: unmasked), also of
+    a row range or of several copies of the rows in one batch; ``forward(x, mask)`` the plain
+    masked forward.
 
     Args:
         model: ``model(x)`` maps images (B, 3, H, W) in [0, 1] to logits.
@@ -258,12 +279,30 @@ class MaskedNetwork:
             return x
         return self.split.prefix(self._preprocess(x))
 
-    def suffix(self, state: Any, mask: Mask | None) -> Tensor:
-        """Logits from a ``prefix`` state with ``mask`` (the state is not modified)."""
+    def batchable(self, state: Any, rows: int) -> bool:
+        """Whether ``suffix`` may take a row range of ``state`` (a ``prefix`` of ``rows``
+        inputs) or copies of it: every value it caches has the batch as its first axis."""
+        return _batched(state if self.split is None else list(state), rows)
+
+    def suffix(
+        self, state: Any, mask: Mask | None, rows: slice = slice(None), copies: int = 1
+    ) -> Tensor:
+        """Logits from a ``prefix`` state with ``mask`` (the state is not modified).
+
+        Args:
+            state: a ``prefix`` of R inputs.
+            mask: the mask, None for unmasked.
+            rows: the inputs to run, a range of the R (only where ``batchable``).
+            copies: run n copies of them in one batch (only where ``batchable``); ``mask``
+                then transforms the (n r, ...) outputs (``masks.stacked_mask``).
+
+        Returns:
+            (copies r, classes) logits, copy j at rows j r ... (j + 1) r - 1.
+        """
         if self.split is None:
-            return self.forward(state, mask)
-        # Clones: the suffix may modify its inputs in place (e.g. ReLU(inplace=True)).
-        values = [_cloned(v) for v in state]
+            return self.forward(_taken(state, rows, copies), mask)
+        # Copies: the suffix may modify its inputs in place (e.g. ReLU(inplace=True)).
+        values = [_taken(v, rows, copies) for v in state]
         if mask is not None:
             # The cut module ran in the prefix: its masks apply to its cached output.
             cut = [layer for layer, (module, _) in self._targets.items()
