@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import socket
 from collections.abc import Callable
 from typing import TypeVar
@@ -30,14 +31,26 @@ torch_threads = intra_op_threads
 
 
 def fork_ranks(worker: Callable[..., None], world_size: int, *args: object) -> None:
-    """Run ``worker(rank, world_size, port, *args)`` in ``world_size`` forked processes (they
-    reuse this process's imports; spawn would import everything again, slowly), with a free
-    local port for their process group."""
+    """Run ``worker(rank, world_size, *args)`` in ``world_size`` forked processes (they reuse
+    this process's imports; spawn would import everything again, slowly), each inside a gloo
+    process group on a free local port."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    torch.multiprocessing.start_processes(worker, args=(world_size, port, *args),
+    torch.multiprocessing.start_processes(_in_process_group, args=(world_size, port, worker, args),
                                           nprocs=world_size, start_method="fork")
+
+
+def _in_process_group(
+    rank: int, world_size: int, port: int, worker: Callable[..., None], args: tuple
+) -> None:
+    """One forked rank of ``fork_ranks``: join the group, run the worker, leave the group."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        worker(rank, world_size, *args)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def cli(*args: object, quiet: bool = False) -> int:

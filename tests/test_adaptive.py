@@ -10,7 +10,6 @@ their float64 sums.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -210,36 +209,31 @@ def test_a_killed_adaptive_run_resumes_to_the_uninterrupted_sums(continuous, pro
     assert resumed.settings["halfwidth_reached"] == reference.settings["halfwidth_reached"]
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, problem, probe, out: str) -> None:
+def _ddp_worker(rank: int, world_size: int, problem, probe, out: str) -> None:
     """One rank of a gloo group: an adaptive run killed in stage 1 then in stage 2, and resumed
     with rank 1's state put back to stage 1 (a rank killed between a stage's decision and its
     boundary save): it must catch up and end with the sums of an uninterrupted run."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        torch.set_num_threads(1)
-        config = EngineConfig(**settings("sobol", n=8, target_halfwidth=1e-6, max_n=64,
-                                         checkpoint_every=2))
-        state = Path(out) / "state.pt"
-        mine, old = shard_path(state, rank, world_size), Path(out) / f"old{rank}.pt"
-        # Per rank: 4 blocks of stage 0, then 2 of stage 1's 4 (saved at its 2nd).
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            run_analysis(AnalyticNet(fail_after=6), problem, probe, config, state_path=state)
-        shutil.copy(mine, old)
-        # The 2 blocks left of stage 1, then 3 of stage 2's 8 (saved at its 2nd).
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            run_analysis(AnalyticNet(fail_after=5), problem, probe, config, state_path=state)
-        if rank == 1:
-            shutil.copy(old, mine)
-        stages = torch.load(mine, weights_only=True)["stage"]
-        result = run_analysis(AnalyticNet(), problem, probe, config, state_path=state)
-        np.savez(Path(out) / f"rank{rank}.npz", **{f"{layer}/{key}": value
-                                                   for layer, arrays in result.layers.items()
-                                                   for key, value in arrays.items()})
-        (Path(out) / f"rank{rank}.json").write_text(json.dumps(
-            {"n": result.n, "stage": stages, "halfwidth": result.settings["halfwidth_reached"]}))
-    finally:
-        torch.distributed.destroy_process_group()
+    torch.set_num_threads(1)
+    config = EngineConfig(**settings("sobol", n=8, target_halfwidth=1e-6, max_n=64,
+                                     checkpoint_every=2))
+    state = Path(out) / "state.pt"
+    mine, old = shard_path(state, rank, world_size), Path(out) / f"old{rank}.pt"
+    # Per rank: 4 blocks of stage 0, then 2 of stage 1's 4 (saved at its 2nd).
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_analysis(AnalyticNet(fail_after=6), problem, probe, config, state_path=state)
+    shutil.copy(mine, old)
+    # The 2 blocks left of stage 1, then 3 of stage 2's 8 (saved at its 2nd).
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_analysis(AnalyticNet(fail_after=5), problem, probe, config, state_path=state)
+    if rank == 1:
+        shutil.copy(old, mine)
+    stages = torch.load(mine, weights_only=True)["stage"]
+    result = run_analysis(AnalyticNet(), problem, probe, config, state_path=state)
+    np.savez(Path(out) / f"rank{rank}.npz", **{f"{layer}/{key}": value
+                                               for layer, arrays in result.layers.items()
+                                               for key, value in arrays.items()})
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(
+        {"n": result.n, "stage": stages, "halfwidth": result.settings["halfwidth_reached"]}))
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import sys
 import time
@@ -356,25 +355,20 @@ def test_a_resumed_run_says_where_and_adds_the_seconds_of_both_parts(
     assert 0.5 * resumed < result.seconds - saved["seconds"] <= resumed
 
 
-def _ddp_resume_worker(rank: int, world_size: int, port: int, problem, probe, out: str) -> None:
+def _ddp_resume_worker(rank: int, world_size: int, problem, probe, out: str) -> None:
     """One rank of a gloo group: a sobol run crashing after 3 batches, then its resumption."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        torch.set_num_threads(1)
-        config = EngineConfig(layers=["stats"], progress=False, checkpoint_every=4,
-                              **PROGRESS_SETTINGS)
-        state = Path(out) / "state.pt"
-        if rank == 1:
-            time.sleep(0.3)  # the ranks' clocks start apart, as processes launched one by one
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            run_analysis(AnalyticNet(fail_after=3), problem, probe, config, state_path=state)
-        saved = torch.load(shard_path(state, rank, world_size), weights_only=True)
-        result = run_analysis(AnalyticNet(), problem, probe, config, state_path=state)
-        record = {"seconds": result.seconds, "saved": float(saved["seconds"])}
-        (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
-    finally:
-        torch.distributed.destroy_process_group()
+    torch.set_num_threads(1)
+    config = EngineConfig(layers=["stats"], progress=False, checkpoint_every=4,
+                          **PROGRESS_SETTINGS)
+    state = Path(out) / "state.pt"
+    if rank == 1:
+        time.sleep(0.3)  # the ranks' clocks start apart, as processes launched one by one
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_analysis(AnalyticNet(fail_after=3), problem, probe, config, state_path=state)
+    saved = torch.load(shard_path(state, rank, world_size), weights_only=True)
+    result = run_analysis(AnalyticNet(), problem, probe, config, state_path=state)
+    record = {"seconds": result.seconds, "saved": float(saved["seconds"])}
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 @pytest.mark.slow
@@ -385,21 +379,16 @@ def test_ddp_resume_gives_every_rank_rank_zeros_seconds(problem, probe, tmp_path
     assert zero["seconds"] > zero["saved"] > 0 and one["saved"] != zero["saved"]
 
 
-def _mismatch_worker(rank: int, world_size: int, port: int, problem, probe, out: str) -> None:
+def _mismatch_worker(rank: int, world_size: int, problem, probe, out: str) -> None:
     """One rank of a gloo group; rank 1 was started with another p_on (as a rank importing
     another version of an augmentation would differ): every rank must refuse the run."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    if rank == 1:
+        problem = AugmentationProblem.from_config({**problem.to_config(), "p_on": 0.25})
+    config = EngineConfig(layers=["stats"], progress=False, **PROGRESS_SETTINGS)
     try:
-        if rank == 1:
-            problem = AugmentationProblem.from_config({**problem.to_config(), "p_on": 0.25})
-        config = EngineConfig(layers=["stats"], progress=False, **PROGRESS_SETTINGS)
-        try:
-            run_analysis(AnalyticNet(), problem, probe, config)
-        except ValueError as error:
-            (Path(out) / f"rank{rank}.txt").write_text(str(error))
-    finally:
-        torch.distributed.destroy_process_group()
+        run_analysis(AnalyticNet(), problem, probe, config)
+    except ValueError as error:
+        (Path(out) / f"rank{rank}.txt").write_text(str(error))
 
 
 @pytest.mark.slow
