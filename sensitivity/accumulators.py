@@ -29,6 +29,7 @@ from sensitivity.estimators import (
 )
 from sensitivity.estimators.partial_sums import intra_op_threads
 from sensitivity.problem import AugmentationProblem
+from sensitivity.resume import load_metric_states, metric_states
 
 
 def _main_accumulator(
@@ -130,28 +131,16 @@ class LayerAccumulators:
 
     def state(self) -> dict[str, dict[str, Tensor]]:
         """The states to save: {metric key: {state name: CPU tensor copy}}."""
-        return {
-            key: {name: value.detach().to("cpu").clone() for name, value in m.metric_state.items()}
-            for key, m in self.metrics().items()
-        }
+        return {key: metric_states(m) for key, m in self.metrics().items()}
 
     def load_state(self, states: Mapping[str, Mapping[str, Tensor]]) -> None:
         """Restore saved states (``state()`` of a run with the same inputs).
 
         Raises:
-            ValueError: when a saved state has another shape than the current one.
+            ValueError: when a saved state is missing or has another shape than the current one.
         """
         for key, metric in self.metrics().items():
-            saved = states[key]
-            for name in metric.metric_state:
-                current = getattr(metric, name)
-                value = saved[name]
-                if value.shape != current.shape:
-                    raise ValueError(
-                        f"saved state {key}.{name} has shape {tuple(value.shape)}, expected "
-                        f"{tuple(current.shape)}"
-                    )
-                setattr(metric, name, value.to(current.device, current.dtype))
+            load_metric_states(metric, states[key], key)
 
     def compute(self) -> dict[str, tuple[Any, Any]]:
         """The results of every layer; a collective under DDP (every rank computes every metric

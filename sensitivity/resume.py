@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,8 +88,13 @@ def metric_states(metric: Metric) -> dict[str, Tensor]:
     return {name: value.detach().to("cpu").clone() for name, value in metric.metric_state.items()}
 
 
-def load_metric_states(metric: Metric, saved: dict[str, Tensor]) -> None:
+def load_metric_states(metric: Metric, saved: Mapping[str, Tensor], key: str = "") -> None:
     """Restore ``metric_states`` of a run with the same inputs into ``metric``.
+
+    Args:
+        metric: the metric to restore.
+        saved: its saved states.
+        key: the metric's name in the error message ("<key>.<state>"), if any.
 
     Raises:
         ValueError: a saved state missing, or of another shape than the current one.
@@ -97,8 +103,9 @@ def load_metric_states(metric: Metric, saved: dict[str, Tensor]) -> None:
         value = saved.get(name)
         if value is None or value.shape != current.shape:
             raise ValueError(
-                f"saved state {name} has shape {None if value is None else tuple(value.shape)}, "
-                f"expected {tuple(current.shape)}"
+                f"saved state {key + '.' if key else ''}{name} has shape "
+                f"{None if value is None else tuple(value.shape)}, expected "
+                f"{tuple(current.shape)}"
             )
         setattr(metric, name, value.to(current.device, current.dtype))
 
