@@ -119,15 +119,48 @@ def state_path(inputs: MaskingInputs) -> Path:
     return inputs.store.path.parent / f"{inputs.output}.masking.resume.pt"
 
 
-def _analysis_name(cfg: Namespace, store: ResultsStore) -> str:
-    """--analysis, else the file's only analysis; ValueError when it holds several."""
-    if cfg.analysis is not None:
-        return cfg.analysis
-    available = store.analyses()
-    if len(available) != 1:
-        raise ValueError(f"{store.path} holds the analyses {available}; choose one with "
-                         f"--analysis NAME")
-    return available[0]
+def open_stored_analysis(
+    cfg: Namespace, command: str, usage: str = ""
+) -> tuple[ResultsStore, str, masking.StoredAnalysis]:
+    """The results file of --results, the analysis of --analysis (else the file's only one) and
+    what is stored of it: the start of every command that reads sensitivity maps.
+
+    Args:
+        cfg: the parsed options.
+        command: the command's name, for the messages.
+        usage: further options the command needs, for the message without --results.
+
+    Raises:
+        FileNotFoundError: no results file.
+        ValueError: no --results, or several analyses and no --analysis.
+    """
+    if cfg.results is None:
+        raise ValueError(f"{command} reads sensitivity maps from a stored analysis: pass "
+                         f"--results RUN/results.h5 --analysis NAME{usage}")
+    store = ResultsStore(Path(cfg.results).expanduser())
+    if not store.path.is_file():
+        raise FileNotFoundError(f"no results file at {store.path}")
+    name = cfg.analysis
+    if name is None:
+        available = store.analyses()
+        if len(available) != 1:
+            raise ValueError(f"{store.path} holds the analyses {available}; choose one with "
+                             f"--analysis NAME")
+        name = available[0]
+    return store, name, masking.read_stored_analysis(store, name)
+
+
+def new_result_group(store: ResultsStore, group: str, overwrite: bool) -> None:
+    """ValueError when ``store`` holds ``group`` already and --overwrite was not given."""
+    if store.has_group(group) and not overwrite:
+        raise ValueError(f"{store.path} already holds /{group}; pass --overwrite or --name")
+
+
+def seeded_model(cfg: Namespace, n_classes: int) -> ImageClassifier:
+    """The model of the model options (random weights drawn from --seed), on its device."""
+    torch.manual_seed(cfg.seed)
+    model, _, _ = build_model(cfg, n_classes)
+    return model.to(device_of(cfg.accelerator))
 
 
 def masking_inputs(cfg: Namespace) -> MaskingInputs:
@@ -146,18 +179,10 @@ def masking_inputs(cfg: Namespace) -> MaskingInputs:
             layer to mask.
     """
     method = cfg.method
-    if cfg.results is None:
-        raise ValueError(f"{method} reads sensitivity maps from a stored analysis: pass "
-                         f"--results RUN/results.h5 --analysis NAME")
-    store = ResultsStore(Path(cfg.results).expanduser())
-    if not store.path.is_file():
-        raise FileNotFoundError(f"no results file at {store.path}")
-    name = _analysis_name(cfg, store)
-    stored = masking.read_stored_analysis(store, name)
+    store, name, stored = open_stored_analysis(cfg, method)
     output = check_name("output", cfg.name or name)
-    group = f"{'masking' if method == 'masking' else 'single_class'}/{output}"
-    if store.has_group(group) and not cfg.overwrite:
-        raise ValueError(f"{store.path} already holds /{group}; pass --overwrite or --name")
+    new_result_group(store, f"{'masking' if method == 'masking' else 'single_class'}/{output}",
+                     cfg.overwrite)
     probe, n_classes, class_names, _ = build_probe(cfg, partition=False)
     size = probe_size(probe)
     recorded = stored.image_size or size
@@ -165,9 +190,7 @@ def masking_inputs(cfg: Namespace) -> MaskingInputs:
         raise ValueError(f"analysis {name!r} was computed on {recorded[0]}x{recorded[1]} images "
                          f"but the probe images are {size[0]}x{size[1]}; pass --data.image_size "
                          f"{recorded[0]} (and the data the analysis used)")
-    torch.manual_seed(cfg.seed)
-    model, _, _ = build_model(cfg, n_classes)
-    model.to(device_of(cfg.accelerator))
+    model = seeded_model(cfg, n_classes)
     options = cfg.masking
     chosen = masking.masking_maps(stored.result, model, size, value=options.value,
                                   layers=options.layers, augmentations=options.augmentations)

@@ -19,8 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from callbacks.wandb_logging import suppression_record
-from cli.inputs import build_model, device_of
-from cli.masking import _analysis_name
+from cli.masking import new_result_group, open_stored_analysis, seeded_model
 from cli.options import build_suppress_parser
 from cli.reporting import (
     INPUT_ERRORS,
@@ -147,28 +146,17 @@ def suppress_inputs(cfg: Namespace) -> SuppressInputs:
             an existing group without --overwrite, data without a test split or of another
             image size, maps that do not fit the model.
     """
-    if cfg.results is None:
-        raise ValueError("suppress reads sensitivity maps from a stored analysis: pass "
-                         "--results RUN/results.h5 --analysis NAME --variable NAME")
-    store = ResultsStore(Path(cfg.results).expanduser())
-    if not store.path.is_file():
-        raise FileNotFoundError(f"no results file at {store.path}")
-    name = _analysis_name(cfg, store)
-    stored = masking.read_stored_analysis(store, name)
+    store, name, stored = open_stored_analysis(cfg, "suppress", " --variable NAME")
     _check_options(cfg, stored.result.group_names)
     output = check_name("output", cfg.name or f"{name}_{cfg.variable}")
-    group = f"{suppression.GROUP_KIND}/{output}"
-    if store.has_group(group) and not cfg.overwrite:
-        raise ValueError(f"{store.path} already holds /{group}; pass --overwrite or --name")
+    new_result_group(store, f"{suppression.GROUP_KIND}/{output}", cfg.overwrite)
     val, load_test, n_classes = splits(cfg)
     size = tuple(masking.load_images(val[0], 0, 1).shape[-2:])
     if stored.image_size is not None and stored.image_size != size:
         raise ValueError(f"analysis {name!r} was computed on {stored.image_size[0]}x"
                          f"{stored.image_size[1]} images but the data are {size[0]}x{size[1]}; "
                          f"pass --data.image_size {stored.image_size[0]}")
-    torch.manual_seed(cfg.seed)
-    model, _, _ = build_model(cfg, n_classes)
-    model.to(device_of(cfg.accelerator))
+    model = seeded_model(cfg, n_classes)
     maps = masking.masking_maps(stored.result, model, size, value=cfg.suppress.value,
                                 layers=cfg.suppress.layers, augmentations=[])
     if not maps.layers:
