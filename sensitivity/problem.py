@@ -18,7 +18,6 @@ needs ``image``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,20 +29,20 @@ from torch import Tensor
 
 from sensitivity import augmentations as augs
 from sensitivity.augmentation_specs import BUILTIN
-from sensitivity.augmentations import AUGMENTATION_SETS, AUGMENTATIONS, ParamSpec
+from sensitivity.augmentations import AUGMENTATIONS
 from sensitivity.decoded import DecodedRows, cell_index, lehmer_permutations
 from sensitivity.pipeline import compose
-from sensitivity.registry import (
-    RESERVED_NAMES,
-    check_record,
-    import_augmentation,
-    registration_record,
+from sensitivity.problem_arguments import (
+    DEFAULT_P_ON,
+    resolve_augmentations,
+    resolve_p_on,
+    resolve_params,
 )
+from sensitivity.registry import RESERVED_NAMES, check_record, registration_record
 
 AUXILIARIES = RESERVED_NAMES
 POSTPROCESSES = ("minmax",)
 PAPER_METHODS = ("sobol", "shapley")
-DEFAULT_P_ON = 0.5
 # Discrete columns with more cells than this keep their quasi-random values (discrete_columns).
 MAX_DISCRETE_CELLS = 2**16
 
@@ -61,86 +60,6 @@ class Group:
     name: str
     kind: str
     columns: list[int]
-
-
-def _resolve_augmentations(augmentations: int | str | Sequence[str]) -> list[str]:
-    """Augmentation names of a set number or a list of names and import paths, checked."""
-    if isinstance(augmentations, bool):
-        raise ValueError(f"augmentations must be a set number or names, got {augmentations!r}")
-    if isinstance(augmentations, int | np.integer):
-        if int(augmentations) not in AUGMENTATION_SETS:
-            raise ValueError(
-                f"unknown augmentation set {augmentations!r}; valid sets: "
-                f"{sorted(AUGMENTATION_SETS)}"
-            )
-        return list(AUGMENTATION_SETS[int(augmentations)])
-    names = [augmentations] if isinstance(augmentations, str) else list(augmentations)
-    if not names:
-        raise ValueError("augmentations is empty; give a set number (1, 2) or at least one name")
-    # "package.module:function" imports a user's augmentation, which registers itself
-    names = [import_augmentation(n) if isinstance(n, str) and ":" in n else n for n in names]
-    unknown = [n for n in names if n not in AUGMENTATIONS]
-    if unknown:
-        raise ValueError(
-            f"unknown augmentation(s) {unknown}; valid names: {list(AUGMENTATIONS)}, or the "
-            f"import path 'package.module:function' of a registered augmentation"
-        )
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"augmentation(s) {duplicates} listed more than once; list each once")
-    return names
-
-
-def _check_probability(name: str, value: object) -> float:
-    """``value`` as a probability in (0, 1], or a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-        raise ValueError(f"p_on for {name} must be a number in (0, 1], got {value!r}")
-    p = float(value)
-    if not (math.isfinite(p) and 0.0 < p <= 1.0):
-        raise ValueError(
-            f"p_on for {name} must be in (0, 1] (probability that it is applied), got {p}"
-        )
-    return p
-
-
-def _resolve_p_on(p_on: float | Mapping[str, float], names: list[str]) -> dict[str, float]:
-    """{augmentation: p_on} from one number or a partial mapping (missing: DEFAULT_P_ON)."""
-    if isinstance(p_on, Mapping):
-        unknown = [n for n in p_on if n not in names]
-        if unknown:
-            raise ValueError(f"p_on given for {unknown}, which are not in this problem {names}")
-        return {n: _check_probability(n, p_on.get(n, DEFAULT_P_ON)) for n in names}
-    return {n: _check_probability(n, p_on) for n in names}
-
-
-def _resolve_params(
-    names: list[str], bounds: Mapping[str, Mapping[str, Sequence[float]]] | None
-) -> dict[str, tuple[ParamSpec, ...]]:
-    """Parameter specs per augmentation, narrowed by custom ``bounds`` (stated at 224 px)."""
-    params = {n: AUGMENTATIONS[n].params for n in names}
-    for name, overrides in (bounds or {}).items():
-        if name not in params:
-            raise ValueError(f"bounds given for {name!r}, which is not in this problem {names}")
-        specs = {p.name: p for p in params[name]}
-        for pname, value in overrides.items():
-            if pname not in specs:
-                raise ValueError(
-                    f"{name} has no parameter {pname!r}; its parameters: {list(specs)}"
-                )
-            spec = specs[pname]
-            low, high = (float(v) for v in value)
-            if not (math.isfinite(low) and math.isfinite(high) and low < high):
-                raise ValueError(
-                    f"bounds of {name}.{pname} must be finite with low < high, got {value!r}"
-                )
-            if low < spec.low or high > spec.high:
-                raise ValueError(
-                    f"bounds of {name}.{pname} {[low, high]} leave the published range "
-                    f"[{spec.low}, {spec.high}] (at 224 px); narrow them"
-                )
-            specs[pname] = dataclasses.replace(spec, low=low, high=high)
-        params[name] = tuple(specs[p.name] for p in params[name])
-    return params
 
 
 class AugmentationProblem:
@@ -184,14 +103,14 @@ class AugmentationProblem:
     ) -> None:
         for name, record in (registered or {}).items():
             check_record(name, record)  # before the names: it may import the augmentation
-        self.augmentations = _resolve_augmentations(augmentations)
+        self.augmentations = resolve_augmentations(augmentations)
         stray = sorted(set(registered or {}) - set(self.augmentations))
         if stray:
             raise ValueError(
                 f"registered records {stray} are of augmentations not in this problem "
                 f"{self.augmentations}; drop them or add the augmentations"
             )
-        self.p_on = _resolve_p_on(p_on, self.augmentations)
+        self.p_on = resolve_p_on(p_on, self.augmentations)
         self.auxiliaries = self._resolve_auxiliaries(auxiliaries)
         for label, value in (("n_classes", n_classes), ("images_per_class", images_per_class)):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
@@ -211,7 +130,7 @@ class AugmentationProblem:
         if postprocess is not None and postprocess not in POSTPROCESSES:
             raise ValueError(f"unknown postprocess {postprocess!r}; use None or 'minmax'")
         self.postprocess = postprocess
-        self.params = _resolve_params(self.augmentations, bounds)
+        self.params = resolve_params(self.augmentations, bounds)
         self._custom_bounds = {a: dict(b) for a, b in (bounds or {}).items()}
         self._build_groups()
 
@@ -391,7 +310,7 @@ class AugmentationProblem:
         """
         if method not in PAPER_METHODS:
             raise ValueError(f"unknown paper method {method!r}; valid: {list(PAPER_METHODS)}")
-        names = _resolve_augmentations(augmentations)
+        names = resolve_augmentations(augmentations)
         if method == "sobol":
             p_on = {n: 1.0 if AUGMENTATIONS[n].params else 0.5 for n in names}
         else:
