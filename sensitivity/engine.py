@@ -6,8 +6,9 @@ runs ``run_analysis``:
     plan (sensitivity.plan: checks, design, unit shapes, toggles) -> design blocks of this
     rank's shard -> rows -> decoded parameters + probe images (each unique image loaded once per
     batch; in DataLoader workers when num_workers > 0; sensitivity.batches) -> augmentation on
-    the model's device -> forward under inference mode with hooks (sensitivity.forward) ->
-    accumulators (sensitivity.accumulators) -> result.
+    the model's device (of the next batch in a background thread while this one is forwarded
+    and summed, where ``EngineConfig.augment_ahead`` says so) -> forward under inference mode
+    with hooks (sensitivity.forward) -> accumulators (sensitivity.accumulators) -> result.
 
 Sharding (sensitivity.distributed): blocks [n_blocks * r // W, n_blocks * (r + 1) // W) belong to
 rank r of W (contiguous, deterministic). Batches are whole blocks. The accumulators are
@@ -47,6 +48,7 @@ This module imports torch, numpy and the rest of ``sensitivity``; never Lightnin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -77,7 +79,7 @@ from sensitivity.distributed import (
     shard_range,
 )
 from sensitivity.estimators.partial_sums import intra_op_threads
-from sensitivity.forward import BatchForward, Stopwatch, channels_last_weights
+from sensitivity.forward import BatchForward, Stopwatch, augments_ahead, channels_last_weights
 from sensitivity.plan import (
     AnalysisPlan,
     SmallSampleWarning,
@@ -134,8 +136,10 @@ def run_analysis(
         rank, world_size: default to torch.distributed's when initialised, else 0 and 1.
         timings: a dict to receive where the time went, in seconds: "setup" (checks, dry
             forward, accumulator allocation), "data" (decoding rows and loading images, or
-            waiting for the workers that do, and the copy to the device), "augment", "forward"
-            (with the hooks), "accumulate", "store", "checkpoint", "compute", "results"; and the
+            waiting for the workers that do, and the copy to the device), "augment" (augmenting
+            ahead: the wait for the background thread), "forward" (with the hooks),
+            "accumulate", "store", "checkpoint", "compute", "results"; "augment_ahead" (the
+            background thread's seconds, overlapped with the others); and the
             counts "rows" and "forwarded" (rows actually forwarded: fewer with
             ``deduplicate``). On CUDA the device is synchronised at every phase boundary so that
             each phase is charged its own kernels, which removes some overlap: time the overall
@@ -379,6 +383,7 @@ def _accumulate(
     """
     plan, config = run.plan, run.plan.config
     forward = BatchForward(model, plan, capture, device, run.watch)
+    ahead = augments_ahead(config, device)
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
@@ -394,12 +399,15 @@ def _accumulate(
                                 config.deduplicate),
                     config.num_workers, pin_memory=device.type == "cuda",
                 )
-                for batch in loader:
-                    outputs = forward(batch)
-                    _record(run, batch, outputs)
-                    # Free this batch's outputs before the next forward allocates its own: the
-                    # peak holds one batch of activations, not two.
-                    del outputs
+                # closing: an error here stops the background thread now, not when the
+                # traceback that holds this frame is freed.
+                with contextlib.closing(forward.batches(loader, ahead)) as augmented_batches:
+                    for batch, augmented in augmented_batches:
+                        outputs = forward.run(batch, augmented)
+                        _record(run, batch, outputs)
+                        # Free this batch's outputs before the next forward allocates its own:
+                        # the peak holds one batch of activations, not two.
+                        del outputs, augmented
                 run.bar.close()
                 if run.stage < run.decide_from:
                     _next_stage(run)

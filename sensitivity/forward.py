@@ -3,23 +3,27 @@
 ``BatchForward`` takes a ``batches.Batch`` (CPU, possibly pinned) to the model's device, applies
 each row's augmentations, runs the model under autocast (``precision``) in the chosen memory
 format with the capture hooks active, and returns every row's captured outputs (copies of
-deduplicated rows expanded). ``channels_last_weights`` converts the model's weights for
-channels-last and back; ``Stopwatch`` charges the time to the engine's phases
-(``run_analysis(timings=)``).
+deduplicated rows expanded); where ``augments_ahead`` says so, the next batch is augmented in a
+background thread while the current one is forwarded and summed. ``channels_last_weights``
+converts the model's weights for channels-last and back; ``Stopwatch`` charges the time to the
+engine's phases (``run_analysis(timings=)``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
 
 from sensitivity.batches import Batch
 from sensitivity.capture import ActivationCapture, model_device
+from sensitivity.config import EngineConfig
 from sensitivity.estimators.partial_sums import intra_op_threads
 from sensitivity.plan import AnalysisPlan
 
@@ -48,6 +52,11 @@ class Stopwatch:
         now = time.perf_counter()
         self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
         self.last = now
+
+    def add(self, phase: str, seconds: float) -> None:
+        """Add ``seconds`` measured elsewhere (another thread) to ``timings[phase]``."""
+        if self.timings is not None:
+            self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
     def count(self, rows: int, forwarded: int) -> None:
         """Add a batch's rows and the rows actually forwarded."""
@@ -85,28 +94,44 @@ class BatchForward:
         self.module: nn.Module = model
         self.expanded: dict[str, Tensor] = {}  # reused across batches (deduplicate)
 
-    def __call__(self, batch: Batch) -> dict[str, Tensor]:
-        """The captured outputs of every row of ``batch``: {layer: (R, *unit_shape)}."""
+    def augment(self, batch: Batch, watch: Stopwatch | None) -> list[Tensor]:
+        """The batch's forwarded rows, on the device and augmented, in chunks of at most
+        ``batch_rows`` rows (a permutation-Shapley block can be larger than a batch).
+
+        Args:
+            batch: the batch (CPU, possibly pinned).
+            watch: charged "data" and "augment"; None in the background thread (``ahead``).
+
+        Returns:
+            [(F_c, 3, H, W) in the model's dtype and memory format], the chunks in row order.
+        """
         unique = batch.images.to(self.device, self.dtype, non_blocking=True)
         rows_of, decoded = batch.forwarded()
         rows_of = rows_of.to(self.device)
-        self.watch.mark("data")
-        # A block larger than batch_rows (a permutation-Shapley block) is forwarded in chunks;
-        # the accumulators still receive whole blocks.
+        if watch is not None:
+            watch.mark("data")
         chunks = []
-        for first in range(0, len(rows_of), self.batch_rows):
-            rows = slice(first, first + self.batch_rows)
-            # One intra-op thread (EngineConfig.threads): many short kernels, whose parallel
-            # regions stall under a competing load.
-            with intra_op_threads(1):
-                augmented = self.problem.augment(
+        # One intra-op thread (EngineConfig.threads): many short kernels, whose parallel
+        # regions stall under a competing load.
+        with intra_op_threads(1):
+            for first in range(0, len(rows_of), self.batch_rows):
+                rows = slice(first, first + self.batch_rows)
+                chunks.append(self.problem.augment(
                     unique[rows_of[rows]], decoded.select(rows)
-                ).contiguous(memory_format=self.format)
-            self.watch.mark("augment")
+                ).contiguous(memory_format=self.format))
+        if watch is not None:
+            watch.mark("augment")
+        return chunks
+
+    def run(self, batch: Batch, augmented: list[Tensor]) -> dict[str, Tensor]:
+        """Forward ``augmented`` (``augment(batch)``) with the hooks: {layer: (R, *unit_shape)}
+        for every row of ``batch`` (copies of deduplicated rows expanded)."""
+        chunks = []
+        for images in augmented:
             with self.autocast:
-                self.module(augmented)
+                self.module(images)
             chunks.append(self.capture.pop())
-            self.watch.mark("forward")
+        self.watch.mark("forward")
         outputs = (
             chunks[0] if len(chunks) == 1
             else {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
@@ -114,8 +139,58 @@ class BatchForward:
         if batch.copies is not None:
             copies = batch.copies.to(self.device)
             outputs = {k: rows_into(self.expanded, k, v, copies) for k, v in outputs.items()}
-        self.watch.count(len(batch.rows), len(rows_of))
+        self.watch.count(len(batch.rows), sum(len(images) for images in augmented))
         return outputs
+
+    def batches(self, loader: Iterable[Batch], ahead: bool) -> Iterator[tuple[Batch, list[Tensor]]]:
+        """Each batch of ``loader`` with its augmented chunks (``augment``).
+
+        Args:
+            loader: the batches, in order.
+            ahead: augment the next batch in a background thread while the caller forwards
+                and sums this one (``EngineConfig.augment_ahead``). The images are the same;
+                "augment" is then the time the caller waited for them, "augment_ahead" the
+                seconds the thread spent (data transfer included).
+        """
+        if not ahead:
+            for batch in loader:
+                yield batch, self.augment(batch, self.watch)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="augment-ahead") as pool:
+            pending: tuple[Batch, Future[list[Tensor]]] | None = None
+            for batch in loader:
+                self.watch.mark("data")
+                job = pool.submit(self._augment_behind, batch)
+                if pending is not None:
+                    yield pending[0], self._waited(pending[1])
+                pending = batch, job
+            if pending is not None:
+                yield pending[0], self._waited(pending[1])
+
+    def _augment_behind(self, batch: Batch) -> list[Tensor]:
+        """``augment`` in the background thread (its own inference mode: it is per thread)."""
+        started = time.perf_counter()
+        with torch.inference_mode():
+            chunks = self.augment(batch, None)
+        self.watch.add("augment_ahead", time.perf_counter() - started)
+        return chunks
+
+    def _waited(self, job: Future[list[Tensor]]) -> list[Tensor]:
+        """The background thread's chunks; the wait is charged to "augment"."""
+        chunks = job.result()
+        self.watch.mark("augment")
+        return chunks
+
+
+def augments_ahead(config: EngineConfig, device: torch.device) -> bool:
+    """Whether batches are augmented ahead (``BatchForward.batches``): ``config.augment_ahead``,
+    or when it is None, on the CPU when the forward's intra-op threads (``config.threads``)
+    leave one of this process's cores free for the background thread. Never when the
+    forward may use every core: the thread would stall its parallel regions."""
+    if config.augment_ahead is not None:
+        return config.augment_ahead
+    return (device.type == "cpu" and config.threads is not None
+            and config.threads < len(os.sched_getaffinity(0)))
 
 
 def rows_into(buffers: dict[str, Tensor], key: str, values: Tensor, index: Tensor) -> Tensor:
