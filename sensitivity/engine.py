@@ -6,8 +6,8 @@ runs ``run_analysis``:
     plan (sensitivity.plan: checks, design, unit shapes, toggles) -> design blocks of this
     rank's shard -> rows -> decoded parameters + probe images (each unique image loaded once per
     batch; in DataLoader workers when num_workers > 0; sensitivity.batches) -> augmentation on
-    the model's device (of the next batch in a background thread while this one is forwarded
-    and summed, where ``EngineConfig.augment_ahead`` says so) -> forward under inference mode
+    the model's device (the next batch loaded and augmented in a background thread while this
+    one is forwarded and summed, where ``EngineConfig.augment_ahead`` says so) -> forward under inference mode
     with hooks (sensitivity.forward) -> accumulators (sensitivity.accumulators) -> result.
 
 Sharding (sensitivity.distributed): blocks [n_blocks * r // W, n_blocks * (r + 1) // W) belong to
@@ -139,7 +139,8 @@ def run_analysis(
             waiting for the workers that do, and the copy to the device), "augment" (augmenting
             ahead: the wait for the background thread), "forward" (with the hooks),
             "accumulate", "store", "checkpoint", "compute", "results"; "augment_ahead" (the
-            background thread's seconds, overlapped with the others); and the
+            background thread's seconds loading and augmenting, overlapped with the others;
+            "data" is then not charged); and the
             counts "rows" and "forwarded" (rows actually forwarded: fewer with
             ``deduplicate``). On CUDA the device is synchronised at every phase boundary so that
             each phase is charged its own kernels, which removes some overlap: time the overall

@@ -147,39 +147,42 @@ class BatchForward:
 
         Args:
             loader: the batches, in order.
-            ahead: augment the next batch in a background thread while the caller forwards
-                and sums this one (``EngineConfig.augment_ahead``). The images are the same;
-                "augment" is then the time the caller waited for them, "augment_ahead" the
-                seconds the thread spent (data transfer included).
+            ahead: load and augment the next batch in a background thread while the caller
+                forwards and sums this one (``EngineConfig.augment_ahead``). The images are the
+                same; "augment" is then the time the caller waited for them, "augment_ahead"
+                the seconds the thread spent (loading the batch and the copy to the device
+                included).
         """
         if not ahead:
             for batch in loader:
                 yield batch, self.augment(batch, self.watch)
             return
+        batches = iter(loader)
         with ThreadPoolExecutor(1, thread_name_prefix="augment-ahead") as pool:
-            pending: tuple[Batch, Future[list[Tensor]]] | None = None
-            for batch in loader:
-                self.watch.mark("data")
-                job = pool.submit(self._augment_behind, batch)
-                if pending is not None:
-                    yield pending[0], self._waited(pending[1])
-                pending = batch, job
-            if pending is not None:
-                yield pending[0], self._waited(pending[1])
+            job = pool.submit(self._next_augmented, batches)
+            while (ready := self._waited(job)) is not None:
+                job = pool.submit(self._next_augmented, batches)
+                yield ready
 
-    def _augment_behind(self, batch: Batch) -> list[Tensor]:
-        """``augment`` in the background thread (its own inference mode: it is per thread)."""
+    def _next_augmented(self, batches: Iterator[Batch]) -> tuple[Batch, list[Tensor]] | None:
+        """The next batch and its ``augment``, in the background thread (with its own inference
+        mode: it is per thread); None after the last."""
         started = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            return None
         with torch.inference_mode():
             chunks = self.augment(batch, None)
         self.watch.add("augment_ahead", time.perf_counter() - started)
-        return chunks
+        return batch, chunks
 
-    def _waited(self, job: Future[list[Tensor]]) -> list[Tensor]:
-        """The background thread's chunks; the wait is charged to "augment"."""
-        chunks = job.result()
+    def _waited(
+        self, job: Future[tuple[Batch, list[Tensor]] | None]
+    ) -> tuple[Batch, list[Tensor]] | None:
+        """The background thread's result; the wait is charged to "augment"."""
+        ready = job.result()
         self.watch.mark("augment")
-        return chunks
+        return ready
 
 
 def augments_ahead(config: EngineConfig, device: torch.device) -> bool:

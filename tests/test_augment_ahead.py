@@ -48,6 +48,7 @@ def analyse(probe, problem=None, model=None, timings=None, state_path=None, **se
 @pytest.mark.parametrize("settings", [
     {"method": "sobol", "n": 32, "batch_rows": 36},
     {"method": "sobol", "n": 32, "batch_rows": 36, "deduplicate": True},
+    {"method": "sobol", "n": 32, "batch_rows": 36, "num_workers": 1},  # loaded in a process
     # blocks of 12 permutations x 5 rows forwarded in chunks of 16 rows
     {"method": "shapley", "shapley_method": "permutation", "n": 4, "n_outer": 1,
      "n_inner": 2, "batch_rows": 16},

@@ -356,6 +356,30 @@ def test_replicate_intervals_equal_an_independent_recomputation(second_order):
         np.testing.assert_allclose(replicated.moments.var, single.moments.var, rtol=1e-12)
 
 
+@pytest.mark.parametrize("replicates", [1, REPLICATES])
+def test_sobol_moments_of_every_row_equal_a_moments_pass_over_them(replicates):
+    """The moments a first-order Sobol' accumulator gives from its tables (rows A, AB_j, B from
+    sums about A and B) equal those of a MomentsAccumulator fed every row, also after a merge of
+    accumulators whose shifts differ."""
+    y = _outputs(40, G + 2, seed=5)
+    ids = REPLICATE_IDS if replicates > 1 else None
+    halves = []
+    for part in (slice(0, 20), slice(20, 40)):
+        acc = SobolAccumulator(G, UNITS, replicates=replicates)
+        acc.update(y[part], None if ids is None else ids[part])
+        halves.append(acc)
+    assert not torch.equal(halves[0].shift, halves[1].shift)
+    halves[0].merge_state(halves[1])
+    halves[0].compute()
+    expected = MomentsAccumulator(UNITS)
+    expected.update(y.reshape(-1, *UNITS))
+    reference = expected.compute()
+    assert halves[0].moments.n == reference.n == 40 * (G + 2)
+    for key in ("mean", "var", "std", "cv", "mean_conf", "var_conf"):
+        np.testing.assert_allclose(getattr(halves[0].moments, key), getattr(reference, key),
+                                   rtol=RTOL, err_msg=key)
+
+
 def test_replicated_accumulator_validates_its_replicate_ids():
     acc = SobolAccumulator(G, UNITS, replicates=4)
     y = _outputs(8, G + 2)
