@@ -1,9 +1,10 @@
 """Batches of an analysis: whole design blocks, decoded, with their probe images.
 
 Item i of a ``BatchSource`` is batch i of this rank's shard: the design rows of its blocks, their
-decoded parameters, each probe image they show (loaded once per batch) and, with
-deduplication, which rows are the distinct augmented images. It runs in DataLoader workers when
-num_workers > 0, so only numpy and CPU torch: no device work here.
+decoded parameters, each probe image they show (loaded once per batch) and which rows are the
+distinct augmented images (each is augmented once; with deduplication, also forwarded once).
+It runs in DataLoader workers when num_workers > 0, so only numpy and CPU torch: no device work
+here.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ class Batch:
         inverse: (R,) int64 row -> index into ``images``.
         permutations: (stop - start, G) int64 group orders (Shapley designs) or None.
         replicate: (stop - start,) int64 replicate of each block (replicated Sobol') or None.
-        distinct, copies: with deduplication, (F,) int64 the rows to forward (first
-            occurrences, in row order) and (R,) int64 row -> index into them; None otherwise.
+        distinct, copies: (F,) int64 the rows whose augmented images are distinct (first
+            occurrences, in row order) and (R,) int64 row -> index into them (``distinct_rows``).
+        deduplicate: forward the distinct rows only (``EngineConfig.deduplicate``), else every
+            row (the distinct images copied).
     """
 
     start: int
@@ -45,23 +48,21 @@ class Batch:
     images: Tensor
     inverse: Tensor
     permutations: Tensor | None
-    replicate: Tensor | None = None
-    distinct: Tensor | None = None
-    copies: Tensor | None = None
+    replicate: Tensor | None
+    distinct: Tensor
+    copies: Tensor
+    deduplicate: bool
 
     def pin_memory(self) -> Batch:
         """Page-locked images for asynchronous copies (DataLoader pin_memory)."""
         return dataclasses.replace(self, images=self.images.pin_memory())
 
-    def forwarded(self) -> tuple[Tensor, DecodedRows]:
-        """The rows to forward.
+    def distinct_images(self) -> tuple[Tensor, DecodedRows]:
+        """The distinct augmented images to make.
 
         Returns:
-            ((F,) int64 indices into ``images`` via ``inverse``, their decoded parameters); F = R
-            without deduplication.
+            ((F,) int64 indices into ``images``, the decoded parameters of those F rows).
         """
-        if self.distinct is None:
-            return self.inverse, self.decoded
         return self.inverse[self.distinct], self.decoded.select(self.distinct)
 
 
@@ -73,7 +74,8 @@ class BatchSource(Dataset):
         problem: decodes the rows.
         probe: loads the probe images.
         batches: the block ranges [start, stop) of the batches (``batch_ranges``).
-        deduplicate: find the rows whose augmented images are identical (``distinct_rows``).
+        deduplicate: forward each distinct augmented image once (they are augmented once
+            either way).
     """
 
     def __init__(
@@ -111,12 +113,10 @@ class BatchSource(Dataset):
             if isinstance(self.design, SobolDesign) and self.design.replicates > 1
             else None
         )
-        distinct = copies = None
-        if self.deduplicate:
-            distinct, copies = distinct_rows(decoded, index)
+        distinct, copies = distinct_rows(decoded, index)
         return Batch(
             start, stop, rows, decoded, self.probe.load(unique), inverse, permutations,
-            replicate, distinct, copies,
+            replicate, distinct, copies, self.deduplicate,
         )
 
 

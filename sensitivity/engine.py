@@ -5,10 +5,11 @@ runs ``run_analysis``:
 
     plan (sensitivity.plan: checks, design, unit shapes, toggles) -> design blocks of this
     rank's shard -> rows -> decoded parameters + probe images (each unique image loaded once per
-    batch; in DataLoader workers when num_workers > 0; sensitivity.batches) -> augmentation on
-    the model's device (the next batch loaded and augmented in a background thread while this
-    one is forwarded and summed, where ``EngineConfig.augment_ahead`` says so) -> forward under inference mode
-    with hooks (sensitivity.forward) -> accumulators (sensitivity.accumulators) -> result.
+    batch; in DataLoader workers when num_workers > 0; sensitivity.batches) -> augmentation of
+    each distinct image on the model's device (the next batch loaded and augmented in a
+    background thread while this one is forwarded and summed, where
+    ``EngineConfig.augment_ahead`` says so) -> forward under inference mode with hooks
+    (sensitivity.forward) -> accumulators (sensitivity.accumulators) -> result.
 
 Sharding (sensitivity.distributed): blocks [n_blocks * r // W, n_blocks * (r + 1) // W) belong to
 rank r of W (contiguous, deterministic). Batches are whole blocks. The accumulators are

@@ -95,33 +95,39 @@ class BatchForward:
         self.expanded: dict[str, Tensor] = {}  # reused across batches (deduplicate)
 
     def augment(self, batch: Batch, watch: Stopwatch | None) -> list[Tensor]:
-        """The batch's forwarded rows, on the device and augmented, in chunks of at most
+        """The batch's images to forward, on the device and augmented, in chunks of at most
         ``batch_rows`` rows (a permutation-Shapley block can be larger than a batch).
+
+        Each distinct augmented image (``Batch.distinct``) is made once; without deduplication
+        the copies are then taken for the rows that repeat one.
 
         Args:
             batch: the batch (CPU, possibly pinned).
             watch: charged "data" and "augment"; None in the background thread (``ahead``).
 
         Returns:
-            [(F_c, 3, H, W) in the model's dtype and memory format], the chunks in row order.
+            [(F_c, 3, H, W) in the model's dtype and memory format], the chunks in row order:
+            of the distinct rows with deduplication, else of every row.
         """
         unique = batch.images.to(self.device, self.dtype, non_blocking=True)
-        rows_of, decoded = batch.forwarded()
-        rows_of = rows_of.to(self.device)
+        image_of, decoded = batch.distinct_images()
+        image_of = image_of.to(self.device)
         if watch is not None:
             watch.mark("data")
-        chunks = []
+        parts = []
         # One intra-op thread (EngineConfig.threads): many short kernels, whose parallel
         # regions stall under a competing load.
         with intra_op_threads(1):
-            for first in range(0, len(rows_of), self.batch_rows):
+            for first in range(0, len(image_of), self.batch_rows):
                 rows = slice(first, first + self.batch_rows)
-                chunks.append(self.problem.augment(
-                    unique[rows_of[rows]], decoded.select(rows)
-                ).contiguous(memory_format=self.format))
+                parts.append(self.problem.augment(unique[image_of[rows]], decoded.select(rows)))
+            images = parts[0] if len(parts) == 1 else torch.cat(parts)
+            if not batch.deduplicate and len(batch.distinct) < len(batch.copies):
+                images = images[batch.copies.to(self.device)]
+            images = images.contiguous(memory_format=self.format)
         if watch is not None:
             watch.mark("augment")
-        return chunks
+        return list(images.split(self.batch_rows))
 
     def run(self, batch: Batch, augmented: list[Tensor]) -> dict[str, Tensor]:
         """Forward ``augmented`` (``augment(batch)``) with the hooks: {layer: (R, *unit_shape)}
@@ -136,7 +142,7 @@ class BatchForward:
             chunks[0] if len(chunks) == 1
             else {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
         )
-        if batch.copies is not None:
+        if batch.deduplicate:
             copies = batch.copies.to(self.device)
             outputs = {k: rows_into(self.expanded, k, v, copies) for k, v in outputs.items()}
         self.watch.count(len(batch.rows), sum(len(images) for images in augmented))

@@ -1,6 +1,6 @@
-"""Augmenting the next batch in a background thread (EngineConfig.augment_ahead): the same
-results, the augmentation really off the caller's thread, errors raised in the caller, the
-automatic rule, and a resume that switches it."""
+"""How the engine augments: each distinct image once, and the next batch in a background
+thread (EngineConfig.augment_ahead): the same results, the augmentation really off the caller's
+thread, errors raised in the caller, the automatic rule, and a resume that switches it."""
 
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ class RecordingProblem(AugmentationProblem):
     def __init__(self, fail_at: int | None = None) -> None:
         super().__init__(AUGS, n_classes=2, images_per_class=2)
         self.threads: list[str] = []
+        self.rows = 0
         self.fail_at = fail_at
 
     def augment(self, images, decoded):
         self.threads.append(threading.current_thread().name)
+        self.rows += len(images)
         if self.fail_at is not None and len(self.threads) == self.fail_at:
             raise RuntimeError("augmentation failed on purpose")
         return super().augment(images, decoded)
@@ -112,3 +114,21 @@ def test_augmenting_ahead_is_automatic_where_the_forward_leaves_a_core_free(monk
     assert not augments_ahead(EngineConfig(threads=1), cpu)
     with pytest.raises(ValueError, match=r"augment_ahead must be True, False or None"):
         EngineConfig(augment_ahead="yes")
+
+
+def test_each_distinct_image_is_augmented_once_and_copied_for_the_rows_that_repeat_it(probe):
+    """Without deduplication every row is forwarded, but a row whose augmented image equals an
+    earlier row's (e.g. AB_j with augmentation j off in A and B) is not augmented again: the
+    rows augmented are the rows a deduplicated run forwards, and the results are the same."""
+    settings = {"method": "sobol", "n": 32, "batch_rows": 36}
+    problem, model, timings = RecordingProblem(), AnalyticNet(), {}
+    full = analyse(probe, problem, model, timings, **settings)
+    dedup_problem, dedup_timings = RecordingProblem(), {}
+    deduplicated = analyse(probe, dedup_problem, timings=dedup_timings, deduplicate=True,
+                           **settings)
+    assert model.rows == timings["rows"] == timings["forwarded"]
+    assert problem.rows == dedup_problem.rows == dedup_timings["forwarded"] < model.rows
+    for layer, values in full.layers.items():
+        for key, value in values.items():
+            np.testing.assert_array_equal(deduplicated.layers[layer][key], value,
+                                          err_msg=f"{layer}/{key}")
