@@ -93,6 +93,8 @@ class BatchForward:
         # The model or, with ``compile``, its compiled forward (set inside the loop's context).
         self.module: nn.Module = model
         self.expanded: dict[str, Tensor] = {}  # reused across batches (deduplicate)
+        self.inputs: dict[str, Tensor] = {}  # the augmented images' buffers, likewise
+        self.turn = 0
 
     def augment(self, batch: Batch, watch: Stopwatch | None) -> list[Tensor]:
         """The batch's images to forward, on the device and augmented, in chunks of at most
@@ -122,9 +124,17 @@ class BatchForward:
                 rows = slice(first, first + self.batch_rows)
                 parts.append(self.problem.augment(unique[image_of[rows]], decoded.select(rows)))
             images = parts[0] if len(parts) == 1 else torch.cat(parts)
+            index = None
             if not batch.deduplicate and len(batch.distinct) < len(batch.copies):
-                images = images[batch.copies.to(self.device)]
-            images = images.contiguous(memory_format=self.format)
+                index = batch.copies.to(self.device)
+            elif not images.is_contiguous(memory_format=self.format):
+                index = torch.arange(len(images), device=self.device)
+            if index is not None:
+                # Two buffers in turn: with ``ahead`` the caller forwards one while the
+                # background thread fills the other.
+                self.turn = 1 - self.turn
+                images = rows_into(self.inputs, f"images{self.turn}", images, index,
+                                   self.format)
         if watch is not None:
             watch.mark("augment")
         return list(images.split(self.batch_rows))
@@ -202,15 +212,19 @@ def augments_ahead(config: EngineConfig, device: torch.device) -> bool:
             and config.threads < len(os.sched_getaffinity(0)))
 
 
-def rows_into(buffers: dict[str, Tensor], key: str, values: Tensor, index: Tensor) -> Tensor:
+def rows_into(
+    buffers: dict[str, Tensor], key: str, values: Tensor, index: Tensor,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Tensor:
     """``values[index]``, written into a buffer kept in ``buffers[key]`` from batch to batch: a
     fresh outputs-sized tensor per batch costs page faults on CPU (hundreds of MB).
 
     Args:
         buffers: the kept buffers, by key; a buffer too small or of another kind is replaced.
-        key: the layer.
-        values: (F, *u) outputs of the forwarded rows.
+        key: the layer, or which images.
+        values: (F, *u) outputs of the forwarded rows, or images.
         index: (R,) int64 row -> index into ``values``, on ``values``' device.
+        memory_format: the buffer's (channels_last for 4-D images in that format).
 
     Returns:
         (R, *u): a view of the buffer, valid until the next call with ``key``.
@@ -222,8 +236,12 @@ def rows_into(buffers: dict[str, Tensor], key: str, values: Tensor, index: Tenso
         or buffer.shape[1:] != values.shape[1:]
         or buffer.dtype != values.dtype
         or buffer.device != values.device
+        or not buffer.is_contiguous(memory_format=memory_format)
     ):
-        buffer = buffers[key] = values.new_empty((len(index), *values.shape[1:]))
+        buffer = buffers[key] = torch.empty(
+            (len(index), *values.shape[1:]), dtype=values.dtype, device=values.device,
+            memory_format=memory_format,
+        )
     return torch.index_select(values, 0, index, out=buffer[: len(index)])
 
 
