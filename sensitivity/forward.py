@@ -191,7 +191,7 @@ class BatchForward:
             while (ready := self._waited(job)) is not None:
                 # The next batch starts when this one's forward is done (``run``): alongside
                 # the accumulation, not the forward, which shares the cores' cache with it
-                # (a forward beside the thread ran 4-7% slower).
+                # (a forward beside the thread ran 3-7% slower).
                 self._start_next, self._next_job = start, None
                 yield ready
                 job = self._next_job or start()
