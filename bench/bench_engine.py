@@ -49,9 +49,9 @@ from common import (
     write_json,
 )
 
+from sensitivity.background import uses_background
 from sensitivity.config import EngineConfig, build_design
 from sensitivity.engine import run_analysis
-from sensitivity.forward import augments_ahead
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {},
@@ -63,7 +63,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "compile": {"precision": "bf16", "channels_last": True, "deduplicate": True, "compile": True},
 }
 PHASES = ("data", "augment", "forward", "accumulate")
-AHEAD = {"auto": None, "on": True, "off": False}
+BACKGROUND = {"auto": None, "on": True, "off": False}
 # Batches of augmented images kept on the device for the bare forward passes (cycled).
 PREPARED_BATCHES = 4
 
@@ -134,7 +134,7 @@ def measure(
         method="sobol", n=args.n, reduction="none", batch_rows=args.batch_rows,
         num_workers=args.workers, progress=False, second_order=args.second_order,
         threads=args.threads, accumulation_threads=args.accumulation_threads,
-        augment_ahead=AHEAD[args.augment_ahead], **VARIANTS[variant],
+        background=BACKGROUND[args.background], **VARIANTS[variant],
     )
     batches, sizes, rows = prepared_batches(problem, probe, config, device)
     load_before = list(os.getloadavg())
@@ -177,7 +177,7 @@ def measure(
     row = {
         "variant": variant,
         "options": VARIANTS[variant],
-        "augment_ahead": augments_ahead(config, device),
+        "background": uses_background(config, device),
         "n": args.n,
         "rows": rows,
         "batches": len(sizes),
@@ -210,10 +210,15 @@ def extrapolate(row: dict[str, Any], block_size: int) -> dict[str, float]:
     }
 
 
+def background_seconds(breakdown: dict[str, float]) -> float:
+    """The background thread's own seconds (its phases end in "_background")."""
+    return sum(v for k, v in breakdown.items() if k.endswith("_background"))
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = (f"{'arch':9} {'set':>3} {'variant':13} {'rows':>6} {'fwd%':>5} {'analysis r/s':>12} "
             f"{'bare r/s':>9} {'ratio':>6} {'steady':>6} | {'setup':>6} {'data':>5} "
-            f"{'augm':>5} {'fwd':>6} {'accum':>6} {'comp':>5} s; augmented ahead")
+            f"{'augm':>5} {'fwd':>6} {'accum':>6} {'comp':>5} s; background thread")
     print(head)
     for r in rows:
         b = r["breakdown_seconds"]
@@ -224,7 +229,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{b.get('setup', 0):>6.2f} {b.get('data', 0):>5.2f} {b.get('augment', 0):>5.2f} "
               f"{b.get('forward', 0):>6.2f} {b.get('accumulate', 0):>6.2f} "
               f"{b.get('compute', 0):>5.2f}; "
-              + (f"{b.get('augment_ahead', 0):.2f} s" if r["augment_ahead"] else "no"))
+              + (f"{background_seconds(b):.2f} s" if r["background"] else "no"))
     diffs = [r for r in rows if "index_difference_vs_baseline" in r]
     if diffs:
         print("\nS1 / ST vs baseline, clipped to [0, 1]: max |diff|, mean |diff|, fraction of "
@@ -299,8 +304,8 @@ def main() -> None:
                         help="torch CPU threads (EngineConfig.threads of the analysis)")
     parser.add_argument("--accumulation-threads", type=int, default=1,
                         help="EngineConfig.accumulation_threads of the analysis")
-    parser.add_argument("--augment-ahead", choices=list(AHEAD), default="auto",
-                        help="EngineConfig.augment_ahead (auto: on when --threads leaves a "
+    parser.add_argument("--background", choices=list(BACKGROUND), default="auto",
+                        help="EngineConfig.background (auto: on when --threads leaves a "
                         "core free)")
     parser.add_argument("--second-order", action="store_true", help="Sobol' S2 (2G + 2 rows "
                         "per base point)")
@@ -334,7 +339,7 @@ def main() -> None:
           f"load average {info['load_average'][0]:.2f}, {args.load} competing processes; "
           f"Sobol'{' second order' if args.second_order else ''}, reduction none, default "
           f"checkpoints, {args.size} px, N = {args.n}, batch_rows {args.batch_rows}, "
-          f"{args.reps} reps, augment ahead: {args.augment_ahead}", flush=True)
+          f"{args.reps} reps, background thread: {args.background}", flush=True)
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     started = time.perf_counter()

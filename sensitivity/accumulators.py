@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -58,10 +59,14 @@ class LayerAccumulators:
     no MomentsAccumulator.
 
     Args:
-        config: the analysis settings (method, its options, conf_level).
+        config: the analysis settings (method, its options, conf_level, accumulation_threads).
         problem: the problem (G groups, A augmentations).
         shapes: {layer: unit shape}, in checkpoint order.
         device: where the states live (the model's device).
+        background: the analysis has a free core (``background.uses_background``): the states
+            (GBs of float64 zeros for large layers, whose first touch page-faults for seconds)
+            are allocated in a thread of their own while the first batch is forwarded, and
+            ``compute()`` takes one more chunk worker.
     """
 
     def __init__(
@@ -70,10 +75,28 @@ class LayerAccumulators:
         problem: AugmentationProblem,
         shapes: Mapping[str, tuple[int, ...]],
         device: torch.device,
+        background: bool = False,
     ) -> None:
         self.method = config.method
         self.main: dict[str, Metric | None] = {}
         self.moments: dict[str, MomentsAccumulator | None] = {}
+        self.compute_threads = config.accumulation_threads + int(background)
+        self._allocating: Future[None] | None = None
+        if not background:
+            self._allocate(config, problem, shapes, device)
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix="allocate-sums")
+        self._allocating = pool.submit(self._allocate, config, problem, shapes, device)
+        pool.shutdown(wait=False)
+
+    def _allocate(
+        self,
+        config: EngineConfig,
+        problem: AugmentationProblem,
+        shapes: Mapping[str, tuple[int, ...]],
+        device: torch.device,
+    ) -> None:
+        """Make every layer's accumulators (their zero states)."""
         own = config.method == "sobol" and not config.second_order
         threads = config.accumulation_threads
         for layer, shape in shapes.items():
@@ -85,6 +108,12 @@ class LayerAccumulators:
             for metric in (self.main[layer], self.moments[layer]):
                 if metric is not None:
                     metric.threads = threads
+
+    def _allocated(self) -> None:
+        """Wait for the states allocated in the background (its error raised here)."""
+        if self._allocating is not None:
+            self._allocating.result()
+            self._allocating = None
 
     def update(
         self,
@@ -101,6 +130,7 @@ class LayerAccumulators:
             perms: (n_blocks, G) group orders (Shapley designs), else None.
             replicate: (n_blocks,) replicate ids (replicated Sobol'), else None.
         """
+        self._allocated()
         # One intra-op thread (EngineConfig.threads: parallel regions stall under load); the
         # accumulators' own workers (accumulation_threads) take the chunks.
         with intra_op_threads(1):
@@ -121,6 +151,7 @@ class LayerAccumulators:
 
     def metrics(self) -> dict[str, Metric]:
         """Every accumulator by a stable key ("<layer>/main", "<layer>/moments")."""
+        self._allocated()
         out: dict[str, Metric] = {}
         for layer in self.moments:
             if self.main[layer] is not None:
@@ -149,18 +180,28 @@ class LayerAccumulators:
         Returns:
             {layer: (the method's result or None, the moments' result)}.
         """
+        self._allocated()
         out = {}
         # One intra-op thread, as in update(): the Sobol' compute takes its chunks of units with
-        # the update's workers; the others are a few whole-layer operations.
+        # ``compute_threads`` workers; the others are a few whole-layer operations.
         with warnings.catch_warnings(), intra_op_threads(1):
             # A rank whose shard is empty (more ranks than blocks) never updates; its zero sums
             # are still part of the global ones.
             warnings.filterwarnings("ignore", message=".*was called before the ``update``")
             for layer, moments in self.moments.items():
                 metric = self.main[layer]
-                main = None if metric is None else metric.compute()
+                main = None if metric is None else _computed(metric, self.compute_threads)
                 out[layer] = (main, metric.moments if moments is None else moments.compute())
         return out
+
+
+def _computed(metric: Metric, threads: int) -> Any:
+    """``metric.compute()`` with ``threads`` chunk workers (its update's are kept)."""
+    update_threads, metric.threads = metric.threads, threads
+    try:
+        return metric.compute()
+    finally:
+        metric.threads = update_threads
 
 
 def _moment_arrays(moments: Any) -> dict[str, np.ndarray]:

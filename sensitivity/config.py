@@ -112,10 +112,14 @@ class EngineConfig:
             1 (the default) is never slower than itself under load; more are faster on a
             machine of one's own (2 workers: 1.2-1.5x on 2 cores) but were 2x slower than 1
             with another job on the cores (Python's lock passes between the workers).
-        augment_ahead: augment the next batch in a background thread (one intra-op thread)
-            while the current one is forwarded and summed; the images are the same. None (the
-            default): on the CPU when ``threads`` leaves one of the process's cores free, else
-            off (a forward on every core would stall on the thread).
+        background: use a free core (sensitivity.background): while the caller forwards a
+            batch, one thread (one intra-op thread) sums the previous batch and then loads and
+            augments the next; the sums are allocated in the background during the first batch
+            and compute() takes one more chunk worker. The results are identical; the peak
+            holds two batches' outputs instead of one. None (the default): on the CPU when
+            ``threads`` leaves one of the process's cores free, else off (a forward on every
+            core would stall on the thread). On a machine shared with other jobs no core is
+            really free: pass False there.
         target_halfwidth: adaptive N (sobol and shapley; METHOD.md "Adaptive N"): start at n
             and double N (Sobol' base points: each replicate's sequence extended; trajectories or
             permutations) until every layer's ``halfwidth_quantile`` quantile of the half-widths
@@ -152,7 +156,7 @@ class EngineConfig:
     compile: bool = False
     threads: int | None = None
     accumulation_threads: int = 1
-    augment_ahead: bool | None = None
+    background: bool | None = None
     target_halfwidth: float | None = None
     max_n: int | None = None
     halfwidth_quantile: float = 0.9
@@ -198,9 +202,9 @@ class EngineConfig:
         t = self.threads
         if t is not None and (isinstance(t, bool) or not isinstance(t, int | np.integer) or t < 1):
             raise ValueError(f"threads must be a positive integer or None (torch's), got {t!r}")
-        if self.augment_ahead is not None and not isinstance(self.augment_ahead, bool):
+        if self.background is not None and not isinstance(self.background, bool):
             raise ValueError(
-                f"augment_ahead must be True, False or None (automatic), got {self.augment_ahead!r}"
+                f"background must be True, False or None (automatic), got {self.background!r}"
             )
         t = self.accumulation_threads
         if isinstance(t, bool) or not isinstance(t, int | np.integer) or t < 1:

@@ -6,10 +6,14 @@ runs ``run_analysis``:
     plan (sensitivity.plan: checks, design, unit shapes, toggles) -> design blocks of this
     rank's shard -> rows -> decoded parameters + probe images (each unique image loaded once per
     batch; in DataLoader workers when num_workers > 0; sensitivity.batches) -> augmentation of
-    each distinct image on the model's device (the next batch loaded and augmented in a
-    background thread while this one is forwarded and summed, where
-    ``EngineConfig.augment_ahead`` says so) -> forward under inference mode with hooks
+    each distinct image on the model's device -> forward under inference mode with hooks
     (sensitivity.forward) -> accumulators (sensitivity.accumulators) -> result.
+
+Background thread (``EngineConfig.background``, sensitivity.background; automatic: when a core
+is free): while the caller forwards batch k, one thread sums batch k - 1 and then loads and
+augments batch k + 1; the accumulators' sums are allocated in another during the first batch,
+and ``compute()`` takes one more chunk worker. Results are identical with it on or off; the
+peak memory holds two batches' outputs instead of one.
 
 Sharding (sensitivity.distributed): blocks [n_blocks * r // W, n_blocks * (r + 1) // W) belong to
 rank r of W (contiguous, deterministic). Batches are whole blocks. The accumulators are
@@ -55,6 +59,8 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +73,7 @@ from torch.utils.data import Dataset
 from sensitivity import adaptive
 from sensitivity.accumulators import LayerAccumulators, layer_arrays
 from sensitivity.activations import ActivationWriter
+from sensitivity.background import Background, uses_background
 from sensitivity.batches import Batch, BatchSource, batch_loader, batch_ranges
 from sensitivity.capture import ActivationCapture, model_device
 from sensitivity.config import EngineConfig
@@ -80,7 +87,7 @@ from sensitivity.distributed import (
     shard_range,
 )
 from sensitivity.estimators.partial_sums import intra_op_threads
-from sensitivity.forward import BatchForward, Stopwatch, augments_ahead, channels_last_weights
+from sensitivity.forward import BatchForward, Stopwatch, channels_last_weights
 from sensitivity.plan import (
     AnalysisPlan,
     SmallSampleWarning,
@@ -137,15 +144,15 @@ def run_analysis(
         rank, world_size: default to torch.distributed's when initialised, else 0 and 1.
         timings: a dict to receive where the time went, in seconds: "setup" (checks, dry
             forward, accumulator allocation), "data" (decoding rows and loading images, or
-            waiting for the workers that do, and the copy to the device), "augment" (augmenting
-            ahead: the wait for the background thread), "forward" (with the hooks),
-            "accumulate", "store", "checkpoint", "compute", "results"; "augment_ahead" (the
-            background thread's seconds loading and augmenting, overlapped with the others;
-            "data" is then not charged); and the
+            waiting for the workers that do, and the copy to the device), "augment", "forward"
+            (with the hooks), "accumulate", "store", "checkpoint", "compute", "results"; and the
             counts "rows" and "forwarded" (rows actually forwarded: fewer with
-            ``deduplicate``). On CUDA the device is synchronised at every phase boundary so that
-            each phase is charged its own kernels, which removes some overlap: time the overall
-            rate without ``timings``.
+            ``deduplicate``). With the background thread "augment" and "accumulate" are the
+            caller's waits for it, and "data_background", "augment_background",
+            "accumulate_background" (and "store_background", "checkpoint_background") the
+            thread's own seconds, overlapped with the caller's. On CUDA the device is
+            synchronised at every phase boundary so that each phase is charged its own kernels,
+            which removes some overlap: time the overall rate without ``timings``.
 
     Returns:
         The global AnalysisResult on every rank: "S1"... (sobol), "shapley"... (shapley),
@@ -318,7 +325,8 @@ def _start(
         )
     stages = adaptive.stages(config)
     per_batch = max(1, config.batch_rows // design.block_size)
-    accumulators = LayerAccumulators(config, plan.problem, plan.unit_shapes, device)
+    accumulators = LayerAccumulators(config, plan.problem, plan.unit_shapes, device,
+                                     uses_background(config, device))
     stage, seconds_before, resume, saved = 0, 0.0, None, None
     if state_path is not None:
         resume = ResumeFile(
@@ -385,14 +393,14 @@ def _accumulate(
     """
     plan, config = run.plan, run.plan.config
     forward = BatchForward(model, plan, capture, device, run.watch)
-    ahead = augments_ahead(config, device)
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         # Parameters change format outside inference mode: they must stay usable for training.
         with (intra_op_threads(config.threads),
               channels_last_weights(model, config.channels_last),
-              torch.inference_mode(), capture):
+              torch.inference_mode(), capture,
+              Background(uses_background(config, device), device) as background):
             forward.module = torch.compile(model) if config.compile else model
             while True:
                 batches = batch_ranges(*run.shard, run.per_batch, run.next_block)
@@ -401,15 +409,7 @@ def _accumulate(
                                 config.deduplicate),
                     config.num_workers, pin_memory=device.type == "cuda",
                 )
-                # closing: an error here stops the background thread now, not when the
-                # traceback that holds this frame is freed.
-                with contextlib.closing(forward.batches(loader, ahead)) as augmented_batches:
-                    for batch, augmented in augmented_batches:
-                        outputs = forward.run(batch, augmented)
-                        _record(run, batch, outputs)
-                        # Free this batch's outputs before the next forward allocates its own:
-                        # the peak holds one batch of activations, not two.
-                        del outputs, augmented
+                _forward_all(run, forward, loader, background)
                 run.bar.close()
                 if run.stage < run.decide_from:
                     _next_stage(run)
@@ -423,6 +423,31 @@ def _accumulate(
         run.bar.close()
         for module, mode in modes.items():
             module.training = mode
+
+
+def _forward_all(
+    run: _Run, forward: BatchForward, loader: Iterable[Batch], background: Background
+) -> None:
+    """Forward every batch of ``loader`` and sum it (``_record``); with the background thread
+    batch k is summed there while the caller forwards batch k + 1."""
+    recorded: Future[None] | None = None
+    # closing: an error here stops the background thread's batches now, not when the
+    # traceback that holds this frame is freed.
+    with contextlib.closing(forward.batches(loader, background)) as augmented_batches:
+        for batch, augmented in augmented_batches:
+            outputs = forward.run(batch, augmented)
+            del augmented
+            if recorded is not None:  # the previous batch's sums (and its error, if any)
+                recorded.result()
+                run.watch.mark("accumulate")
+            recorded = background.submit(_record, run, forward, batch, outputs,
+                                         background.enabled)
+            # Free this batch's outputs as soon as they are summed: the peak holds one batch
+            # of outputs inline, two with the background thread.
+            del outputs
+    if recorded is not None:
+        recorded.result()
+        run.watch.mark("accumulate")
 
 
 def _grows(run: _Run, computed: dict[str, tuple[Any, Any]]) -> bool:
@@ -451,15 +476,21 @@ def _next_stage(run: _Run) -> None:
         run.watch.mark("checkpoint")
 
 
-def _record(run: _Run, batch: Batch, outputs: dict[str, Tensor]) -> None:
-    """Sum a batch's outputs, store them (activation writer), count them, checkpoint."""
+def _record(
+    run: _Run, forward: BatchForward, batch: Batch, outputs: dict[str, Tensor],
+    in_background: bool,
+) -> None:
+    """Sum a batch's outputs (``forward.run``'s), store them (activation writer), count them,
+    checkpoint; in the background thread, charged to its own phases."""
+    watch = run.watch.background() if in_background else run.watch
+    outputs = forward.expand(batch, outputs)
     run.accumulators.update(outputs, batch.stop - batch.start, batch.permutations,
                             batch.replicate)
-    run.watch.mark("accumulate")
+    watch.mark("accumulate")
     if run.writer is not None:
         size = run.plan.design.block_size
         run.writer.append(np.arange(batch.start * size, batch.stop * size), batch.rows, outputs)
-        run.watch.mark("store")
+        watch.mark("store")
     run.bar.update(len(batch.rows))
     every = run.plan.config.checkpoint_every
     if (
@@ -471,7 +502,7 @@ def _record(run: _Run, batch: Batch, outputs: dict[str, Tensor]) -> None:
         run.resume.save(batch.stop, run.seconds_before + time.perf_counter() - run.started,
                         run.accumulators.state(), run.stage)
         run.last_saved = batch.stop
-        run.watch.mark("checkpoint")
+        watch.mark("checkpoint")
 
 
 def _result(

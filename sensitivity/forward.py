@@ -2,28 +2,27 @@
 
 ``BatchForward`` takes a ``batches.Batch`` (CPU, possibly pinned) to the model's device, applies
 each row's augmentations, runs the model under autocast (``precision``) in the chosen memory
-format with the capture hooks active, and returns every row's captured outputs (copies of
-deduplicated rows expanded); where ``augments_ahead`` says so, the next batch is augmented in a
-background thread while the current one is forwarded and summed. ``channels_last_weights``
-converts the model's weights for channels-last and back; ``Stopwatch`` charges the time to the
-engine's phases (``run_analysis(timings=)``).
+format with the capture hooks active, and returns the captured outputs of the rows it forwarded;
+``expand`` gives them to every row (copies of deduplicated rows). With a background thread
+(``sensitivity.background``) the next batch is loaded and augmented there while the current one
+is forwarded. ``channels_last_weights`` converts the model's weights for channels-last and back;
+``Stopwatch`` charges the time to the engine's phases (``run_analysis(timings=)``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 
 import torch
 from torch import Tensor, nn
 
+from sensitivity.background import Background
 from sensitivity.batches import Batch
 from sensitivity.capture import ActivationCapture, model_device
-from sensitivity.config import EngineConfig
 from sensitivity.estimators.partial_sums import intra_op_threads
 from sensitivity.plan import AnalysisPlan
 
@@ -35,13 +34,23 @@ class Stopwatch:
         timings: the caller's dict (``run_analysis``'s ``timings``), or None.
         device: a CUDA device is synchronised at every mark, charging each phase its kernels.
         start: ``time.perf_counter()`` at the start of the analysis.
+        suffix: appended to every phase ("_background": the background thread's own seconds).
     """
 
-    def __init__(self, timings: dict[str, float] | None, device: torch.device, start: float):
+    def __init__(
+        self, timings: dict[str, float] | None, device: torch.device, start: float,
+        suffix: str = "",
+    ) -> None:
         self.timings = timings
         self.sync = timings is not None and device.type == "cuda"
         self.device = device
         self.last = start
+        self.suffix = suffix
+
+    def background(self) -> Stopwatch:
+        """A stopwatch for a job of the background thread, started now: its phases are charged
+        as "<phase>_background", beside the caller's."""
+        return Stopwatch(self.timings, self.device, time.perf_counter(), "_background")
 
     def mark(self, phase: str) -> None:
         """Charge the seconds since the previous mark to ``phase``."""
@@ -50,13 +59,9 @@ class Stopwatch:
         if self.sync:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
+        phase += self.suffix
         self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
         self.last = now
-
-    def add(self, phase: str, seconds: float) -> None:
-        """Add ``seconds`` measured elsewhere (another thread) to ``timings[phase]``."""
-        if self.timings is not None:
-            self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
     def count(self, rows: int, forwarded: int) -> None:
         """Add a batch's rows and the rows actually forwarded."""
@@ -95,9 +100,6 @@ class BatchForward:
         self.expanded: dict[str, Tensor] = {}  # reused across batches (deduplicate)
         self.inputs: dict[str, Tensor] = {}  # the augmented images' buffers, likewise
         self.turn = 0
-        # Augmenting ahead: starts the next batch's job (set by ``batches``), and that job.
-        self._start_next: Callable[[], Future[tuple[Batch, list[Tensor]] | None]] | None = None
-        self._next_job: Future[tuple[Batch, list[Tensor]] | None] | None = None
 
     def augment(self, batch: Batch, watch: Stopwatch | None) -> list[Tensor]:
         """The batch's images to forward, on the device and augmented, in chunks of at most
@@ -108,7 +110,7 @@ class BatchForward:
 
         Args:
             batch: the batch (CPU, possibly pinned).
-            watch: charged "data" and "augment"; None in the background thread (``ahead``).
+            watch: charged "data" and "augment" (in the background thread: its own).
 
         Returns:
             [(F_c, 3, H, W) in the model's dtype and memory format], the chunks in row order:
@@ -117,8 +119,7 @@ class BatchForward:
         unique = batch.images.to(self.device, self.dtype, non_blocking=True)
         image_of, decoded = batch.distinct_images()
         image_of = image_of.to(self.device)
-        if watch is not None:
-            watch.mark("data")
+        watch.mark("data")
         parts = []
         # One intra-op thread (EngineConfig.threads): many short kernels, whose parallel
         # regions stall under a competing load.
@@ -133,83 +134,67 @@ class BatchForward:
             elif not images.is_contiguous(memory_format=self.format):
                 index = torch.arange(len(images), device=self.device)
             if index is not None:
-                # Two buffers in turn: with ``ahead`` the caller forwards one while the
-                # background thread fills the other.
+                # Two buffers in turn: the caller forwards one while the background thread
+                # fills the other.
                 self.turn = 1 - self.turn
                 images = rows_into(self.inputs, f"images{self.turn}", images, index,
                                    self.format)
-        if watch is not None:
-            watch.mark("augment")
+        watch.mark("augment")
         return list(images.split(self.batch_rows))
 
     def run(self, batch: Batch, augmented: list[Tensor]) -> dict[str, Tensor]:
-        """Forward ``augmented`` (``augment(batch)``) with the hooks: {layer: (R, *unit_shape)}
-        for every row of ``batch`` (copies of deduplicated rows expanded)."""
+        """Forward ``augmented`` (``augment(batch)``) with the hooks: {layer: (F, *unit_shape)}
+        for the F rows forwarded (``expand`` gives every row its own)."""
         chunks = []
         for images in augmented:
             with self.autocast:
                 self.module(images)
             chunks.append(self.capture.pop())
         self.watch.mark("forward")
-        if self._start_next is not None:
-            self._next_job, self._start_next = self._start_next(), None
-        outputs = (
-            chunks[0] if len(chunks) == 1
-            else {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
-        )
-        if batch.deduplicate:
-            copies = batch.copies.to(self.device)
-            outputs = {k: rows_into(self.expanded, k, v, copies) for k, v in outputs.items()}
         self.watch.count(len(batch.rows), sum(len(images) for images in augmented))
-        return outputs
+        if len(chunks) == 1:
+            return chunks[0]
+        return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
 
-    def batches(self, loader: Iterable[Batch], ahead: bool) -> Iterator[tuple[Batch, list[Tensor]]]:
+    def expand(self, batch: Batch, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``run``'s outputs for every row of ``batch``: {layer: (R, *unit_shape)}, the copies of
+        deduplicated rows written into buffers kept from batch to batch (valid until the next
+        call: the background thread expands and sums one batch after the other)."""
+        if not batch.deduplicate:
+            return outputs
+        copies = batch.copies.to(self.device)
+        return {k: rows_into(self.expanded, k, v, copies) for k, v in outputs.items()}
+
+    def batches(
+        self, loader: Iterable[Batch], background: Background
+    ) -> Iterator[tuple[Batch, list[Tensor]]]:
         """Each batch of ``loader`` with its augmented chunks (``augment``).
 
         Args:
             loader: the batches, in order.
-            ahead: load and augment the next batch in a background thread while the caller
-                forwards and sums this one (``EngineConfig.augment_ahead``). The images are the
-                same; "augment" is then the time the caller waited for them, "augment_ahead"
-                the seconds the thread spent (loading the batch and the copy to the device
-                included).
+            background: where the next batch is loaded and augmented: with a thread, it is
+                queued when this batch is handed out, so it runs while the caller forwards this
+                one (after the previous batch's accumulation, queued before it). "augment" is
+                then the time the caller waited for it; "data_background" and
+                "augment_background" the seconds the thread spent.
         """
-        if not ahead:
+        if not background.enabled:
             for batch in loader:
                 yield batch, self.augment(batch, self.watch)
             return
         batches = iter(loader)
-        # The caller's CUDA stream (streams are per thread): the thread's kernels are queued
-        # behind the forward that last read the buffer it fills.
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        with ThreadPoolExecutor(1, thread_name_prefix="augment-ahead") as pool:
+        job = background.submit(self._next_augmented, batches)
+        while (ready := self._waited(job)) is not None:
+            job = background.submit(self._next_augmented, batches)
+            yield ready
 
-            def start() -> Future[tuple[Batch, list[Tensor]] | None]:
-                return pool.submit(self._next_augmented, batches, stream)
-
-            job = start()
-            while (ready := self._waited(job)) is not None:
-                # The next batch starts when this one's forward is done (``run``): alongside
-                # the accumulation, not the forward, which shares the cores' cache with it
-                # (a forward beside the thread ran 3-7% slower).
-                self._start_next, self._next_job = start, None
-                yield ready
-                job = self._next_job or start()
-                self._start_next = None
-
-    def _next_augmented(
-        self, batches: Iterator[Batch], stream: torch.cuda.Stream | None
-    ) -> tuple[Batch, list[Tensor]] | None:
-        """The next batch and its ``augment``, in the background thread (with its own inference
-        mode and CUDA stream: they are per thread); None after the last."""
-        started = time.perf_counter()
+    def _next_augmented(self, batches: Iterator[Batch]) -> tuple[Batch, list[Tensor]] | None:
+        """The next batch and its ``augment``, in the background thread; None after the last."""
+        watch = self.watch.background()
         batch = next(batches, None)
         if batch is None:
             return None
-        with torch.inference_mode(), torch.cuda.stream(stream):
-            chunks = self.augment(batch, None)
-        self.watch.add("augment_ahead", time.perf_counter() - started)
-        return batch, chunks
+        return batch, self.augment(batch, watch)
 
     def _waited(
         self, job: Future[tuple[Batch, list[Tensor]] | None]
@@ -218,17 +203,6 @@ class BatchForward:
         ready = job.result()
         self.watch.mark("augment")
         return ready
-
-
-def augments_ahead(config: EngineConfig, device: torch.device) -> bool:
-    """Whether batches are augmented ahead (``BatchForward.batches``): ``config.augment_ahead``,
-    or when it is None, on the CPU when the forward's intra-op threads (``config.threads``)
-    leave one of this process's cores free for the background thread. Never when the
-    forward may use every core: the thread would stall its parallel regions."""
-    if config.augment_ahead is not None:
-        return config.augment_ahead
-    return (device.type == "cpu" and config.threads is not None
-            and config.threads < len(os.sched_getaffinity(0)))
 
 
 def rows_into(

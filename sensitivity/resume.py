@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 # 3: replicated Sobol' states, Shapley y0 sums.
 STATE_VERSION = 3
 # Settings that change the speed, the output or how often a state is saved, never the sums.
-_NOT_FINGERPRINTED = ("checkpoint_every", "num_workers", "progress", "augment_ahead")
+_NOT_FINGERPRINTED = ("checkpoint_every", "num_workers", "progress", "background")
 
 
 def model_digest(model: nn.Module) -> str:

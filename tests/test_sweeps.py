@@ -239,7 +239,7 @@ def test_the_walk_finds_the_known_options():
     # Guards the walk itself: an empty or partial case list would pass every test below.
     assert {"second_order", "deduplicate", "channels_last", "compile", "progress", "overwrite",
             "store_activations", "wandb", "masking.reuse_prefix"} <= dests(SWITCHES)
-    assert dests(TYPED_BOOLEANS) == {"small_input", "augment_ahead"}
+    assert dests(TYPED_BOOLEANS) == {"small_input", "background"}
     assert {"problem.augmentations", "problem.auxiliaries", "layers", "masking.layers",
             "masking.variables", "masking.augmentations", "wandb_tags",
             "value_types"} <= dests(LISTS)
