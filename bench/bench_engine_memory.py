@@ -40,9 +40,13 @@ BATCH_ROWS = 40
 
 
 LOOP = ("data", "augment", "forward", "accumulate")
+BACKGROUND = {"auto": None, "on": True, "off": False}
 
 
-def measure(n: int, device: str, threads: int, layers: list[str] | None, batch_rows: int) -> dict:
+def measure(
+    n: int, device: str, threads: int, layers: list[str] | None, batch_rows: int,
+    background: bool | None,
+) -> dict:
     """One engine run with N = n in this process; returns its figures."""
     sys.path.insert(0, str(ROOT))
     import torch
@@ -62,7 +66,8 @@ def measure(n: int, device: str, threads: int, layers: list[str] | None, batch_r
     model.to(device)
     problem = AugmentationProblem(1, n_classes=4, images_per_class=4)
     config = EngineConfig(method="sobol", n=n, layers=layers, reduction="none",
-                          batch_rows=batch_rows, progress=False)
+                          batch_rows=batch_rows, progress=False, threads=threads,
+                          background=background)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -98,13 +103,16 @@ def main() -> None:
     parser.add_argument("--layers", default=",".join(LAYERS),
                         help="comma-separated checkpoints, or 'default' (capture.default_layers)")
     parser.add_argument("--batch-rows", type=int, default=BATCH_ROWS)
+    parser.add_argument("--background", choices=list(BACKGROUND), default="auto",
+                        help="EngineConfig.background (auto: on when --threads leaves a core "
+                        "free)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     layers = None if args.layers == "default" else args.layers.split(",")
     if args.child is not None:
         print(json.dumps(measure(args.child, args.device, args.threads, layers,
-                                 args.batch_rows)))
+                                 args.batch_rows, BACKGROUND[args.background])))
         return
     rows = []
     for k in range(args.steps):
@@ -112,7 +120,7 @@ def main() -> None:
         done = subprocess.run(
             [sys.executable, __file__, "--child", str(n), "--device", args.device,
              "--threads", str(args.threads), "--layers", args.layers,
-             "--batch-rows", str(args.batch_rows)],
+             "--batch-rows", str(args.batch_rows), "--background", args.background],
             capture_output=True, text=True, check=True,
         )
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -122,7 +130,7 @@ def main() -> None:
     first = rows[0]
     print(f"\nsmall-input ResNet18, {IMAGE_SIZE} px, layers {args.layers} "
           f"({first['units']} units), Sobol set 1 (G = 8), batch {args.batch_rows} rows, "
-          f"{args.device}, {args.threads} threads")
+          f"{args.device}, {args.threads} threads, background thread: {args.background}")
     header = (f"{'N':>6} {'rows':>7} {'seconds':>8} {'rows/s':>7} {'loop s':>7} "
               f"{'loop ms/row':>11} {'peak RSS MB':>12} {'python MB':>10} {'cuda MB':>8}")
     print(header)
@@ -145,6 +153,7 @@ def main() -> None:
         "python": platform.python_version(),
         "device": args.device,
         "threads": args.threads,
+        "background": args.background,
         "model": f"resnet18 small-input, {IMAGE_SIZE} px",
         "layers": args.layers,
         "batch_rows": args.batch_rows,

@@ -16,7 +16,8 @@
 #      extrapolated to the published 2.4 M-row design, variants baseline (float32), fast (bf16 +
 #      channels-last + deduplication) and fp16, within a deadline
 #   5. bench/bench_engine.py: AlexNet at 224 px, all 8 published layers, second order, N = 512
-#      (9,216 rows), float32: the accumulation's heaviest case against its bare forward passes
+#      (9,216 rows), float32: the accumulation's heaviest case against its bare forward passes;
+#      again with --background on (the sums and augmentation in a thread on the caller's stream)
 #   6. bench/bench_masking.py: guided masking against the bare masked forwards of its schedule
 #      (batched configurations at the GPU default of 256 rows per forward, and unbatched)
 #   7. a compact summary of the JSON written
@@ -99,6 +100,10 @@ step engine-second-order 150 "$PY" bench/bench_engine.py --device "$DEVICE" --si
     --archs alexnet --sets 1 --n "$S2_N" --reps 1 --variants baseline --second-order \
     --workers "$WORKERS" --threads "$THREADS" --out "$OUT_DIR" \
     --name "engine_second_order_${DEVICE}_${SIZE}.json"
+step engine-second-order-background 150 "$PY" bench/bench_engine.py --device "$DEVICE" \
+    --size "$SIZE" --archs alexnet --sets 1 --n "$S2_N" --reps 1 --variants baseline \
+    --second-order --background on --workers "$WORKERS" --threads "$THREADS" --out "$OUT_DIR" \
+    --name "engine_second_order_background_${DEVICE}_${SIZE}.json"
 
 if [ "$QUICK" = 1 ]; then MASK_ARGS=(--images-per-class 1 --k 1 --reps 1); else
     MASK_ARGS=(--images-per-class 4 --k 4); fi
@@ -150,11 +155,12 @@ if base:
     r = base[0]
     print(f"targets: ratio >= 0.8: {r['ratio']:.2f}; published 2.4 M rows < 0.5 h: "
           f"{r['extrapolation']['published_2.4M_rows_hours']:.2f} h (float32)")
-second = out / f"engine_second_order_{device}_{size}.json"
-for r in (json.loads(second.read_text())["runs"] if second.exists() else []):
-    print(f"AlexNet second order, N = {r['n']} ({r['rows']} rows, {r['units']} units): "
-          f"{r['analysis_rows_per_s']:.0f} rows/s, bare {r['bare_rows_per_s']:.0f}, ratio "
-          f"{r['ratio']:.2f} (target >= 0.85)")
+for name, how in (("", ""), ("_background", ", background thread")):
+    second = out / f"engine_second_order{name}_{device}_{size}.json"
+    for r in (json.loads(second.read_text())["runs"] if second.exists() else []):
+        print(f"AlexNet second order{how}, N = {r['n']} ({r['rows']} rows, {r['units']} "
+              f"units): {r['analysis_rows_per_s']:.0f} rows/s, bare {r['bare_rows_per_s']:.0f},"
+              f" ratio {r['ratio']:.2f} (target >= 0.85)")
 masking = out / "masking.json"
 for r in (json.loads(masking.read_text())["efficiency"] if masking.exists() else []):
     print(f"masking, batch_rows {r['batch_rows']}: {r['forwards']} forwards, evaluation "
