@@ -10,9 +10,9 @@ states are what a resume file saves. ``layer_arrays`` turns one layer's computed
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -81,13 +81,23 @@ class LayerAccumulators:
         self.main: dict[str, Metric | None] = {}
         self.moments: dict[str, MomentsAccumulator | None] = {}
         self.compute_threads = config.accumulation_threads + int(background)
-        self._allocating: Future[None] | None = None
+        self._allocation: threading.Thread | None = None
+        self._allocation_error: BaseException | None = None
         if not background:
             self._allocate(config, problem, shapes, device)
             return
-        pool = ThreadPoolExecutor(1, thread_name_prefix="allocate-sums")
-        self._allocating = pool.submit(self._allocate, config, problem, shapes, device)
-        pool.shutdown(wait=False)
+        self._allocation = threading.Thread(
+            target=self._allocate_kept, args=(config, problem, shapes, device),
+            name="allocate-sums", daemon=True,
+        )
+        self._allocation.start()
+
+    def _allocate_kept(self, *args: Any) -> None:
+        """``_allocate`` in the allocation thread: its error is kept for ``_allocated``."""
+        try:
+            self._allocate(*args)
+        except BaseException as error:  # raised in the analysis's thread, at the next use
+            self._allocation_error = error
 
     def _allocate(
         self,
@@ -111,9 +121,16 @@ class LayerAccumulators:
 
     def _allocated(self) -> None:
         """Wait for the states allocated in the background (its error raised here)."""
-        if self._allocating is not None:
-            self._allocating.result()
-            self._allocating = None
+        self.settle()
+        if self._allocation_error is not None:
+            raise self._allocation_error
+
+    def settle(self) -> None:
+        """Wait for a background allocation to end, without raising its error (the next use
+        raises it): an analysis that fails early leaves no thread behind."""
+        if self._allocation is not None:
+            self._allocation.join()
+            self._allocation = None
 
     def update(
         self,

@@ -325,8 +325,6 @@ def _start(
         )
     stages = adaptive.stages(config)
     per_batch = max(1, config.batch_rows // design.block_size)
-    accumulators = LayerAccumulators(config, plan.problem, plan.unit_shapes, device,
-                                     uses_background(config, device))
     stage, seconds_before, resume, saved = 0, 0.0, None, None
     if state_path is not None:
         resume = ResumeFile(
@@ -334,6 +332,9 @@ def _start(
             resume_fields(plan, model, rank, world_size, per_batch),
         )
         saved = resume.load()
+    # After the resume file's checks: a refused state allocates nothing.
+    accumulators = LayerAccumulators(config, plan.problem, plan.unit_shapes, device,
+                                     uses_background(config, device))
     shard = _stage_shard(stages[0], rank, world_size)
     next_block = shard[0]
     if saved is not None:
@@ -421,6 +422,7 @@ def _accumulate(
                 _next_stage(run)
     finally:
         run.bar.close()
+        run.accumulators.settle()
         for module, mode in modes.items():
             module.training = mode
 

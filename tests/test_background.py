@@ -100,7 +100,7 @@ def test_the_background_thread_gives_the_same_results(probe, settings, accumulat
     assert len(problems[True].threads) == len(problems[False].threads) > 2
     main = threading.main_thread().name
     assert set(problems[False].threads) == set(updates[False]) == {main}
-    assert seen["allocate"] == [main, "allocate-sums_0"]
+    assert seen["allocate"] == [main, "allocate-sums"]
     assert len(updates[True]) == len(updates[False]) > 2
     for name in problems[True].threads + updates[True]:
         assert name.startswith("analysis-background")
@@ -108,12 +108,13 @@ def test_the_background_thread_gives_the_same_results(probe, settings, accumulat
         assert timings[True][phase] > 0 and phase not in timings[False]
 
 
-def test_an_error_in_the_background_augmentation_is_raised_by_the_analysis(probe):
+@pytest.mark.parametrize("fail_at", [1, 3])  # 1: while the sums may still be allocated
+def test_an_error_in_the_background_augmentation_is_raised_by_the_analysis(probe, fail_at):
     threads_before = threading.active_count()
     with pytest.raises(RuntimeError, match="augmentation failed on purpose"):
-        analyse(probe, RecordingProblem(fail_at=3), method="sobol", n=32, batch_rows=36,
+        analyse(probe, RecordingProblem(fail_at=fail_at), method="sobol", n=32, batch_rows=36,
                 background=True)
-    # The background thread is gone with the analysis, not left for the garbage collector.
+    # The background threads are gone with the analysis, not left for the garbage collector.
     assert threading.active_count() == threads_before
 
 
@@ -129,6 +130,19 @@ def test_an_error_in_the_background_accumulation_stops_the_analysis(probe, accum
     # more than the two batches after it were augmented.
     assert len(seen["update"]) == 2
     assert len(problem.threads) <= 4
+
+
+def test_an_error_allocating_the_sums_in_the_background_is_raised_by_the_analysis(
+    probe, monkeypatch
+):
+    def fail(self, *args):
+        raise MemoryError("no room for the sums")
+
+    monkeypatch.setattr(LayerAccumulators, "_allocate", fail)
+    threads_before = threading.active_count()
+    with pytest.raises(MemoryError, match="no room for the sums"):
+        analyse(probe, method="sobol", n=32, batch_rows=36, background=True)
+    assert threading.active_count() == threads_before
 
 
 def test_background_jobs_run_in_order_in_the_submitters_inference_mode():
