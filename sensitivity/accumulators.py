@@ -83,6 +83,9 @@ class LayerAccumulators:
         self.compute_threads = config.accumulation_threads + int(background)
         self._allocation: threading.Thread | None = None
         self._allocation_error: BaseException | None = None
+        # Set when a layer's states exist (or the allocation has failed): the layers are
+        # allocated in checkpoint order, and an update of one waits for its own only.
+        self._ready = {layer: threading.Event() for layer in shapes} if background else {}
         if not background:
             self._allocate(config, problem, shapes, device)
             return
@@ -98,6 +101,9 @@ class LayerAccumulators:
             self._allocate(*args)
         except BaseException as error:  # raised in the analysis's thread, at the next use
             self._allocation_error = error
+        finally:
+            for ready in self._ready.values():
+                ready.set()
 
     def _allocate(
         self,
@@ -118,12 +124,21 @@ class LayerAccumulators:
             for metric in (self.main[layer], self.moments[layer]):
                 if metric is not None:
                     metric.threads = threads
+            if layer in self._ready:
+                self._ready[layer].set()
 
     def _allocated(self) -> None:
         """Wait for the states allocated in the background (its error raised here)."""
         self.settle()
         if self._allocation_error is not None:
             raise self._allocation_error
+
+    def _layer_allocated(self, layer: str) -> None:
+        """Wait for one layer's states (the allocation's error raised if they were not made)."""
+        if layer in self._ready:
+            self._ready[layer].wait()
+        if layer not in self.moments:
+            self._allocated()
 
     def settle(self) -> None:
         """Wait for a background allocation to end, without raising its error (the next use
@@ -142,16 +157,17 @@ class LayerAccumulators:
         """Add the outputs of whole blocks.
 
         Args:
-            outputs: {layer: (n_blocks * block_size, *unit_shape)} in row order.
+            outputs: {layer: (n_blocks * block_size, *unit_shape)} in row order; any subset
+                of the layers (the engine may add a batch one layer at a time).
             n_blocks: blocks in ``outputs``.
             perms: (n_blocks, G) group orders (Shapley designs), else None.
             replicate: (n_blocks,) replicate ids (replicated Sobol'), else None.
         """
-        self._allocated()
         # One intra-op thread (EngineConfig.threads: parallel regions stall under load); the
         # accumulators' own workers (accumulation_threads) take the chunks.
         with intra_op_threads(1):
             for layer, Y in outputs.items():
+                self._layer_allocated(layer)
                 moments = self.moments[layer]
                 if moments is not None:
                     moments.update(Y)

@@ -76,8 +76,10 @@ class ActivationCapture:
     tensor (B, *unit_shape) on the model's device, detached and copied (a later in-place op such as
     ``ReLU(inplace=True)`` cannot alter it). ``pop()`` returns them. The first forward fixes each
     layer's ``UnitLayout`` (``layouts``). When a module runs several times in one forward (e.g.
-    the shared ``relu`` inside a ResNet block), the last call wins; hook the enclosing block
-    instead. Hooks are removed on exit, also after an exception.
+    the shared ``relu`` inside a ResNet block), the last call wins (``repeated`` names such
+    layers after a ``pop()``); hook the enclosing block instead. With a ``sink`` set, each
+    output is handed to ``sink(layer, output)`` as soon as it is made instead of being kept
+    (its layers must run once per forward). Hooks are removed on exit, also after an exception.
 
     Raises:
         ValueError: no layers, unknown or repeated layer names, unknown reductions or layouts,
@@ -117,6 +119,10 @@ class ActivationCapture:
         self._tracker = LayoutTracker(model)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._outputs: dict[str, Tensor] = {}
+        self._calls: dict[str, int] = {}
+        # The layers whose module ran more than once in the forward before the last pop().
+        self.repeated: list[str] = []
+        self.sink: Callable[[str, Tensor], None] | None = None
 
     def _resolve_targets(
         self, modules: Mapping[str, nn.Module]
@@ -223,10 +229,20 @@ class ActivationCapture:
             # forward (e.g. by ReLU(inplace=True)). Contiguous in the layout's axis order
             # whatever the module's memory format: a channels-last NCHW output is transposed in
             # the same pass.
-            self._outputs[name] = value.to(
+            value = value.to(
                 torch.float32, memory_format=torch.contiguous_format,
                 copy=not (derived or reduced),
             )
+            self._calls[name] = self._calls.get(name, 0) + 1
+            if self.sink is None:
+                self._outputs[name] = value
+            elif self._calls[name] > 1:
+                raise ValueError(
+                    f"layer {name!r} ran twice in one forward, but its first output was handed "
+                    "on already (sink); capture the enclosing block instead"
+                )
+            else:
+                self.sink(name, value)
 
         return hook
 
@@ -234,7 +250,7 @@ class ActivationCapture:
         """Register the hooks; RuntimeError when already active."""
         if self._handles:
             raise RuntimeError("this ActivationCapture is already active; do not nest it")
-        self._outputs = {}
+        self._outputs, self._calls = {}, {}
         if set(self.layers) - set(self.layouts) - set(self.overrides):
             # First: its hooks update the axis order before a capture hook on the same module
             # reads it.
@@ -265,19 +281,21 @@ class ActivationCapture:
         """Take the outputs of the latest forward (and clear them).
 
         Returns:
-            {layer: (B, *unit_shape) float32} on the model's device, in ``layers`` order.
+            {layer: (B, *unit_shape) float32} on the model's device, in ``layers`` order; empty
+            with a ``sink`` (it had them).
 
         Raises:
             ValueError: a layer has not run since the last ``pop``.
         """
-        missing = [name for name in self.layers if name not in self._outputs]
+        missing = [name for name in self.layers if name not in self._calls]
         if missing:
             raise ValueError(
                 f"layer(s) {missing} produced no output since the last pop(); run a forward "
                 "inside `with capture:` (and check that these modules are used by the forward)"
             )
-        outputs = {name: self._outputs[name] for name in self.layers}
-        self._outputs = {}
+        self.repeated = [name for name in self.layers if self._calls[name] > 1]
+        outputs = {name: self._outputs[name] for name in self.layers if name in self._outputs}
+        self._outputs, self._calls = {}, {}
         return outputs
 
     def unit_shapes(
@@ -298,16 +316,16 @@ class ActivationCapture:
             {layer: unit shape}, e.g. (C, H', W'), (H', W', C), (L, D), (F,), or (C,) / (D,)
             with channel_mean or cls_token.
         """
-        pending = self._outputs
+        pending = self._outputs, self._calls, self.sink
         entered = not self.active
         if entered:
             self.__enter__()
         try:
-            self._outputs = {}
+            self._outputs, self._calls, self.sink = {}, {}, None
             dry_forward(self.model, image_size, channels, forward)
             shapes = {name: tuple(t.shape[1:]) for name, t in self.pop().items()}
         finally:
-            self._outputs = pending
+            self._outputs, self._calls, self.sink = pending
             if entered:
                 self.__exit__(None, None, None)
         return shapes

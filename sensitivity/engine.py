@@ -59,7 +59,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -430,26 +430,48 @@ def _accumulate(
 def _forward_all(
     run: _Run, forward: BatchForward, loader: Iterable[Batch], background: Background
 ) -> None:
-    """Forward every batch of ``loader`` and sum it (``_record``); with the background thread
-    batch k is summed there while the caller forwards batch k + 1."""
+    """Forward every batch of ``loader`` and sum it (``_record``).
+
+    With the background thread, batch k is summed there while the caller forwards batch k + 1;
+    where every layer's module runs once per forward (``AnalysisPlan.repeated``) and nothing is
+    stored, each layer is handed to the thread as soon as the forward makes it, so that the
+    sums of the first layers run beside the forward of the last ones.
+    """
     recorded: Future[None] | None = None
+    by_layer = background.enabled and run.writer is None and not run.plan.repeated
     # closing: an error here stops the background thread's batches now, not when the
     # traceback that holds this frame is freed.
     with contextlib.closing(forward.batches(loader, background)) as augmented_batches:
         for batch, augmented in augmented_batches:
-            outputs = forward.run(batch, augmented)
+            summed: list[Future[None]] = []
+            sink = (_layer_sink(run, forward, batch, background, summed)
+                    if by_layer and len(augmented) == 1 else None)
+            outputs = forward.run(batch, augmented, sink)
             del augmented
             if recorded is not None:  # the previous batch's sums (and its error, if any)
                 recorded.result()
                 run.watch.mark("accumulate")
-            recorded = background.submit(_record, run, forward, batch, outputs,
+            recorded = background.submit(_record, run, forward, batch, outputs, summed,
                                          background.enabled)
             # Free this batch's outputs as soon as they are summed: the peak holds one batch
-            # of outputs inline, two with the background thread.
+            # of outputs inline, about two with the background thread.
             del outputs
     if recorded is not None:
         recorded.result()
         run.watch.mark("accumulate")
+
+
+def _layer_sink(
+    run: _Run, forward: BatchForward, batch: Batch, background: Background,
+    summed: list[Future[None]],
+) -> Callable[[str, Tensor], None]:
+    """The capture's sink for one batch: each layer's output queued to the background thread
+    (``_sum_layer``) as the forward makes it, its job appended to ``summed``."""
+
+    def sink(layer: str, output: Tensor) -> None:
+        summed.append(background.submit(_sum_layer, run, forward, batch, {layer: output}))
+
+    return sink
 
 
 def _grows(run: _Run, computed: dict[str, tuple[Any, Any]]) -> bool:
@@ -478,17 +500,42 @@ def _next_stage(run: _Run) -> None:
         run.watch.mark("checkpoint")
 
 
-def _record(
+def _sum(
     run: _Run, forward: BatchForward, batch: Batch, outputs: dict[str, Tensor],
-    in_background: bool,
-) -> None:
-    """Sum a batch's outputs (``forward.run``'s), store them (activation writer), count them,
-    checkpoint; in the background thread, charged to its own phases."""
-    watch = run.watch.background() if in_background else run.watch
+    watch: Stopwatch,
+) -> dict[str, Tensor]:
+    """Add a batch's outputs (all its layers or some, as ``forward.run`` gives them) to the
+    accumulators, charged to ``watch``.
+
+    Returns:
+        The outputs of every row (``forward.expand``).
+    """
     outputs = forward.expand(batch, outputs)
     run.accumulators.update(outputs, batch.stop - batch.start, batch.permutations,
                             batch.replicate)
     watch.mark("accumulate")
+    return outputs
+
+
+def _sum_layer(
+    run: _Run, forward: BatchForward, batch: Batch, outputs: dict[str, Tensor]
+) -> None:
+    """``_sum`` of one layer's outputs, a job of the background thread."""
+    _sum(run, forward, batch, outputs, run.watch.background())
+
+
+def _record(
+    run: _Run, forward: BatchForward, batch: Batch, outputs: dict[str, Tensor] | None,
+    summed: list[Future[None]], in_background: bool,
+) -> None:
+    """Sum a batch's outputs (``forward.run``'s; None when its layers were handed on one by one
+    as ``summed``, whose errors are raised here), store them (activation writer), count them,
+    checkpoint; in the background thread, charged to its own phases."""
+    for layer in summed:  # done: queued before this job
+        layer.result()
+    watch = run.watch.background() if in_background else run.watch
+    if outputs is not None:
+        outputs = _sum(run, forward, batch, outputs, watch)
     if run.writer is not None:
         size = run.plan.design.block_size
         run.writer.append(np.arange(batch.start * size, batch.stop * size), batch.rows, outputs)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 
 import torch
@@ -142,16 +142,33 @@ class BatchForward:
         watch.mark("augment")
         return list(images.split(self.batch_rows))
 
-    def run(self, batch: Batch, augmented: list[Tensor]) -> dict[str, Tensor]:
+    def run(
+        self, batch: Batch, augmented: list[Tensor],
+        sink: Callable[[str, Tensor], None] | None = None,
+    ) -> dict[str, Tensor] | None:
         """Forward ``augmented`` (``augment(batch)``) with the hooks: {layer: (F, *unit_shape)}
-        for the F rows forwarded (``expand`` gives every row its own)."""
+        for the F rows forwarded (``expand`` gives every row its own).
+
+        Args:
+            sink: hands each layer's output to ``sink(layer, output)`` as the forward makes
+                it (``ActivationCapture.sink``), and None is returned; only for a batch
+                forwarded in one chunk.
+        """
+        if sink is not None and len(augmented) != 1:
+            raise ValueError(f"a sink takes a batch of one chunk, got {len(augmented)}")
         chunks = []
-        for images in augmented:
-            with self.autocast:
-                self.module(images)
-            chunks.append(self.capture.pop())
+        self.capture.sink = sink
+        try:
+            for images in augmented:
+                with self.autocast:
+                    self.module(images)
+                chunks.append(self.capture.pop())
+        finally:
+            self.capture.sink = None
         self.watch.mark("forward")
         self.watch.count(len(batch.rows), sum(len(images) for images in augmented))
+        if sink is not None:
+            return None
         if len(chunks) == 1:
             return chunks[0]
         return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}

@@ -48,6 +48,8 @@ class AnalysisPlan:
         toggles: {variable: base points (trajectories) in which it changes}, among the first
             n (the first stage of an adaptive run); empty for the designs without pairs
             (``toggle_counts``).
+        repeated: the layers whose module ran more than once in the dry forward (their last
+            output is the one captured, so it cannot be handed on as it is made).
     """
 
     problem: AugmentationProblem
@@ -57,6 +59,7 @@ class AnalysisPlan:
     unit_shapes: dict[str, tuple[int, ...]]
     layouts: dict[str, UnitLayout]
     toggles: dict[str, int]
+    repeated: tuple[str, ...] = ()
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -92,7 +95,7 @@ def layer_units(
     image_size: tuple[int, int],
     config: EngineConfig,
     layer_root: nn.Module | None = None,
-) -> tuple[dict[str, tuple[int, ...]], dict[str, UnitLayout]]:
+) -> tuple[dict[str, tuple[int, ...]], dict[str, UnitLayout], list[str]]:
     """The unit shapes and layouts the analysis will report, from one dry forward of ``model``.
 
     Args:
@@ -102,7 +105,8 @@ def layer_units(
         layer_root: the module that names the layers (``hooked_module``).
 
     Returns:
-        ({layer: unit shape}, {layer: unit layout}), in checkpoint order.
+        ({layer: unit shape}, {layer: unit layout}, the layers whose module ran more than once),
+        in checkpoint order.
 
     Raises:
         ValueError: for unknown layer names (the message lists the valid ones), outputs of no
@@ -111,7 +115,7 @@ def layer_units(
     capture = ActivationCapture(hooked_module(model, layer_root), config.layers, config.reduction,
                                 layouts=config.layouts)
     shapes = capture.unit_shapes(image_size, forward=model)
-    return shapes, {name: capture.layouts[name] for name in shapes}
+    return shapes, {name: capture.layouts[name] for name in shapes}, capture.repeated
 
 
 def layer_shapes(
@@ -166,9 +170,9 @@ def plan_analysis(
         raise ValueError(f"problem must be an AugmentationProblem, got {type(problem).__name__}")
     source = ProbeImages(probe, problem, cpu=config.num_workers > 0)
     design = build_design(problem, config)
-    shapes, layouts = layer_units(model, source.size, config, layer_root)
+    shapes, layouts, repeated = layer_units(model, source.size, config, layer_root)
     return AnalysisPlan(problem, config, design, source, shapes, layouts,
-                        toggle_counts(problem, design, config.n))
+                        toggle_counts(problem, design, config.n), tuple(repeated))
 
 
 def toggle_counts(

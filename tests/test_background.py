@@ -17,6 +17,7 @@ from sensitivity.accumulators import LayerAccumulators
 from sensitivity.background import Background, uses_background
 from sensitivity.config import EngineConfig
 from sensitivity.engine import run_analysis
+from sensitivity.plan import plan_analysis
 from sensitivity.problem import AugmentationProblem
 
 
@@ -39,9 +40,9 @@ class RecordingProblem(AugmentationProblem):
 
 @pytest.fixture
 def accumulator_threads(monkeypatch):
-    """Records the thread of every ``LayerAccumulators`` allocation and update; an update
-    raises on call ``fail_at[0]`` (1-based) when set."""
-    seen: dict[str, list[str]] = {"allocate": [], "update": []}
+    """Records the thread of every ``LayerAccumulators`` allocation, and the thread and layers
+    of every update; an update raises on call ``fail_at[0]`` (1-based) when set."""
+    seen: dict[str, list] = {"allocate": [], "update": []}
     fail_at: list[int | None] = [None]
     allocate, update = LayerAccumulators._allocate, LayerAccumulators.update
 
@@ -49,11 +50,11 @@ def accumulator_threads(monkeypatch):
         seen["allocate"].append(threading.current_thread().name)
         return allocate(self, *args)
 
-    def recorded_update(self, *args):
-        seen["update"].append(threading.current_thread().name)
+    def recorded_update(self, outputs, *args):
+        seen["update"].append((threading.current_thread().name, tuple(outputs)))
         if len(seen["update"]) == fail_at[0]:
             raise RuntimeError("accumulation failed on purpose")
-        return update(self, *args)
+        return update(self, outputs, *args)
 
     monkeypatch.setattr(LayerAccumulators, "_allocate", recorded_allocate)
     monkeypatch.setattr(LayerAccumulators, "update", recorded_update)
@@ -99,10 +100,16 @@ def test_the_background_thread_gives_the_same_results(probe, settings, accumulat
     assert timings[True]["rows"] == timings[False]["rows"]
     assert len(problems[True].threads) == len(problems[False].threads) > 2
     main = threading.main_thread().name
-    assert set(problems[False].threads) == set(updates[False]) == {main}
+    assert set(problems[False].threads) == {t for t, _ in updates[False]} == {main}
     assert seen["allocate"] == [main, "allocate-sums"]
-    assert len(updates[True]) == len(updates[False]) > 2
-    for name in problems[True].threads + updates[True]:
+    layers = [layer for _, summed in updates[False] for layer in summed]
+    assert sorted(layer for _, summed in updates[True] for layer in summed) == sorted(layers)
+    assert len(layers) > 4 and all(len(summed) == 2 for _, summed in updates[False])
+    # One layer at a time as the forward makes it, except for batches forwarded in several
+    # chunks (some of the permutation blocks larger than a batch).
+    if settings["method"] == "sobol":
+        assert all(len(summed) == 1 for _, summed in updates[True])
+    for name in problems[True].threads + [t for t, _ in updates[True]]:
         assert name.startswith("analysis-background")
     for phase in ("augment_background", "accumulate_background"):
         assert timings[True][phase] > 0 and phase not in timings[False]
@@ -118,18 +125,28 @@ def test_an_error_in_the_background_augmentation_is_raised_by_the_analysis(probe
     assert threading.active_count() == threads_before
 
 
-def test_an_error_in_the_background_accumulation_stops_the_analysis(probe, accumulator_threads):
+def test_an_error_in_the_background_accumulation_stops_the_analysis_resumably(
+    probe, accumulator_threads, tmp_path
+):
+    """The failed batch is never checkpointed: the state left behind resumes to the sums of an
+    uninterrupted run (a layer summed after the failure, as the next layers of the batch may
+    be, is dropped with the analysis)."""
     seen, fail_at = accumulator_threads
-    fail_at[0] = 2
+    settings = {"method": "sobol", "n": 32, "batch_rows": 36, "checkpoint_every": 1}
+    reference = analyse(probe, background=False, **settings)
+    fail_at[0] = len(seen["update"]) + 5  # the first layer of the third batch
+    state = tmp_path / "sobol.resume.pt"
     threads_before = threading.active_count()
-    problem = RecordingProblem()
     with pytest.raises(RuntimeError, match="accumulation failed on purpose"):
-        analyse(probe, problem, method="sobol", n=32, batch_rows=36, background=True)
+        analyse(probe, state_path=state, background=True, **settings)
     assert threading.active_count() == threads_before
-    # Raised after the next batch's forward: no batch is summed after the failed one, and no
-    # more than the two batches after it were augmented.
-    assert len(seen["update"]) == 2
-    assert len(problem.threads) <= 4
+    assert state.exists()
+    fail_at[0] = None
+    resumed = analyse(probe, state_path=state, background=True, **settings)
+    for layer, values in reference.layers.items():
+        for key, value in values.items():
+            np.testing.assert_array_equal(resumed.layers[layer][key], value,
+                                          err_msg=f"{layer}/{key}")
 
 
 def test_an_error_allocating_the_sums_in_the_background_is_raised_by_the_analysis(
@@ -143,6 +160,30 @@ def test_an_error_allocating_the_sums_in_the_background_is_raised_by_the_analysi
     with pytest.raises(MemoryError, match="no room for the sums"):
         analyse(probe, method="sobol", n=32, batch_rows=36, background=True)
     assert threading.active_count() == threads_before
+
+
+class TwiceNet(AnalyticNet):
+    """AnalyticNet whose "stats" module runs twice per forward (the last call is captured)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.stats(x)
+        return super().forward(x)
+
+
+def test_a_layer_run_twice_per_forward_is_summed_with_its_batch(probe, accumulator_threads):
+    seen, _ = accumulator_threads
+    settings = {"method": "sobol", "n": 32, "batch_rows": 36}
+    config = EngineConfig(layers=["stats", "head"], progress=False, **settings)
+    assert plan_analysis(TwiceNet(), RecordingProblem(), probe, config).repeated == ("stats",)
+    inline = analyse(probe, model=TwiceNet(), background=False, **settings)
+    seen["update"].clear()
+    threaded = analyse(probe, model=TwiceNet(), background=True, **settings)
+    # Whole batches, both layers at once: no output is handed on before the forward ends.
+    assert seen["update"] and all(summed == ("stats", "head") for _, summed in seen["update"])
+    for layer, values in inline.layers.items():
+        for key, value in values.items():
+            np.testing.assert_array_equal(threaded.layers[layer][key], value,
+                                          err_msg=f"{layer}/{key}")
 
 
 def test_background_jobs_run_in_order_in_the_submitters_inference_mode():

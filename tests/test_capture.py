@@ -164,3 +164,26 @@ def test_hooks_are_removed_and_modes_restored(resnet, images):
         assert all(not m._forward_hooks for m in resnet.modules())
     finally:
         resnet.eval()
+
+
+def test_a_sink_takes_each_output_as_it_is_made_and_repeated_modules_are_named(resnet, images):
+    handed: list[tuple[str, torch.Tensor]] = []
+    with ActivationCapture(resnet, ["layer1", "layer2", "fc"]) as capture:
+        capture.sink = lambda name, value: handed.append((name, value))
+        resnet(images)
+        assert capture.pop() == {} and capture.repeated == []
+        capture.sink = None
+        resnet(images)
+        kept = capture.pop()
+    assert [name for name, _ in handed] == ["layer1", "layer2", "fc"]
+    for name, value in handed:
+        torch.testing.assert_close(value, kept[name], rtol=0, atol=0)
+    # A BasicBlock's relu runs twice per forward: kept, the last call wins; handed on, the
+    # first output is gone already, so the second call is an error.
+    with ActivationCapture(resnet, ["layer1.0.relu", "fc"]) as capture:
+        resnet(images)
+        capture.pop()
+        assert capture.repeated == ["layer1.0.relu"]
+        capture.sink = lambda name, value: None
+        with pytest.raises(ValueError, match=r"'layer1\.0\.relu' ran twice in one forward"):
+            resnet(images)
