@@ -1,11 +1,11 @@
 """The analysis's background thread: work that runs on a free core beside the forward passes.
 
 With ``EngineConfig.background`` (automatic: on the CPU when ``threads`` leaves one of the
-process's cores free) one thread takes, in the order they are submitted, the next batch's
-loading and augmentation and the previous batch's accumulation, while the caller forwards the
-current batch (``BatchForward.batches``, ``engine._accumulate``). Off, every job runs at once in
-the caller's thread: the same code, the same order of the same floating-point operations, so
-the results are identical either way.
+process's cores free) one thread takes, in the order they are submitted, the loading and
+augmentation of the next batch, the sums of each layer as the caller's forward makes its
+output, and each batch's bookkeeping (``BatchForward.batches``, ``engine._forward_all``). Off,
+every job runs at once in the caller's thread: the same code, the same order of the same
+floating-point operations, so the results are identical either way.
 """
 
 from __future__ import annotations

@@ -112,11 +112,11 @@ class EngineConfig:
             1 (the default) is never slower than itself under load; more are faster on a
             machine of one's own (2 workers: 1.2-1.5x on 2 cores) but were 2x slower than 1
             with another job on the cores (Python's lock passes between the workers).
-        background: use a free core (sensitivity.background): while the caller forwards a
-            batch, one thread (one intra-op thread) sums the previous batch and then loads and
-            augments the next; the sums are allocated in the background during the first batch
-            and compute() takes one more chunk worker. The results are identical; the peak
-            holds two batches' outputs instead of one. None (the default): on the CPU when
+        background: use a free core (sensitivity.background): one thread (one intra-op
+            thread) loads and augments the next batch and sums each layer's outputs as the
+            forward makes them; the sums are allocated in the background during the first
+            batch and compute() takes one more chunk worker. The results are identical; the
+            peak can hold two batches' outputs instead of one. None (the default): on the CPU when
             ``threads`` leaves one of the process's cores free, else off (a forward on every
             core would stall on the thread). On a machine shared with other jobs no core is
             really free: pass False there.

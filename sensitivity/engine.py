@@ -10,10 +10,10 @@ runs ``run_analysis``:
     (sensitivity.forward) -> accumulators (sensitivity.accumulators) -> result.
 
 Background thread (``EngineConfig.background``, sensitivity.background; automatic: when a core
-is free): while the caller forwards batch k, one thread sums batch k - 1 and then loads and
-augments batch k + 1; the accumulators' sums are allocated in another during the first batch,
-and ``compute()`` takes one more chunk worker. Results are identical with it on or off; the
-peak memory holds two batches' outputs instead of one.
+is free): one thread loads and augments the next batch and sums each layer of a batch as the
+forward makes its output (``_forward_all``); the accumulators' sums are allocated in another
+during the first batch, and ``compute()`` takes one more chunk worker. Results are identical with
+it on or off; the peak memory can hold two batches' outputs instead of one.
 
 Sharding (sensitivity.distributed): blocks [n_blocks * r // W, n_blocks * (r + 1) // W) belong to
 rank r of W (contiguous, deterministic). Batches are whole blocks. The accumulators are
