@@ -101,7 +101,7 @@ class BatchForward:
         self.inputs: dict[str, Tensor] = {}  # the augmented images' buffers, likewise
         self.turn = 0
 
-    def augment(self, batch: Batch, watch: Stopwatch | None) -> list[Tensor]:
+    def augment(self, batch: Batch, watch: Stopwatch) -> list[Tensor]:
         """The batch's images to forward, on the device and augmented, in chunks of at most
         ``batch_rows`` rows (a permutation-Shapley block can be larger than a batch).
 
