@@ -10,7 +10,6 @@ states are what a resume file saves. ``layer_arrays`` turns one layer's computed
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -63,10 +62,13 @@ class LayerAccumulators:
         problem: the problem (G groups, A augmentations).
         shapes: {layer: unit shape}, in checkpoint order.
         device: where the states live (the model's device).
-        background: the analysis has a free core (``background.uses_background``): the states
-            (GBs of float64 zeros for large layers, whose first touch page-faults for seconds)
-            are allocated in a thread of their own while the first batch is forwarded, and
+        background: the analysis has a free core (``background.uses_background``):
             ``compute()`` takes one more chunk worker.
+
+    Each layer's accumulators (GBs of float64 zero sums for large layers, whose first touch
+    page-faults for seconds) are made when the layer is first summed, so that with the engine's
+    background thread they are made there, beside the forward of the later layers; ``metrics``,
+    ``state`` and ``compute`` make the others.
     """
 
     def __init__(
@@ -81,71 +83,29 @@ class LayerAccumulators:
         self.main: dict[str, Metric | None] = {}
         self.moments: dict[str, MomentsAccumulator | None] = {}
         self.compute_threads = config.accumulation_threads + int(background)
-        self._allocation: threading.Thread | None = None
-        self._allocation_error: BaseException | None = None
-        # Set when a layer's states exist (or the allocation has failed): the layers are
-        # allocated in checkpoint order, and an update of one waits for its own only.
-        self._ready = {layer: threading.Event() for layer in shapes} if background else {}
-        if not background:
-            self._allocate(config, problem, shapes, device)
+        self._config, self._problem, self._device = config, problem, device
+        self._shapes = dict(shapes)
+
+    def _layer(self, layer: str) -> None:
+        """Make a layer's accumulators (their zero states) unless they exist."""
+        if layer in self.moments:
             return
-        self._allocation = threading.Thread(
-            target=self._allocate_kept, args=(config, problem, shapes, device),
-            name="allocate-sums", daemon=True,
-        )
-        self._allocation.start()
-
-    def _allocate_kept(self, *args: Any) -> None:
-        """``_allocate`` in the allocation thread: its error is kept for ``_allocated``."""
-        try:
-            self._allocate(*args)
-        except BaseException as error:  # raised in the analysis's thread, at the next use
-            self._allocation_error = error
-        finally:
-            for ready in self._ready.values():
-                ready.set()
-
-    def _allocate(
-        self,
-        config: EngineConfig,
-        problem: AugmentationProblem,
-        shapes: Mapping[str, tuple[int, ...]],
-        device: torch.device,
-    ) -> None:
-        """Make every layer's accumulators (their zero states)."""
+        config, shape = self._config, self._shapes[layer]
+        main = _main_accumulator(config, self._problem, shape)
+        self.main[layer] = None if main is None else main.to(self._device)
         own = config.method == "sobol" and not config.second_order
-        threads = config.accumulation_threads
-        for layer, shape in shapes.items():
-            main = _main_accumulator(config, problem, shape)
-            self.main[layer] = None if main is None else main.to(device)
-            self.moments[layer] = (
-                None if own else MomentsAccumulator(shape, config.conf_level).to(device)
-            )
-            for metric in (self.main[layer], self.moments[layer]):
-                if metric is not None:
-                    metric.threads = threads
-            if layer in self._ready:
-                self._ready[layer].set()
+        self.moments[layer] = (
+            None if own else MomentsAccumulator(shape, config.conf_level).to(self._device)
+        )
+        for metric in (self.main[layer], self.moments[layer]):
+            if metric is not None:
+                metric.threads = config.accumulation_threads
 
-    def _allocated(self) -> None:
-        """Wait for the states allocated in the background (its error raised here)."""
-        self.settle()
-        if self._allocation_error is not None:
-            raise self._allocation_error
-
-    def _layer_allocated(self, layer: str) -> None:
-        """Wait for one layer's states (the allocation's error raised if they were not made)."""
-        if layer in self._ready:
-            self._ready[layer].wait()
-        if layer not in self.moments:
-            self._allocated()
-
-    def settle(self) -> None:
-        """Wait for a background allocation to end, without raising its error (the next use
-        raises it): an analysis that fails early leaves no thread behind."""
-        if self._allocation is not None:
-            self._allocation.join()
-            self._allocation = None
+    def _every_layer(self) -> list[str]:
+        """Every layer, in checkpoint order, its accumulators made."""
+        for layer in self._shapes:
+            self._layer(layer)
+        return list(self._shapes)
 
     def update(
         self,
@@ -167,7 +127,7 @@ class LayerAccumulators:
         # accumulators' own workers (accumulation_threads) take the chunks.
         with intra_op_threads(1):
             for layer, Y in outputs.items():
-                self._layer_allocated(layer)
+                self._layer(layer)
                 moments = self.moments[layer]
                 if moments is not None:
                     moments.update(Y)
@@ -184,9 +144,8 @@ class LayerAccumulators:
 
     def metrics(self) -> dict[str, Metric]:
         """Every accumulator by a stable key ("<layer>/main", "<layer>/moments")."""
-        self._allocated()
         out: dict[str, Metric] = {}
-        for layer in self.moments:
+        for layer in self._every_layer():
             if self.main[layer] is not None:
                 out[f"{layer}/main"] = self.main[layer]
             if self.moments[layer] is not None:
@@ -213,7 +172,7 @@ class LayerAccumulators:
         Returns:
             {layer: (the method's result or None, the moments' result)}.
         """
-        self._allocated()
+        layers = self._every_layer()
         out = {}
         # One intra-op thread, as in update(): the Sobol' compute takes its chunks of units with
         # ``compute_threads`` workers; the others are a few whole-layer operations.
@@ -221,8 +180,8 @@ class LayerAccumulators:
             # A rank whose shard is empty (more ranks than blocks) never updates; its zero sums
             # are still part of the global ones.
             warnings.filterwarnings("ignore", message=".*was called before the ``update``")
-            for layer, moments in self.moments.items():
-                metric = self.main[layer]
+            for layer in layers:
+                metric, moments = self.main[layer], self.moments[layer]
                 main = None if metric is None else _computed(metric, self.compute_threads)
                 out[layer] = (main, metric.moments if moments is None else moments.compute())
         return out

@@ -11,8 +11,8 @@ runs ``run_analysis``:
 
 Background thread (``EngineConfig.background``, sensitivity.background; automatic: when a core
 is free): one thread loads and augments the next batch and sums each layer of a batch as the
-forward makes its output (``_forward_all``); the accumulators' sums are allocated in another
-during the first batch, and ``compute()`` takes one more chunk worker. Results are identical with
+forward makes its output (``_forward_all``), which also makes each layer's sums (zeros, GBs for
+large layers) the first time; ``compute()`` takes one more chunk worker. Results are identical with
 it on or off; the peak memory can hold two batches' outputs instead of one.
 
 Sharding (sensitivity.distributed): blocks [n_blocks * r // W, n_blocks * (r + 1) // W) belong to
@@ -143,16 +143,17 @@ def run_analysis(
             with checkpointing.
         rank, world_size: default to torch.distributed's when initialised, else 0 and 1.
         timings: a dict to receive where the time went, in seconds: "setup" (checks, dry
-            forward, accumulator allocation), "data" (decoding rows and loading images, or
-            waiting for the workers that do, and the copy to the device), "augment", "forward"
-            (with the hooks), "accumulate", "store", "checkpoint", "compute", "results"; and the
-            counts "rows" and "forwarded" (rows actually forwarded: fewer with
-            ``deduplicate``). With the background thread "augment" and "accumulate" are the
-            caller's waits for it, and "data_background", "augment_background",
-            "accumulate_background" (and "store_background", "checkpoint_background") the
-            thread's own seconds, overlapped with the caller's. On CUDA the device is
-            synchronised at every phase boundary so that each phase is charged its own kernels,
-            which removes some overlap: time the overall rate without ``timings``.
+            forward), "data" (decoding rows and loading images, or waiting for the workers that
+            do, and the copy to the device), "augment", "forward" (with the hooks),
+            "accumulate" (the first batch's includes making the sums), "store", "checkpoint",
+            "compute", "results"; and the counts "rows" and "forwarded" (rows actually
+            forwarded: fewer with ``deduplicate``). With the background thread "augment" and
+            "accumulate" are the caller's waits for it, and "data_background",
+            "augment_background", "accumulate_background" (and "store_background",
+            "checkpoint_background") the thread's own seconds, overlapped with the caller's.
+            On CUDA the device is synchronised at every phase boundary so that each phase is
+            charged its own kernels, which removes some overlap: time the overall rate without
+            ``timings``.
 
     Returns:
         The global AnalysisResult on every rank: "S1"... (sobol), "shapley"... (shapley),
@@ -332,7 +333,6 @@ def _start(
             resume_fields(plan, model, rank, world_size, per_batch),
         )
         saved = resume.load()
-    # After the resume file's checks: a refused state allocates nothing.
     accumulators = LayerAccumulators(config, plan.problem, plan.unit_shapes, device,
                                      uses_background(config, device))
     shard = _stage_shard(stages[0], rank, world_size)
@@ -422,7 +422,6 @@ def _accumulate(
                 _next_stage(run)
     finally:
         run.bar.close()
-        run.accumulators.settle()
         for module, mode in modes.items():
             module.training = mode
 

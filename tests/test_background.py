@@ -40,15 +40,17 @@ class RecordingProblem(AugmentationProblem):
 
 @pytest.fixture
 def accumulator_threads(monkeypatch):
-    """Records the thread of every ``LayerAccumulators`` allocation, and the thread and layers
-    of every update; an update raises on call ``fail_at[0]`` (1-based) when set."""
+    """Records the thread of every layer's accumulators made by ``LayerAccumulators``, and the
+    thread and layers of every update; an update raises on call ``fail_at[0]`` (1-based) when
+    set."""
     seen: dict[str, list] = {"allocate": [], "update": []}
     fail_at: list[int | None] = [None]
-    allocate, update = LayerAccumulators._allocate, LayerAccumulators.update
+    make, update = LayerAccumulators._layer, LayerAccumulators.update
 
-    def recorded_allocate(self, *args):
-        seen["allocate"].append(threading.current_thread().name)
-        return allocate(self, *args)
+    def recorded_make(self, layer):
+        if layer not in self.moments:
+            seen["allocate"].append(threading.current_thread().name)
+        return make(self, layer)
 
     def recorded_update(self, outputs, *args):
         seen["update"].append((threading.current_thread().name, tuple(outputs)))
@@ -56,7 +58,7 @@ def accumulator_threads(monkeypatch):
             raise RuntimeError("accumulation failed on purpose")
         return update(self, outputs, *args)
 
-    monkeypatch.setattr(LayerAccumulators, "_allocate", recorded_allocate)
+    monkeypatch.setattr(LayerAccumulators, "_layer", recorded_make)
     monkeypatch.setattr(LayerAccumulators, "update", recorded_update)
     return seen, fail_at
 
@@ -101,7 +103,9 @@ def test_the_background_thread_gives_the_same_results(probe, settings, accumulat
     assert len(problems[True].threads) == len(problems[False].threads) > 2
     main = threading.main_thread().name
     assert set(problems[False].threads) == {t for t, _ in updates[False]} == {main}
-    assert seen["allocate"] == [main, "allocate-sums"]
+    # Made where they are first summed: beside the forward with the background thread.
+    assert len(seen["allocate"]) == 4 and set(seen["allocate"][:2]) == {main}
+    assert all(name.startswith("analysis-background") for name in seen["allocate"][2:])
     layers = [layer for _, summed in updates[False] for layer in summed]
     assert sorted(layer for _, summed in updates[True] for layer in summed) == sorted(layers)
     assert len(layers) > 4 and all(len(summed) == 2 for _, summed in updates[False])
@@ -115,13 +119,13 @@ def test_the_background_thread_gives_the_same_results(probe, settings, accumulat
         assert timings[True][phase] > 0 and phase not in timings[False]
 
 
-@pytest.mark.parametrize("fail_at", [1, 3])  # 1: while the sums may still be allocated
+@pytest.mark.parametrize("fail_at", [1, 3])  # 1: before anything is summed
 def test_an_error_in_the_background_augmentation_is_raised_by_the_analysis(probe, fail_at):
     threads_before = threading.active_count()
     with pytest.raises(RuntimeError, match="augmentation failed on purpose"):
         analyse(probe, RecordingProblem(fail_at=fail_at), method="sobol", n=32, batch_rows=36,
                 background=True)
-    # The background threads are gone with the analysis, not left for the garbage collector.
+    # The background thread is gone with the analysis, not left for the garbage collector.
     assert threading.active_count() == threads_before
 
 
@@ -149,13 +153,13 @@ def test_an_error_in_the_background_accumulation_stops_the_analysis_resumably(
                                           err_msg=f"{layer}/{key}")
 
 
-def test_an_error_allocating_the_sums_in_the_background_is_raised_by_the_analysis(
+def test_an_error_making_the_sums_in_the_background_is_raised_by_the_analysis(
     probe, monkeypatch
 ):
-    def fail(self, *args):
+    def fail(self, layer):
         raise MemoryError("no room for the sums")
 
-    monkeypatch.setattr(LayerAccumulators, "_allocate", fail)
+    monkeypatch.setattr(LayerAccumulators, "_layer", fail)
     threads_before = threading.active_count()
     with pytest.raises(MemoryError, match="no room for the sums"):
         analyse(probe, method="sobol", n=32, batch_rows=36, background=True)
