@@ -114,8 +114,8 @@ class EngineConfig:
             with another job on the cores (Python's lock passes between the workers).
         background: use a free core (sensitivity.background): one thread (one intra-op
             thread) loads and augments the next batch and sums each layer's outputs as the
-            forward makes them; the sums are allocated in the background during the first
-            batch and compute() takes one more chunk worker. The results are identical; the
+            forward makes them (making each layer's sums there the first time), and compute()
+            takes one more chunk worker. The results are identical; the
             peak can hold two batches' outputs instead of one. None (the default): on the CPU when
             ``threads`` leaves one of the process's cores free, else off (a forward on every
             core would stall on the thread). On a machine shared with other jobs no core is
