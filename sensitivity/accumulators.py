@@ -4,7 +4,8 @@ Per layer: the method's accumulator (Sobol, Goda or permutation Shapley, contras
 "variance") and a ``MomentsAccumulator``. They are torchmetrics Metrics with summed states, so
 ``compute()`` under an initialised process group gives every rank the global sums; their
 states are what a resume file saves. ``layer_arrays`` turns one layer's computed results into
-``AnalysisResult`` arrays (sensitivity.results).
+``AnalysisResult`` arrays (sensitivity.results), ``analysis_result`` all of them into the
+analysis's result.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,8 +29,13 @@ from sensitivity.estimators import (
     SobolAccumulator,
 )
 from sensitivity.estimators.partial_sums import intra_op_threads
+from sensitivity.plan import AnalysisPlan, toggle_counts
 from sensitivity.problem import AugmentationProblem
+from sensitivity.results import AnalysisResult
 from sensitivity.resume import load_metric_states, metric_states
+
+if TYPE_CHECKING:
+    from sensitivity.adaptive import Decision
 
 
 def _main_accumulator(
@@ -249,3 +255,44 @@ def layer_arrays(
     arrays.update(_moment_arrays(moments))
     source = moments if main is None else main
     return arrays, source.n_constant, source.flag
+
+
+def analysis_result(
+    plan: AnalysisPlan, computed: dict[str, tuple[Any, Any]], seconds: float,
+    decision: Decision | None,
+) -> AnalysisResult:
+    """The AnalysisResult of the computed accumulators (``LayerAccumulators.compute()``).
+
+    Args:
+        plan: the analysis plan (method, variables, design, toggles, settings).
+        computed: ``LayerAccumulators.compute()``.
+        seconds: rank zero's wall time of the analysis.
+        decision: an adaptive run's last decision (its N and half-width), else None.
+    """
+    config, problem = plan.config, plan.problem
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    n_constant: dict[str, int] = {}
+    flags: dict[str, np.ndarray] = {}
+    for layer, (main, moments) in computed.items():
+        layers[layer], n_constant[layer], flags[layer] = layer_arrays(
+            config.method, main, moments
+        )
+    main, moments = next(iter(computed.values()))
+    n = config.n if decision is None else decision.n
+    return AnalysisResult(
+        method=config.method,
+        group_names=(
+            list(problem.augmentations) if config.method == "contrast" else problem.group_names
+        ),
+        layers=layers,
+        n=n,
+        evaluations=n * plan.design.block_size,
+        seconds=seconds,
+        n_constant=n_constant,
+        flags=flags,
+        interval=(moments if main is None else main).interval,
+        replicates=config.effective_replicates,
+        toggles=plan.toggles if decision is None else toggle_counts(problem, plan.design, n),
+        settings={**plan.settings(), **({} if decision is None else decision.attrs())},
+        layouts=plan.layouts,
+    )

@@ -115,10 +115,10 @@ class EngineConfig:
         background: use a free core (sensitivity.background): one thread (one intra-op
             thread) loads and augments the next batch and sums each layer's outputs as the
             forward makes them (making each layer's sums there the first time), and compute()
-            takes one more chunk worker. The results are identical; the
-            peak can hold two batches' outputs instead of one. None (the default): on the CPU when
-            ``threads`` leaves one of the process's cores free, else off (a forward on every
-            core would stall on the thread). On a machine shared with other jobs no core is
+            takes one more chunk worker. The results are identical; the peak can hold two
+            batches' outputs instead of one. None (the default): on the CPU when ``threads``
+            leaves one of the process's cores free, else off (a forward on every core would
+            stall on the thread). On a machine shared with other jobs no core is
             really free: pass False there.
         target_halfwidth: adaptive N (sobol and shapley; METHOD.md "Adaptive N"): start at n
             and double N (Sobol' base points: each replicate's sequence extended; trajectories or

@@ -12,8 +12,8 @@ runs ``run_analysis``:
 Background thread (``EngineConfig.background``, sensitivity.background; automatic: when a core
 is free): one thread loads and augments the next batch and sums each layer of a batch as the
 forward makes its output (``_forward_all``), which also makes each layer's sums (zeros, GBs for
-large layers) the first time; ``compute()`` takes one more chunk worker. Results are identical with
-it on or off; the peak memory can hold two batches' outputs instead of one.
+large layers) the first time; ``compute()`` takes one more chunk worker. Results are identical
+with it on or off; the peak memory can hold two batches' outputs instead of one.
 
 Sharding (sensitivity.distributed): blocks [n_blocks * r // W, n_blocks * (r + 1) // W) belong to
 rank r of W (contiguous, deterministic). Batches are whole blocks. The accumulators are
@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from sensitivity import adaptive
-from sensitivity.accumulators import LayerAccumulators, layer_arrays
+from sensitivity.accumulators import LayerAccumulators, analysis_result
 from sensitivity.activations import ActivationWriter
 from sensitivity.background import Background, uses_background
 from sensitivity.batches import Batch, BatchSource, batch_loader, batch_ranges
@@ -94,7 +94,6 @@ from sensitivity.plan import (
     hooked_module,
     plan_analysis,
     small_n_advice,
-    toggle_counts,
 )
 from sensitivity.problem import AugmentationProblem
 from sensitivity.progress import Progress
@@ -182,7 +181,7 @@ def run_analysis(
     computed = _accumulate(run, model, capture, device)
     seconds = rank_zero_seconds(run.seconds_before + time.perf_counter() - started, world_size,
                                 device)
-    result = _result(plan, computed, seconds, run.decision)
+    result = analysis_result(plan, computed, seconds, run.decision)
     _warn_adaptive(config, result, run.decision, rank)
     if run.resume is not None:
         run.resume.remove()
@@ -551,47 +550,6 @@ def _record(
                         run.accumulators.state(), run.stage)
         run.last_saved = batch.stop
         watch.mark("checkpoint")
-
-
-def _result(
-    plan: AnalysisPlan, computed: dict[str, tuple[Any, Any]], seconds: float,
-    decision: adaptive.Decision | None,
-) -> AnalysisResult:
-    """The AnalysisResult of the computed accumulators.
-
-    Args:
-        plan: the analysis plan (method, variables, design, toggles, settings).
-        computed: ``LayerAccumulators.compute()``.
-        seconds: rank zero's wall time of the analysis.
-        decision: an adaptive run's last decision (its N and half-width), else None.
-    """
-    config, problem = plan.config, plan.problem
-    layers: dict[str, dict[str, np.ndarray]] = {}
-    n_constant: dict[str, int] = {}
-    flags: dict[str, np.ndarray] = {}
-    for layer, (main, moments) in computed.items():
-        layers[layer], n_constant[layer], flags[layer] = layer_arrays(
-            config.method, main, moments
-        )
-    main, moments = next(iter(computed.values()))
-    n = config.n if decision is None else decision.n
-    return AnalysisResult(
-        method=config.method,
-        group_names=(
-            list(problem.augmentations) if config.method == "contrast" else problem.group_names
-        ),
-        layers=layers,
-        n=n,
-        evaluations=n * plan.design.block_size,
-        seconds=seconds,
-        n_constant=n_constant,
-        flags=flags,
-        interval=(moments if main is None else main).interval,
-        replicates=config.effective_replicates,
-        toggles=plan.toggles if decision is None else toggle_counts(problem, plan.design, n),
-        settings={**plan.settings(), **({} if decision is None else decision.attrs())},
-        layouts=plan.layouts,
-    )
 
 
 def _warn_adaptive(
