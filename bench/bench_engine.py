@@ -305,8 +305,8 @@ def main() -> None:
     parser.add_argument("--accumulation-threads", type=int, default=1,
                         help="EngineConfig.accumulation_threads of the analysis")
     parser.add_argument("--background", choices=list(BACKGROUND), default="auto",
-                        help="EngineConfig.background (auto: on when --threads leaves a "
-                        "core free)")
+                        help="EngineConfig.background (auto: on the CPU with more than one "
+                        "core)")
     parser.add_argument("--second-order", action="store_true", help="Sobol' S2 (2G + 2 rows "
                         "per base point)")
     parser.add_argument("--load", type=int, default=0,

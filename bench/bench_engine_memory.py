@@ -104,8 +104,8 @@ def main() -> None:
                         help="comma-separated checkpoints, or 'default' (capture.default_layers)")
     parser.add_argument("--batch-rows", type=int, default=BATCH_ROWS)
     parser.add_argument("--background", choices=list(BACKGROUND), default="auto",
-                        help="EngineConfig.background (auto: on when --threads leaves a core "
-                        "free)")
+                        help="EngineConfig.background (auto: on the CPU with more than one "
+                        "core)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

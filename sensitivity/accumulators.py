@@ -68,8 +68,8 @@ class LayerAccumulators:
         problem: the problem (G groups, A augmentations).
         shapes: {layer: unit shape}, in checkpoint order.
         device: where the states live (the model's device).
-        background: the analysis has a free core (``background.uses_background``):
-            ``compute()`` takes one more chunk worker.
+        background: the engine's background thread is on (``background.uses_background``):
+            ``compute()``, during which that thread is idle, takes one more chunk worker.
 
     Each layer's accumulators (GBs of float64 zero sums for large layers, whose first touch
     page-faults for seconds) are made when the layer is first summed, so that with the engine's

@@ -1,11 +1,11 @@
-"""The analysis's background thread: work that runs on a free core beside the forward passes.
+"""The analysis's background thread: work that runs beside the forward passes.
 
-With ``EngineConfig.background`` (automatic: on the CPU when ``threads`` leaves one of the
-process's cores free) one thread takes, in the order they are submitted, the loading and
-augmentation of the next batch, the sums of each layer as the caller's forward makes its
-output, and each batch's bookkeeping (``BatchForward.batches``, ``engine._forward_all``). Off,
-every job runs at once in the caller's thread: the same code, the same order of the same
-floating-point operations, so the results are identical either way.
+With ``EngineConfig.background`` (automatic: on the CPU when the process has more than one
+core) one thread takes, in the order they are submitted, the loading and augmentation of the
+next batch, the sums of each layer as the caller's forward makes its output, and each batch's
+bookkeeping (``BatchForward.batches``, ``engine._forward_all``). Off, every job runs at once in
+the caller's thread: the same code, the same order of the same floating-point operations, so
+the results are identical either way.
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ T = TypeVar("T")
 
 
 def uses_background(config: EngineConfig, device: torch.device) -> bool:
-    """``config.background``, or when it is None, on the CPU when the forward's intra-op
-    threads (``config.threads``) leave one of this process's cores free for the thread. Never
-    automatically when the forward may use every core: the thread would stall its parallel
-    regions."""
+    """``config.background``, or when it is None, on the CPU when this process may run on more
+    than one core, whatever ``config.threads`` says: beside a forward on 1 or on 2 threads it
+    was the fastest setting on 2 cores, quiet and under a competing load (docs/PERFORMANCE.md,
+    "Threads"). Not on CUDA, where it is unmeasured."""
     if config.background is not None:
         return config.background
-    return (device.type == "cpu" and config.threads is not None
-            and config.threads < len(os.sched_getaffinity(0)))
+    return device.type == "cpu" and len(os.sched_getaffinity(0)) > 1
 
 
 class Background:

@@ -112,14 +112,14 @@ class EngineConfig:
             1 (the default) is never slower than itself under load; more are faster on a
             machine of one's own (2 workers: 1.2-1.5x on 2 cores) but were 2x slower than 1
             with another job on the cores (Python's lock passes between the workers).
-        background: use a free core (sensitivity.background): one thread (one intra-op
-            thread) loads and augments the next batch and sums each layer's outputs as the
-            forward makes them (making each layer's sums there the first time), and compute()
-            takes one more chunk worker. The results are identical; the peak can hold two
-            batches' outputs instead of one. None (the default): on the CPU when ``threads``
-            leaves one of the process's cores free, else off (a forward on every core would
-            stall on the thread). On a machine shared with other jobs no core is
-            really free: pass False there.
+        background: one more thread (sensitivity.background, one intra-op thread) loads and
+            augments the next batch and sums each layer's outputs as the forward makes them
+            (making each layer's sums there the first time), and compute() takes one more
+            chunk worker. The results are identical; the peak can hold two batches' outputs
+            instead of one. None (the default): on the CPU when the process has more than one
+            core, whatever ``threads`` is; on 2 cores it was the fastest setting at 1 and 2
+            forward threads, quiet and under a competing load. False keeps the analysis to
+            ``threads`` busy threads (e.g. ``threads=1`` on a machine shared with others).
         target_halfwidth: adaptive N (sobol and shapley; METHOD.md "Adaptive N"): start at n
             and double N (Sobol' base points: each replicate's sequence extended; trajectories or
             permutations) until every layer's ``halfwidth_quantile`` quantile of the half-widths

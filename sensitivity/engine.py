@@ -9,11 +9,13 @@ runs ``run_analysis``:
     each distinct image on the model's device -> forward under inference mode with hooks
     (sensitivity.forward) -> accumulators (sensitivity.accumulators) -> result.
 
-Background thread (``EngineConfig.background``, sensitivity.background; automatic: when a core
-is free): one thread loads and augments the next batch and sums each layer of a batch as the
-forward makes its output (``_forward_all``), which also makes each layer's sums (zeros, GBs for
-large layers) the first time; ``compute()`` takes one more chunk worker. Results are identical
-with it on or off; the peak memory can hold two batches' outputs instead of one.
+Background thread (``EngineConfig.background``, sensitivity.background; automatic: on a CPU
+with more than one core): one thread loads and augments the next batch and sums each layer of a
+batch as the forward makes its output (``_forward_all``), which also makes each layer's sums
+(zeros, GBs for large layers) the first time; ``compute()`` takes one more chunk worker. Results
+are identical with it on or off; the peak memory can hold two batches' outputs instead of one.
+When the forward or the loading of a batch fails, the previous batch's job (its sums and
+checkpoint) is finished before the error is raised.
 
 Sharding (sensitivity.distributed): blocks [n_blocks * r // W, n_blocks * (r + 1) // W) belong to
 rank r of W (contiguous, deterministic). Batches are whole blocks. The accumulators are
@@ -60,6 +62,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -437,23 +440,30 @@ def _forward_all(
     """
     recorded: Future[None] | None = None
     by_layer = background.enabled and run.writer is None and not run.plan.repeated
-    # closing: an error here stops the background thread's batches now, not when the
-    # traceback that holds this frame is freed.
-    with contextlib.closing(forward.batches(loader, background)) as augmented_batches:
-        for batch, augmented in augmented_batches:
-            summed: list[Future[None]] = []
-            sink = (_layer_sink(run, forward, batch, background, summed)
-                    if by_layer and len(augmented) == 1 else None)
-            outputs = forward.run(batch, augmented, sink)
-            del augmented
-            if recorded is not None:  # the previous batch's sums (and its error, if any)
-                recorded.result()
-                run.watch.mark("accumulate")
-            recorded = background.submit(_record, run, forward, batch, outputs, summed,
-                                         background.enabled)
-            # Free this batch's outputs as soon as they are summed: the peak holds one batch
-            # of outputs inline, about two with the background thread.
-            del outputs
+    try:
+        # closing: an error here stops the background thread's batches now, not when the
+        # traceback that holds this frame is freed.
+        with contextlib.closing(forward.batches(loader, background)) as augmented_batches:
+            for batch, augmented in augmented_batches:
+                summed: list[Future[None]] = []
+                sink = (_layer_sink(run, forward, batch, background, summed)
+                        if by_layer and len(augmented) == 1 else None)
+                outputs = forward.run(batch, augmented, sink)
+                del augmented
+                if recorded is not None:  # the previous batch's sums (and its error, if any)
+                    recorded.result()
+                    run.watch.mark("accumulate")
+                recorded = background.submit(_record, run, forward, batch, outputs, summed,
+                                             background.enabled)
+                # Free this batch's outputs as soon as they are summed: the peak holds one
+                # batch of outputs inline, about two with the background thread.
+                del outputs
+    except BaseException:
+        # The previous batch's job (its sums, then its checkpoint) is sound work queued before
+        # anything of the failed batch: finish it, so that a resume starts after that batch.
+        if recorded is not None:
+            futures.wait([recorded])
+        raise
     if recorded is not None:
         recorded.result()
         run.watch.mark("accumulate")

@@ -227,17 +227,18 @@ def test_a_run_killed_with_the_background_thread_resumes_without_it_to_the_same_
                                           err_msg=f"{layer}/{key}")
 
 
-def test_the_background_thread_is_automatic_where_the_forward_leaves_a_core_free(monkeypatch):
+def test_the_background_thread_is_automatic_on_a_cpu_process_with_more_than_one_core(
+        monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(background_module.os, "sched_getaffinity", lambda _: {0, 1})
-    assert uses_background(EngineConfig(threads=1), cpu)
-    assert not uses_background(EngineConfig(threads=2), cpu)
-    assert not uses_background(EngineConfig(), cpu)  # torch's threads: maybe every core
-    assert not uses_background(EngineConfig(threads=1), cuda)
-    assert uses_background(EngineConfig(threads=2, background=True), cpu)
-    assert not uses_background(EngineConfig(threads=1, background=False), cpu)
+    for threads in (None, 1, 2, 4):
+        assert uses_background(EngineConfig(threads=threads), cpu), threads
+        assert not uses_background(EngineConfig(threads=threads), cuda), threads
+        assert not uses_background(EngineConfig(threads=threads, background=False), cpu)
+    assert uses_background(EngineConfig(threads=2, background=True), cuda)
     monkeypatch.setattr(background_module.os, "sched_getaffinity", lambda _: {0})
     assert not uses_background(EngineConfig(threads=1), cpu)
+    assert uses_background(EngineConfig(threads=1, background=True), cpu)
     with pytest.raises(ValueError, match=r"background must be True, False or None"):
         EngineConfig(background="yes")
 
