@@ -75,6 +75,14 @@ def analyse(probe, problem=None, model=None, timings=None, state_path=None, **se
                         timings=timings, state_path=state_path)
 
 
+def assert_identical(result, reference) -> None:
+    """Every array of every layer of ``reference`` bit-identical in ``result``."""
+    for layer, values in reference.layers.items():
+        for key, value in values.items():
+            np.testing.assert_array_equal(result.layers[layer][key], value,
+                                          err_msg=f"{layer}/{key}")
+
+
 @pytest.mark.parametrize("settings", [
     {"method": "sobol", "n": 32, "batch_rows": 36},
     {"method": "sobol", "n": 32, "batch_rows": 36, "deduplicate": True},
@@ -94,10 +102,7 @@ def test_the_background_thread_gives_the_same_results(probe, settings, accumulat
         assert torch.get_num_threads() == before
         updates[on] = list(seen["update"])
         seen["update"].clear()
-    for layer, values in results[False].layers.items():
-        for key, value in values.items():
-            np.testing.assert_array_equal(results[True].layers[layer][key], value,
-                                          err_msg=f"{layer}/{key}")
+    assert_identical(results[True], results[False])
     assert models[True].rows == models[False].rows == timings[True]["forwarded"]
     assert timings[True]["rows"] == timings[False]["rows"]
     assert len(problems[True].threads) == len(problems[False].threads) > 2
@@ -147,10 +152,7 @@ def test_an_error_in_the_background_accumulation_stops_the_analysis_resumably(
     assert state.exists()
     fail_at[0] = None
     resumed = analyse(probe, state_path=state, background=True, **settings)
-    for layer, values in reference.layers.items():
-        for key, value in values.items():
-            np.testing.assert_array_equal(resumed.layers[layer][key], value,
-                                          err_msg=f"{layer}/{key}")
+    assert_identical(resumed, reference)
 
 
 def test_an_error_making_the_sums_in_the_background_is_raised_by_the_analysis(
@@ -184,10 +186,7 @@ def test_a_layer_run_twice_per_forward_is_summed_with_its_batch(probe, accumulat
     threaded = analyse(probe, model=TwiceNet(), background=True, **settings)
     # Whole batches, both layers at once: no output is handed on before the forward ends.
     assert seen["update"] and all(summed == ("stats", "head") for _, summed in seen["update"])
-    for layer, values in inline.layers.items():
-        for key, value in values.items():
-            np.testing.assert_array_equal(threaded.layers[layer][key], value,
-                                          err_msg=f"{layer}/{key}")
+    assert_identical(threaded, inline)
 
 
 def test_background_jobs_run_in_order_in_the_submitters_inference_mode():
@@ -221,10 +220,7 @@ def test_a_run_killed_with_the_background_thread_resumes_without_it_to_the_same_
                 **settings)
     assert state.exists()
     resumed = analyse(probe, state_path=state, background=False, **settings)
-    for layer, values in reference.layers.items():
-        for key, value in values.items():
-            np.testing.assert_array_equal(resumed.layers[layer][key], value,
-                                          err_msg=f"{layer}/{key}")
+    assert_identical(resumed, reference)
 
 
 def test_the_background_thread_is_automatic_on_a_cpu_process_with_more_than_one_core(
@@ -255,7 +251,4 @@ def test_each_distinct_image_is_augmented_once_and_copied_for_the_rows_that_repe
                            **settings)
     assert model.rows == timings["rows"] == timings["forwarded"]
     assert problem.rows == dedup_problem.rows == dedup_timings["forwarded"] < model.rows
-    for layer, values in full.layers.items():
-        for key, value in values.items():
-            np.testing.assert_array_equal(deduplicated.layers[layer][key], value,
-                                          err_msg=f"{layer}/{key}")
+    assert_identical(deduplicated, full)
