@@ -62,8 +62,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from concurrent import futures
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -462,7 +461,7 @@ def _forward_all(
         # The previous batch's job (its sums, then its checkpoint) is sound work queued before
         # anything of the failed batch: finish it, so that a resume starts after that batch.
         if recorded is not None:
-            futures.wait([recorded])
+            wait([recorded])
         raise
     if recorded is not None:
         recorded.result()
